@@ -1,0 +1,253 @@
+"""Pure model of a domain's disks and their backing chains.
+
+Parses libvirt domain XML (live or persistent) into immutable objects. No
+libvirt import here: everything works on XML text, so it is unit-tested
+against XML captured from a real libvirtd (``tests/data``).
+
+A chain is kept active image first: ``[D, C, B, A]`` for ``A <- B <- C <- D``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from .errors import BadRequest, UnknownDisk, UnknownImage
+
+# Domain XML comes from libvirt, and in the hook from stdin: never let it
+# pull in entities, DTDs or anything from the network.
+_SAFE_PARSER = etree.XMLParser(
+    resolve_entities=False,
+    no_network=True,
+    load_dtd=False,
+    dtd_validation=False,
+    huge_tree=False,
+    remove_blank_text=True,
+)
+
+METADATA_NS = "https://github.com/vdsm-blockops/ns/1"
+
+_INDEX_REF = re.compile(r"^(?P<target>[a-z]+[a-z0-9]*)\[(?P<index>\d+)\]$")
+
+
+def parse_xml(text: str | bytes) -> etree._Element:
+    """Parse XML safely (no entities, no DTD, no network)."""
+    if isinstance(text, str):
+        text = text.encode()
+    try:
+        return etree.fromstring(text, _SAFE_PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise BadRequest(f"cannot parse domain XML: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One image of a chain."""
+
+    path: str
+    format: str | None
+    source_type: str = "file"  # file | block | network | volume ...
+    index: int | None = None  # libvirt's backingStore index (live XML only)
+
+    @property
+    def is_local(self) -> bool:
+        return self.source_type in ("file", "block") and bool(self.path)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """The ``<mirror>`` of a disk that has a copy or active-commit job."""
+
+    job: str  # 'copy' or 'active-commit'
+    ready: str | None  # None (still copying), 'yes', 'abort', 'pivot'
+    path: str
+    format: str | None
+
+    @property
+    def is_ready(self) -> bool:
+        # Only ready='yes' allows a pivot. cur == end from blockJobInfo is
+        # NOT readiness (a bug Nova once had).
+        return self.ready == "yes"
+
+
+@dataclass(frozen=True)
+class Disk:
+    target: str
+    device: str
+    chain: tuple[Layer, ...]
+    bus: str | None = None
+    alias: str | None = None
+    readonly: bool = False
+    transient: bool = False
+    mirror: Mirror | None = None
+    # True when the XML spelled out the end of the chain (<backingStore/>).
+    # The persistent definition usually only names the active image.
+    chain_complete: bool = False
+
+    @property
+    def active(self) -> Layer | None:
+        return self.chain[0] if self.chain else None
+
+    @property
+    def paths(self) -> list[str]:
+        return [layer.path for layer in self.chain]
+
+    def position(self, ref: str) -> int:
+        """Position in ``chain`` (0 = active) of an image reference.
+
+        A reference is an absolute path in the chain or libvirt's index
+        notation ``vda[3]``. Anything else is a bad request.
+        """
+        match = _INDEX_REF.match(ref)
+        if match:
+            if match["target"] != self.target:
+                raise UnknownImage(
+                    f"image reference {ref!r} names disk {match['target']!r}, "
+                    f"not {self.target!r}"
+                )
+            wanted = int(match["index"])
+            for pos, layer in enumerate(self.chain):
+                if layer.index == wanted:
+                    return pos
+            raise UnknownImage(
+                f"no image with index {wanted} in the chain of {self.target} "
+                f"(indexes: {', '.join(str(l.index) for l in self.chain)})"
+            )
+        if not os.path.isabs(ref):
+            raise UnknownImage(
+                f"image reference {ref!r} is neither an absolute path nor "
+                f"{self.target}[N] index notation"
+            )
+        wanted_path = os.path.normpath(ref)
+        for pos, layer in enumerate(self.chain):
+            if layer.path and os.path.normpath(layer.path) == wanted_path:
+                return pos
+        raise UnknownImage(f"{ref} is not in the chain of {self.target}")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """What a domain XML says about the disks of one domain."""
+
+    name: str
+    uuid: str
+    disks: tuple[Disk, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def disk(self, target: str) -> Disk:
+        for disk in self.disks:
+            if disk.target == target:
+                return disk
+        known = ", ".join(d.target for d in self.disks) or "none"
+        raise UnknownDisk(
+            f"domain {self.name} has no disk {target!r} (disks: {known})"
+        )
+
+    def select(self, target: str) -> list[Disk]:
+        """``target`` or, for ``all``, every disk with an image chain."""
+        if target == "all":
+            return [d for d in self.disks if d.chain and d.device == "disk"]
+        return [self.disk(target)]
+
+
+def _source(elem: etree._Element) -> tuple[str, str]:
+    """(source_type, path-like name) of a <disk>/<backingStore>/<mirror>."""
+    source_type = elem.get("type", "file")
+    src = elem.find("source")
+    if src is None:
+        return source_type, elem.get("file", "")
+    for attr in ("file", "dev", "name", "volume"):
+        if src.get(attr):
+            return source_type, src.get(attr)
+    return source_type, ""
+
+
+def _index(elem: etree._Element) -> int | None:
+    # The active image's index sits on <source index=..>, backing images
+    # carry it on <backingStore index=..>.
+    raw = elem.get("index")
+    if raw is None:
+        src = elem.find("source")
+        raw = src.get("index") if src is not None else None
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+def _parse_disk(disk_elem: etree._Element) -> Disk:
+    target_elem = disk_elem.find("target")
+    target = target_elem.get("dev") if target_elem is not None else ""
+    driver = disk_elem.find("driver")
+    source_type, path = _source(disk_elem)
+    layers: list[Layer] = []
+    complete = False
+    if path:
+        src = disk_elem.find("source")
+        idx = src.get("index") if src is not None else None
+        layers.append(
+            Layer(
+                path=path,
+                format=driver.get("type") if driver is not None else None,
+                source_type=source_type,
+                index=int(idx) if idx and idx.isdigit() else None,
+            )
+        )
+        node = disk_elem.find("backingStore")
+        while node is not None:
+            if len(node) == 0 and not node.attrib:
+                complete = True  # <backingStore/>: end of chain
+                break
+            fmt = node.find("format")
+            b_type, b_path = _source(node)
+            layers.append(
+                Layer(
+                    path=b_path,
+                    format=fmt.get("type") if fmt is not None else None,
+                    source_type=b_type,
+                    index=_index(node),
+                )
+            )
+            node = node.find("backingStore")
+    mirror = None
+    mirror_elem = disk_elem.find("mirror")
+    if mirror_elem is not None:
+        m_type, m_path = _source(mirror_elem)
+        fmt = mirror_elem.find("format")
+        mirror = Mirror(
+            job=mirror_elem.get("job", "copy"),
+            ready=mirror_elem.get("ready"),
+            path=m_path,
+            format=fmt.get("type") if fmt is not None else mirror_elem.get("format"),
+        )
+    alias = disk_elem.find("alias")
+    return Disk(
+        target=target,
+        device=disk_elem.get("device", "disk"),
+        bus=target_elem.get("bus") if target_elem is not None else None,
+        chain=tuple(layers),
+        alias=alias.get("name") if alias is not None else None,
+        readonly=disk_elem.find("readonly") is not None,
+        transient=disk_elem.find("transient") is not None,
+        mirror=mirror,
+        chain_complete=complete,
+    )
+
+
+def parse_domain(xml: str | bytes | etree._Element) -> DomainSpec:
+    root = xml if isinstance(xml, etree._Element) else parse_xml(xml)
+    if root.tag != "domain":
+        raise BadRequest(f"expected <domain> XML, got <{root.tag}>")
+    metadata: dict[str, str] = {}
+    meta = root.find("metadata")
+    if meta is not None:
+        for child in meta:
+            if isinstance(child.tag, str) and child.tag.startswith("{"):
+                ns = child.tag[1:].split("}", 1)[0]
+                metadata[ns] = etree.tostring(child, encoding="unicode")
+    return DomainSpec(
+        name=root.findtext("name", ""),
+        uuid=root.findtext("uuid", ""),
+        disks=tuple(_parse_disk(d) for d in root.iterfind("devices/disk")),
+        metadata=metadata,
+    )

@@ -1,0 +1,97 @@
+"""The one error tree of vdsm-blockops.
+
+Every failure the tool reports is one of these; the shells (CLI, Ansible,
+hook) map the class to an exit code or a ``fail_json`` and print ``str(e)``,
+which reads as one sentence::
+
+    BlockOpsError                      exit 1   something failed
+     ├── BadRequest                    exit 2   refused before anything changed
+     │    ├── UnknownDomain
+     │    ├── UnknownDisk
+     │    ├── UnknownImage
+     │    └── UnsafeRequest            e.g. commit into a layer another VM uses
+     ├── OperationFailed               exit 1   libvirt/QEMU said no mid-way
+     │    ├── JobFailed                a block job ended FAILED or CANCELED
+     │    └── VerificationFailed       result does not match the plan/metadata
+     ├── ConnectionLost                exit 1   libvirtd went away for good
+     ├── JobTimeout                    exit 3
+     └── Conflict                      exit 4   another job/operation on the disk
+"""
+
+from __future__ import annotations
+
+
+class BlockOpsError(Exception):
+    """Root of all errors. ``code`` is the stable machine-readable name."""
+
+    exit_code = 1
+    code = "failed"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_json(self) -> dict:
+        body = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class BadRequest(BlockOpsError):
+    """The request was refused before anything changed."""
+
+    exit_code = 2
+    code = "bad-request"
+
+
+class UnknownDomain(BadRequest):
+    code = "unknown-domain"
+
+
+class UnknownDisk(BadRequest):
+    code = "unknown-disk"
+
+
+class UnknownImage(BadRequest):
+    code = "unknown-image"
+
+
+class UnsafeRequest(BadRequest):
+    code = "unsafe-request"
+
+
+class OperationFailed(BlockOpsError):
+    code = "operation-failed"
+
+
+class JobFailed(OperationFailed):
+    code = "job-failed"
+
+
+class VerificationFailed(OperationFailed):
+    code = "verification-failed"
+
+
+class ConnectionLost(BlockOpsError):
+    code = "connection-lost"
+
+
+class JobTimeout(BlockOpsError):
+    exit_code = 3
+    code = "timeout"
+
+
+class Conflict(BlockOpsError):
+    exit_code = 4
+    code = "conflict"
+
+
+class PivotNotReady(OperationFailed):
+    """libvirt refused a pivot because the mirror is not ready (yet)."""
+
+    code = "pivot-not-ready"

@@ -1,0 +1,201 @@
+"""Read-only views of the node: chains, block jobs, who uses an image,
+and the consistency checks ``verify`` and every operation end with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import errors
+from .chain import Disk, DomainSpec
+from .images import ImageInfo, chain_problems, missing_images, read_backing_chain
+from .state import StateDir
+from .virt import Connection, Domain
+
+MIB = 1024 * 1024
+
+
+def image_chain(disk: Disk) -> list[ImageInfo]:
+    """The images' own chain below the disk's active image ([] if not local)."""
+    active = disk.active
+    if active is None or not active.is_local or not os.path.exists(active.path):
+        return []
+    return read_backing_chain(active.path, active.format)
+
+
+def describe_disk(disk: Disk) -> dict:
+    images = image_chain(disk)
+    by_path = {i.path: i for i in images}
+    problems = missing_images(disk) or (chain_problems(disk, images) if images else [])
+    layers = []
+    for layer in disk.chain:
+        info = by_path.get(os.path.normpath(layer.path)) if layer.path else None
+        layers.append(
+            {
+                "path": layer.path,
+                "format": layer.format,
+                "type": layer.source_type,
+                "index": layer.index,
+                "allocation": info.actual_size if info else None,
+                "virtual_size": info.virtual_size if info else None,
+                "backing_in_metadata": info.backing_path if info else None,
+            }
+        )
+    mirror = None
+    if disk.mirror is not None:
+        mirror = {
+            "job": disk.mirror.job,
+            "path": disk.mirror.path,
+            "format": disk.mirror.format,
+            "ready": disk.mirror.is_ready,
+        }
+    return {
+        "disk": disk.target,
+        "device": disk.device,
+        "chain": layers,
+        "mirror": mirror,
+        "metadata_agrees": not problems,
+        "problems": problems,
+    }
+
+
+def describe_chains(domain: Domain, target: str | None = None) -> dict:
+    spec = domain.spec()
+    disks = spec.disks if target in (None, "all") else (spec.disk(target),)
+    return {
+        "domain": spec.name,
+        "uuid": spec.uuid,
+        "active": domain.is_active(),
+        "disks": [describe_disk(d) for d in disks],
+    }
+
+
+def list_jobs(conn: Connection, domain_name: str | None = None) -> list[dict]:
+    domains = [conn.domain(domain_name)] if domain_name else conn.domains(active_only=True)
+    rows = []
+    for domain in domains:
+        if not domain.is_active():
+            continue
+        spec = domain.spec()
+        for disk in spec.disks:
+            if not disk.chain:
+                continue
+            try:
+                info = domain.block_job_info(disk.target)
+            except errors.OperationFailed:
+                continue  # e.g. a cdrom without medium
+            if info is None:
+                continue
+            rows.append(
+                {
+                    "domain": spec.name,
+                    "disk": disk.target,
+                    "type": info.job_type,
+                    "cur": info.cur,
+                    "end": info.end,
+                    "percent": info.percent,
+                    "bandwidth_mib_s": round(info.bandwidth_bytes_s / MIB, 3),
+                    "ready": bool(disk.mirror and disk.mirror.is_ready),
+                    "mirror": disk.mirror.path if disk.mirror else None,
+                }
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class ChainUser:
+    domain: str
+    disk: str
+    definition: str  # live | persistent
+
+    def __str__(self) -> str:
+        return f"domain {self.domain} ({self.definition} {self.disk})"
+
+
+def _disk_paths(disk: Disk) -> list[str]:
+    if disk.chain_complete:
+        return [os.path.normpath(p) for p in disk.paths if p]
+    try:
+        return [i.path for i in image_chain(disk)] or disk.paths
+    except errors.BlockOpsError:
+        return disk.paths
+
+
+def chain_users(
+    conn: Connection, paths: Iterable[str], exclude: tuple[str, str]
+) -> dict[str, list[str]]:
+    """Which other chains on the node (live or defined) use each path.
+
+    ``exclude`` is (domain uuid, disk target): the chain being operated on.
+    """
+    wanted = {os.path.normpath(p) for p in paths}
+    found: dict[str, set[str]] = {}
+    if not wanted:
+        return {}
+    for domain in conn.domains():
+        specs: list[tuple[str, DomainSpec]] = []
+        if domain.is_active():
+            specs.append(("live", domain.spec()))
+        if domain.is_persistent():
+            specs.append(("persistent", domain.spec(inactive=True)))
+        for definition, spec in specs:
+            for disk in spec.disks:
+                if (spec.uuid, disk.target) == exclude:
+                    continue
+                for path in wanted.intersection(_disk_paths(disk)):
+                    found.setdefault(path, set()).add(
+                        str(ChainUser(spec.name, disk.target, definition))
+                    )
+    return {p: sorted(u) for p, u in found.items()}
+
+
+def disk_problems(disk: Disk, state: StateDir | None, definition: str) -> list[str]:
+    where = f"{definition} {disk.target}"
+    missing = missing_images(disk)
+    if missing:
+        return [f"{where}: image {p} does not exist" for p in missing]
+    problems = []
+    try:
+        images = image_chain(disk)
+    except errors.BlockOpsError as exc:
+        return [f"{where}: cannot read image metadata: {exc}"]
+    problems += [f"{definition} {p}" for p in chain_problems(disk, images)]
+    if state is not None:
+        invalid = state.invalidated()
+        paths = [i.path for i in images] or disk.paths
+        for path in paths:
+            if os.path.normpath(path) in invalid:
+                why = invalid[os.path.normpath(path)]
+                problems.append(
+                    f"{where}: {path} was invalidated by {why.get('operation')} "
+                    f"on {why.get('domain')} {why.get('disk')}"
+                )
+    return problems
+
+
+def verify_domain(domain: Domain, target: str | None, state: StateDir | None) -> list[str]:
+    """Every problem with the domain's chains (empty list: all good)."""
+    problems: list[str] = []
+    live = domain.spec() if domain.is_active() else None
+    persistent = domain.spec(inactive=True) if domain.is_persistent() else None
+    for definition, spec in (("live", live), ("persistent", persistent)):
+        if spec is None:
+            continue
+        for disk in spec.select(target or "all"):
+            if disk.chain:
+                problems += disk_problems(disk, state, definition)
+    if live is not None and persistent is not None:
+        for disk in live.select(target or "all"):
+            try:
+                stored = persistent.disk(disk.target)
+            except errors.UnknownDisk:
+                continue  # hot-plugged live only
+            if stored.active and disk.active and os.path.normpath(
+                stored.active.path
+            ) != os.path.normpath(disk.active.path):
+                problems.append(
+                    f"{disk.target}: the persistent definition uses "
+                    f"{stored.active.path} but the VM runs on {disk.active.path}"
+                )
+    return problems

@@ -1,0 +1,230 @@
+"""Snapshot live merge: collapse a segment of a chain while the VM runs.
+
+Validation and planning happen for every selected disk before anything
+changes; then each disk's job runs (concurrently for ``all``), is waited on
+through events, and its result verified against the live XML, the images'
+metadata and the persistent definition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from . import errors
+from .chain import Disk
+from .inspect import chain_users, image_chain
+from .jobs import Outcome
+from .ops import (
+    Context,
+    JobRunner,
+    check_bandwidth,
+    check_disk_supported,
+    check_no_job,
+    check_timeout,
+    live_chain_problems,
+    norm,
+    run_per_disk,
+    running_domain,
+)
+from .planner import MergePlan, plan_merge
+from .records import OperationRecord, Phase, RecordStore
+from .virt import Domain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    domain: str
+    disk: str
+    base: str | None = None
+    top: str | None = None
+    strategy: str = "auto"
+    bandwidth_mib_s: int = 0
+    timeout_s: float | None = None
+    wait: bool = True
+    dry_run: bool = False
+    keep_relative: bool = False
+    delete_retired: bool = False
+
+
+def _plan_disk(ctx: Context, domain: Domain, disk: Disk, req: MergeRequest) -> MergePlan:
+    check_disk_supported(disk)
+    top_pos = disk.position(req.top) if req.top else 0
+    base_pos = disk.position(req.base) if req.base else None
+    images = image_chain(disk)
+    if norm(disk.paths) != [i.path for i in images]:
+        raise errors.BadRequest(
+            f"{disk.target}: libvirt's chain {disk.paths} does not match the "
+            f"images' metadata {[i.path for i in images]}; run 'vdsm-blockops verify'"
+        )
+    allocation = {i.path: i.actual_size for i in images}
+    end = len(disk.chain) if base_pos is None else base_pos
+    lowest = os.path.normpath(disk.paths[end - 1])
+    users = chain_users(ctx.conn, [lowest], exclude=(domain.uuid, disk.target)) if end - top_pos > 1 else {}
+    return plan_merge(disk, top_pos=top_pos, base_pos=base_pos, strategy=req.strategy,
+                      allocation=allocation, users=users)
+
+
+def merge(ctx: Context, req: MergeRequest) -> dict:
+    """Run (or with ``dry_run`` only plan) a merge; returns the report."""
+    started = time.monotonic()
+    bandwidth = check_bandwidth(req.bandwidth_mib_s)
+    check_timeout(req.timeout_s)
+    domain = running_domain(ctx, req.domain)
+    spec = domain.spec()
+    disks = spec.select(req.disk)
+    if req.disk == "all" and (req.base or req.top):
+        raise errors.BadRequest("--base and --top name images of one chain; they cannot go with 'all'")
+    if not disks:
+        raise errors.BadRequest(f"domain {domain.name} has no disk with an image chain")
+    for disk in disks:
+        check_no_job(domain, disk)
+    plans = [_plan_disk(ctx, domain, disk, req) for disk in disks]
+
+    def work(plan: MergePlan) -> dict:
+        return _run_plan(ctx, domain, plan, req, bandwidth)
+
+    if req.dry_run:
+        results = [_report(domain, plan, None, verified=False, dry_run=True) for plan in plans]
+    else:
+        results = run_per_disk(plans, work)
+    return _combine(domain, req, results, time.monotonic() - started)
+
+
+def _combine(domain: Domain, req: MergeRequest, results: list, duration_s: float) -> dict:
+    failures = [r for r in results if isinstance(r, Exception)]
+    if req.disk != "all":
+        if failures:
+            raise failures[0]
+        report = results[0]
+        report["duration_s"] = round(duration_s, 3)
+        return report
+    reports = [r if not isinstance(r, Exception) else
+               {"ok": False, "error": r.to_json() if isinstance(r, errors.BlockOpsError)
+                else {"code": "failed", "message": str(r)}} for r in results]
+    if failures:
+        worst = max(failures, key=lambda e: getattr(e, "exit_code", 1))
+        raise type(worst)(f"{len(failures)} of {len(results)} disks failed: {worst}",
+                          results=reports) if isinstance(worst, errors.BlockOpsError) else worst
+    return {"ok": True, "operation": "merge", "domain": domain.name, "disk": "all",
+            "results": reports, "duration_s": round(duration_s, 3)}
+
+
+def _report(domain: Domain, plan: MergePlan, chain_after: list[str] | None, *,
+            verified: bool, dry_run: bool = False, started: bool = True) -> dict:
+    return {
+        "ok": True,
+        "operation": "merge",
+        "domain": domain.name,
+        "disk": plan.disk,
+        "strategy": plan.strategy,
+        "dry_run": dry_run,
+        "changed": not dry_run and plan.strategy != "noop",
+        "finished": verified or plan.strategy == "noop",
+        "base": plan.base,
+        "top": plan.top,
+        "result_image": plan.result,
+        "chain_before": plan.chain_before,
+        "chain_after": chain_after if chain_after is not None else plan.chain_after,
+        "retired": [asdict(r) for r in plan.retired],
+        "bytes_to_copy": plan.bytes_to_copy,
+        "alternatives": plan.alternatives,
+        "libvirt_call": plan.libvirt_call,
+        "verified": verified,
+    }
+
+
+def _run_plan(ctx: Context, domain: Domain, plan: MergePlan, req: MergeRequest, bandwidth: int) -> dict:
+    if plan.strategy == "noop":
+        return _report(domain, plan, plan.chain_before, verified=True)
+    state = ctx.state
+    with state.disk_lock(domain.uuid, plan.disk, f"merge of {domain.name} {plan.disk}"):
+        store = RecordStore(domain)
+        record = OperationRecord(operation="merge", disk=plan.disk, request=asdict(req),
+                                 plan=plan.to_json())
+        store.begin(record)
+        runner = JobRunner(ctx, domain, plan.disk, store, record)
+
+        def start() -> None:
+            if plan.strategy == "pull":
+                domain.pull(plan.disk, plan.base, bandwidth, relative=req.keep_relative)
+            else:
+                domain.commit(plan.disk, plan.result, plan.top, active=plan.active,
+                              bandwidth_mib_s=bandwidth,
+                              relative=req.keep_relative and not plan.active)
+
+        try:
+            outcome = runner.run(start, two_phase=plan.two_phase, pivot=True,
+                                 timeout_s=req.timeout_s, wait=req.wait)
+        except (errors.JobFailed, errors.JobTimeout):
+            _settle_after_failure(domain, plan, store, record)
+            raise
+        if outcome is None:  # --no-wait
+            report = _report(domain, plan, None, verified=False)
+            report["finished"] = False
+            report["record"] = record.id
+            return report
+        if outcome is Outcome.VANISHED:
+            log.info("%s %s: job gone without an event; the XML decides", domain.name, plan.disk)
+        store.advance(record, Phase.COMPLETED)
+        return finish_merge(ctx, domain, plan, store, record, delete_retired=req.delete_retired)
+
+
+def finish_merge(ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,
+                 record: OperationRecord, *, delete_retired: bool) -> dict:
+    """After the job ended: check, register invalidated layers, clean up."""
+    live = domain.spec().disk(plan.disk)
+    if norm(live.paths) == norm(plan.chain_before):
+        raise errors.JobFailed(
+            f"the block job on {domain.name} {plan.disk} is gone but the chain is unchanged"
+        )
+    invalid = [r.path for r in plan.retired if not r.valid]
+    left_chain = set(norm(live.paths))
+    # Committed-out layers are invalid from the moment they leave the chain,
+    # whatever verification says next.
+    ctx.state.invalidate([p for p in invalid if os.path.normpath(p) not in left_chain],
+                         domain=domain.name, disk=plan.disk, operation=f"merge {record.id}")
+    problems = live_chain_problems(domain, plan.disk, plan.chain_after)
+    if problems:
+        raise errors.VerificationFailed("; ".join(problems), problems=problems)
+    report = _report(domain, plan, live.paths, verified=True)
+    if delete_retired:
+        report["deleted"] = delete_unused(ctx, domain, plan.disk, [r.path for r in plan.retired])
+    store.finish(record)
+    return report
+
+
+def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -> list[str]:
+    users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target))
+    live = set(norm(domain.spec().disk(target).paths))
+    deleted = []
+    for path in paths:
+        if users.get(os.path.normpath(path)) or os.path.normpath(path) in live:
+            log.warning("keeping %s: still used by %s", path, users.get(path))
+            continue
+        try:
+            os.unlink(path)
+            deleted.append(path)
+        except FileNotFoundError:
+            pass
+    ctx.state.forget(deleted)
+    return deleted
+
+
+def _settle_after_failure(domain: Domain, plan: MergePlan, store: RecordStore,
+                          record: OperationRecord) -> None:
+    """After a failed/aborted job: if the chain is verifiably the old one,
+    the record can go; otherwise leave it for ``recover``."""
+    try:
+        problems = live_chain_problems(domain, plan.disk, plan.chain_before)
+    except errors.BlockOpsError as exc:
+        log.warning("cannot check %s %s after failure: %s", domain.name, plan.disk, exc)
+        return
+    if not problems:
+        store.finish(record)
+    else:
+        log.warning("%s %s left for recover: %s", domain.name, plan.disk, "; ".join(problems))

@@ -1,0 +1,168 @@
+"""Operation records kept in the domain's own metadata.
+
+Before each side effect an operation writes what was asked, the plan and
+the phase into ``<metadata>`` under our namespace (live and, for
+persistent domains, config), so that ``recover`` can pick it up after a
+crash of this tool, of libvirtd or of the VM, and the hook can refuse a
+migration mid-operation. The record goes away only once the result has been
+verified (or the chain has been verified to be unchanged after a failure).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+
+from lxml import etree
+
+from .chain import METADATA_NS, parse_xml
+from .errors import BadRequest, Conflict
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "blockops"
+
+
+class Phase(str, enum.Enum):
+    PLANNED = "planned"  # record written, nothing changed yet
+    PREPARED = "prepared"  # files created (overlays, copied layers)
+    STARTED = "started"  # block job started
+    READY = "ready"  # mirror ready, about to pivot
+    PIVOTED = "pivoted"  # pivot done, not yet verified
+    COMPLETED = "completed"  # job ended, not yet verified
+    ROLLING_BACK = "rolling-back"
+
+
+# Which phase may follow which. Anything may go to ROLLING_BACK.
+TRANSITIONS: dict[Phase, set[Phase]] = {
+    Phase.PLANNED: {Phase.PREPARED, Phase.STARTED},
+    Phase.PREPARED: {Phase.STARTED},
+    Phase.STARTED: {Phase.READY, Phase.COMPLETED},
+    Phase.READY: {Phase.PIVOTED, Phase.COMPLETED},
+    Phase.PIVOTED: {Phase.COMPLETED},
+    Phase.COMPLETED: set(),
+    Phase.ROLLING_BACK: set(),
+}
+
+
+@dataclass
+class OperationRecord:
+    operation: str  # merge | relocate
+    disk: str
+    request: dict
+    plan: dict
+    phase: Phase = Phase.PLANNED
+    id: str = field(default_factory=lambda: uuidlib.uuid4().hex[:12])
+    created_files: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+
+    def to_json(self) -> dict:
+        body = asdict(self)
+        body["phase"] = self.phase.value
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict) -> "OperationRecord":
+        body = dict(body)
+        body["phase"] = Phase(body.get("phase", Phase.PLANNED.value))
+        return cls(**body)
+
+
+def parse_records(metadata_xml: str | None) -> dict[str, OperationRecord]:
+    """disk -> record, from our metadata element (as libvirt returns it)."""
+    if not metadata_xml:
+        return {}
+    root = parse_xml(metadata_xml)
+    records = {}
+    for elem in root.iter():
+        if not isinstance(elem.tag, str) or etree.QName(elem).localname != "operation":
+            continue
+        try:
+            record = OperationRecord.from_json(json.loads(elem.text or "{}"))
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable operation record: %s", exc)
+            continue
+        records[record.disk] = record
+    return records
+
+
+def records_in_domain_xml(spec_metadata: dict[str, str]) -> dict[str, OperationRecord]:
+    return parse_records(spec_metadata.get(METADATA_NS))
+
+
+def render_records(records: dict[str, OperationRecord]) -> str | None:
+    if not records:
+        return None
+    root = etree.Element("operations")
+    for disk in sorted(records):
+        record = records[disk]
+        elem = etree.SubElement(root, "operation", disk=disk, id=record.id,
+                                phase=record.phase.value)
+        elem.text = json.dumps(record.to_json(), sort_keys=True)
+    return etree.tostring(root, encoding="unicode")
+
+
+class RecordStore:
+    """Reads and writes the records of one domain. ``domain`` is a
+    ``virt.Domain`` (or a fake with ``get_metadata``/``set_metadata``)."""
+
+    _locks: dict[str, threading.Lock] = {}
+    _locks_guard = threading.Lock()
+
+    def __init__(self, domain) -> None:
+        self.domain = domain
+        with self._locks_guard:
+            self._lock = self._locks.setdefault(domain.uuid, threading.Lock())
+
+    def load(self) -> dict[str, OperationRecord]:
+        return parse_records(self.domain.get_metadata(METADATA_NS))
+
+    def _store(self, records: dict[str, OperationRecord]) -> None:
+        self.domain.set_metadata(render_records(records), METADATA_KEY, METADATA_NS)
+
+    def begin(self, record: OperationRecord) -> None:
+        with self._lock:
+            records = self.load()
+            other = records.get(record.disk)
+            if other is not None:
+                raise Conflict(
+                    f"disk {record.disk} of {self.domain.name} has an unfinished "
+                    f"{other.operation} (record {other.id}, phase "
+                    f"{other.phase.value}); run 'vdsm-blockops recover "
+                    f"{self.domain.name}'",
+                    record=other.id,
+                )
+            records[record.disk] = record
+            self._store(records)
+        log.info("%s %s %s: %s recorded (%s)", self.domain.name, record.disk,
+                 record.id, record.operation, record.phase.value)
+
+    def advance(self, record: OperationRecord, phase: Phase, **changes) -> None:
+        if phase is not Phase.ROLLING_BACK and phase not in TRANSITIONS[record.phase]:
+            raise BadRequest(
+                f"record {record.id}: no transition {record.phase.value} -> {phase.value}"
+            )
+        with self._lock:
+            records = self.load()
+            log.info("%s %s %s: %s -> %s", self.domain.name, record.disk,
+                     record.id, record.phase.value, phase.value)
+            record.phase = phase
+            for key, value in changes.items():
+                setattr(record, key, value)
+            records[record.disk] = record
+            self._store(records)
+
+    def finish(self, record: OperationRecord) -> None:
+        with self._lock:
+            records = self.load()
+            if records.get(record.disk) and records[record.disk].id == record.id:
+                del records[record.disk]
+                self._store(records)
+        log.info("%s %s %s: record removed", self.domain.name, record.disk, record.id)

@@ -1,0 +1,115 @@
+"""Node-local state: the registry of invalidated images and disk locks.
+
+Lives in the state directory (``Config.state_dir``). The hook reads the
+registry without libvirt, so it is a plain JSON file, replaced atomically
+(write, fsync, rename, fsync the folder) under an flock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from typing import Iterator
+
+from .errors import Conflict
+
+REGISTRY_NAME = "invalidated.json"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, data: object) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+class StateDir:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _ensure(self) -> None:
+        os.makedirs(os.path.join(self.path, "locks"), mode=0o755, exist_ok=True)
+
+    @property
+    def registry_path(self) -> str:
+        return os.path.join(self.path, REGISTRY_NAME)
+
+    # -- invalidated images
+    def invalidated(self) -> dict[str, dict]:
+        """path -> why it was invalidated. Missing registry = empty."""
+        try:
+            with open(self.registry_path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @contextlib.contextmanager
+    def _registry_lock(self) -> Iterator[None]:
+        self._ensure()
+        with open(os.path.join(self.path, "locks", "registry.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def invalidate(self, paths: list[str], *, domain: str, disk: str, operation: str) -> None:
+        if not paths:
+            return
+        with self._registry_lock():
+            data = self.invalidated()
+            for path in paths:
+                data[os.path.normpath(path)] = {
+                    "domain": domain,
+                    "disk": disk,
+                    "operation": operation,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            write_json_atomic(self.registry_path, data)
+
+    def forget(self, paths: list[str]) -> None:
+        """Drop entries (e.g. after the files were deleted)."""
+        with self._registry_lock():
+            data = self.invalidated()
+            for path in paths:
+                data.pop(os.path.normpath(path), None)
+            write_json_atomic(self.registry_path, data)
+
+    # -- one operation per disk, across processes
+    @contextlib.contextmanager
+    def disk_lock(self, domain_uuid: str, disk: str, holder: str) -> Iterator[None]:
+        """Hold the node-wide lock of one disk, or raise Conflict at once."""
+        self._ensure()
+        path = os.path.join(self.path, "locks", f"{domain_uuid}-{disk}.lock")
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                handle.seek(0)
+                other = handle.read().strip() or "another process"
+                raise Conflict(
+                    f"disk {disk} is busy: {other} holds its lock", holder=other
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{holder} (pid {os.getpid()})")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
