@@ -1,0 +1,82 @@
+"""Fixtures for the tests that count: a real libvirtd and real QEMU.
+
+These never skip. Without a reachable libvirtd they fail, with a message
+that says how to start one (``.ci/run`` does it on a fresh machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+import rig
+
+
+@pytest.fixture(scope="session")
+def conn():
+    try:
+        import libvirt
+    except ImportError as exc:  # pragma: no cover - CI installs it
+        pytest.fail(f"libvirt-python is not installed: {exc}", pytrace=False)
+    try:
+        connection = libvirt.open(rig.TEST_URI)
+    except libvirt.libvirtError as exc:
+        pytest.fail(
+            f"cannot reach libvirtd at {rig.TEST_URI}: {exc}. Start it "
+            "(virtlogd -d; libvirtd -d) or run bash .ci/run.", pytrace=False)
+    rig.cleanup_stale(connection)
+    yield connection
+    rig.cleanup_stale(connection)
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def test_root():
+    os.makedirs(rig.TEST_ROOT, mode=0o755, exist_ok=True)
+    os.chmod(rig.TEST_ROOT, 0o755)
+    path = tempfile.mkdtemp(prefix="run-", dir=rig.TEST_ROOT)
+    os.chmod(path, 0o755)  # QEMU runs as libvirt-qemu and must reach the images
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir(test_root, request):
+    path = os.path.join(test_root, request.node.name[:60].replace("/", "_").replace("[", "-").replace("]", ""))
+    os.makedirs(path, mode=0o755)
+    return path
+
+
+@pytest.fixture
+def config(workdir):
+    """A config file whose state directory is private to the test."""
+    state = os.path.join(workdir, "state")
+    path = os.path.join(workdir, "config.yaml")
+    with open(path, "w") as handle:
+        handle.write(f"state_dir: {state}\nconnect: {rig.TEST_URI}\n")
+    return path
+
+
+@pytest.fixture
+def make_vm(conn, workdir):
+    vms: list[rig.VM] = []
+
+    def factory(name: str | None = None) -> rig.VM:
+        vm = rig.VM(conn, workdir, name)
+        vms.append(vm)
+        return vm
+
+    yield factory
+    for vm in vms:
+        vm.destroy()
+
+
+@pytest.fixture
+def vm4(make_vm):
+    """A running persistent VM whose vda is A <- B <- C <- D."""
+    vm = make_vm()
+    vm.add_chain("vda", rig.four_layers())
+    return vm.start()

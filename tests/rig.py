@@ -1,0 +1,219 @@
+"""Test rig: throwaway VMs on the real libvirtd with qcow2 chains holding
+known data, guest writes through the VM's own device, and guest-visible
+data checks against a reference image.
+
+Every write the rig makes -- into a layer before the VM starts, or through
+the running guest's disk -- is also applied to a raw *reference* image.
+``assert_guest_data`` flushes the guest's disk and compares the active
+chain with the reference using ``qemu-img compare``: the chain must show
+the guest exactly the bytes it wrote, whatever the job did to the layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+import libvirt
+import libvirt_qemu
+
+MIB = 1024 * 1024
+TEST_ROOT = os.environ.get("VDSM_BLOCKOPS_TEST_ROOT", "/var/lib/vdsm-blockops-test")
+TEST_URI = os.environ.get("VDSM_BLOCKOPS_TEST_URI", "qemu:///system")
+DOMAIN_PREFIX = "vbo-test-"
+
+
+def run(*argv: str) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed: {proc.stderr or proc.stdout}")
+    return proc.stdout
+
+
+@dataclass
+class Write:
+    pattern: int
+    offset_mib: float
+    length_mib: float
+
+    def qemu_io(self) -> str:
+        return (f"write -P 0x{self.pattern:02x} {int(self.offset_mib * MIB)} "
+                f"{int(self.length_mib * MIB)}")
+
+
+@dataclass
+class LayerSpec:
+    name: str
+    writes: list[Write] = field(default_factory=list)
+    fmt: str = "qcow2"
+
+
+def four_layers() -> list[LayerSpec]:
+    """A <- B <- C <- D, each with its own pattern, some overlapping."""
+    return [
+        LayerSpec("A", [Write(0xA1, 0, 4), Write(0xA2, 16, 2)]),
+        LayerSpec("B", [Write(0xB1, 1, 1), Write(0xB2, 20, 1)]),
+        LayerSpec("C", [Write(0xC1, 2, 1), Write(0xC2, 0, 0.0625)]),
+        LayerSpec("D", [Write(0xD1, 3, 0.5)]),
+    ]
+
+
+class Disk:
+    def __init__(self, vm: "VM", target: str, alias_index: int, layers: list[str], reference: str):
+        self.vm = vm
+        self.target = target
+        self.alias = f"virtio-disk{alias_index}"
+        self.layers = layers  # paths, bottom first
+        self.reference = reference
+
+    def guest_write(self, pattern: int, offset_mib: float, length_mib: float) -> None:
+        """Write through the guest's own virtio device, like a guest would."""
+        w = Write(pattern, offset_mib, length_mib)
+        self.vm.hmp(f'qemu-io -d {self.alias}/virtio-backend "{w.qemu_io()}"')
+        run("qemu-io", "-f", "raw", "-c", w.qemu_io(), self.reference)
+
+    def flush(self) -> None:
+        self.vm.hmp(f'qemu-io -d {self.alias}/virtio-backend "flush"')
+
+    def live_chain(self) -> list[str]:
+        from vdsm_blockops.chain import parse_domain
+
+        return parse_domain(self.vm.dom.XMLDesc(0)).disk(self.target).paths
+
+    def assert_guest_data(self, active: str | None = None) -> None:
+        """The guest sees exactly what was written (compares the whole disk)."""
+        if self.vm.dom.isActive():
+            self.flush()
+            active = active or self.live_chain()[0]
+        assert active, "no active image to compare"
+        fmt = json.loads(run("qemu-img", "info", "-U", "--output=json", active))["format"]
+        proc = subprocess.run(
+            ["qemu-img", "compare", "-U", "-f", fmt, "-F", "raw", active, self.reference],
+            capture_output=True, text=True)
+        assert proc.returncode == 0, f"guest data differs: {proc.stdout} {proc.stderr}"
+
+
+class VM:
+    """A throwaway TCG domain (no guest OS) with qcow2 chains."""
+
+    def __init__(self, conn: libvirt.virConnect, workdir: str, name: str | None = None):
+        self.conn = conn
+        self.name = name or DOMAIN_PREFIX + uuid.uuid4().hex[:8]
+        self.dir = os.path.join(workdir, self.name)
+        os.makedirs(self.dir, mode=0o755)
+        self.disks: dict[str, Disk] = {}
+        self.dom: libvirt.virDomain | None = None
+
+    def add_chain(self, target: str, layers: list[LayerSpec], size_mib: int = 64,
+                  relative: bool = False, directory: str | None = None) -> Disk:
+        directory = directory or self.dir
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        reference = os.path.join(self.dir, f"{target}-reference.raw")
+        run("qemu-img", "create", "-q", "-f", "raw", reference, f"{size_mib}M")
+        paths: list[str] = []
+        for layer in layers:
+            path = os.path.join(directory, f"{target}-{layer.name}.{layer.fmt}")
+            argv = ["qemu-img", "create", "-q", "-f", layer.fmt]
+            if paths:
+                backing = os.path.basename(paths[-1]) if relative else paths[-1]
+                argv += ["-b", backing, "-F", layers[len(paths) - 1].fmt]
+            run(*argv, path, f"{size_mib}M")
+            for w in layer.writes:
+                run("qemu-io", "-f", layer.fmt, "-c", w.qemu_io(), path)
+                run("qemu-io", "-f", "raw", "-c", w.qemu_io(), reference)
+            paths.append(path)
+        disk = Disk(self, target, len(self.disks), paths, reference)
+        self.disks[target] = disk
+        return disk
+
+    def add_overlay_on(self, target: str, other: Disk, base: str) -> Disk:
+        """A new overlay on ``base``, an image of ``other``'s chain: two VMs
+        sharing a layer, as clones of one template do. The guest data is
+        that of ``other`` as far as ``base`` -- so only share a layer whose
+        content equals ``other``'s reference (its active image's backing
+        when nothing wrote above it)."""
+        reference = os.path.join(self.dir, f"{target}-reference.raw")
+        run("qemu-img", "convert", "-U", "-O", "raw", base, reference)
+        path = os.path.join(self.dir, f"{target}-overlay.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", path)
+        disk = Disk(self, target, len(self.disks), [base, path], reference)
+        self.disks[target] = disk
+        return disk
+
+    def xml(self) -> str:
+        disks = []
+        for disk in self.disks.values():
+            fmt = "raw" if disk.layers[-1].endswith(".raw") else "qcow2"
+            disks.append(
+                f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+                f"<source file='{disk.layers[-1]}'/><target dev='{disk.target}' bus='virtio'/></disk>"
+            )
+        return (
+            f"<domain type='qemu'><name>{self.name}</name><memory unit='MiB'>64</memory>"
+            "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>"
+            "<on_crash>destroy</on_crash>"
+            f"<devices>{''.join(disks)}</devices></domain>"
+        )
+
+    def start(self, persistent: bool = True) -> "VM":
+        if persistent:
+            self.dom = self.conn.defineXML(self.xml())
+            self.dom.create()
+        else:
+            self.dom = self.conn.createXML(self.xml(), 0)
+        return self
+
+    def hmp(self, command: str) -> str:
+        return libvirt_qemu.qemuMonitorCommand(
+            self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+    def destroy(self) -> None:
+        if self.dom is None:
+            return
+        try:
+            if self.dom.isActive():
+                self.dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        try:
+            if self.dom.isPersistent():
+                self.dom.undefine()
+        except libvirt.libvirtError:
+            pass
+
+    def restart(self) -> None:
+        """Power-cycle a persistent VM: it boots from its persistent definition."""
+        self.dom.destroy()
+        self.dom.create()
+
+
+def cli(*args: str, config: str, check_json: bool = True) -> tuple[int, dict | None, str]:
+    """Run the real command as a user would; returns (exit, json, stderr)."""
+    argv = [sys.executable, "-m", "vdsm_blockops", *args, "--config", config]
+    if check_json:
+        argv.append("--json")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    data = None
+    if check_json:
+        lines = proc.stdout.strip().splitlines()
+        assert len(lines) == 1, f"--json must print one object, got {proc.stdout!r} {proc.stderr}"
+        data = json.loads(lines[0])
+    return proc.returncode, data, proc.stderr
+
+
+def cleanup_stale(conn: libvirt.virConnect) -> None:
+    """Remove test domains a crashed earlier run left behind."""
+    for dom in conn.listAllDomains(0):
+        if dom.name().startswith(DOMAIN_PREFIX):
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
+            except libvirt.libvirtError:
+                pass
