@@ -1,0 +1,91 @@
+import multiprocessing
+import os
+
+import pytest
+
+from vdsm_blockops.config import Config, load_config
+from vdsm_blockops.errors import BadRequest, Conflict
+from vdsm_blockops.records import (OperationRecord, Phase, RecordStore, parse_records,
+                                   render_records)
+from vdsm_blockops.state import StateDir
+
+
+def test_registry_roundtrip(tmp_path):
+    state = StateDir(str(tmp_path / "s"))
+    assert state.invalidated() == {}
+    state.invalidate(["/i/C", "/i//D"], domain="vm", disk="vda", operation="merge x")
+    assert set(state.invalidated()) == {"/i/C", "/i/D"}
+    state.forget(["/i/C"])
+    assert set(state.invalidated()) == {"/i/D"}
+
+
+def _hold(path, ready, release):
+    state = StateDir(path)
+    with state.disk_lock("u", "vda", "merge of vm vda"):
+        ready.set()
+        release.wait(10)
+
+
+def test_disk_lock_conflicts_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold, args=(str(tmp_path), ready, release))
+    proc.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(Conflict, match="merge of vm vda"):
+            with StateDir(str(tmp_path)).disk_lock("u", "vda", "other"):
+                pass
+        with StateDir(str(tmp_path)).disk_lock("u", "vdb", "other"):
+            pass  # another disk is free
+    finally:
+        release.set()
+        proc.join()
+    with StateDir(str(tmp_path)).disk_lock("u", "vda", "again"):
+        pass
+
+
+class FakeMetadataDomain:
+    name = "vm"
+    uuid = "u-1"
+
+    def __init__(self):
+        self.xml = None
+
+    def get_metadata(self, namespace):
+        return self.xml
+
+    def set_metadata(self, xml, key, namespace):
+        self.xml = xml
+
+
+def test_records_roundtrip_and_transitions():
+    dom = FakeMetadataDomain()
+    store = RecordStore(dom)
+    record = OperationRecord(operation="merge", disk="vda", request={"a": 1}, plan={"b": 2})
+    store.begin(record)
+    assert store.load()["vda"].phase is Phase.PLANNED
+    with pytest.raises(Conflict, match="unfinished merge"):
+        store.begin(OperationRecord(operation="merge", disk="vda", request={}, plan={}))
+    store.advance(record, Phase.STARTED)
+    with pytest.raises(BadRequest):
+        store.advance(record, Phase.PLANNED)
+    assert parse_records(dom.xml)["vda"].phase is Phase.STARTED
+    store.finish(record)
+    assert dom.xml is None and store.load() == {}
+
+
+def test_render_records_escapes_json():
+    record = OperationRecord(operation="merge", disk="vda", request={"x": "<&>"}, plan={})
+    assert parse_records(render_records({"vda": record}))["vda"].request == {"x": "<&>"}
+
+
+def test_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("state_dir: /x\nstorage_roots: [/a/, /b]\n")
+    assert load_config(str(path)) == Config(state_dir="/x", storage_roots=("/a", "/b"))
+    path.write_text("bogus: 1\n")
+    with pytest.raises(BadRequest, match="bogus"):
+        load_config(str(path))
+    with pytest.raises(BadRequest, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
