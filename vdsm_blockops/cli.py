@@ -80,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlink retired layers after verification when nothing uses them")
     _add_job_options(p)
 
+    p = verb("relocate", "move a disk's data elsewhere while the VM runs, then pivot", cmd_relocate)
+    p.add_argument("domain")
+    p.add_argument("disk", help="target name (vda) or 'all' (then DEST is a folder)")
+    p.add_argument("dest", help="path of the new active image")
+    p.add_argument("--mode", default="chain", help="chain (default), full or shallow")
+    p.add_argument("--method", default="mirror", help="mirror (default) or snapshot-stream")
+    p.add_argument("--format", default="qcow2", help="DEST's format: qcow2 (default) or raw")
+    p.add_argument("--reuse-external", action="store_true", help="DEST (and its layers) exist already")
+    p.add_argument("--sync-writes", action="store_true",
+                   help="guest writes go to both sides, so the copy always converges")
+    p.add_argument("--no-pivot", action="store_true",
+                   help="stay on the source; DEST is a consistent copy as of the finish")
+    p.add_argument("--delete-source", action="store_true",
+                   help="after pivot and verification unlink source files nothing uses")
+    _add_job_options(p)
+
+    p = verb("snapshot", "disk-only external snapshot: a new overlay on the active image", cmd_snapshot)
+    p.add_argument("domain")
+    p.add_argument("disk")
+    p.add_argument("overlay", help="path of the new qcow2 overlay")
+    p.add_argument("--reuse-external", action="store_true", help="OVERLAY exists already")
+
     p = verb("abort", "abort a block job (or pivot a ready one)", cmd_abort)
     p.add_argument("domain")
     p.add_argument("disk")
@@ -123,9 +145,26 @@ def cmd_merge(args, env) -> dict:
     return merge(env.context(progress=not args.no_wait and not args.dry_run), req)
 
 
-def cmd_abort(args, env) -> dict:
-    from .ops import check_disk_supported  # noqa: F401  (import keeps layering explicit)
+def cmd_relocate(args, env) -> dict:
+    from .relocate import RelocateRequest, relocate
 
+    req = RelocateRequest(
+        domain=args.domain, disk=args.disk, dest=args.dest, mode=args.mode, method=args.method,
+        format=args.format, reuse_external=args.reuse_external, sync_writes=args.sync_writes,
+        pivot=not args.no_pivot, delete_source=args.delete_source,
+        bandwidth_mib_s=args.bandwidth, timeout_s=args.timeout, wait=not args.no_wait,
+        dry_run=args.dry_run,
+    )
+    return relocate(env.context(progress=not args.no_wait and not args.dry_run), req)
+
+
+def cmd_snapshot(args, env) -> dict:
+    from .relocate import snapshot
+
+    return snapshot(env.context(), args.domain, args.disk, args.overlay, args.reuse_external)
+
+
+def cmd_abort(args, env) -> dict:
     domain = env.conn.domain(args.domain)
     domain.spec().disk(args.disk)
     if domain.block_job_info(args.disk) is None:
@@ -210,6 +249,21 @@ def render_text(result: dict) -> str:
     elif "results" in result:
         for sub in result["results"]:
             lines.append(render_text(sub))
+    elif op == "relocate":
+        verb = "would relocate" if result.get("dry_run") else "relocated"
+        lines.append(f"{result['domain']} {result['disk']}: {verb} ({result['mode']} mode, "
+                     f"{result['method']}), {_size(result['bytes_to_copy'])} to copy")
+        lines.append(f"  before: {' <- '.join(reversed(result['chain_before']))}")
+        lines.append(f"  after:  {' <- '.join(reversed(result['chain_after']))}")
+        if not result["pivot"]:
+            lines.append(f"  not pivoted: the VM stays on its source; copy at {result['dest']}")
+        if result.get("deleted"):
+            lines.append(f"  deleted: {', '.join(result['deleted'])}")
+        if result.get("verified"):
+            lines.append(f"  verified in {result.get('duration_s', 0):.2f} s")
+    elif op == "snapshot":
+        lines.append(f"{result['domain']} {result['disk']}: new overlay {result['overlay']}")
+        lines.append(f"  chain: {' <- '.join(reversed(result['chain_after']))}")
     elif op == "merge":
         verb = "would merge" if result.get("dry_run") else "merged"
         if result["strategy"] == "noop":

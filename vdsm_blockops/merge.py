@@ -24,6 +24,8 @@ from .ops import (
     check_disk_supported,
     check_no_job,
     check_timeout,
+    combine_reports,
+    delete_unused,
     live_chain_problems,
     norm,
     run_per_disk,
@@ -92,30 +94,11 @@ def merge(ctx: Context, req: MergeRequest) -> dict:
         results = [_report(domain, plan, None, verified=False, dry_run=True) for plan in plans]
     else:
         results = run_per_disk(plans, work)
-    return _combine(domain, req, results, time.monotonic() - started)
-
-
-def _combine(domain: Domain, req: MergeRequest, results: list, duration_s: float) -> dict:
-    failures = [r for r in results if isinstance(r, Exception)]
-    if req.disk != "all":
-        if failures:
-            raise failures[0]
-        report = results[0]
-        report["duration_s"] = round(duration_s, 3)
-        return report
-    reports = [r if not isinstance(r, Exception) else
-               {"ok": False, "error": r.to_json() if isinstance(r, errors.BlockOpsError)
-                else {"code": "failed", "message": str(r)}} for r in results]
-    if failures:
-        worst = max(failures, key=lambda e: getattr(e, "exit_code", 1))
-        raise type(worst)(f"{len(failures)} of {len(results)} disks failed: {worst}",
-                          results=reports) if isinstance(worst, errors.BlockOpsError) else worst
-    return {"ok": True, "operation": "merge", "domain": domain.name, "disk": "all",
-            "results": reports, "duration_s": round(duration_s, 3)}
+    return combine_reports("merge", domain, req.disk, results, time.monotonic() - started)
 
 
 def _report(domain: Domain, plan: MergePlan, chain_after: list[str] | None, *,
-            verified: bool, dry_run: bool = False, started: bool = True) -> dict:
+            verified: bool, dry_run: bool = False) -> dict:
     return {
         "ok": True,
         "operation": "merge",
@@ -196,23 +179,6 @@ def finish_merge(ctx: Context, domain: Domain, plan: MergePlan, store: RecordSto
         report["deleted"] = delete_unused(ctx, domain, plan.disk, [r.path for r in plan.retired])
     store.finish(record)
     return report
-
-
-def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -> list[str]:
-    users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target))
-    live = set(norm(domain.spec().disk(target).paths))
-    deleted = []
-    for path in paths:
-        if users.get(os.path.normpath(path)) or os.path.normpath(path) in live:
-            log.warning("keeping %s: still used by %s", path, users.get(path))
-            continue
-        try:
-            os.unlink(path)
-            deleted.append(path)
-        except FileNotFoundError:
-            pass
-    ctx.state.forget(deleted)
-    return deleted
 
 
 def _settle_after_failure(domain: Domain, plan: MergePlan, store: RecordStore,

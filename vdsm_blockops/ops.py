@@ -16,7 +16,7 @@ from lxml import etree
 from . import errors
 from .chain import Disk, parse_xml
 from .config import Config
-from .inspect import disk_problems
+from .inspect import chain_users, disk_problems
 from .jobs import JobWatch, Observer, Outcome
 from .records import OperationRecord, Phase, RecordStore
 from .state import StateDir
@@ -108,6 +108,33 @@ def run_per_disk(items: list, work: Callable) -> list:
     return [f.result() if f.exception() is None else f.exception() for f in futures]
 
 
+def combine_reports(operation: str, domain: Domain, target: str, results: list,
+                    duration_s: float) -> dict:
+    """One report for one disk, or a report with ``results`` for ``all``.
+    With ``all``, a failure of any disk fails the whole (the worst exit
+    code wins) and carries every disk's result in its details."""
+    failures = [r for r in results if isinstance(r, Exception)]
+    if target != "all":
+        if failures:
+            raise failures[0]
+        report = results[0]
+        report["duration_s"] = round(duration_s, 3)
+        return report
+    reports = [
+        {"ok": False, "error": r.to_json() if isinstance(r, errors.BlockOpsError)
+         else {"code": "failed", "message": str(r)}} if isinstance(r, Exception) else r
+        for r in results
+    ]
+    if failures:
+        worst = max(failures, key=lambda e: getattr(e, "exit_code", 1))
+        if not isinstance(worst, errors.BlockOpsError):
+            raise worst
+        raise type(worst)(f"{len(failures)} of {len(results)} disks failed: {worst}",
+                          results=reports)
+    return {"ok": True, "operation": operation, "domain": domain.name, "disk": "all",
+            "results": reports, "duration_s": round(duration_s, 3)}
+
+
 class JobRunner:
     """Runs one block job on one disk to its end, recording phases."""
 
@@ -186,6 +213,23 @@ class JobRunner:
             self.domain.abort_job(self.disk, pivot=False)
         except errors.BlockOpsError as exc:
             log.warning("abort after timeout on %s %s: %s", self.domain.name, self.disk, exc)
+
+
+def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -> list[str]:
+    users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target))
+    live = set(norm(domain.spec().disk(target).paths))
+    deleted = []
+    for path in paths:
+        if users.get(os.path.normpath(path)) or os.path.normpath(path) in live:
+            log.warning("keeping %s: still used by %s", path, users.get(path))
+            continue
+        try:
+            os.unlink(path)
+            deleted.append(path)
+        except FileNotFoundError:
+            pass
+    ctx.state.forget(deleted)
+    return deleted
 
 
 def live_chain_problems(domain: Domain, target: str, expected: list[str]) -> list[str]:
