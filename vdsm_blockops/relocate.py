@@ -142,6 +142,8 @@ def plan_relocation(ctx: Context, domain: Domain, disk: Disk, req: RelocateReque
         raise errors.BadRequest(f"{disk.target}: libvirt's chain and the images' metadata disagree; run verify")
     dest = _dest_for(disk, req)
     sources = set(norm(disk.paths))
+    if dest in sources:
+        raise errors.BadRequest(f"destination {dest} is an image of the source chain")
     chain = norm(disk.paths)
     alloc = {i.path: i.actual_size for i in images}
     plan = RelocatePlan(disk=disk.target, mode=req.mode, method=req.method, format=req.format,
@@ -151,6 +153,10 @@ def plan_relocation(ctx: Context, domain: Domain, disk: Disk, req: RelocateReque
         folder = os.path.dirname(dest)
         plan.copies = [(src, os.path.join(folder, os.path.basename(src))) for src in chain[1:]]
         new_paths = [dest] + [new for _, new in plan.copies]
+        if sources.intersection(new_paths):
+            raise errors.BadRequest(
+                f"{disk.target}: chain mode moves every layer into {folder}, where "
+                "layers of the source chain already are; choose another folder")
         if len(set(new_paths)) != len(new_paths):
             raise errors.BadRequest(f"{disk.target}: layers share a file name; chain mode "
                                     "would put two of them at one path")

@@ -45,7 +45,8 @@ def test_root():
 
 @pytest.fixture
 def workdir(test_root, request):
-    path = os.path.join(test_root, request.node.name[:60].replace("/", "_").replace("[", "-").replace("]", ""))
+    name = f"{request.module.__name__}-{request.node.name}"[:80]
+    path = os.path.join(test_root, name.replace("/", "_").replace("[", "-").replace("]", ""))
     os.makedirs(path, mode=0o755)
     return path
 
