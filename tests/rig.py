@@ -98,16 +98,45 @@ class Disk:
         assert proc.returncode == 0, f"guest data differs: {proc.stdout} {proc.stderr}"
 
 
+class Libvirt:
+    """The rig's own connection, reopened when libvirtd was restarted."""
+
+    def __init__(self, uri: str = TEST_URI):
+        self.uri = uri
+        self._conn = libvirt.open(uri)
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            try:
+                return getattr(self._conn, name)(*args, **kwargs)
+            except libvirt.libvirtError as exc:
+                # Without an event loop the client notices a restarted
+                # daemon only when a call fails on the dead socket.
+                if exc.get_error_domain() != libvirt.VIR_FROM_RPC and \
+                        "socket is closed" not in str(exc):
+                    raise
+                self._conn = libvirt.open(self.uri)
+                return getattr(self._conn, name)(*args, **kwargs)
+        return call
+
+
 class VM:
     """A throwaway TCG domain (no guest OS) with qcow2 chains."""
 
-    def __init__(self, conn: libvirt.virConnect, workdir: str, name: str | None = None):
+    def __init__(self, conn: Libvirt, workdir: str, name: str | None = None):
         self.conn = conn
         self.name = name or DOMAIN_PREFIX + uuid.uuid4().hex[:8]
         self.dir = os.path.join(workdir, self.name)
         os.makedirs(self.dir, mode=0o755)
         self.disks: dict[str, Disk] = {}
-        self.dom: libvirt.virDomain | None = None
+        self.created = False
+
+    @property
+    def dom(self) -> libvirt.virDomain | None:
+        """Looked up each time: a virDomain dies with its connection."""
+        if not self.created:
+            return None
+        return self.conn.lookupByName(self.name)
 
     def add_chain(self, target: str, layers: list[LayerSpec], size_mib: int = 64,
                   relative: bool = False, directory: str | None = None) -> Disk:
@@ -162,10 +191,10 @@ class VM:
 
     def start(self, persistent: bool = True) -> "VM":
         if persistent:
-            self.dom = self.conn.defineXML(self.xml())
-            self.dom.create()
+            self.conn.defineXML(self.xml()).create()
         else:
-            self.dom = self.conn.createXML(self.xml(), 0)
+            self.conn.createXML(self.xml(), 0)
+        self.created = True
         return self
 
     def hmp(self, command: str) -> str:
@@ -173,23 +202,22 @@ class VM:
             self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
 
     def destroy(self) -> None:
-        if self.dom is None:
+        if not self.created:
             return
         try:
-            if self.dom.isActive():
-                self.dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        try:
-            if self.dom.isPersistent():
-                self.dom.undefine()
+            dom = self.dom
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
         except libvirt.libvirtError:
             pass
 
     def restart(self) -> None:
         """Power-cycle a persistent VM: it boots from its persistent definition."""
-        self.dom.destroy()
-        self.dom.create()
+        dom = self.dom
+        dom.destroy()
+        dom.create()
 
 
 def cli(*args: str, config: str, check_json: bool = True) -> tuple[int, dict | None, str]:
@@ -206,7 +234,7 @@ def cli(*args: str, config: str, check_json: bool = True) -> tuple[int, dict | N
     return proc.returncode, data, proc.stderr
 
 
-def cleanup_stale(conn: libvirt.virConnect) -> None:
+def cleanup_stale(conn: Libvirt) -> None:
     """Remove test domains a crashed earlier run left behind."""
     for dom in conn.listAllDomains(0):
         if dom.name().startswith(DOMAIN_PREFIX):

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disk")
     p.add_argument("bandwidth", type=int, metavar="MIB_PER_S")
 
+    p = verb("recover", "finish or roll back operations a crash interrupted", cmd_recover)
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="how long to wait on a job that is still running")
+
     p = verb("verify", "check a domain's chains against the images' metadata", cmd_verify)
     p.add_argument("domain")
     p.add_argument("disk", nargs="?")
@@ -188,6 +193,12 @@ def cmd_speed(args, env) -> dict:
             "bandwidth_mib_s": bandwidth}
 
 
+def cmd_recover(args, env) -> dict:
+    from .recover import recover
+
+    return recover(env.context(), args.domain, timeout_s=args.timeout)
+
+
 def cmd_verify(args, env) -> dict:
     from .inspect import verify_domain
     from .records import parse_records, METADATA_NS
@@ -242,6 +253,13 @@ def render_text(result: dict) -> str:
             bw = "unlimited" if not job["bandwidth_mib_s"] else f"{job['bandwidth_mib_s']:g} MiB/s"
             lines.append(f"{job['domain']} {job['disk']}: {job['type']} {pct} "
                          f"({job['cur']}/{job['end']}), bandwidth {bw}, ready={'yes' if job['ready'] else 'no'}")
+    elif op == "recover":
+        if not result["records"]:
+            lines.append("nothing to recover")
+        for rec in result["records"]:
+            why = f": {rec['message']}" if rec.get("message") else ""
+            lines.append(f"{rec['domain']} {rec['disk']}: {rec['operation']} {rec['record']} "
+                         f"(phase {rec['phase']}) {rec['result']}{why}")
     elif op == "verify":
         if result["ok"]:
             lines.append(f"{result['domain']}: verified, no problems")

@@ -72,6 +72,7 @@ class JobWatch:
         self.clock = clock
         self._events: queue.Queue = domain.conn.events.subscribe(domain.uuid, disk)
         self.last_info: JobInfo | None = None
+        self._errors = 0  # consecutive failed polls
 
     def close(self) -> None:
         self.domain.conn.events.unsubscribe(self.domain.uuid, self.disk, self._events)
@@ -89,19 +90,28 @@ class JobWatch:
             return None
 
     def _poll(self, give_up_at: float | None) -> JobInfo | None | bool:
-        """Job info, None when no job, or False when we had to reconnect."""
+        """Job info, None when no job, or False to poll again (after a
+        reconnect or a passing error)."""
         try:
-            return self.domain.block_job_info(self.disk)
+            info = self.domain.block_job_info(self.disk)
+            self._errors = 0
+            return info
         except errors.ConnectionLost:
             pass
         except errors.BlockOpsError:
-            if self.domain.conn.alive and not self.domain.is_active():
-                raise errors.JobFailed(
-                    f"domain {self.domain.name} stopped while the block job "
-                    f"on {self.disk} was running"
-                ) from None
             if self.domain.conn.alive:
-                raise
+                # A VM being torn down first fails monitor calls ("Unable
+                # to read from monitor") and only then reads as inactive.
+                for _ in range(20):
+                    if not self.domain.is_active():
+                        raise errors.JobFailed(
+                            f"domain {self.domain.name} stopped while the block "
+                            f"job on {self.disk} was running") from None
+                    time.sleep(0.1)
+                self._errors += 1
+                if self._errors >= 3:
+                    raise
+                return False
         log.warning("lost libvirt while waiting on %s %s; reconnecting",
                     self.domain.name, self.disk)
         grace = self.clock() + RECONNECT_GRACE_S

@@ -221,15 +221,12 @@ def _dest_disk_xml(path: str, fmt: str) -> str:
             f"<source {attr}={quoteattr(path)}/></disk>")
 
 
-def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse: bool) -> list[str]:
-    """Copy the read-only layers as files, relink them, create the new
-    active overlay. Returns the files created (for cleanup on failure)."""
-    created: list[str] = []
+def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse: bool) -> None:
+    """Copy the read-only layers as files (two at a time), relink them,
+    create the new active overlay."""
     if not reuse:
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-            futures = {pool.submit(copy_image_file, src, new): new for src, new in plan.copies}
-            for future in concurrent.futures.as_completed(futures):
-                created.append(futures[future])
+            for future in [pool.submit(copy_image_file, src, new) for src, new in plan.copies]:
                 future.result()
         # Relink each copy to the copy of its backing; keep relative names
         # relative (the layers sit side by side in DEST's folder).
@@ -244,26 +241,26 @@ def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse:
         top_src, top_new = plan.copies[0]
         active = images[plan.chain_before[0]]
         create_overlay(plan.dest, top_new, images[top_src].format, active.virtual_size)
-        created.append(plan.dest)
-    return created
 
 
 def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest, bandwidth: int) -> dict:
     store = RecordStore(domain)
     with ctx.state.disk_lock(domain.uuid, plan.disk, f"relocate of {domain.name} {plan.disk}"):
+        # Every file we may create is named in the record before it exists,
+        # so a crash at any point leaves recover a list of what to remove.
+        ours = [] if req.reuse_external else [new for _, new in plan.copies] + [plan.dest]
         record = OperationRecord(operation="relocate", disk=plan.disk, request=asdict(req),
-                                 plan=plan.to_json())
+                                 plan=plan.to_json(), created_files=ours)
         store.begin(record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
-        created: list[str] = []
         try:
             if req.method == "snapshot-stream":
                 outcome = _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record)
             else:
                 if plan.copies:
                     images = {i.path: i for i in image_chain(domain.spec().disk(plan.disk))}
-                    created = _prepare_chain_copy(plan, images, req.reuse_external)
-                    store.advance(record, Phase.PREPARED, created_files=created)
+                    _prepare_chain_copy(plan, images, req.reuse_external)
+                    store.advance(record, Phase.PREPARED)
                 flags = COPY_TRANSIENT_JOB if plan.persistent else 0
                 if plan.mode in ("chain", "shallow") and len(plan.chain_before) > 1:
                     flags |= COPY_SHALLOW
@@ -276,7 +273,7 @@ def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest,
                                      two_phase=True, pivot=req.pivot,
                                      timeout_s=req.timeout_s, wait=req.wait)
         except (errors.JobFailed, errors.JobTimeout, errors.OperationFailed) as exc:
-            _roll_back(domain, plan, store, record, created + [plan.dest], req)
+            _roll_back(domain, plan, store, record, req)
             raise exc
         if outcome is None:
             report = _report(domain, plan, req, plan.chain_before, verified=False)
@@ -302,7 +299,7 @@ def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest,
 def _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record):
     """The seed's live block copy: snapshot into DEST, then pull it all in."""
     domain.snapshot(snapshot_xml(domain, {plan.disk: plan.dest}), reuse_external=req.reuse_external)
-    store.advance(record, Phase.PREPARED, created_files=[plan.dest])
+    store.advance(record, Phase.PREPARED)
     outcome = runner.run(lambda: domain.pull(plan.disk, None, bandwidth),
                          two_phase=False, pivot=False, timeout_s=req.timeout_s, wait=req.wait)
     if outcome is not None and norm(domain.spec().disk(plan.disk).paths) != [plan.dest]:
@@ -334,26 +331,35 @@ def _finish_no_pivot(domain, plan, req, store, record) -> dict:
     return report
 
 
-def _roll_back(domain, plan, store, record, candidates, req) -> None:
-    """The VM stays on its source chain: remove what we created, unless the
-    VM already uses it (snapshot-stream after the snapshot)."""
-    try:
-        store.advance(record, Phase.ROLLING_BACK)
-        live = set(norm(domain.spec().disk(plan.disk).paths))
-    except errors.BlockOpsError as exc:
-        log.warning("cannot inspect %s after failure: %s; left for recover", domain.name, exc)
-        return
-    if req.reuse_external:
-        candidates = []  # the caller's files, not ours to delete
-    for path in dict.fromkeys(candidates):
-        if path in live or not os.path.exists(path):
+def remove_created_files(domain: Domain, plan: RelocatePlan, record: OperationRecord,
+                         reuse_external: bool, live_paths: set[str]) -> list[str]:
+    """Remove the destination files this operation created, unless the VM
+    uses them (snapshot-stream after the snapshot) or the caller made them."""
+    if reuse_external:
+        return []
+    removed = []
+    for path in record.created_files:
+        if path in live_paths or not os.path.exists(path):
             continue
         log.info("removing partial destination %s", path)
         os.unlink(path)
-    # Consistent again (the old chain, or after snapshot-stream the DEST
-    # overlay on it): the record can go. Otherwise recover takes over.
-    if not live_chain_problems(domain, plan.disk, domain.spec().disk(plan.disk).paths):
-        store.finish(record)
+        removed.append(path)
+    return removed
+
+
+def _roll_back(domain, plan, store, record, req) -> None:
+    """After a failure the VM stays on its source chain: remove what we
+    created; if the chain is consistent again the record can go, otherwise
+    recover takes over."""
+    try:
+        store.advance(record, Phase.ROLLING_BACK)
+        live = set(norm(domain.spec().disk(plan.disk).paths))
+        remove_created_files(domain, plan, record, req.reuse_external, live)
+        if not live_chain_problems(domain, plan.disk, domain.spec().disk(plan.disk).paths):
+            store.finish(record)
+    except errors.BlockOpsError as exc:
+        log.warning("cannot settle %s %s after failure: %s; left for recover",
+                    domain.name, plan.disk, exc)
 
 
 def snapshot(ctx: Context, domain_name: str, target: str, overlay: str, reuse_external: bool) -> dict:

@@ -22,7 +22,7 @@ def conn():
     except ImportError as exc:  # pragma: no cover - CI installs it
         pytest.fail(f"libvirt-python is not installed: {exc}", pytrace=False)
     try:
-        connection = libvirt.open(rig.TEST_URI)
+        connection = rig.Libvirt(rig.TEST_URI)
     except libvirt.libvirtError as exc:
         pytest.fail(
             f"cannot reach libvirtd at {rig.TEST_URI}: {exc}. Start it "
