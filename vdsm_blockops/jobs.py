@@ -65,8 +65,10 @@ class JobWatch:
         *,
         poll_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.domain = domain
+        self.sleep = sleep
         self.disk = disk
         self.poll_interval_s = poll_interval_s
         self.clock = clock
@@ -107,7 +109,7 @@ class JobWatch:
                         raise errors.JobFailed(
                             f"domain {self.domain.name} stopped while the block "
                             f"job on {self.disk} was running") from None
-                    time.sleep(0.1)
+                    self.sleep(0.1)
                 self._errors += 1
                 if self._errors >= 3:
                     raise

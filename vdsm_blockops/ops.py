@@ -157,7 +157,7 @@ class JobRunner:
         without pivot, or None with ``wait=False``. Raises JobFailed,
         JobTimeout (after aborting the job)."""
         with JobWatch(self.domain, self.disk, poll_interval_s=self.ctx.config.poll_interval_s,
-                      clock=self.ctx.clock) as watch:
+                      clock=self.ctx.clock, sleep=self.ctx.sleep) as watch:
             start()
             self.store.advance(self.record, Phase.STARTED)
             if not wait:
