@@ -86,6 +86,13 @@ def check_disk_supported(disk: Disk) -> None:
 
 
 def check_no_job(domain: Domain, disk: Disk) -> None:
+    """Refuse (exit 4) when an operation of ours or any block job holds the disk."""
+    other = RecordStore(domain).load().get(disk.target)
+    if other is not None:
+        raise errors.Conflict(
+            f"disk {disk.target} of {domain.name} is busy: {other.operation} {other.id} "
+            f"(pid {other.pid}, phase {other.phase.value}); if that process is gone, run "
+            f"'vdsm-blockops recover {domain.name}'", record=other.id)
     info = domain.block_job_info(disk.target)
     if info is not None or disk.mirror is not None:
         kind = info.job_type if info else disk.mirror.job

@@ -132,3 +132,19 @@ def test_vm_shut_down_between_ready_and_pivot(make_vm, config):
     vm.dom.create()
     out = settle(vm, disk, config)
     assert disk.live_chain() == disk.layers[::-1]   # rolled back: old chain, data intact
+
+
+def test_second_operation_on_a_busy_disk_is_refused(make_vm, config, workdir):
+    vm, disk = slow_vm(make_vm)
+    proc = background(vm, config, "merge", vm.name, "vda", "--strategy", "pull", "--bandwidth", "1")
+    wait_for_job(vm)
+    for args in (["merge", vm.name, "vda"], ["relocate", vm.name, "vda", f"{workdir}/x.qcow2"],
+                 ["snapshot", vm.name, "vda", f"{workdir}/s.qcow2"]):
+        rc, out, _ = rig.cli(*args, config=config)
+        assert rc == 4 and out["error"]["code"] == "conflict", out
+        assert f"pid {proc.pid}" in out["error"]["message"]
+    subprocess.run(["virsh", "-c", rig.TEST_URI, "blockjob", vm.name, "vda", "--bandwidth", "0"],
+                   capture_output=True)
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    disk.assert_guest_data()
