@@ -191,10 +191,12 @@ class VM:
 
     def start(self, persistent: bool = True) -> "VM":
         if persistent:
-            self.conn.defineXML(self.xml()).create()
+            dom = self.conn.defineXML(self.xml())
+            self.created = True  # defined: clean it up even if the start fails
+            dom.create()
         else:
             self.conn.createXML(self.xml(), 0)
-        self.created = True
+            self.created = True
         return self
 
     def hmp(self, command: str) -> str:

@@ -114,8 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("recover", "finish or roll back operations a crash interrupted", cmd_recover)
     p.add_argument("domain", nargs="?")
+    p.add_argument("--queued", action="store_true",
+                   help="recover the domains the libvirt hook queued")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="how long to wait on a job that is still running")
+
+    p = verb("hook", "install or uninstall the libvirt hook that guards VMs", cmd_hook)
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--hooks-dir", default=None, help="default /etc/libvirt/hooks/qemu.d")
+    p.add_argument("--reload", action="store_true", help="SIGHUP libvirtd so it sees the change")
 
     p = verb("verify", "check a domain's chains against the images' metadata", cmd_verify)
     p.add_argument("domain")
@@ -194,9 +201,20 @@ def cmd_speed(args, env) -> dict:
 
 
 def cmd_recover(args, env) -> dict:
-    from .recover import recover
+    from .recover import recover, recover_queued
 
+    if args.queued:
+        return recover_queued(env.context(), timeout_s=args.timeout)
     return recover(env.context(), args.domain, timeout_s=args.timeout)
+
+
+def cmd_hook(args, env) -> dict:
+    from . import hookctl
+
+    hooks_dir = args.hooks_dir or hookctl.HOOKS_DIR
+    if args.action == "install":
+        return hookctl.install(hooks_dir, config_path=args.config, reload=args.reload)
+    return hookctl.uninstall(hooks_dir, reload=args.reload)
 
 
 def cmd_verify(args, env) -> dict:

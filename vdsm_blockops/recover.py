@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from . import errors
 from .jobs import JobWatch, Outcome
@@ -58,6 +59,27 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
             **({"error": {"code": "recover-incomplete",
                           "message": f"{len(failed)} record(s) could not be settled"}}
                if failed else {})}
+
+
+def recover_queued(ctx: Context, timeout_s: float | None = None) -> dict:
+    """Work the queue the hook fills (reconnect/started/release events)."""
+    folder = os.path.join(ctx.state.path, "queue")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    outcomes, failed = [], 0
+    for name in names:
+        try:
+            report = recover(ctx, name, timeout_s)
+        except errors.UnknownDomain:
+            report = {"ok": True, "records": []}  # gone: nothing left to do
+        outcomes += report["records"]
+        if report["ok"]:
+            os.unlink(os.path.join(folder, name))
+        else:
+            failed += 1
+    return {"ok": not failed, "operation": "recover", "domain": "queued", "queued": names,
+            "records": outcomes,
+            **({"error": {"code": "recover-incomplete",
+                          "message": f"{failed} queued domain(s) not settled"}} if failed else {})}
 
 
 def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,

@@ -28,6 +28,10 @@ def conn():
             f"cannot reach libvirtd at {rig.TEST_URI}: {exc}. Start it "
             "(virtlogd -d; libvirtd -d) or run bash .ci/run.", pytrace=False)
     rig.cleanup_stale(connection)
+    # A hook left installed by a crashed run would guard with a dead config.
+    stale_hook = "/etc/libvirt/hooks/qemu.d/vdsm-blockops"
+    if os.path.exists(stale_hook):
+        os.unlink(stale_hook)
     yield connection
     rig.cleanup_stale(connection)
     connection.close()
