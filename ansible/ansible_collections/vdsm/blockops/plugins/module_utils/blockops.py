@@ -1,0 +1,51 @@
+# -*- coding: utf-8 -*-
+"""Shared by the vdsm.blockops modules: import the library, connect, map
+its errors onto fail_json. The modules stay thin shells."""
+
+from __future__ import annotations
+
+import traceback
+
+try:
+    from vdsm_blockops import errors as _errors
+    from vdsm_blockops.config import load_config
+    HAS_LIBRARY = True
+    IMPORT_ERROR = None
+except ImportError:  # pragma: no cover - reported through fail_json
+    HAS_LIBRARY = False
+    IMPORT_ERROR = traceback.format_exc()
+
+COMMON_ARGS = dict(
+    uri=dict(type="str", default=None),
+    config=dict(type="path", default=None),
+)
+
+
+def require_library(module):
+    if not HAS_LIBRARY:
+        module.fail_json(msg="the vdsm-blockops Python package is not installed on this node "
+                             "for the interpreter Ansible uses", exception=IMPORT_ERROR)
+
+
+def context(module):
+    from vdsm_blockops.ops import Context
+    from vdsm_blockops.virt import open_connection
+
+    config = load_config(module.params.get("config"))
+    conn = open_connection(module.params.get("uri") or config.connect)
+    return Context(conn=conn, config=config)
+
+
+def run(module, action):
+    """Call ``action()``; a library error becomes fail_json with its one line."""
+    try:
+        return action()
+    except _errors.BlockOpsError as exc:
+        module.fail_json(msg=str(exc), error={"code": exc.code, "exit_code": exc.exit_code},
+                         **({"details": exc.details} if exc.details else {}))
+
+
+def chain_diff(before, after):
+    return {"before": "\n".join(reversed(before)) + "\n",
+            "after": "\n".join(reversed(after)) + "\n",
+            "before_header": "chain (base first)", "after_header": "chain (base first)"}

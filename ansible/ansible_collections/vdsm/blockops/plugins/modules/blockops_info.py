@@ -1,0 +1,71 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: blockops_info
+short_description: Chains and block jobs of the VMs on a node
+description:
+  - Reports each disk's backing chain (active image first, with format,
+    index, allocation and whether the images' metadata agree with libvirt)
+    and the active block jobs, for one domain or every domain on the node.
+version_added: "0.1.0"
+author: vdsm-blockops developers
+options:
+  domain:
+    description: Name or UUID of one domain; all domains when omitted.
+    type: str
+  uri:
+    description: libvirt URI.
+    type: str
+  config:
+    description: Path of the node's vdsm-blockops config file.
+    type: path
+requirements: [vdsm-blockops, libvirt-python]
+"""
+
+EXAMPLES = r"""
+- name: Gather the chains of every VM
+  vdsm.blockops.blockops_info:
+  register: blockops
+"""
+
+RETURN = r"""
+domains:
+  description: One entry per domain with its disks and their chains.
+  returned: always
+  type: list
+  elements: dict
+jobs:
+  description: Active block jobs (domain, disk, type, cur, end, percent, bandwidth, ready).
+  returned: always
+  type: list
+  elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
+    COMMON_ARGS, context, require_library, run)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(domain=dict(type="str"), **COMMON_ARGS),
+        supports_check_mode=True,
+    )
+    require_library(module)
+    from vdsm_blockops.inspect import describe_chains, list_jobs
+
+    ctx = run(module, lambda: context(module))
+    name = module.params["domain"]
+
+    def gather():
+        domains = [ctx.conn.domain(name)] if name else ctx.conn.domains()
+        return [describe_chains(d) for d in domains], list_jobs(ctx.conn, name)
+
+    domains, jobs = run(module, gather)
+    module.exit_json(changed=False, domains=domains, jobs=jobs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: blockops_merge
+short_description: Snapshot live merge of a running VM's disk
+description:
+  - Collapses the layers of a disk's backing chain strictly above I(base) up
+    to and including I(top) into one image that backs onto I(base), while the
+    VM runs (libvirt block pull or block commit, with pivot for an active
+    commit). Guest-visible data never changes and I(base) is never written.
+  - The C(auto) strategy copies the fewest allocated bytes and never commits
+    into a layer another VM's chain uses.
+  - Idempotent; check mode returns the plan; diff mode shows the chains.
+version_added: "0.1.0"
+author: vdsm-blockops developers
+options:
+  domain:
+    description: Name or UUID of the running domain.
+    type: str
+    required: true
+  disk:
+    description: Target name such as C(vda), or C(all).
+    type: str
+    required: true
+  base:
+    description: Image kept as the backing (absolute path or C(vda[N])). Omit to flatten.
+    type: str
+  top:
+    description: Highest image of the segment (default the active image).
+    type: str
+  strategy:
+    description: How to merge.
+    type: str
+    choices: [auto, pull, commit]
+    default: auto
+  bandwidth:
+    description: Throttle in MiB/s (0 = unlimited).
+    type: int
+    default: 0
+  timeout:
+    description: Abort the job after this many seconds.
+    type: float
+  keep_relative:
+    description: Keep relative backing names.
+    type: bool
+    default: false
+  delete_retired:
+    description: Unlink retired layers after verification when nothing uses them.
+    type: bool
+    default: false
+  uri:
+    description: libvirt URI (default from the node's config, else C(qemu:///system)).
+    type: str
+  config:
+    description: Path of the node's vdsm-blockops config file.
+    type: path
+requirements: [vdsm-blockops, libvirt-python]
+"""
+
+EXAMPLES = r"""
+- name: Delete the snapshots between the template and the active image
+  vdsm.blockops.blockops_merge:
+    domain: web01
+    disk: vda
+    base: /var/lib/libvirt/images/web01-base.qcow2
+
+- name: Flatten every disk, at most 200 MiB/s each
+  vdsm.blockops.blockops_merge:
+    domain: web01
+    disk: all
+    bandwidth: 200
+"""
+
+RETURN = r"""
+strategy:
+  description: pull, commit or noop.
+  returned: success
+  type: str
+chain_before:
+  description: Paths of the chain before, active image first.
+  returned: success
+  type: list
+  elements: str
+chain_after:
+  description: Paths of the chain after (planned in check mode), active first.
+  returned: success
+  type: list
+  elements: str
+retired:
+  description: Layers that left the chain, with whether they stay valid.
+  returned: success
+  type: list
+  elements: dict
+verified:
+  description: Whether the result was checked against libvirt and the images.
+  returned: success
+  type: bool
+results:
+  description: One report per disk when I(disk=all).
+  returned: when disk is all
+  type: list
+  elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
+    COMMON_ARGS, chain_diff, context, require_library, run)
+
+
+def already_merged(ctx, params):
+    """A re-run whose TOP was merged away earlier by us: nothing to do."""
+    top = params.get("top")
+    return bool(top) and top.startswith("/") and top in ctx.state.invalidated()
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            domain=dict(type="str", required=True),
+            disk=dict(type="str", required=True),
+            base=dict(type="str"),
+            top=dict(type="str"),
+            strategy=dict(type="str", choices=["auto", "pull", "commit"], default="auto"),
+            bandwidth=dict(type="int", default=0),
+            timeout=dict(type="float"),
+            keep_relative=dict(type="bool", default=False),
+            delete_retired=dict(type="bool", default=False),
+            **COMMON_ARGS,
+        ),
+        supports_check_mode=True,
+    )
+    require_library(module)
+    from vdsm_blockops.merge import MergeRequest, merge
+
+    p = module.params
+    if p["disk"] == "all" and (p["base"] or p["top"]):
+        module.fail_json(msg="base and top name images of one chain; they cannot go with disk=all")
+    ctx = run(module, lambda: context(module))
+    if already_merged(ctx, p):
+        module.exit_json(changed=False, msg=f"{p['top']} was already merged away")
+    req = MergeRequest(domain=p["domain"], disk=p["disk"], base=p["base"], top=p["top"],
+                       strategy=p["strategy"], bandwidth_mib_s=p["bandwidth"],
+                       timeout_s=p["timeout"], dry_run=module.check_mode,
+                       keep_relative=p["keep_relative"], delete_retired=p["delete_retired"])
+    report = run(module, lambda: merge(ctx, req))
+    reports = report.get("results", [report])
+    changed = any(r["strategy"] != "noop" for r in reports)
+    result = dict(report, changed=changed)
+    if module._diff and "chain_before" in report:
+        result["diff"] = chain_diff(report["chain_before"], report["chain_after"])
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

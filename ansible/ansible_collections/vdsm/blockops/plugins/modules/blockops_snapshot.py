@@ -1,0 +1,94 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: blockops_snapshot
+short_description: Disk-only external snapshot of a running VM's disk
+description:
+  - Puts a new qcow2 overlay on top of the disk's active image; the old
+    active image becomes a point in time. Idempotent, so when I(overlay) is
+    already the active image, nothing changes.
+version_added: "0.1.0"
+author: vdsm-blockops developers
+options:
+  domain:
+    description: Name or UUID of the running domain.
+    type: str
+    required: true
+  disk:
+    description: Target name such as C(vda).
+    type: str
+    required: true
+  overlay:
+    description: Path of the new overlay.
+    type: path
+    required: true
+  reuse_external:
+    description: I(overlay) was pre-created with the right backing metadata.
+    type: bool
+    default: false
+  uri:
+    description: libvirt URI.
+    type: str
+  config:
+    description: Path of the node's vdsm-blockops config file.
+    type: path
+requirements: [vdsm-blockops, libvirt-python]
+"""
+
+EXAMPLES = r"""
+- name: Snapshot before the upgrade
+  vdsm.blockops.blockops_snapshot:
+    domain: web01
+    disk: vda
+    overlay: /var/lib/libvirt/images/web01-pre-upgrade.qcow2
+"""
+
+RETURN = r"""
+chain_after:
+  description: Paths of the chain afterwards, active image first.
+  returned: success
+  type: list
+  elements: str
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
+    COMMON_ARGS, chain_diff, context, require_library, run)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            domain=dict(type="str", required=True),
+            disk=dict(type="str", required=True),
+            overlay=dict(type="path", required=True),
+            reuse_external=dict(type="bool", default=False),
+            **COMMON_ARGS,
+        ),
+        supports_check_mode=True,
+    )
+    require_library(module)
+    from vdsm_blockops.relocate import snapshot
+
+    p = module.params
+    ctx = run(module, lambda: context(module))
+    chain = run(module, lambda: ctx.conn.domain(p["domain"]).spec().disk(p["disk"]).paths)
+    overlay = os.path.normpath(p["overlay"])
+    if chain and os.path.normpath(chain[0]) == overlay:
+        module.exit_json(changed=False, chain_before=chain, chain_after=chain)
+    if module.check_mode:
+        module.exit_json(changed=True, chain_before=chain, chain_after=[overlay] + chain,
+                         diff=chain_diff(chain, [overlay] + chain) if module._diff else None)
+    report = run(module, lambda: snapshot(ctx, p["domain"], p["disk"], overlay, p["reuse_external"]))
+    result = dict(report, changed=True)
+    if module._diff:
+        result["diff"] = chain_diff(report["chain_before"], report["chain_after"])
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
