@@ -8,6 +8,7 @@ metadata and the persistent definition.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -86,6 +87,11 @@ def merge(ctx: Context, req: MergeRequest) -> dict:
     for disk in disks:
         check_no_job(domain, disk)
     plans = [_plan_disk(ctx, domain, disk, req) for disk in disks]
+    if not req.wait and sum(p.strategy == "pull" for p in plans) > 1:
+        raise errors.BadRequest(
+            "pulls within one VM run one at a time (QEMU 7.2 can crash when two end "
+            "together), which --no-wait cannot do; run without --no-wait or choose "
+            "--strategy commit")
 
     def work(plan: MergePlan) -> dict:
         return _run_plan(ctx, domain, plan, req, bandwidth)
@@ -140,9 +146,12 @@ def _run_plan(ctx: Context, domain: Domain, plan: MergePlan, req: MergeRequest, 
                               bandwidth_mib_s=bandwidth,
                               relative=req.keep_relative and not plan.active)
 
+        serial = ctx.state.stream_lock(domain.uuid) if plan.strategy == "pull" and req.wait \
+            else contextlib.nullcontext()
         try:
-            outcome = runner.run(start, two_phase=plan.two_phase, pivot=True,
-                                 timeout_s=req.timeout_s, wait=req.wait)
+            with serial:
+                outcome = runner.run(start, two_phase=plan.two_phase, pivot=True,
+                                     timeout_s=req.timeout_s, wait=req.wait)
         except (errors.JobFailed, errors.JobTimeout):
             _settle_after_failure(domain, plan, store, record)
             raise

@@ -188,7 +188,7 @@ def _recover_relocate(ctx, domain, store, record, timeout_s) -> str:
         return "finished"
     if snapshot_stream and live == [plan.dest] + norm(plan.chain_before):
         # The snapshot happened, the pull did not: pull again.
-        with JobWatch(domain, record.disk) as watch:
+        with ctx.state.stream_lock(domain.uuid), JobWatch(domain, record.disk) as watch:
             domain.pull(record.disk, None, 0)
             watch.wait(timeout_s=timeout_s)
         if _live_paths(domain, record.disk) != norm(plan.chain_after):

@@ -300,8 +300,9 @@ def _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record):
     """The seed's live block copy: snapshot into DEST, then pull it all in."""
     domain.snapshot(snapshot_xml(domain, {plan.disk: plan.dest}), reuse_external=req.reuse_external)
     store.advance(record, Phase.PREPARED)
-    outcome = runner.run(lambda: domain.pull(plan.disk, None, bandwidth),
-                         two_phase=False, pivot=False, timeout_s=req.timeout_s, wait=req.wait)
+    with ctx.state.stream_lock(domain.uuid):
+        outcome = runner.run(lambda: domain.pull(plan.disk, None, bandwidth),
+                             two_phase=False, pivot=False, timeout_s=req.timeout_s, wait=req.wait)
     if outcome is not None and norm(domain.spec().disk(plan.disk).paths) != [plan.dest]:
         raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")
     return outcome
