@@ -24,7 +24,10 @@ _SAFE_PARSER = etree.XMLParser(
     no_network=True,
     load_dtd=False,
     dtd_validation=False,
-    huge_tree=False,
+    # Chains are nested <backingStore> elements: without huge_tree libxml2
+    # stops at depth 256, i.e. at about 120 layers. Size is bounded by the
+    # callers (the hook reads at most 4 MiB) and entities stay unexpanded.
+    huge_tree=True,
     remove_blank_text=True,
 )
 

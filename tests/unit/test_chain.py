@@ -82,3 +82,16 @@ def test_entities_are_not_expanded():
 def test_not_xml_is_a_bad_request():
     with pytest.raises(BadRequest):
         parse_xml("<domain>")
+
+
+def test_very_long_chain_parses():
+    """libxml2 stops at nesting depth 256 unless told otherwise; a chain is
+    nested <backingStore> elements, so 500 layers need huge_tree."""
+    inner = "<backingStore/>"
+    for i in range(499, 0, -1):
+        inner = (f"<backingStore type='file' index='{i + 1}'><format type='qcow2'/>"
+                 f"<source file='/i/L{i}'/>{inner}</backingStore>")
+    xml = (f"<domain><name>x</name><devices><disk type='file' device='disk'><driver type='qcow2'/>"
+           f"<source file='/i/L0' index='1'/>{inner}<target dev='vda'/></disk></devices></domain>")
+    vda = parse_domain(xml).disk("vda")
+    assert len(vda.chain) == 500 and vda.chain_complete and vda.position("vda[500]") == 499
