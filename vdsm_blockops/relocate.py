@@ -43,6 +43,7 @@ from .ops import (
     running_domain,
 )
 from .records import OperationRecord, Phase, RecordStore
+from .state import fsync_dir
 from .virt import COPY_REUSE_EXT, COPY_SHALLOW, COPY_SYNCHRONOUS_WRITES, COPY_TRANSIENT_JOB, Domain
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse:
         top_src, top_new = plan.copies[0]
         active = images[plan.chain_before[0]]
         create_overlay(plan.dest, top_new, images[top_src].format, active.virtual_size)
+        fsync_dir(os.path.dirname(plan.dest))  # the new names survive a host crash
 
 
 def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest, bandwidth: int) -> dict:

@@ -20,7 +20,7 @@ from .errors import Conflict
 REGISTRY_NAME = "invalidated.json"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -35,7 +35,7 @@ def write_json_atomic(path: str, data: object) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 class StateDir:

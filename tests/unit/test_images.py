@@ -42,3 +42,25 @@ def test_disagreeing_chain_is_reported():
 def test_persistent_definition_compares_its_prefix():
     disk = Disk("vda", "disk", layers("/i/D"), chain_complete=False)
     assert chain_problems(disk, read_backing_chain("/i/D", run=fake_run)) == []
+
+
+def test_copy_image_file_keeps_data_and_holes(tmp_path):
+    import os
+
+    from vdsm_blockops.images import copy_image_file
+
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+        handle.seek(1024 * 1024)
+        handle.write(b"x" * 4096)
+        handle.seek(40 * 1024 * 1024)
+        handle.write(os.urandom(1024 * 1024))
+    dst = tmp_path / "dst.raw"
+    copy_image_file(str(src), str(dst))
+    assert dst.read_bytes() == src.read_bytes()
+    assert os.stat(dst).st_blocks * 512 < 8 * 1024 * 1024  # holes stayed holes
+    import pytest
+
+    with pytest.raises(FileExistsError):
+        copy_image_file(str(src), str(dst))  # never overwrites
