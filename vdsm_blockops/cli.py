@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import os
 import sys
 from typing import Callable
@@ -365,8 +364,10 @@ def _setup_logging(verbose: int) -> None:
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     root.addHandler(console)
     if os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler
+
         try:
-            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            syslog = SysLogHandler(address="/dev/log")
             syslog.setLevel(logging.INFO)
             syslog.setFormatter(logging.Formatter("vdsm-blockops[%(process)d]: %(message)s"))
             root.addHandler(syslog)

@@ -67,7 +67,9 @@ def _plan_disk(ctx: Context, domain: Domain, disk: Disk, req: MergeRequest) -> M
     allocation = {i.path: i.actual_size for i in images}
     end = len(disk.chain) if base_pos is None else base_pos
     lowest = os.path.normpath(disk.paths[end - 1])
-    users = chain_users(ctx.conn, [lowest], exclude=(domain.uuid, disk.target)) if end - top_pos > 1 else {}
+    # Who else uses the commit target only matters when a commit may run.
+    may_commit = end - top_pos > 1 and req.strategy != "pull"
+    users = chain_users(ctx.conn, [lowest], exclude=(domain.uuid, disk.target)) if may_commit else {}
     return plan_merge(disk, top_pos=top_pos, base_pos=base_pos, strategy=req.strategy,
                       allocation=allocation, users=users)
 

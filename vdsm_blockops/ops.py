@@ -4,7 +4,6 @@ and checking the result against the live and persistent definitions."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import time
@@ -109,6 +108,8 @@ def run_per_disk(items: list, work: Callable) -> list:
     every disk finished."""
     if len(items) == 1:
         return [work(items[0])]
+    import concurrent.futures
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(items)) as pool:
         futures = [pool.submit(work, item) for item in items]
         concurrent.futures.wait(futures)

@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 
 from lxml import etree
@@ -58,7 +57,7 @@ class OperationRecord:
     request: dict
     plan: dict
     phase: Phase = Phase.PLANNED
-    id: str = field(default_factory=lambda: uuidlib.uuid4().hex[:12])
+    id: str = field(default_factory=lambda: os.urandom(6).hex())
     created_files: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
