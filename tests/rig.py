@@ -208,16 +208,11 @@ class VM:
             self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
 
     def destroy(self) -> None:
-        if not self.created:
-            return
-        try:
-            dom = self.dom
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
-        except libvirt.libvirtError:
-            pass
+        if self.created:
+            try:
+                remove_domain(self.dom)
+            except libvirt.libvirtError:
+                pass  # already gone
 
     def restart(self) -> None:
         """Power-cycle a persistent VM: it boots from its persistent definition."""
@@ -240,14 +235,19 @@ def cli(*args: str, config: str, check_json: bool = True) -> tuple[int, dict | N
     return proc.returncode, data, proc.stderr
 
 
+def remove_domain(dom: libvirt.virDomain) -> None:
+    """Stop and undefine, whatever state the domain is in."""
+    try:
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
+    except libvirt.libvirtError:
+        pass
+
+
 def cleanup_stale(conn: Libvirt) -> None:
     """Remove test domains a crashed earlier run left behind."""
     for dom in conn.listAllDomains(0):
         if dom.name().startswith(DOMAIN_PREFIX):
-            try:
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-            except libvirt.libvirtError:
-                pass
+            remove_domain(dom)

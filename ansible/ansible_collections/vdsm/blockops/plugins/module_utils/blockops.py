@@ -45,6 +45,14 @@ def run(module, action):
                          **({"details": exc.details} if exc.details else {}))
 
 
+def exit_with_report(module, report, changed):
+    """exit_json with the library's report, and the chains as a diff."""
+    result = dict(report, changed=changed)
+    if module._diff and "chain_before" in report:
+        result["diff"] = chain_diff(report["chain_before"], report["chain_after"])
+    module.exit_json(**result)
+
+
 def chain_diff(before, after):
     return {"before": "\n".join(reversed(before)) + "\n",
             "after": "\n".join(reversed(after)) + "\n",

@@ -11,17 +11,11 @@ description:
     and the active block jobs, for one domain or every domain on the node.
 version_added: "0.1.0"
 author: vdsm-blockops developers
+extends_documentation_fragment: [vdsm.blockops.blockops]
 options:
   domain:
     description: Name or UUID of one domain; all domains when omitted.
     type: str
-  uri:
-    description: libvirt URI.
-    type: str
-  config:
-    description: Path of the node's vdsm-blockops config file.
-    type: path
-requirements: [vdsm-blockops, libvirt-python]
 """
 
 EXAMPLES = r"""

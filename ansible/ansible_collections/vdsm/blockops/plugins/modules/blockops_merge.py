@@ -15,6 +15,7 @@ description:
   - Idempotent; check mode returns the plan; diff mode shows the chains.
 version_added: "0.1.0"
 author: vdsm-blockops developers
+extends_documentation_fragment: [vdsm.blockops.blockops]
 options:
   domain:
     description: Name or UUID of the running domain.
@@ -50,13 +51,6 @@ options:
     description: Unlink retired layers after verification when nothing uses them.
     type: bool
     default: false
-  uri:
-    description: libvirt URI (default from the node's config, else C(qemu:///system)).
-    type: str
-  config:
-    description: Path of the node's vdsm-blockops config file.
-    type: path
-requirements: [vdsm-blockops, libvirt-python]
 """
 
 EXAMPLES = r"""
@@ -106,7 +100,7 @@ results:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, chain_diff, context, require_library, run)
+    COMMON_ARGS, context, exit_with_report, require_library, run)
 
 
 def already_merged(ctx, params):
@@ -147,10 +141,7 @@ def main():
     report = run(module, lambda: merge(ctx, req))
     reports = report.get("results", [report])
     changed = any(r["strategy"] != "noop" for r in reports)
-    result = dict(report, changed=changed)
-    if module._diff and "chain_before" in report:
-        result["diff"] = chain_diff(report["chain_before"], report["chain_after"])
-    module.exit_json(**result)
+    exit_with_report(module, report, changed)
 
 
 if __name__ == "__main__":

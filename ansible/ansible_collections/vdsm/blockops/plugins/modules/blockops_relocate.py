@@ -14,6 +14,7 @@ description:
     the plan; diff mode shows the chains.
 version_added: "0.1.0"
 author: vdsm-blockops developers
+extends_documentation_fragment: [vdsm.blockops.blockops]
 options:
   domain:
     description: Name or UUID of the running domain.
@@ -65,13 +66,6 @@ options:
   timeout:
     description: Abort the copy after this many seconds.
     type: float
-  uri:
-    description: libvirt URI.
-    type: str
-  config:
-    description: Path of the node's vdsm-blockops config file.
-    type: path
-requirements: [vdsm-blockops, libvirt-python]
 """
 
 EXAMPLES = r"""
@@ -117,7 +111,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, chain_diff, context, require_library, run)
+    COMMON_ARGS, context, exit_with_report, require_library, run)
 
 
 def already_there(ctx, p):
@@ -169,10 +163,7 @@ def main():
                           bandwidth_mib_s=p["bandwidth"], timeout_s=p["timeout"],
                           dry_run=module.check_mode)
     report = run(module, lambda: relocate(ctx, req))
-    result = dict(report, changed=True)
-    if module._diff and "chain_before" in report:
-        result["diff"] = chain_diff(report["chain_before"], report["chain_after"])
-    module.exit_json(**result)
+    exit_with_report(module, report, changed=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ description:
     already the active image, nothing changes.
 version_added: "0.1.0"
 author: vdsm-blockops developers
+extends_documentation_fragment: [vdsm.blockops.blockops]
 options:
   domain:
     description: Name or UUID of the running domain.
@@ -28,13 +29,6 @@ options:
     description: I(overlay) was pre-created with the right backing metadata.
     type: bool
     default: false
-  uri:
-    description: libvirt URI.
-    type: str
-  config:
-    description: Path of the node's vdsm-blockops config file.
-    type: path
-requirements: [vdsm-blockops, libvirt-python]
 """
 
 EXAMPLES = r"""
@@ -57,7 +51,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, chain_diff, context, require_library, run)
+    COMMON_ARGS, context, exit_with_report, require_library, run)
 
 
 def main():
@@ -81,13 +75,10 @@ def main():
     if chain and os.path.normpath(chain[0]) == overlay:
         module.exit_json(changed=False, chain_before=chain, chain_after=chain)
     if module.check_mode:
-        module.exit_json(changed=True, chain_before=chain, chain_after=[overlay] + chain,
-                         diff=chain_diff(chain, [overlay] + chain) if module._diff else None)
+        exit_with_report(module, {"chain_before": chain, "chain_after": [overlay] + chain},
+                         changed=True)
     report = run(module, lambda: snapshot(ctx, p["domain"], p["disk"], overlay, p["reuse_external"]))
-    result = dict(report, changed=True)
-    if module._diff:
-        result["diff"] = chain_diff(report["chain_before"], report["chain_after"])
-    module.exit_json(**result)
+    exit_with_report(module, report, changed=True)
 
 
 if __name__ == "__main__":
