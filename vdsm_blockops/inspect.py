@@ -135,14 +135,19 @@ def chain_users(
         return {}
     for domain in conn.domains():
         specs: list[tuple[str, DomainSpec]] = []
+        live_active: dict[str, str] = {}
         if domain.is_active():
-            specs.append(("live", domain.spec()))
+            live = domain.spec()
+            specs.append(("live", live))
+            live_active = {d.target: d.paths[0] for d in live.disks if d.paths}
         if domain.is_persistent():
             specs.append(("persistent", domain.spec(inactive=True)))
         for definition, spec in specs:
             for disk in spec.disks:
                 if (spec.uuid, disk.target) == exclude:
                     continue
+                if definition == "persistent" and disk.paths[:1] == [live_active.get(disk.target)]:
+                    continue  # same chain as the live one, already counted
                 for path in wanted.intersection(_disk_paths(disk)):
                     found.setdefault(path, set()).add(
                         str(ChainUser(spec.name, disk.target, definition))

@@ -154,18 +154,19 @@ def _run_plan(ctx: Context, domain: Domain, plan: MergePlan, req: MergeRequest, 
             with serial:
                 outcome = runner.run(start, two_phase=plan.two_phase, pivot=True,
                                      timeout_s=req.timeout_s, wait=req.wait)
-        except (errors.JobFailed, errors.JobTimeout):
+            if outcome is None:  # --no-wait: jobs/recover follow up
+                report = _report(domain, plan, None, verified=False)
+                report.update(finished=False, record=record.id)
+                return report
+            if outcome is Outcome.VANISHED:
+                log.info("%s %s: job gone without an event; the XML decides", domain.name, plan.disk)
+            store.advance(record, Phase.COMPLETED)
+            return finish_merge(ctx, domain, plan, store, record, delete_retired=req.delete_retired)
+        except errors.VerificationFailed:
+            raise  # the chain moved but does not check out: the record stays for recover
+        except errors.BlockOpsError:
             _settle_after_failure(domain, plan, store, record)
             raise
-        if outcome is None:  # --no-wait
-            report = _report(domain, plan, None, verified=False)
-            report["finished"] = False
-            report["record"] = record.id
-            return report
-        if outcome is Outcome.VANISHED:
-            log.info("%s %s: job gone without an event; the XML decides", domain.name, plan.disk)
-        store.advance(record, Phase.COMPLETED)
-        return finish_merge(ctx, domain, plan, store, record, delete_retired=req.delete_retired)
 
 
 def finish_merge(ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,

@@ -123,8 +123,8 @@ class RecordStore:
     def load(self) -> dict[str, OperationRecord]:
         return parse_records(self.domain.get_metadata(METADATA_NS))
 
-    def _store(self, records: dict[str, OperationRecord]) -> None:
-        self.domain.set_metadata(render_records(records), METADATA_KEY, METADATA_NS)
+    def _store(self, records: dict[str, OperationRecord], config: bool = True) -> None:
+        self.domain.set_metadata(render_records(records), METADATA_KEY, METADATA_NS, config=config)
 
     def begin(self, record: OperationRecord) -> None:
         with self._lock:
@@ -156,7 +156,10 @@ class RecordStore:
             for key, value in changes.items():
                 setattr(record, key, value)
             records[record.disk] = record
-            self._store(records)
+            # Phases change live only: the persistent copy (written at begin
+            # and finish) exists so a record outlives a stopped VM, and
+            # recover reads the real state rather than trusting the phase.
+            self._store(records, config=False)
 
     def finish(self, record: OperationRecord) -> None:
         with self._lock:

@@ -274,9 +274,9 @@ def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest,
                 outcome = runner.run(lambda: domain.copy(plan.disk, dest_xml, flags, bandwidth),
                                      two_phase=True, pivot=req.pivot,
                                      timeout_s=req.timeout_s, wait=req.wait)
-        except (errors.JobFailed, errors.JobTimeout, errors.OperationFailed) as exc:
+        except errors.BlockOpsError:
             _roll_back(domain, plan, store, record, req)
-            raise exc
+            raise
         if outcome is None:
             report = _report(domain, plan, req, plan.chain_before, verified=False)
             report["record"] = record.id

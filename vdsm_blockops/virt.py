@@ -403,9 +403,12 @@ class Domain:
             self._live().snapshotCreateXML(snapshot_xml, flags)
 
     # -- our metadata record
-    def set_metadata(self, xml: str | None, key: str, namespace: str) -> None:
-        flags = AFFECT_LIVE if self.is_active() else 0
-        if self.is_persistent():
+    def set_metadata(self, xml: str | None, key: str, namespace: str, config: bool = True) -> None:
+        """Set our metadata element live and, with ``config``, in the
+        persistent definition too (which costs libvirt a config rewrite)."""
+        active = self.is_active()
+        flags = AFFECT_LIVE if active else 0
+        if (config or not active) and self.is_persistent():
             flags |= AFFECT_CONFIG
         with libvirt_errors(f"metadata of {self.name}"):
             self._live().setMetadata(METADATA_ELEMENT, xml, key if xml else None, namespace, flags)

@@ -84,7 +84,7 @@ class FakeDomain:
     def get_metadata(self, namespace):
         return self.metadata
 
-    def set_metadata(self, xml, key, namespace):
+    def set_metadata(self, xml, key, namespace, config=True):
         self.metadata = xml
 
     READY = STATUS_READY

@@ -55,7 +55,7 @@ class FakeMetadataDomain:
     def get_metadata(self, namespace):
         return self.xml
 
-    def set_metadata(self, xml, key, namespace):
+    def set_metadata(self, xml, key, namespace, config=True):
         self.xml = xml
 
 
