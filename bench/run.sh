@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-node.sh
-.venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install -q '.[bench]' matplotlib
+.venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install -q 'matplotlib>=3.7'
 exec .venv/bin/python bench/run.py "$@"

@@ -95,3 +95,19 @@ def test_very_long_chain_parses():
            f"<source file='/i/L0' index='1'/>{inner}<target dev='vda'/></disk></devices></domain>")
     vda = parse_domain(xml).disk("vda")
     assert len(vda.chain) == 500 and vda.chain_complete and vda.position("vda[500]") == 499
+
+
+@pytest.mark.parametrize("xml, words", [
+    ("<disk type='file' device='cdrom'><source file='/a.iso'/><target dev='sda' bus='sata'/><readonly/></disk>", "cdrom"),
+    ("<disk type='file' device='disk'><source file='/a'/><target dev='vda'/><readonly/></disk>", "read-only"),
+    ("<disk type='file' device='disk'><source file='/a'/><target dev='vda'/><transient/></disk>", "transient"),
+    ("<disk type='file' device='disk'><source file='/a'/><target dev='sda' bus='sd'/></disk>", "bus 'sd'"),
+    ("<disk type='network' device='disk'><source protocol='rbd' name='pool/img'/><target dev='vda'/></disk>", "network"),
+    ("<disk type='file' device='disk'><target dev='vda'/></disk>", "no image"),
+])
+def test_disks_block_jobs_cannot_handle_are_refused(xml, words):
+    from vdsm_blockops.ops import check_disk_supported
+
+    disk = parse_domain(f"<domain><name>x</name><devices>{xml}</devices></domain>").disks[0]
+    with pytest.raises(BadRequest, match=words):
+        check_disk_supported(disk)
