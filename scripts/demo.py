@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = "/var/lib/vdsm-blockops-demo"

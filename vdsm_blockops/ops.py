@@ -154,7 +154,7 @@ class JobRunner:
         self.store = store
         self.record = record
 
-    def _mirror_ready(self) -> bool:
+    def mirror_ready(self) -> bool:
         disk = self.domain.spec().disk(self.disk)
         return bool(disk.mirror and disk.mirror.is_ready)
 
@@ -174,7 +174,7 @@ class JobRunner:
                 outcome = watch.wait(
                     until_ready=two_phase, timeout_s=timeout_s,
                     observer=self.ctx.observer,
-                    ready_check=self._mirror_ready if two_phase else None,
+                    ready_check=self.mirror_ready if two_phase else None,
                 )
             except errors.JobTimeout:
                 self._abort_after_timeout()

@@ -25,7 +25,7 @@ from .jobs import JobWatch, Outcome
 from .merge import finish_merge
 from .ops import Context, JobRunner, live_chain_problems, norm, point_persistent_definition
 from .planner import MergePlan, RetiredLayer
-from .records import OperationRecord, Phase, RecordStore
+from .records import OperationRecord, RecordStore
 from .relocate import RelocatePlan, remove_created_files
 from .virt import Domain
 
@@ -115,7 +115,7 @@ def _wait_job(ctx: Context, domain: Domain, store: RecordStore, record: Operatio
     runner = JobRunner(ctx, domain, record.disk, store, record)
     with JobWatch(domain, record.disk, poll_interval_s=ctx.config.poll_interval_s) as watch:
         outcome = watch.wait(until_ready=two_phase, timeout_s=timeout_s,
-                             ready_check=runner._mirror_ready if two_phase else None)
+                             ready_check=runner.mirror_ready if two_phase else None)
     if outcome in (Outcome.FAILED, Outcome.CANCELED):
         return outcome
     if two_phase and outcome is Outcome.READY:

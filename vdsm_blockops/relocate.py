@@ -25,7 +25,7 @@ from xml.sax.saxutils import quoteattr
 from . import errors
 from .chain import Disk
 from .images import ImageInfo, copy_image_file, create_overlay, set_backing
-from .inspect import chain_users, image_chain
+from .inspect import image_chain
 from .jobs import Outcome
 from .ops import (
     Context,

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import libvirt
 
@@ -296,10 +296,6 @@ class Connection:
         with libvirt_errors("listing domains"):
             return [Domain(self, d) for d in self.raw.listAllDomains(flags)]
 
-    def hostname(self) -> str:
-        with libvirt_errors("hostname"):
-            return self.raw.getHostname()
-
 
 @dataclass(frozen=True)
 class JobInfo:
@@ -426,18 +422,7 @@ class Domain:
         with libvirt_errors(f"redefining {self.name}"):
             self.conn.raw.defineXML(xml)
 
-    def hmp(self, command: str) -> str:
-        """Human monitor command (tests and demo use it for guest writes)."""
-        import libvirt_qemu
-
-        with libvirt_errors(f"monitor command on {self.name}"):
-            return libvirt_qemu.qemuMonitorCommand(
-                self._live(), command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-            )
-
 
 def open_connection(uri: str) -> Connection:
     return Connection(uri)
 
-
-ObserverFn = Callable[[JobInfo], None]

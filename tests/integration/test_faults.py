@@ -130,7 +130,7 @@ def test_vm_shut_down_between_ready_and_pivot(make_vm, config):
         time.sleep(0.05)
     vm.dom.destroy()
     vm.dom.create()
-    out = settle(vm, disk, config)
+    settle(vm, disk, config)
     assert disk.live_chain() == disk.layers[::-1]   # rolled back: old chain, data intact
 
 

@@ -2,7 +2,6 @@
 a healthy one starts."""
 
 import os
-import subprocess
 import time
 
 import libvirt

@@ -2,11 +2,9 @@
 persistent VMs are restarted afterwards, as a stale definition would lose
 data only then."""
 
-import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
