@@ -211,8 +211,9 @@ def memory(b: Bench) -> None:
     chains = {f"vd{chr(ord('a') + i)}": [layer("A", 64), layer("B", 32, 64)] for i in range(8)}
     vm = b.vm(chains, 128)
     try:
+        # Commits: all 8 jobs run at once (pulls of one VM take turns).
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", *VBO, "merge", vm.name, "all",
-                               "--strategy", "pull", "--bandwidth", "64", "--config", b.config],
+                               "--strategy", "commit", "--bandwidth", "64", "--config", b.config],
                               capture_output=True, text=True)
         peak_kib = int(proc.stderr.strip().splitlines()[-1])
     finally:

@@ -306,3 +306,26 @@ def test_pulls_of_several_disks_do_not_crash_qemu(make_vm, config):
             assert len(disk.live_chain()) == 1
             disk.assert_guest_data()
         vm.destroy()
+
+
+def test_keep_relative_backing_names(make_vm, config):
+    vm = make_vm()
+    disk = vm.add_chain("vda", rig.four_layers(), relative=True)
+    vm.start()
+    A, B, C, D = disk.layers
+
+    def backing_name(path):
+        info = json.loads(subprocess.check_output(["qemu-img", "info", "-U", "--output=json", path]))
+        return info.get("backing-filename")
+
+    rc, out, err = merge(vm, config, "vda", "--top", C, "--base", A, "--strategy", "commit",
+                         "--keep-relative")
+    assert rc == 0, err
+    assert disk.live_chain() == [D, B, A]
+    assert backing_name(D) == os.path.basename(B)   # still relative
+    rc, out, err = merge(vm, config, "vda", "--base", A, "--strategy", "pull", "--keep-relative")
+    assert rc == 0, err
+    assert disk.live_chain() == [D, A] and backing_name(D) == os.path.basename(A)
+    disk.assert_guest_data()
+    vm.restart()
+    disk.assert_guest_data()
