@@ -29,6 +29,7 @@ from .ops import (
     delete_unused,
     live_chain_problems,
     norm,
+    require_live_chain,
     run_per_disk,
     running_domain,
 )
@@ -183,9 +184,7 @@ def finish_merge(ctx: Context, domain: Domain, plan: MergePlan, store: RecordSto
     # whatever verification says next.
     ctx.state.invalidate([p for p in invalid if os.path.normpath(p) not in left_chain],
                          domain=domain.name, disk=plan.disk, operation=f"merge {record.id}")
-    problems = live_chain_problems(domain, plan.disk, plan.chain_after)
-    if problems:
-        raise errors.VerificationFailed("; ".join(problems), problems=problems)
+    require_live_chain(domain, plan.disk, plan.chain_after)
     report = _report(domain, plan, live.paths, verified=True)
     if delete_retired:
         report["deleted"] = delete_unused(ctx, domain, plan.disk, [r.path for r in plan.retired])

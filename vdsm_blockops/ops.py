@@ -261,6 +261,13 @@ def live_chain_problems(domain: Domain, target: str, expected: list[str]) -> lis
     return problems
 
 
+def require_live_chain(domain: Domain, target: str, expected: list[str]) -> None:
+    """Raise VerificationFailed listing every problem ``live_chain_problems`` finds."""
+    problems = live_chain_problems(domain, target, expected)
+    if problems:
+        raise errors.VerificationFailed("; ".join(problems), problems=problems)
+
+
 def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str) -> bool:
     """Make the persistent definition's disk use ``path``; True if changed.
 

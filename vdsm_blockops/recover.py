@@ -23,7 +23,8 @@ import os
 from . import errors
 from .jobs import JobWatch, Outcome
 from .merge import finish_merge
-from .ops import Context, JobRunner, live_chain_problems, norm, point_persistent_definition
+from .ops import (Context, JobRunner, live_chain_problems, norm, point_persistent_definition,
+                  require_live_chain)
 from .planner import MergePlan, RetiredLayer
 from .records import OperationRecord, RecordStore
 from .relocate import RelocatePlan, remove_created_files
@@ -159,8 +160,8 @@ def _recover_merge(ctx, domain, store, record, timeout_s) -> str:
 
 
 def _settle_unchanged(domain, store, record, chain_before, result) -> str:
-    problems = live_chain_problems(domain, record.disk, domain.spec().disk(record.disk).paths)
     live = norm(domain.spec().disk(record.disk).paths)
+    problems = live_chain_problems(domain, record.disk, live)
     if live != norm(chain_before):
         problems.insert(0, f"{record.disk}: chain is {live}, neither before nor after the operation")
     if problems:
@@ -181,9 +182,7 @@ def _recover_relocate(ctx, domain, store, record, timeout_s) -> str:
     live = _live_paths(domain, record.disk)
     if live == norm(plan.chain_after):
         point_persistent_definition(domain, record.disk, plan.dest, plan.format)
-        problems = live_chain_problems(domain, record.disk, plan.chain_after)
-        if problems:
-            raise errors.VerificationFailed("; ".join(problems), problems=problems)
+        require_live_chain(domain, record.disk, plan.chain_after)
         store.finish(record)
         return "finished"
     if snapshot_stream and live == [plan.dest] + norm(plan.chain_before):

@@ -39,6 +39,7 @@ from .ops import (
     live_chain_problems,
     norm,
     point_persistent_definition,
+    require_live_chain,
     run_per_disk,
     running_domain,
 )
@@ -285,9 +286,7 @@ def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest,
             return _finish_no_pivot(domain, plan, req, store, record)
         store.advance(record, Phase.COMPLETED)
         fixed = point_persistent_definition(domain, plan.disk, plan.dest, plan.format)
-        problems = live_chain_problems(domain, plan.disk, plan.chain_after)
-        if problems:
-            raise errors.VerificationFailed("; ".join(problems), problems=problems)
+        require_live_chain(domain, plan.disk, plan.chain_after)
         report = _report(domain, plan, req, domain.spec().disk(plan.disk).paths, verified=True)
         report["persistent_definition_fixed"] = fixed
         report["retired"] = [{"path": p, "valid": True}
@@ -326,9 +325,7 @@ def snapshot_xml(domain: Domain, overlays: dict[str, str]) -> str:
 
 
 def _finish_no_pivot(domain, plan, req, store, record) -> dict:
-    problems = live_chain_problems(domain, plan.disk, plan.chain_before)
-    if problems:
-        raise errors.VerificationFailed("; ".join(problems), problems=problems)
+    require_live_chain(domain, plan.disk, plan.chain_before)
     store.finish(record)
     report = _report(domain, plan, req, plan.chain_before, verified=True)
     return report
@@ -380,9 +377,7 @@ def snapshot(ctx: Context, domain_name: str, target: str, overlay: str, reuse_ex
         domain.snapshot(snapshot_xml(domain, {target: overlay}), reuse_external=reuse_external)
         expected = [overlay] + norm(disk.paths)
         point_persistent_definition(domain, target, overlay, "qcow2")
-        problems = live_chain_problems(domain, target, expected)
-    if problems:
-        raise errors.VerificationFailed("; ".join(problems), problems=problems)
+        require_live_chain(domain, target, expected)
     return {"ok": True, "operation": "snapshot", "domain": domain.name, "disk": target,
             "overlay": overlay, "chain_before": norm(disk.paths), "chain_after": expected,
             "retired": [], "verified": True, "duration_s": round(time.monotonic() - started, 3)}
