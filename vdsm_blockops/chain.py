@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from .errors import BadRequest, UnknownDisk, UnknownImage
+from .identity import clean_path, image_key
 
 # Domain XML comes from libvirt, and in the hook from stdin: never let it
 # pull in entities, DTDs or anything from the network.
@@ -101,10 +102,13 @@ class Disk:
     def position(self, ref: str) -> int:
         """Position in ``chain`` (0 = active) of an image reference.
 
-        A reference is an absolute path in the chain or libvirt's index
-        notation ``vda[3]``. Anything else is a bad request.
+        A reference is an absolute path in the chain (any name of one of
+        its images: the match is by identity) or libvirt's index notation
+        ``vda[3]``. Anything else is a bad request: empty or blank names,
+        surrounding whitespace, control characters.
         """
-        match = _INDEX_REF.match(ref)
+        check_reference(ref, "image reference")
+        match = _INDEX_REF.fullmatch(ref)
         if match:
             if match["target"] != self.target:
                 raise UnknownImage(
@@ -124,11 +128,23 @@ class Disk:
                 f"image reference {ref!r} is neither an absolute path nor "
                 f"{self.target}[N] index notation"
             )
-        wanted_path = os.path.normpath(ref)
+        wanted = image_key(ref)
         for pos, layer in enumerate(self.chain):
-            if layer.path and os.path.normpath(layer.path) == wanted_path:
+            if layer.path and image_key(layer.path) == wanted:
                 return pos
         raise UnknownImage(f"{ref} is not in the chain of {self.target}")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_reference(value: str, what: str) -> None:
+    """Refuse names no one means: empty, blank, padded with whitespace,
+    or holding control characters (a pasted ``vda[2]\\n``)."""
+    if not isinstance(value, str) or not value.strip():
+        raise UnknownImage(f"{what} is empty")
+    if value != value.strip() or _CONTROL.search(value):
+        raise UnknownImage(f"{what} {value!r} has surrounding whitespace or control characters")
 
 
 @dataclass(frozen=True)
@@ -164,7 +180,10 @@ def _source(elem: etree._Element) -> tuple[str, str]:
         return source_type, elem.get("file", "")
     for attr in ("file", "dev", "name", "volume"):
         if src.get(attr):
-            return source_type, src.get(attr)
+            name = src.get(attr)
+            # libvirt joins relative backing names without normalising
+            # (``img1/../tmpl/T``): clean local paths once, here.
+            return source_type, clean_path(name) if attr in ("file", "dev") else name
     return source_type, ""
 
 

@@ -22,7 +22,7 @@ MIB = 1024 * 1024
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit 2
+    def error(self, message: str):  # type: ignore[override]  # argparse would print usage and exit 2
         raise errors.BadRequest(f"{self.prog}: {message}")
 
 
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="image kept as the backing (path or vda[N]); none: flatten")
     p.add_argument("--top", help="highest image of the segment (default: the active image)")
     p.add_argument("--strategy", default="auto", help="auto, pull or commit (default auto)")
-    p.add_argument("--keep-relative", action="store_true", help="keep relative backing names")
+    p.add_argument("--keep-relative", action="store_const", const=True, default=None,
+                   help="keep relative backing names (default: when the chain already uses them)")
     p.add_argument("--delete-retired", action="store_true",
                    help="unlink retired layers after verification when nothing uses them")
     _add_job_options(p)
@@ -417,6 +418,14 @@ def main(argv: list[str] | None = None) -> int:
         print("vdsm-blockops: interrupted; the job (if any) goes on: see 'jobs' and 'recover'",
               file=sys.stderr)
         return 130
+    except Exception as exc:  # one error contract: exit 1 and one JSON object, whatever broke
+        log.debug("unexpected error", exc_info=True)
+        error = errors.OperationFailed(f"{type(exc).__name__}: {exc}")
+        if as_json:
+            _emit({"ok": False, "error": error.to_json()}, True)
+        else:
+            print(f"vdsm-blockops: error: {error}", file=sys.stderr)
+        return error.exit_code
     finally:
         if env is not None:
             env.close()

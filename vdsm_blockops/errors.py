@@ -12,7 +12,8 @@ which reads as one sentence::
      │    └── UnsafeRequest            e.g. commit into a layer another VM uses
      ├── OperationFailed               exit 1   libvirt/QEMU said no mid-way
      │    ├── JobFailed                a block job ended FAILED or CANCELED
-     │    └── VerificationFailed       result does not match the plan/metadata
+     │    ├── VerificationFailed       result does not match the plan/metadata
+     │    └── StateError               our own records went wrong
      ├── ConnectionLost                exit 1   libvirtd went away for good
      ├── JobTimeout                    exit 3
      └── Conflict                      exit 4   another job/operation on the disk
@@ -75,6 +76,13 @@ class JobFailed(OperationFailed):
 
 class VerificationFailed(OperationFailed):
     code = "verification-failed"
+
+
+class StateError(OperationFailed):
+    """Our own bookkeeping went wrong (an illegal phase transition, a
+    created file that vanished): a failure, never a refusal."""
+
+    code = "state-error"
 
 
 class ConnectionLost(BlockOpsError):

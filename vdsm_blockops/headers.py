@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import struct
 
+from .identity import clean_path
+
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
@@ -51,13 +53,13 @@ def read_backing(path: str) -> tuple[str | None, str | None]:
         return name, fmt  # not a local file: the caller cannot follow it
     if not os.path.isabs(name):
         name = os.path.join(os.path.dirname(path), name)
-    return os.path.normpath(name), fmt
+    return clean_path(name), fmt
 
 
 def walk_chain(path: str) -> list[str]:
     """Every image of the chain from ``path`` down, as the headers say.
     Raises FileNotFoundError naming the first image that is missing."""
-    chain = [os.path.normpath(path)]
+    chain = [clean_path(path)]
     while len(chain) < MAX_CHAIN:
         backing, _ = read_backing(chain[-1])
         if backing is None or not backing.startswith("/"):

@@ -34,7 +34,7 @@ class Refusal(Exception):
 def check_start(xml: bytes, state: StateDir) -> None:
     """prepare begin: no disk may use an invalidated or missing image."""
     spec = parse_domain(xml)
-    invalid = state.invalidated()
+    invalid = state.invalid_lookup()
     for disk in spec.disks:
         active = disk.active
         if active is None or not active.is_local:
@@ -45,9 +45,11 @@ def check_start(xml: bytes, state: StateDir) -> None:
             raise Refusal(f"disk {disk.target}: image {exc.args[0]} of its chain is missing") from None
         if chain is None:
             raise Refusal(f"disk {disk.target}: image {active.path} is missing")
-        for path in chain + [os.path.normpath(p) for p in disk.paths[1:]]:
-            if path in invalid:
-                why = invalid[path]
+        # By identity: the registry may name the image through another
+        # folder alias than this domain's chain does.
+        for path in chain + list(disk.paths[1:]):
+            why = invalid.why(path)
+            if why is not None:
                 raise Refusal(
                     f"disk {disk.target} uses {path}, invalidated by "
                     f"{why.get('operation', 'a merge')} of {why.get('domain')} "

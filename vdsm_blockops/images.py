@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from .chain import Disk
 from .errors import OperationFailed
+from .identity import clean_path, device_size, is_block_device
 
 Runner = Callable[[Sequence[str]], str]
 
@@ -59,16 +60,24 @@ def read_backing_chain(
     for pos, item in enumerate(data):
         # qemu-img names the first image as given and the others by their
         # resolved backing names; take the previous entry's resolved name.
-        own = path if pos == 0 else infos[-1].backing_path or item["filename"]
+        own = clean_path(path) if pos == 0 else infos[-1].backing_path or item["filename"]
+        virtual_size = int(item.get("virtual-size", 0))
+        actual_size = int(item.get("actual-size", 0))
+        if is_block_device(own):
+            # qemu-img says 0 for a device; all of it counts (a raw device's
+            # bytes are its data; for qcow2 the device size bounds them).
+            actual_size = device_size(own)
+            if item.get("format") == "raw":
+                actual_size = min(actual_size, virtual_size) or actual_size
         infos.append(
             ImageInfo(
-                path=os.path.normpath(own),
+                path=own,
                 format=item.get("format", ""),
-                virtual_size=int(item.get("virtual-size", 0)),
-                actual_size=int(item.get("actual-size", 0)),
+                virtual_size=virtual_size,
+                actual_size=actual_size,
                 backing_name=item.get("backing-filename"),
                 backing_path=(
-                    os.path.normpath(item["full-backing-filename"])
+                    clean_path(item["full-backing-filename"])
                     if item.get("full-backing-filename")
                     else None
                 ),
@@ -81,7 +90,7 @@ def read_backing_chain(
 def chain_problems(disk: Disk, images: Sequence[ImageInfo]) -> list[str]:
     """Where libvirt's chain of ``disk`` and the images' headers disagree."""
     problems = []
-    xml_paths = [os.path.normpath(p) for p in disk.paths]
+    xml_paths = [clean_path(p) for p in disk.paths]
     img_paths = [i.path for i in images]
     if disk.chain_complete and xml_paths != img_paths:
         problems.append(
@@ -122,9 +131,13 @@ DIRECT_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096
 
 
-def copy_image_file(src: str, dst: str, workers: int = 2) -> None:
-    """Copy an image file that nobody writes (a read-only layer of a running
-    chain), on stable storage before the VM may depend on it.
+def copy_image_file(src: str, dst: str, workers: int = 2, reserved: bool = False) -> bool:
+    """Copy an image that nobody writes (a read-only layer of a running
+    chain: a file or a block device) into the file ``dst``, on stable
+    storage before the VM may depend on it. ``reserved``: ``dst`` was
+    created empty (exclusively) by the caller; else it must not exist.
+    Returns True when the copy is a reflink (the filesystem shares the
+    source's extents, so there is nothing to compare afterwards).
 
     Fastest safe means first: a reflink where the filesystem shares extents;
     else the data extents (holes stay holes) read through the page cache and
@@ -134,20 +147,50 @@ def copy_image_file(src: str, dst: str, workers: int = 2) -> None:
     0.5 s / 1.1 s, copy_file_range + fsync 0.6 s / 1.5 s, ``cp
     --reflink=auto`` + fsync 1.4 s, a QEMU mirror about 2.5 s.
     """
-    with open(src, "rb") as source, open(dst, "xb") as target:
-        size = os.fstat(source.fileno()).st_size
+    with open(src, "rb") as source, open(dst, "r+b" if reserved else "xb") as target:
+        # A block device's st_size is 0: its size is where its end is.
+        size = os.lseek(source.fileno(), 0, os.SEEK_END)
+        if os.fstat(target.fileno()).st_size:
+            raise OperationFailed(f"{dst} is not empty: refusing to copy over it")
         if _reflink(source.fileno(), target.fileno()):
             os.fsync(target.fileno())
-            return
+            return True
         extents = list(_data_extents(source.fileno(), size))
         os.ftruncate(target.fileno(), size)
-        if not _copy_direct(src, dst, extents, workers):
+        if not _copy_direct(src, dst, extents, size, workers):
             for start, end in extents:
                 _copy_range(source.fileno(), target.fileno(), start, end - start)
         os.fsync(target.fileno())
+    return False
 
 
-def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], workers: int) -> bool:
+def content_difference(src: str, dst: str, chunk: int = 8 * 1024 * 1024) -> str | None:
+    """Prove a copy: None when ``dst`` holds exactly ``src``'s bytes, else
+    where they differ. Reads every data extent of either side (holes read as
+    zeros on both, so they need no reading); works on block devices."""
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        size_a = os.lseek(a.fileno(), 0, os.SEEK_END)
+        size_b = os.lseek(b.fileno(), 0, os.SEEK_END)
+        if size_a != size_b:
+            return f"{dst} has {size_b} bytes, {src} has {size_a}"
+        ranges = sorted(list(_data_extents(a.fileno(), size_a)) +
+                        list(_data_extents(b.fileno(), size_b)))
+        merged: list[list[int]] = []
+        for start, end in ranges:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in merged:
+            for offset in range(start, end, chunk):
+                length = min(chunk, end - offset)
+                if os.pread(a.fileno(), length, offset) != os.pread(b.fileno(), length, offset):
+                    return f"{dst} differs from {src} within bytes {offset}-{offset + length}"
+    return None
+
+
+def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], size: int,
+                 workers: int) -> bool:
     """Copy the extents with O_DIRECT writes; False when the filesystem
     refuses O_DIRECT."""
     import mmap
@@ -195,7 +238,6 @@ def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], workers: in
             thread.join()
     finally:
         os.close(src_fd)
-        size = os.path.getsize(src)
         os.ftruncate(dst_fd, size)
         os.close(dst_fd)
     if failures:
@@ -260,3 +302,14 @@ def create_overlay(path: str, backing: str, backing_format: str, size_bytes: int
                    run: Runner = run_command) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format,
          path, str(size_bytes)])
+
+
+def create_image(path: str, fmt: str, size_bytes: int, run: Runner = run_command) -> None:
+    """A new standalone image (qemu-img writes into a reserved file in place)."""
+    run(["qemu-img", "create", "-q", "-f", fmt, path, str(size_bytes)])
+
+
+def reserve_file(path: str) -> None:
+    """Create ``path`` empty and exclusively: it was not there before, so it
+    is ours to fill and, on failure, to remove."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))

@@ -9,6 +9,7 @@ from typing import Iterable
 
 from . import errors
 from .chain import Disk, DomainSpec
+from .identity import clean_path, image_key
 from .images import ImageInfo, chain_problems, missing_images, read_backing_chain
 from .state import StateDir
 from .virt import Connection, Domain
@@ -24,13 +25,30 @@ def image_chain(disk: Disk) -> list[ImageInfo]:
     return read_backing_chain(active.path, active.format)
 
 
+def resolved_paths(disk: Disk) -> list[str]:
+    """The whole chain of ``disk``: libvirt's when it spelled it out (a
+    running domain), else the images' own metadata from the active image
+    down (a persistent definition names only the active image)."""
+    if disk.chain_complete:
+        return [p for p in disk.paths if p]
+    try:
+        return [i.path for i in image_chain(disk)] or disk.paths
+    except errors.BlockOpsError:
+        return disk.paths
+
+
+def current_chain(domain: Domain, target: str) -> list[str]:
+    """The chain ``target`` runs on now, or would start with if shut off."""
+    return resolved_paths(domain.spec().disk(target))
+
+
 def describe_disk(disk: Disk) -> dict:
     images = image_chain(disk)
     by_path = {i.path: i for i in images}
     problems = missing_images(disk) or (chain_problems(disk, images) if images else [])
     layers = []
     for layer in disk.chain:
-        info = by_path.get(os.path.normpath(layer.path)) if layer.path else None
+        info = by_path.get(clean_path(layer.path)) if layer.path else None
         layers.append(
             {
                 "path": layer.path,
@@ -113,23 +131,17 @@ class ChainUser:
         return f"domain {self.domain} ({self.definition} {self.disk})"
 
 
-def _disk_paths(disk: Disk) -> list[str]:
-    if disk.chain_complete:
-        return [os.path.normpath(p) for p in disk.paths if p]
-    try:
-        return [i.path for i in image_chain(disk)] or disk.paths
-    except errors.BlockOpsError:
-        return disk.paths
-
-
 def chain_users(
     conn: Connection, paths: Iterable[str], exclude: tuple[str, str]
 ) -> dict[str, list[str]]:
     """Which other chains on the node (live or defined) use each path.
 
     ``exclude`` is (domain uuid, disk target): the chain being operated on.
+    Images are matched by identity, so a chain that names a layer through
+    a symlinked folder, a bind mount or ``..`` is still its user. The
+    answer is keyed by the names asked for.
     """
-    wanted = {os.path.normpath(p) for p in paths}
+    wanted = {image_key(p): p for p in paths}
     found: dict[str, set[str]] = {}
     if not wanted:
         return {}
@@ -148,8 +160,8 @@ def chain_users(
                     continue
                 if definition == "persistent" and disk.paths[:1] == [live_active.get(disk.target)]:
                     continue  # same chain as the live one, already counted
-                for path in wanted.intersection(_disk_paths(disk)):
-                    found.setdefault(path, set()).add(
+                for key in wanted.keys() & {image_key(p) for p in resolved_paths(disk)}:
+                    found.setdefault(wanted[key], set()).add(
                         str(ChainUser(spec.name, disk.target, definition))
                     )
     return {p: sorted(u) for p, u in found.items()}
@@ -167,11 +179,11 @@ def disk_problems(disk: Disk, state: StateDir | None, definition: str) -> list[s
         return [f"{where}: cannot read image metadata: {exc}"]
     problems += [f"{definition} {p}" for p in chain_problems(disk, images)]
     if state is not None:
-        invalid = state.invalidated()
+        invalid = state.invalid_lookup()
         paths = [i.path for i in images] or disk.paths
         for path in paths:
-            if os.path.normpath(path) in invalid:
-                why = invalid[os.path.normpath(path)]
+            why = invalid.why(path)
+            if why is not None:
                 problems.append(
                     f"{where}: {path} was invalidated by {why.get('operation')} "
                     f"on {why.get('domain')} {why.get('disk')}"
@@ -196,9 +208,9 @@ def verify_domain(domain: Domain, target: str | None, state: StateDir | None) ->
                 stored = persistent.disk(disk.target)
             except errors.UnknownDisk:
                 continue  # hot-plugged live only
-            if stored.active and disk.active and os.path.normpath(
+            if stored.active and disk.active and image_key(
                 stored.active.path
-            ) != os.path.normpath(disk.active.path):
+            ) != image_key(disk.active.path):
                 problems.append(
                     f"{disk.target}: the persistent definition uses "
                     f"{stored.active.path} but the VM runs on {disk.active.path}"

@@ -4,6 +4,7 @@ and checking the result against the live and persistent definitions."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -15,7 +16,8 @@ from lxml import etree
 from . import errors
 from .chain import Disk, parse_xml
 from .config import Config
-from .inspect import chain_users, disk_problems
+from .identity import ImageSet, clean_path, existing_key, image_key, is_block_device
+from .inspect import chain_users, disk_problems, resolved_paths
 from .jobs import JobWatch, Observer, Outcome
 from .records import OperationRecord, Phase, RecordStore
 from .state import StateDir
@@ -86,7 +88,7 @@ def check_disk_supported(disk: Disk) -> None:
 
 def check_no_job(domain: Domain, disk: Disk) -> None:
     """Refuse (exit 4) when an operation of ours or any block job holds the disk."""
-    other = RecordStore(domain).load().get(disk.target)
+    other = RecordStore(domain).load().get(disk.target)  # a read: no lock needed
     if other is not None:
         raise errors.Conflict(
             f"disk {disk.target} of {domain.name} is busy: {other.operation} {other.id} "
@@ -99,7 +101,51 @@ def check_no_job(domain: Domain, disk: Disk) -> None:
 
 
 def norm(paths: list[str]) -> list[str]:
-    return [os.path.normpath(p) for p in paths]
+    return [clean_path(p) for p in paths]
+
+
+def as_failure(exc: BaseException) -> errors.BlockOpsError:
+    """The error to report for ``exc`` once something has changed: a
+    refusal (exit 2 promises "nothing changed") or an OSError becomes an
+    operation failure (exit 1); timeouts and conflicts keep their codes."""
+    if isinstance(exc, errors.BadRequest):
+        return errors.OperationFailed(str(exc))
+    if isinstance(exc, errors.BlockOpsError):
+        return exc
+    return errors.OperationFailed(f"{type(exc).__name__}: {exc}")
+
+
+def running_pull(domain: Domain, exclude: str) -> str | None:
+    """The disk of ``domain`` (other than ``exclude``) with a pull job."""
+    for disk in domain.spec().disks:
+        if disk.target == exclude or not disk.chain or disk.device != "disk":
+            continue
+        info = domain.block_job_info(disk.target)
+        if info is not None and info.job_type == "pull":
+            return disk.target
+    return None
+
+
+@contextlib.contextmanager
+def exclusive_pull(ctx: Context, domain: Domain, target: str, wait: bool):
+    """Start a pull only while no other pull runs in the VM (QEMU 7.2 can
+    crash when two end together, see ``StateDir.stream_lock``).
+
+    The lock serialises the processes starting or waiting on pulls; a pull
+    started with --no-wait outlives its starter, so the running jobs are
+    looked at too. Waiting callers wait their turn (and hold the lock for
+    their whole job); ``wait=False`` is refused with Conflict (exit 4)
+    naming the running pull, before anything changed."""
+    with ctx.state.stream_lock(domain.uuid, wait=wait):
+        while (other := running_pull(domain, exclude=target)) is not None:
+            if not wait:
+                raise errors.Conflict(
+                    f"a block pull is running on {domain.name} {other}; pulls of one VM "
+                    "run one at a time (QEMU 7.2 can crash when two end together): "
+                    "wait for it, or merge without --no-wait to queue behind it")
+            log.info("%s %s: waiting for the pull on %s to end", domain.name, target, other)
+            ctx.sleep(ctx.config.poll_interval_s)
+        yield
 
 
 def run_per_disk(items: list, work: Callable) -> list:
@@ -224,36 +270,43 @@ class JobRunner:
 
 
 def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -> list[str]:
+    """Unlink those of ``paths`` no chain uses -- decided by identity, so a
+    layer another VM names through an alias is kept."""
     users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target))
-    live = set(norm(domain.spec().disk(target).paths))
-    deleted = []
+    live = ImageSet(domain.spec().disk(target).paths)
+    deleted, keys = [], []
     for path in paths:
-        if users.get(os.path.normpath(path)) or os.path.normpath(path) in live:
-            log.warning("keeping %s: still used by %s", path, users.get(path))
+        if users.get(path) or path in live:
+            log.warning("keeping %s: still used by %s", path, users.get(path) or "this disk")
             continue
-        try:
-            os.unlink(path)
-            deleted.append(path)
-        except FileNotFoundError:
-            pass
-    ctx.state.forget(deleted)
+        key = existing_key(path)
+        if key is None:
+            continue
+        os.unlink(path)
+        deleted.append(path)
+        keys.append(key)
+    ctx.state.forget(deleted, keys)
     return deleted
 
 
 def live_chain_problems(domain: Domain, target: str, expected: list[str]) -> list[str]:
-    """Problems of the live chain of ``target`` against the expected chain
-    and the images' own metadata; and the persistent definition must use
-    the same active image."""
+    """Problems of the chain of ``target`` against the expected chain and
+    the images' own metadata; a running VM's persistent definition must
+    use the same active image. For a shut-off VM the chain is the one the
+    images' headers give from the persistent definition's active image."""
+    running = domain.is_active()
     disk = domain.spec().disk(target)
+    where = "live" if running else "stored"
+    chain = resolved_paths(disk)
     problems = []
-    if norm(disk.paths) != norm(expected):
-        problems.append(f"{target}: live chain is {disk.paths}, expected {expected}")
+    if norm(chain) != norm(expected):
+        problems.append(f"{target}: {where} chain is {chain}, expected {expected}")
     if disk.mirror is not None:
         problems.append(f"{target}: a {disk.mirror.job} job is still attached")
-    problems += disk_problems(disk, None, "live")
-    if domain.is_persistent():
+    problems += disk_problems(disk, None, "live" if running else "persistent")
+    if running and domain.is_persistent():
         stored = domain.spec(inactive=True).disk(target)
-        if stored.active is None or os.path.normpath(stored.active.path) != os.path.normpath(expected[0]):
+        if stored.active is None or image_key(stored.active.path) != image_key(expected[0]):
             problems.append(
                 f"{target}: persistent definition uses "
                 f"{stored.active.path if stored.active else None}, not {expected[0]}"
@@ -282,13 +335,16 @@ def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str
         if target_elem is None or target_elem.get("dev") != target:
             continue
         source = disk_elem.find("source")
-        attr = "dev" if disk_elem.get("type") == "block" else "file"
-        if source is not None and source.get(attr) == path:
+        old = source.get("dev") or source.get("file") if source is not None else None
+        if old and image_key(old) == image_key(path) and \
+                (disk_elem.get("type") == "block") == is_block_device(path):
             return False
         if source is None:
             source = etree.SubElement(disk_elem, "source")
         source.attrib.clear()
-        source.set(attr, path)
+        kind = "block" if is_block_device(path) else "file"
+        disk_elem.set("type", kind)
+        source.set("dev" if kind == "block" else "file", path)
         driver = disk_elem.find("driver")
         if driver is not None:
             driver.set("type", fmt)

@@ -47,6 +47,7 @@ class MergePlan:
     retired: list[RetiredLayer]
     bytes_to_copy: int
     alternatives: dict[str, int | str] = field(default_factory=dict)
+    keep_relative: bool = False  # libvirt's RELATIVE flags for the new backing names
 
     @property
     def two_phase(self) -> bool:

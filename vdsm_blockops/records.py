@@ -10,6 +10,7 @@ verified (or the chain has been verified to be unchanged after a failure).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -17,11 +18,13 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 from lxml import etree
 
 from .chain import METADATA_NS, parse_xml
-from .errors import BadRequest, Conflict
+from .errors import Conflict, StateError
+from .identity import ImageKey, existing_key, image_key
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,11 @@ class OperationRecord:
     plan: dict
     phase: Phase = Phase.PLANNED
     id: str = field(default_factory=lambda: os.urandom(6).hex())
-    created_files: list[str] = field(default_factory=list)
+    # Files this operation created, each {"path", "id"}: entered only after
+    # the file was made exclusively (O_EXCL), so recover never deletes a
+    # file that was there before; and recover deletes only while the path
+    # still names that same file.
+    created_files: list[dict] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 
@@ -71,7 +78,18 @@ class OperationRecord:
     def from_json(cls, body: dict) -> "OperationRecord":
         body = dict(body)
         body["phase"] = Phase(body.get("phase", Phase.PLANNED.value))
+        # Records of earlier versions listed bare paths, some never created:
+        # without an identity they are never deleted.
+        body["created_files"] = [f for f in body.get("created_files", []) if isinstance(f, dict)]
         return cls(**body)
+
+    def created_paths(self) -> list[str]:
+        return [f["path"] for f in self.created_files]
+
+    def still_ours(self, entry: dict) -> bool:
+        """Whether ``entry``'s path still names the file we created."""
+        key = ImageKey.from_json(entry.get("id"))
+        return key is not None and image_key(entry["path"]) == key
 
 
 def parse_records(metadata_xml: str | None) -> dict[str, OperationRecord]:
@@ -115,10 +133,22 @@ class RecordStore:
     _locks: dict[str, threading.Lock] = {}
     _locks_guard = threading.Lock()
 
-    def __init__(self, domain) -> None:
+    def __init__(self, domain, state=None) -> None:
         self.domain = domain
+        self.state = state  # a StateDir: its flock covers other processes
         with self._locks_guard:
-            self._lock = self._locks.setdefault(domain.uuid, threading.Lock())
+            self._thread_lock = self._locks.setdefault(domain.uuid, threading.Lock())
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Every read-modify-write of the records: threads of this process
+        and, through the state directory, other processes on the node."""
+        with self._thread_lock:
+            if self.state is None:
+                yield
+                return
+            with self.state.domain_lock(self.domain.uuid):
+                yield
 
     def load(self) -> dict[str, OperationRecord]:
         return parse_records(self.domain.get_metadata(METADATA_NS))
@@ -127,7 +157,7 @@ class RecordStore:
         self.domain.set_metadata(render_records(records), METADATA_KEY, METADATA_NS, config=config)
 
     def begin(self, record: OperationRecord) -> None:
-        with self._lock:
+        with self._lock():
             records = self.load()
             other = records.get(record.disk)
             if other is not None:
@@ -145,24 +175,37 @@ class RecordStore:
 
     def advance(self, record: OperationRecord, phase: Phase, **changes) -> None:
         if phase is not Phase.ROLLING_BACK and phase not in TRANSITIONS[record.phase]:
-            raise BadRequest(
+            raise StateError(
                 f"record {record.id}: no transition {record.phase.value} -> {phase.value}"
             )
-        with self._lock:
+        log.info("%s %s %s: %s -> %s", self.domain.name, record.disk,
+                 record.id, record.phase.value, phase.value)
+        record.phase = phase
+        for key, value in changes.items():
+            setattr(record, key, value)
+        # Phases change live only: the persistent copy (written at begin
+        # and finish) exists so a record outlives a stopped VM, and
+        # recover reads the real state rather than trusting the phase.
+        self._write(record, config=False)
+
+    def _write(self, record: OperationRecord, config: bool) -> None:
+        with self._lock():
             records = self.load()
-            log.info("%s %s %s: %s -> %s", self.domain.name, record.disk,
-                     record.id, record.phase.value, phase.value)
-            record.phase = phase
-            for key, value in changes.items():
-                setattr(record, key, value)
             records[record.disk] = record
-            # Phases change live only: the persistent copy (written at begin
-            # and finish) exists so a record outlives a stopped VM, and
-            # recover reads the real state rather than trusting the phase.
-            self._store(records, config=False)
+            self._store(records, config=config)
+
+    def add_created(self, record: OperationRecord, path: str) -> None:
+        """Enter a file this process has just created exclusively."""
+        key = existing_key(path)
+        if key is None:
+            raise StateError(f"{path} was created but cannot be found")
+        record.created_files.append({"path": path, "id": key.to_json()})
+        # In the persistent copy too: a VM stopped before recover must not
+        # leave the files unnamed.
+        self._write(record, config=True)
 
     def finish(self, record: OperationRecord) -> None:
-        with self._lock:
+        with self._lock():
             records = self.load()
             if records.get(record.disk) and records[record.disk].id == record.id:
                 del records[record.disk]

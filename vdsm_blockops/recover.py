@@ -21,10 +21,11 @@ import logging
 import os
 
 from . import errors
+from .inspect import current_chain
 from .jobs import JobWatch, Outcome
 from .merge import finish_merge
-from .ops import (Context, JobRunner, live_chain_problems, norm, point_persistent_definition,
-                  require_live_chain)
+from .ops import (Context, JobRunner, exclusive_pull, live_chain_problems, norm,
+                  point_persistent_definition, require_live_chain)
 from .planner import MergePlan, RetiredLayer
 from .records import OperationRecord, RecordStore
 from .relocate import RelocatePlan, remove_created_files
@@ -51,7 +52,7 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
     domains = [ctx.conn.domain(domain_name)] if domain_name else ctx.conn.domains()
     outcomes = []
     for domain in domains:
-        store = RecordStore(domain)
+        store = RecordStore(domain, ctx.state)
         for disk, record in sorted(store.load().items()):
             outcomes.append(_recover_one(ctx, domain, store, record, timeout_s))
     failed = [o for o in outcomes if o["result"] in ("failed", "busy")]
@@ -95,26 +96,19 @@ def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: Opera
                 result = _recover_relocate(ctx, domain, store, record, timeout_s)
     except errors.Conflict as exc:
         return {**base, "result": "busy", "message": str(exc)}
-    except errors.BlockOpsError as exc:
+    except (errors.BlockOpsError, OSError) as exc:
         log.warning("recover %s %s: %s", domain.name, record.disk, exc)
         return {**base, "result": "failed", "message": str(exc)}
     log.info("recover %s %s %s: %s", domain.name, record.disk, record.id, result)
     return {**base, "result": result}
 
 
-def _live_paths(domain: Domain, target: str) -> list[str] | None:
-    """The running chain, or None when the VM is off (then only the
-    persistent definition's active image is known)."""
-    if not domain.is_active():
-        return None
-    return norm(domain.spec().disk(target).paths)
-
-
 def _wait_job(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,
               two_phase: bool, pivot: bool, timeout_s: float | None) -> Outcome:
     """Follow a job that is still running; pivot it when wanted."""
     runner = JobRunner(ctx, domain, record.disk, store, record)
-    with JobWatch(domain, record.disk, poll_interval_s=ctx.config.poll_interval_s) as watch:
+    with JobWatch(domain, record.disk, poll_interval_s=ctx.config.poll_interval_s,
+                  clock=ctx.clock, sleep=ctx.sleep) as watch:
         outcome = watch.wait(until_ready=two_phase, timeout_s=timeout_s,
                              ready_check=runner.mirror_ready if two_phase else None)
     if outcome in (Outcome.FAILED, Outcome.CANCELED):
@@ -128,77 +122,68 @@ def _wait_job(ctx: Context, domain: Domain, store: RecordStore, record: Operatio
     return outcome
 
 
-def _persistent_active(domain: Domain, target: str) -> str | None:
-    if not domain.is_persistent():
-        return None
-    disk = domain.spec(inactive=True).disk(target)
-    return norm(disk.paths[:1])[0] if disk.paths else None
+def _job_running(domain: Domain, target: str) -> bool:
+    return domain.is_active() and domain.block_job_info(target) is not None
 
 
 def _recover_merge(ctx, domain, store, record, timeout_s) -> str:
     plan = merge_plan_from(record)
-    if domain.is_active() and domain.block_job_info(record.disk) is not None:
-        outcome = _wait_job(ctx, domain, store, record, plan.two_phase, True, timeout_s)
-        if outcome not in (Outcome.COMPLETED, Outcome.VANISHED):
-            return _settle_unchanged(domain, store, record, plan.chain_before, "rolled-back")
-    live = _live_paths(domain, record.disk)
-    if live == norm(plan.chain_after):
+    if _job_running(domain, record.disk):
+        _wait_job(ctx, domain, store, record, plan.two_phase, True, timeout_s)
+    # The chain decides, live or -- with the VM off -- from the images'
+    # headers: a commit that completed (or an active commit that pivoted,
+    # which libvirt wrote into the definition) shows the chain after; an
+    # unfinished or unpivoted one the chain before, whose layers above still
+    # cover whatever was copied into the base.
+    chain_now = norm(current_chain(domain, record.disk))
+    if chain_now == norm(plan.chain_after):
         finish_merge(ctx, domain, plan, store, record,
                      delete_retired=bool(record.request.get("delete_retired")))
         return "finished"
-    if live is None:
-        # VM off: its jobs died with it. An unpivoted active commit or an
-        # unfinished commit leaves the old chain whole (the layers above
-        # still cover what was copied into the base).
-        if _persistent_active(domain, record.disk) in (norm(plan.chain_before)[0], None):
-            store.finish(record)
-            return "rolled-back"
-        raise errors.OperationFailed(
-            f"{record.disk}: the VM is off and its definition matches neither the chain "
-            "before nor after the merge; start it and run recover again")
-    return _settle_unchanged(domain, store, record, plan.chain_before, "rolled-back")
+    return _settle_unchanged(domain, store, record, plan.chain_before, chain_now)
 
 
-def _settle_unchanged(domain, store, record, chain_before, result) -> str:
-    live = norm(domain.spec().disk(record.disk).paths)
-    problems = live_chain_problems(domain, record.disk, live)
-    if live != norm(chain_before):
-        problems.insert(0, f"{record.disk}: chain is {live}, neither before nor after the operation")
+def _settle_unchanged(domain, store, record, chain_before, chain_now) -> str:
+    problems = live_chain_problems(domain, record.disk, chain_before)
+    if chain_now != norm(chain_before):
+        problems.insert(0, f"{record.disk}: chain is {chain_now}, neither before nor after the operation")
     if problems:
         raise errors.VerificationFailed("; ".join(problems), problems=problems)
     store.finish(record)
-    return result
+    return "rolled-back"
 
 
 def _recover_relocate(ctx, domain, store, record, timeout_s) -> str:
     plan = relocate_plan_from(record)
-    req = record.request
-    pivot = req.get("pivot", True)
+    pivot = record.request.get("pivot", True)
     snapshot_stream = plan.method == "snapshot-stream"
-    if domain.is_active() and domain.block_job_info(record.disk) is not None:
+    if _job_running(domain, record.disk):
         outcome = _wait_job(ctx, domain, store, record, not snapshot_stream, pivot, timeout_s)
         if outcome is Outcome.CANCELED and not pivot:
-            return _settle_unchanged(domain, store, record, plan.chain_before, "finished")
-    live = _live_paths(domain, record.disk)
-    if live == norm(plan.chain_after):
+            # --no-pivot: DEST is the finished copy, the VM stays on the source.
+            _settle_unchanged(domain, store, record, plan.chain_before,
+                              norm(current_chain(domain, record.disk)))
+            return "finished"
+    chain_now = norm(current_chain(domain, record.disk))
+    if chain_now == norm(plan.chain_after):
         point_persistent_definition(domain, record.disk, plan.dest, plan.format)
         require_live_chain(domain, record.disk, plan.chain_after)
         store.finish(record)
         return "finished"
-    if snapshot_stream and live == [plan.dest] + norm(plan.chain_before):
-        # The snapshot happened, the pull did not: pull again.
-        with ctx.state.stream_lock(domain.uuid), JobWatch(domain, record.disk) as watch:
+    if snapshot_stream and chain_now == [plan.dest] + norm(plan.chain_before):
+        # The snapshot happened, the pull did not: the VM is on DEST over the
+        # old chain (consistent). Pull again -- which needs the VM running.
+        if not domain.is_active():
+            raise errors.OperationFailed(
+                f"{record.disk}: the VM is off on {plan.dest} over its old chain (consistent); "
+                "start it and run recover again to finish the copy")
+        with exclusive_pull(ctx, domain, record.disk, wait=True), \
+                JobWatch(domain, record.disk, clock=ctx.clock, sleep=ctx.sleep) as watch:
             domain.pull(record.disk, None, 0)
             watch.wait(timeout_s=timeout_s)
-        if _live_paths(domain, record.disk) != norm(plan.chain_after):
+        if norm(current_chain(domain, record.disk)) != norm(plan.chain_after):
             raise errors.JobFailed(f"{record.disk}: the pull into {plan.dest} did not finish")
         return _recover_relocate(ctx, domain, store, record, timeout_s)
-    if live is None:
-        if _persistent_active(domain, record.disk) == plan.dest:
-            store.finish(record)
-            return "finished"
-        remove_created_files(domain, plan, record, req.get("reuse_external", False), live_paths=set())
-        store.finish(record)
-        return "rolled-back"
-    remove_created_files(domain, plan, record, req.get("reuse_external", False), live_paths=set(live))
-    return _settle_unchanged(domain, store, record, plan.chain_before, "rolled-back")
+    if chain_now == norm(plan.chain_before):
+        remove_created_files(record, chain_now)
+    return _settle_unchanged(domain, store, record, plan.chain_before, chain_now)

@@ -23,19 +23,23 @@ from dataclasses import asdict, dataclass, field
 from xml.sax.saxutils import quoteattr
 
 from . import errors
-from .chain import Disk
-from .images import ImageInfo, copy_image_file, create_overlay, set_backing
-from .inspect import image_chain
+from .chain import Disk, check_reference
+from .identity import ImageSet, clean_path, image_key, is_block_device, under_root
+from .images import (ImageInfo, content_difference, copy_image_file, create_image, create_overlay,
+                     reserve_file, set_backing)
+from .inspect import current_chain, image_chain
 from .jobs import Outcome
 from .ops import (
     Context,
     JobRunner,
+    as_failure,
     check_bandwidth,
     check_disk_supported,
     check_no_job,
     check_timeout,
     combine_reports,
     delete_unused,
+    exclusive_pull,
     live_chain_problems,
     norm,
     point_persistent_definition,
@@ -103,6 +107,7 @@ def _check_request(req: RelocateRequest) -> None:
             raise errors.BadRequest("--method snapshot-stream needs a qcow2 destination (it is a snapshot overlay)")
         if not req.pivot:
             raise errors.BadRequest("--method snapshot-stream moves the VM at once; --no-pivot needs --method mirror")
+    check_reference(req.dest, "DEST")
     if not os.path.isabs(req.dest):
         raise errors.BadRequest(f"DEST must be an absolute path, not {req.dest!r}")
 
@@ -110,17 +115,20 @@ def _check_request(req: RelocateRequest) -> None:
 def _dest_for(disk: Disk, req: RelocateRequest) -> str:
     """DEST names the new active image; with ``all`` it is a folder."""
     if req.disk != "all":
-        return os.path.normpath(req.dest)
+        return clean_path(req.dest)
     if not os.path.isdir(req.dest):
         raise errors.BadRequest(f"with DISK 'all', DEST must be an existing folder: {req.dest}")
     name = os.path.basename(disk.paths[0])
     if req.format == "raw":
         name = os.path.splitext(name)[0] + ".raw"
-    return os.path.join(os.path.normpath(req.dest), name)
+    return os.path.join(clean_path(req.dest), name)
 
 
-def _check_place(ctx: Context, path: str, disk: Disk, reuse: bool, all_sources: set[str]) -> None:
-    if path in all_sources:
+def _check_place(ctx: Context, path: str, reuse: bool, sources: ImageSet) -> None:
+    """May ``path`` become a new image? Decided on identities: an existing
+    DEST that is a source layer under another name is refused, and storage
+    roots contain what resolves inside them."""
+    if path in sources:
         raise errors.BadRequest(f"destination {path} is an image of the source chain")
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
@@ -133,7 +141,7 @@ def _check_place(ctx: Context, path: str, disk: Disk, reuse: bool, all_sources: 
     if reuse and not exists:
         raise errors.BadRequest(f"--reuse-external, but {path} does not exist")
     roots = ctx.config.storage_roots
-    if roots and not any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots):
+    if roots and not any(under_root(path, root) for root in roots):
         raise errors.BadRequest(f"destination {path} is outside the allowed storage roots ({', '.join(roots)})")
 
 
@@ -143,7 +151,7 @@ def plan_relocation(ctx: Context, domain: Domain, disk: Disk, req: RelocateReque
     if norm(disk.paths) != [i.path for i in images]:
         raise errors.BadRequest(f"{disk.target}: libvirt's chain and the images' metadata disagree; run verify")
     dest = _dest_for(disk, req)
-    sources = set(norm(disk.paths))
+    sources = ImageSet(disk.paths)
     if dest in sources:
         raise errors.BadRequest(f"destination {dest} is an image of the source chain")
     chain = norm(disk.paths)
@@ -155,7 +163,7 @@ def plan_relocation(ctx: Context, domain: Domain, disk: Disk, req: RelocateReque
         folder = os.path.dirname(dest)
         plan.copies = [(src, os.path.join(folder, os.path.basename(src))) for src in chain[1:]]
         new_paths = [dest] + [new for _, new in plan.copies]
-        if sources.intersection(new_paths):
+        if any(path in sources for path in new_paths):
             raise errors.BadRequest(
                 f"{disk.target}: chain mode moves every layer into {folder}, where "
                 "layers of the source chain already are; choose another folder")
@@ -172,7 +180,7 @@ def plan_relocation(ctx: Context, domain: Domain, disk: Disk, req: RelocateReque
     for path in plan.chain_after:
         if path in chain[1:] and req.mode == "shallow":
             continue
-        _check_place(ctx, path, disk, req.reuse_external, sources)
+        _check_place(ctx, path, req.reuse_external, sources)
     free = shutil.disk_usage(os.path.dirname(dest)).free
     if plan.bytes_to_copy > free:
         raise errors.BadRequest(
@@ -193,7 +201,7 @@ def relocate(ctx: Context, req: RelocateRequest) -> dict:
     for disk in disks:
         check_no_job(domain, disk)
     plans = [plan_relocation(ctx, domain, disk, req) for disk in disks]
-    dests = [p for plan in plans for p in plan.chain_after if p not in plan.chain_before]
+    dests = [image_key(p) for plan in plans for p in plan.chain_after if p not in plan.chain_before]
     if len(set(dests)) != len(dests):
         raise errors.BadRequest("two disks would be relocated onto the same file")
     if req.dry_run:
@@ -218,18 +226,49 @@ def _report(domain: Domain, plan: RelocatePlan, req: RelocateRequest, chain_now:
 
 
 def _dest_disk_xml(path: str, fmt: str) -> str:
-    kind, attr = ("block", "dev") if path.startswith("/dev/") else ("file", "file")
+    kind, attr = ("block", "dev") if is_block_device(path) else ("file", "file")
     return (f"<disk type='{kind}'><driver type='{fmt}'/>"
             f"<source {attr}={quoteattr(path)}/></disk>")
 
 
-def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse: bool) -> None:
-    """Copy the read-only layers as files (two at a time), relink them,
-    create the new active overlay."""
+class _Creator:
+    """Makes the operation's new files: each is reserved exclusively, then
+    entered in the record with its identity, then filled -- so the record
+    never names a file that was there before, and a crash leaves recover
+    exactly what to remove."""
+
+    def __init__(self, store: RecordStore, record: OperationRecord) -> None:
+        self.store = store
+        self.record = record
+
+    def reserve(self, path: str) -> None:
+        try:
+            reserve_file(path)
+        except FileExistsError:
+            raise errors.Conflict(f"{path} appeared while the operation was starting; "
+                                  "another process creates it") from None
+        self.store.add_created(self.record, path)
+
+
+def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse: bool,
+                        creator: _Creator) -> None:
+    """Copy the read-only layers as files (two at a time), prove each copy
+    against its source, relink them, create the new active overlay."""
     if not reuse:
+        for _, new in plan.copies:
+            creator.reserve(new)
+        creator.reserve(plan.dest)
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-            for future in [pool.submit(copy_image_file, src, new) for src, new in plan.copies]:
-                future.result()
+            copied = [(src, new, pool.submit(copy_image_file, src, new, reserved=True))
+                      for src, new in plan.copies]
+            # Content, not only paths: read every copy back before the VM
+            # may depend on it (a reflink shares the source's extents).
+            checks = [pool.submit(content_difference, src, new)
+                      for src, new, reflinked in copied if not reflinked.result()]
+            for check in checks:
+                difference = check.result()
+                if difference:
+                    raise errors.OperationFailed(f"copy check failed: {difference}")
         # Relink each copy to the copy of its backing; keep relative names
         # relative (the layers sit side by side in DEST's folder).
         new_of = dict(plan.copies)
@@ -246,28 +285,38 @@ def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse:
         fsync_dir(os.path.dirname(plan.dest))  # the new names survive a host crash
 
 
+def _prepare_full_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator: _Creator) -> None:
+    """DEST for a full mirror, made by us (and then reused by libvirt) so
+    that it is reserved and recorded before anything is written into it."""
+    creator.reserve(plan.dest)
+    create_image(plan.dest, plan.format, images[plan.chain_before[0]].virtual_size)
+    fsync_dir(os.path.dirname(plan.dest))
+
+
 def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest, bandwidth: int) -> dict:
-    store = RecordStore(domain)
+    store = RecordStore(domain, ctx.state)
     with ctx.state.disk_lock(domain.uuid, plan.disk, f"relocate of {domain.name} {plan.disk}"):
-        # Every file we may create is named in the record before it exists,
-        # so a crash at any point leaves recover a list of what to remove.
-        ours = [] if req.reuse_external else [new for _, new in plan.copies] + [plan.dest]
         record = OperationRecord(operation="relocate", disk=plan.disk, request=asdict(req),
-                                 plan=plan.to_json(), created_files=ours)
+                                 plan=plan.to_json())
         store.begin(record)
+        creator = _Creator(store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
         try:
             if req.method == "snapshot-stream":
-                outcome = _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record)
+                outcome = _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record,
+                                           creator)
             else:
+                images = {i.path: i for i in image_chain(domain.spec().disk(plan.disk))}
                 if plan.copies:
-                    images = {i.path: i for i in image_chain(domain.spec().disk(plan.disk))}
-                    _prepare_chain_copy(plan, images, req.reuse_external)
+                    _prepare_chain_copy(plan, images, req.reuse_external, creator)
+                    store.advance(record, Phase.PREPARED)
+                elif not req.reuse_external and plan.mode == "full":
+                    _prepare_full_copy(plan, images, creator)
                     store.advance(record, Phase.PREPARED)
                 flags = COPY_TRANSIENT_JOB if plan.persistent else 0
                 if plan.mode in ("chain", "shallow") and len(plan.chain_before) > 1:
                     flags |= COPY_SHALLOW
-                if req.reuse_external or plan.copies:
+                if req.reuse_external or record.created_files:
                     flags |= COPY_REUSE_EXT
                 if req.sync_writes:
                     flags |= COPY_SYNCHRONOUS_WRITES
@@ -275,9 +324,9 @@ def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest,
                 outcome = runner.run(lambda: domain.copy(plan.disk, dest_xml, flags, bandwidth),
                                      two_phase=True, pivot=req.pivot,
                                      timeout_s=req.timeout_s, wait=req.wait)
-        except errors.BlockOpsError:
-            _roll_back(domain, plan, store, record, req)
-            raise
+        except (errors.BlockOpsError, OSError) as exc:
+            _roll_back(domain, plan, store, record)
+            raise as_failure(exc) from exc
         if outcome is None:
             report = _report(domain, plan, req, plan.chain_before, verified=False)
             report["record"] = record.id
@@ -297,11 +346,16 @@ def _run(ctx: Context, domain: Domain, plan: RelocatePlan, req: RelocateRequest,
         return report
 
 
-def _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record):
+def _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record, creator):
     """The seed's live block copy: snapshot into DEST, then pull it all in."""
-    domain.snapshot(snapshot_xml(domain, {plan.disk: plan.dest}), reuse_external=req.reuse_external)
+    if not req.reuse_external:
+        active = domain.spec().disk(plan.disk).chain[0]
+        creator.reserve(plan.dest)
+        size = image_chain(domain.spec().disk(plan.disk))[0].virtual_size
+        create_overlay(plan.dest, active.path, active.format or "qcow2", size)
+    domain.snapshot(snapshot_xml(domain, {plan.disk: plan.dest}), reuse_external=True)
     store.advance(record, Phase.PREPARED)
-    with ctx.state.stream_lock(domain.uuid):
+    with exclusive_pull(ctx, domain, plan.disk, wait=req.wait):
         outcome = runner.run(lambda: domain.pull(plan.disk, None, bandwidth),
                              two_phase=False, pivot=False, timeout_s=req.timeout_s, wait=req.wait)
     if outcome is not None and norm(domain.spec().disk(plan.disk).paths) != [plan.dest]:
@@ -310,13 +364,15 @@ def _snapshot_stream(ctx, domain, plan, req, bandwidth, runner, store, record):
 
 
 def snapshot_xml(domain: Domain, overlays: dict[str, str]) -> str:
-    """Disk-only external snapshot XML: ``overlays`` maps target -> new file;
-    every other disk is left out of the snapshot."""
+    """Disk-only external snapshot XML: ``overlays`` maps target -> new file
+    (or device); every other disk is left out of the snapshot."""
     disks = []
     for disk in domain.spec().disks:
         if disk.target in overlays:
-            disks.append(f"<disk name='{disk.target}' snapshot='external' type='file'>"
-                         f"<driver type='qcow2'/><source file={quoteattr(overlays[disk.target])}/></disk>")
+            path = overlays[disk.target]
+            kind, attr = ("block", "dev") if is_block_device(path) else ("file", "file")
+            disks.append(f"<disk name='{disk.target}' snapshot='external' type='{kind}'>"
+                         f"<driver type='qcow2'/><source {attr}={quoteattr(path)}/></disk>")
         else:
             disks.append(f"<disk name='{disk.target}' snapshot='no'/>")
     name = f"vdsm-blockops-{int(time.time() * 1000)}"
@@ -331,15 +387,15 @@ def _finish_no_pivot(domain, plan, req, store, record) -> dict:
     return report
 
 
-def remove_created_files(domain: Domain, plan: RelocatePlan, record: OperationRecord,
-                         reuse_external: bool, live_paths: set[str]) -> list[str]:
-    """Remove the destination files this operation created, unless the VM
-    uses them (snapshot-stream after the snapshot) or the caller made them."""
-    if reuse_external:
-        return []
+def remove_created_files(record: OperationRecord, live_paths: list[str]) -> list[str]:
+    """Remove the files this operation created, unless the VM uses them
+    (snapshot-stream after the snapshot) or the path no longer names the
+    file we made (then it is someone else's)."""
+    live = ImageSet(live_paths)
     removed = []
-    for path in record.created_files:
-        if path in live_paths or not os.path.exists(path):
+    for entry in record.created_files:
+        path = entry["path"]
+        if path in live or not record.still_ours(entry):
             continue
         log.info("removing partial destination %s", path)
         os.unlink(path)
@@ -347,17 +403,22 @@ def remove_created_files(domain: Domain, plan: RelocatePlan, record: OperationRe
     return removed
 
 
-def _roll_back(domain, plan, store, record, req) -> None:
-    """After a failure the VM stays on its source chain: remove what we
-    created; if the chain is consistent again the record can go, otherwise
-    recover takes over."""
+def _roll_back(domain, plan, store, record) -> None:
+    """After a failure: when the VM is still on its source chain, remove
+    what we created and drop the record; otherwise (e.g. a snapshot-stream
+    that failed after the snapshot: the VM runs on DEST) leave it all for
+    recover, which finishes the job."""
     try:
+        chain_now = current_chain(domain, plan.disk)
+        if norm(chain_now) != norm(plan.chain_before):
+            log.warning("%s %s: the disk is on %s, not its source chain; left for recover",
+                        domain.name, plan.disk, chain_now)
+            return
         store.advance(record, Phase.ROLLING_BACK)
-        live = set(norm(domain.spec().disk(plan.disk).paths))
-        remove_created_files(domain, plan, record, req.reuse_external, live)
-        if not live_chain_problems(domain, plan.disk, domain.spec().disk(plan.disk).paths):
+        remove_created_files(record, chain_now)
+        if not live_chain_problems(domain, plan.disk, plan.chain_before):
             store.finish(record)
-    except errors.BlockOpsError as exc:
+    except (errors.BlockOpsError, OSError) as exc:
         log.warning("cannot settle %s %s after failure: %s; left for recover",
                     domain.name, plan.disk, exc)
 
@@ -369,10 +430,11 @@ def snapshot(ctx: Context, domain_name: str, target: str, overlay: str, reuse_ex
     disk = domain.spec().disk(target)
     check_disk_supported(disk)
     check_no_job(domain, disk)
+    check_reference(overlay, "OVERLAY")
     if not os.path.isabs(overlay):
         raise errors.BadRequest(f"OVERLAY must be an absolute path, not {overlay!r}")
-    overlay = os.path.normpath(overlay)
-    _check_place(ctx, overlay, disk, reuse_external, set(norm(disk.paths)))
+    overlay = clean_path(overlay)
+    _check_place(ctx, overlay, reuse_external, ImageSet(disk.paths))
     with ctx.state.disk_lock(domain.uuid, target, f"snapshot of {domain.name} {target}"):
         domain.snapshot(snapshot_xml(domain, {target: overlay}), reuse_external=reuse_external)
         expected = [overlay] + norm(disk.paths)

@@ -16,6 +16,7 @@ import time
 from typing import Iterator
 
 from .errors import Conflict
+from .identity import ImageKey, clean_path, existing_key, image_key
 
 REGISTRY_NAME = "invalidated.json"
 
@@ -51,7 +52,8 @@ class StateDir:
 
     # -- invalidated images
     def invalidated(self) -> dict[str, dict]:
-        """path -> why it was invalidated. Missing registry = empty."""
+        """path -> why it was invalidated (and the image's identity under
+        ``id``). Missing registry = empty."""
         try:
             with open(self.registry_path, encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -72,36 +74,61 @@ class StateDir:
         with self._registry_lock():
             data = self.invalidated()
             for path in paths:
-                data[os.path.normpath(path)] = {
+                key = existing_key(path)
+                data[clean_path(path)] = {
                     "domain": domain,
                     "disk": disk,
                     "operation": operation,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **({"id": key.to_json()} if key else {}),
                 }
             write_json_atomic(self.registry_path, data)
 
-    def forget(self, paths: list[str]) -> None:
-        """Drop entries (e.g. after the files were deleted)."""
+    def forget(self, paths: list[str], keys: list[ImageKey] = ()) -> None:
+        """Drop entries (e.g. after the files were deleted): those under
+        ``paths`` and those of the images ``keys`` (taken before deleting)."""
         with self._registry_lock():
             data = self.invalidated()
-            for path in paths:
-                data.pop(os.path.normpath(path), None)
+            names = {clean_path(p) for p in paths}
+            for name in list(data):
+                if name in names or ImageKey.from_json(data[name].get("id")) in set(keys):
+                    del data[name]
             write_json_atomic(self.registry_path, data)
 
+    def invalid_lookup(self) -> "InvalidImages":
+        return InvalidImages(self.invalidated())
+
     @contextlib.contextmanager
-    def stream_lock(self, domain_uuid: str) -> Iterator[None]:
+    def domain_lock(self, domain_uuid: str) -> Iterator[None]:
+        """Held around every read-modify-write of one domain's records, so
+        two processes on two disks of the domain never lose each other's."""
+        self._ensure()
+        path = os.path.join(self.path, "locks", f"{domain_uuid}-records.lock")
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    @contextlib.contextmanager
+    def stream_lock(self, domain_uuid: str, wait: bool = True) -> Iterator[None]:
         """Wait until no other block pull runs in this domain, then hold it.
 
         QEMU 7.2 (Debian 7.2+dfsg-7+deb12u18) segfaults now and then when
         two block-stream jobs of one VM finish at the same moment (seen
         here: 2 of 8 VMs with two concurrent pulls crashed; commits and
         copies did not). So pulls within one domain run one at a time,
-        across processes too; other jobs still run side by side.
+        across processes too; other jobs still run side by side. With
+        ``wait=False`` a held lock is a Conflict at once. (A pull started
+        with --no-wait outlives its lock: callers also look for running
+        pulls while holding it, see ``ops.exclusive_pull``.)
         """
         self._ensure()
         path = os.path.join(self.path, "locks", f"{domain_uuid}-stream.lock")
         with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise Conflict("another block pull of this VM is being started or "
+                               "waited on (pulls of one VM run one at a time)") from None
             yield
 
     # -- one operation per disk, across processes
@@ -129,3 +156,28 @@ class StateDir:
             yield
         finally:
             handle.close()
+
+
+class InvalidImages:
+    """The registry as a lookup by identity: an entry matches an image
+    named by any path that resolves to the recorded file or device, or by
+    the recorded path itself."""
+
+    def __init__(self, data: dict[str, dict]) -> None:
+        self.data = data
+        self._by_key: dict[ImageKey, dict] = {}
+        for name, entry in data.items():
+            key = ImageKey.from_json(entry.get("id"))
+            if key is not None:
+                self._by_key[key] = entry
+
+    def __bool__(self) -> bool:
+        return bool(self.data)
+
+    def why(self, path: str) -> dict | None:
+        if not self.data:
+            return None
+        entry = self.data.get(clean_path(path))
+        if entry is not None:
+            return entry
+        return self._by_key.get(image_key(path))

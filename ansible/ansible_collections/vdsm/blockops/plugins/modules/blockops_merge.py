@@ -44,9 +44,10 @@ options:
     description: Abort the job after this many seconds.
     type: float
   keep_relative:
-    description: Keep relative backing names.
+    description:
+      - Keep relative backing names (libvirt's RELATIVE flags).
+      - Unset, names stay relative when the chain already uses relative names (oVirt layouts).
     type: bool
-    default: false
   delete_retired:
     description: Unlink retired layers after verification when nothing uses them.
     type: bool
@@ -106,7 +107,7 @@ from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
 def already_merged(ctx, params):
     """A re-run whose TOP was merged away earlier by us: nothing to do."""
     top = params.get("top")
-    return bool(top) and top.startswith("/") and top in ctx.state.invalidated()
+    return bool(top) and top.startswith("/") and ctx.state.invalid_lookup().why(top) is not None
 
 
 def main():
@@ -119,7 +120,7 @@ def main():
             strategy=dict(type="str", choices=["auto", "pull", "commit"], default="auto"),
             bandwidth=dict(type="int", default=0),
             timeout=dict(type="float"),
-            keep_relative=dict(type="bool", default=False),
+            keep_relative=dict(type="bool"),
             delete_retired=dict(type="bool", default=False),
             **COMMON_ARGS,
         ),
@@ -129,7 +130,7 @@ def main():
     from vdsm_blockops.merge import MergeRequest, merge
 
     p = module.params
-    if p["disk"] == "all" and (p["base"] or p["top"]):
+    if p["disk"] == "all" and (p["base"] is not None or p["top"] is not None):
         module.fail_json(msg="base and top name images of one chain; they cannot go with disk=all")
     ctx = run(module, lambda: context(module))
     if already_merged(ctx, p):
