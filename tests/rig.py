@@ -177,13 +177,42 @@ class VM:
         self.disks[target] = disk
         return disk
 
+    def add_layers(self, target: str, layers: list[tuple[str, str | None, LayerSpec]],
+                   size_mib: int = 64, reference_from: str | None = None) -> Disk:
+        """A chain laid out anywhere: ``layers`` are (path, backing name as
+        written into the header or None, spec), bottom first. Existing
+        images (a shared template) are used as they are; ``reference_from``
+        seeds the reference with an existing chain's data."""
+        reference = os.path.join(self.dir, f"{target}-reference.raw")
+        if reference_from:
+            run("qemu-img", "convert", "-U", "-O", "raw", reference_from, reference)
+        else:
+            run("qemu-img", "create", "-q", "-f", "raw", reference, f"{size_mib}M")
+        paths: list[str] = []
+        for pos, (path, backing, layer) in enumerate(layers):
+            fresh = is_device(path) or not os.path.exists(path)
+            if fresh and not (is_device(path) and layer.fmt == "raw"):
+                argv = ["qemu-img", "create", "-q", "-f", layer.fmt]
+                if backing:
+                    argv += ["-b", backing, "-F", layers[pos - 1][2].fmt]
+                run(*argv, path, f"{size_mib}M")
+            for w in layer.writes:
+                run("qemu-io", "-f", layer.fmt, "-c", w.qemu_io(), path)
+                run("qemu-io", "-f", "raw", "-c", w.qemu_io(), reference)
+            paths.append(path)
+        disk = Disk(self, target, len(self.disks), paths, reference)
+        self.disks[target] = disk
+        return disk
+
     def xml(self) -> str:
         disks = []
         for disk in self.disks.values():
-            fmt = "raw" if disk.layers[-1].endswith(".raw") else "qcow2"
+            top = disk.layers[-1]
+            fmt = json.loads(run("qemu-img", "info", "-U", "--output=json", top))["format"]
+            kind, attr = ("block", "dev") if is_device(top) else ("file", "file")
             disks.append(
-                f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
-                f"<source file='{disk.layers[-1]}'/><target dev='{disk.target}' bus='virtio'/></disk>"
+                f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>"
+                f"<source {attr}='{top}'/><target dev='{disk.target}' bus='virtio'/></disk>"
             )
         return (
             f"<domain type='qemu'><name>{self.name}</name><memory unit='MiB'>64</memory>"
@@ -191,6 +220,12 @@ class VM:
             "<on_crash>destroy</on_crash>"
             f"<devices>{''.join(disks)}</devices></domain>"
         )
+
+    def define(self) -> "VM":
+        """Defined, never started: only the tool's own checks guard its images."""
+        self.conn.defineXML(self.xml())
+        self.created = True
+        return self
 
     def start(self, persistent: bool = True) -> "VM":
         if persistent:
@@ -232,6 +267,22 @@ def cli(*args: str, config: str, check_json: bool = True) -> tuple[int, dict | N
         assert len(lines) == 1, f"--json must print one object, got {proc.stdout!r} {proc.stderr}"
         data = json.loads(lines[0])
     return proc.returncode, data, proc.stderr
+
+
+def is_device(path: str) -> bool:
+    import stat
+    return os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
+
+
+def loop_device(workdir: str, name: str, size_mib: int) -> str:
+    """A stand-in volume: a loop device over a sparse file (no LVM here)."""
+    backing = os.path.join(workdir, f"{name}.volume")
+    run("truncate", "-s", f"{size_mib}M", backing)
+    return run("losetup", "--find", "--show", backing).strip()
+
+
+def remove_loop_device(dev: str) -> None:
+    subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
 def remove_domain(dom: libvirt.virDomain) -> None:

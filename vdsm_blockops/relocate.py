@@ -281,7 +281,8 @@ def _prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], reuse:
             set_backing(new, name, info.backing_format or images[info.backing_path].format)
         top_src, top_new = plan.copies[0]
         active = images[plan.chain_before[0]]
-        create_overlay(plan.dest, top_new, images[top_src].format, active.virtual_size)
+        name = top_new if os.path.isabs(active.backing_name or "/") else os.path.basename(top_new)
+        create_overlay(plan.dest, name, images[top_src].format, active.virtual_size)
         fsync_dir(os.path.dirname(plan.dest))  # the new names survive a host crash
 
 
