@@ -262,7 +262,10 @@ def render_text(result: dict) -> str:
         lines.append(f"domain {result['domain']} ({'running' if result['active'] else 'shut off'})")
         for disk in result["disks"]:
             state = "metadata agrees" if disk["metadata_agrees"] else "METADATA DISAGREES"
-            lines.append(f"  {disk['disk']} ({disk['device']}): {len(disk['chain'])} layer(s), {state}")
+            origin = "" if disk.get("chain_from", "libvirt") == "libvirt" else \
+                ", from the images' metadata (no vda[N] indexes: name layers by path)"
+            lines.append(f"  {disk['disk']} ({disk['device']}): {len(disk['chain'])} layer(s), "
+                         f"{state}{origin}")
             for pos, layer in enumerate(disk["chain"]):
                 idx = f"[{layer['index']}]" if layer["index"] is not None else "[-]"
                 role = " (active)" if pos == 0 else ""

@@ -4,12 +4,12 @@ and the consistency checks ``verify`` and every operation end with."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from . import errors
-from .chain import Disk, DomainSpec
-from .identity import clean_path, image_key
+from .chain import Disk, DomainSpec, Layer
+from .identity import clean_path, image_key, is_block_device
 from .images import ImageInfo, chain_problems, missing_images, read_backing_chain
 from .state import StateDir
 from .virt import Connection, Domain
@@ -42,12 +42,24 @@ def current_chain(domain: Domain, target: str) -> list[str]:
     return resolved_paths(domain.spec().disk(target))
 
 
+def with_image_chain(disk: Disk, images: list[ImageInfo]) -> Disk:
+    """``disk`` with its whole chain: a definition that names only the
+    active image (a domain that is not running) gets the layers below from
+    the images' own metadata -- without libvirt's indexes."""
+    if disk.chain_complete or len(images) <= len(disk.chain):
+        return disk
+    below = tuple(Layer(path=i.path, format=i.format,
+                        source_type="block" if is_block_device(i.path) else "file")
+                  for i in images[len(disk.chain):])
+    return replace(disk, chain=disk.chain + below)
+
+
 def describe_disk(disk: Disk) -> dict:
     images = image_chain(disk)
     by_path = {i.path: i for i in images}
     problems = missing_images(disk) or (chain_problems(disk, images) if images else [])
     layers = []
-    for layer in disk.chain:
+    for layer in with_image_chain(disk, images).chain:
         info = by_path.get(clean_path(layer.path)) if layer.path else None
         layers.append(
             {
@@ -72,6 +84,9 @@ def describe_disk(disk: Disk) -> dict:
         "disk": disk.target,
         "device": disk.device,
         "chain": layers,
+        # libvirt spells out a running domain's chain; otherwise it comes
+        # from the images' headers and libvirt's vda[N] indexes do not exist.
+        "chain_from": "libvirt" if disk.chain_complete else "image metadata",
         "mirror": mirror,
         "metadata_agrees": not problems,
         "problems": problems,

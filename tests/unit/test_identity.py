@@ -155,3 +155,14 @@ def test_copy_and_proof_of_a_file_with_holes(tmp_path):
     with open(dst, "r+b") as handle:
         handle.truncate(10)
     assert "bytes" in content_difference(str(src), str(dst))
+
+
+def test_failures_after_a_change_are_never_exit_2():
+    from vdsm_blockops import errors
+    from vdsm_blockops.ops import as_failure
+
+    gone = as_failure(errors.BadRequest("domain is not running"))
+    assert type(gone) is errors.OperationFailed and gone.exit_code == 1
+    assert as_failure(OSError(28, "No space left on device")).exit_code == 1
+    assert as_failure(errors.JobTimeout("t")).exit_code == 3
+    assert as_failure(errors.Conflict("c")).exit_code == 4
