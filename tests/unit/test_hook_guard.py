@@ -133,3 +133,13 @@ def test_installed_hook_answers_fast(tmp_path, chain):
     assert min(times) < 1.0  # the benchmark reports the real figure; this only guards hangs
     hookctl.uninstall(str(tmp_path / "hooks"))
     assert not os.path.exists(script)
+
+
+def test_invalidated_image_refused_under_another_folder_name(state, chain, tmp_path):
+    """The registry names B through its real folder; the VM's chain reaches
+    it through a symlinked folder: still the same image, still refused."""
+    alias = tmp_path / "alias"
+    os.symlink(os.path.dirname(chain[0]), alias)
+    state.invalidate([chain[1]], domain="vm0", disk="vda", operation="merge 9")
+    rc, err = hook(state, "prepare", "begin", domain_xml(os.path.join(alias, "C.qcow2")))
+    assert rc == 1 and "invalidated by merge 9" in err
