@@ -90,6 +90,9 @@ class Disk:
     # True when the XML spelled out the end of the chain (<backingStore/>).
     # The persistent definition usually only names the active image.
     chain_complete: bool = False
+    # <source startupPolicy>: 'optional' (and 'requisite' on some starts)
+    # lets libvirt drop a missing source instead of failing.
+    startup_policy: str | None = None
 
     @property
     def active(self) -> Layer | None:
@@ -243,6 +246,7 @@ def _parse_disk(disk_elem: etree._Element) -> Disk:
             format=fmt.get("type") if fmt is not None else mirror_elem.get("format"),
         )
     alias = disk_elem.find("alias")
+    source_elem = disk_elem.find("source")
     return Disk(
         target=target,
         device=disk_elem.get("device", "disk"),
@@ -253,6 +257,7 @@ def _parse_disk(disk_elem: etree._Element) -> Disk:
         transient=disk_elem.find("transient") is not None,
         mirror=mirror,
         chain_complete=complete,
+        startup_policy=source_elem.get("startupPolicy") if source_elem is not None else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Read an image's backing link straight from its header.
+"""Read an image's backing link straight from its header -- safely.
 
 The libvirt hook may not call libvirt and must answer in milliseconds, so
 instead of running ``qemu-img`` it reads the few header bytes that name
@@ -9,12 +9,19 @@ the backing file (qcow2 spec, docs/interop/qcow2.txt in QEMU):
     header extensions follow the header (v3: at header_length, v2: at 72);
     type 0xE2792ACA holds the backing file's format.
 
-Anything that is not qcow2 is taken as having no backing (raw).
+A guest controls the bytes of a raw disk, so headers are read only where
+the host declared qcow2: the disk's ``<driver type>`` for the active image,
+then each qcow2 header's recorded backing format (no format recorded: not
+followed, as libvirt refuses to probe). Names are opened only when they are
+regular files or block devices, without blocking (a FIFO or a device named
+in a header must not stall or touch anything).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 import struct
 
 from .identity import clean_path
@@ -24,49 +31,88 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
 MAX_CHAIN = 1000  # a loop in the backing links must not hang the hook
 
+# QEMU takes a name for a protocol (nbd:, json:, http:) only when a colon
+# comes before the first slash: "httpd-data.qcow2" is a file.
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class NotAnImage(ValueError):
+    """A backing name resolves to something that is not a regular file or
+    a block device (a FIFO, a socket, a character device, a folder)."""
+
+
+def is_protocol(name: str) -> bool:
+    return bool(_PROTOCOL.match(name)) and ("/" not in name or name.index(":") < name.index("/"))
+
+
+def _open_image(path: str) -> int:
+    """Open ``path`` for reading only if it is a regular file or a block
+    device, without blocking, and make sure it is still what was checked."""
+    before = os.stat(path)  # FileNotFoundError goes to the caller
+    if not (stat.S_ISREG(before.st_mode) or stat.S_ISBLK(before.st_mode)):
+        raise NotAnImage(f"{path} is not a regular file or block device")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    after = os.fstat(fd)
+    if (after.st_dev, after.st_ino, stat.S_IFMT(after.st_mode)) != \
+            (before.st_dev, before.st_ino, stat.S_IFMT(before.st_mode)):
+        os.close(fd)
+        raise NotAnImage(f"{path} changed while it was opened")
+    return fd
+
 
 def read_backing(path: str) -> tuple[str | None, str | None]:
-    """(absolute backing path, backing format) of one image, or (None, None)."""
-    with open(path, "rb") as handle:
-        header = handle.read(104)
+    """(backing name, backing format) of one qcow2 image, the name made
+    absolute and clean unless it is a protocol; (None, None) for an image
+    without backing or that is not qcow2."""
+    fd = _open_image(path)
+    try:
+        header = os.pread(fd, 104, 0)
         if len(header) < 72 or header[:4] != QCOW2_MAGIC:
             return None, None
         version, backing_offset, backing_size = struct.unpack(">IQI", header[4:20])
         if not backing_offset or not backing_size or backing_size > 4096:
             return None, None
-        handle.seek(backing_offset)
-        name = handle.read(backing_size).decode("utf-8", "replace")
+        name = os.pread(fd, backing_size, backing_offset).decode("utf-8", "replace")
         fmt = None
-        ext_offset = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
-        handle.seek(ext_offset)
+        offset = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
         for _ in range(64):
-            raw = handle.read(8)
+            raw = os.pread(fd, 8, offset)
             if len(raw) < 8:
                 break
             ext_type, ext_len = struct.unpack(">II", raw)
             if ext_type == EXT_END:
                 break
-            data = handle.read((ext_len + 7) & ~7)
             if ext_type == EXT_BACKING_FORMAT:
-                fmt = data[:ext_len].decode("ascii", "replace")
-    if name.startswith(("json:", "nbd:", "rbd:", "gluster:", "iscsi:", "http")):
+                fmt = os.pread(fd, min(ext_len, 64), offset + 8).decode("ascii", "replace")
+            offset += 8 + ((ext_len + 7) & ~7)
+    finally:
+        os.close(fd)
+    if is_protocol(name):
         return name, fmt  # not a local file: the caller cannot follow it
     if not os.path.isabs(name):
         name = os.path.join(os.path.dirname(path), name)
     return clean_path(name), fmt
 
 
-def walk_chain(path: str) -> list[str]:
-    """Every image of the chain from ``path`` down, as the headers say.
-    Raises FileNotFoundError naming the first image that is missing."""
+def walk_chain(path: str, fmt: str | None) -> list[str]:
+    """Every local image of the chain from ``path`` (declared ``fmt``) down,
+    as the headers say. Raises FileNotFoundError naming the first image that
+    is missing, NotAnImage for a name that is no image."""
     chain = [clean_path(path)]
-    while len(chain) < MAX_CHAIN:
-        backing, _ = read_backing(chain[-1])
-        if backing is None or not backing.startswith("/"):
+    while fmt == "qcow2" and len(chain) < MAX_CHAIN:
+        backing, fmt = read_backing(chain[-1])
+        if backing is None or is_protocol(backing):
             return chain
         if backing in chain:
             raise ValueError(f"backing loop at {backing}")
-        if not os.path.exists(backing):
+        if not os.path.lexists(backing):
             raise FileNotFoundError(backing)
         chain.append(backing)
-    raise ValueError(f"chain of {path} is longer than {MAX_CHAIN} images")
+        _open_close(backing)  # refuses FIFOs, sockets, folders even at the bottom
+    if len(chain) >= MAX_CHAIN:
+        raise ValueError(f"chain of {path} is longer than {MAX_CHAIN} images")
+    return chain
+
+
+def _open_close(path: str) -> None:
+    os.close(_open_image(path))

@@ -2,22 +2,30 @@
 migrations in the middle of an operation.
 
 libvirt runs ``/etc/libvirt/hooks/qemu.d/*`` as ``HOOK DOMAIN OP SUBOP EXTRA``
-with the domain XML on stdin and waits for it, so this never calls libvirt
-(deadlock); it reads only stdin, the node's registry and image headers. It
-refuses (exit 1, one line on stderr) only on positive evidence of danger;
-its own internal errors are logged and the VM goes ahead.
+with the domain XML on stdin and waits for it without a timeout, so this
+never calls libvirt (deadlock); it reads only stdin, the node's registry
+and image headers (``headers.py``: only where the host declared qcow2,
+never blocking on what a name points at). It refuses (exit 1, one line on
+stderr) only on positive evidence of danger; its own internal errors are
+logged and the VM goes ahead. The image checks run in a child process under
+a hard deadline (``DEADLINE_S``): a start is never held longer than that,
+whatever the storage does (a hung NFS mount); past it the start proceeds
+and the reason is logged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
 import sys
 import time
+from typing import Callable
 
 from .chain import parse_domain
 from .config import load_config
-from .headers import walk_chain
+from .headers import NotAnImage, walk_chain
 from .records import records_in_domain_xml
 from .state import StateDir
 
@@ -25,6 +33,9 @@ log = logging.getLogger("vdsm_blockops.hook")
 
 MAX_XML_BYTES = 4 * 1024 * 1024  # a domain XML is a few KiB; refuse to parse a flood
 QUEUE_OPS = {("reconnect", "begin"), ("started", "begin"), ("release", "end")}
+DEADLINE_S = 2.0
+# libvirt drops a missing source with these policies instead of failing.
+DROPPABLE = ("optional", "requisite")
 
 
 class Refusal(Exception):
@@ -39,12 +50,16 @@ def check_start(xml: bytes, state: StateDir) -> None:
         active = disk.active
         if active is None or not active.is_local:
             continue
+        if not os.path.lexists(active.path):
+            if disk.startup_policy in DROPPABLE:
+                continue  # libvirt starts without it
+            raise Refusal(f"disk {disk.target}: image {active.path} is missing")
         try:
-            chain = walk_chain(active.path) if os.path.exists(active.path) else None
+            chain = walk_chain(active.path, active.format)
         except FileNotFoundError as exc:
             raise Refusal(f"disk {disk.target}: image {exc.args[0]} of its chain is missing") from None
-        if chain is None:
-            raise Refusal(f"disk {disk.target}: image {active.path} is missing")
+        except NotAnImage as exc:
+            raise Refusal(f"disk {disk.target}: {exc}") from None
         # By identity: the registry may name the image through another
         # folder alias than this domain's chain does.
         for path in chain + list(disk.paths[1:]):
@@ -76,13 +91,74 @@ def queue_recovery(state: StateDir, domain: str) -> None:
         handle.write(f"{time.time()}\n")
 
 
-def run(argv: list[str], stdin, state: StateDir) -> int:
+def within_deadline(check: Callable[[], None], deadline_s: float) -> str | None:
+    """Run ``check`` in a child process; the refusal message it raised, or
+    None when it passed, failed internally, or missed the deadline.
+
+    A child, not a thread: a thread stuck in the kernel (a dead NFS server)
+    would keep this process, and so libvirt, waiting. The child gets no
+    inherited stdout/stderr, so libvirt sees the end of our output when we
+    exit even if the child never returns."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read_fd)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            try:
+                check()
+                answer = b"ok"
+            except Refusal as exc:
+                answer = b"refuse:" + str(exc).encode()
+            except Exception as exc:  # our own bug or unreadable storage: not evidence
+                answer = b"error:" + f"{type(exc).__name__}: {exc}".encode()
+            os.write(write_fd, answer[:65536])
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    answer, finished = b"", False
+    try:
+        end = time.monotonic() + deadline_s
+        while (left := end - time.monotonic()) > 0:
+            if not select.select([read_fd], [], [], left)[0]:
+                break
+            chunk = os.read(read_fd, 65536)
+            if not chunk:  # the child wrote its answer and exited
+                finished = True
+                break
+            answer += chunk
+    finally:
+        os.close(read_fd)
+    if not finished:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, os.WNOHANG)
+        log.error("image checks missed the %g s deadline; letting the start proceed unchecked",
+                  deadline_s)
+        return None
+    os.waitpid(pid, 0)
+    text = answer.decode("utf-8", "replace")
+    if text.startswith("refuse:"):
+        return text[len("refuse:"):]
+    if text.startswith("error:"):
+        log.error("image checks failed internally, letting the start proceed: %s", text[6:])
+    return None
+
+
+def run(argv: list[str], stdin, state: StateDir, deadline_s: float = DEADLINE_S) -> int:
     if len(argv) < 3:
         return 0
     domain, op, sub = argv[0], argv[1], argv[2]
     try:
         if (op, sub) == ("prepare", "begin"):
-            check_start(read_xml(stdin), state)
+            xml = read_xml(stdin)
+            refusal = within_deadline(lambda: check_start(xml, state), deadline_s)
+            if refusal:
+                raise Refusal(refusal)
         elif (op, sub) in (("migrate", "begin"), ("restore", "begin")):
             check_no_operation(read_xml(stdin), op)
         elif (op, sub) in QUEUE_OPS:
@@ -102,11 +178,25 @@ def read_xml(stdin) -> bytes:
     return data
 
 
+def _log_to_syslog() -> None:
+    if os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler
+
+        try:
+            handler = SysLogHandler(address="/dev/log")
+        except OSError:
+            return
+        handler.setFormatter(logging.Formatter("vdsm-blockops-hook[%(process)d]: %(message)s"))
+        log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _log_to_syslog()
     try:
         state = StateDir(load_config().state_dir)
     except Exception as exc:
         sys.stderr.write(f"vdsm-blockops hook: config unreadable, not guarding: {exc}\n")
+        log.error("config unreadable, not guarding %s: %s", " ".join(argv[:3]), exc)
         return 0
     return run(argv, sys.stdin.buffer, state)

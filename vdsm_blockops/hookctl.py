@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,17 +15,48 @@ HOOK_NAME = "vdsm-blockops"
 DAEMONS = ("libvirtd", "virtqemud")
 
 
+_HOOK_PYTHON = """
+import sys
+try:
+    from vdsm_blockops.hook import main
+except Exception as exc:
+    import syslog
+    message = ("vdsm-blockops hook: package unusable (%s: %s); NOT guarding %s"
+               % (type(exc).__name__, exc, " ".join(sys.argv[1:4])))
+    syslog.openlog("vdsm-blockops-hook")
+    syslog.syslog(syslog.LOG_ERR, message)
+    sys.stderr.write(message + chr(10))
+    sys.exit(0)
+sys.exit(main())
+"""
+
+
 def hook_script(config_path: str | None) -> str:
-    config_line = (f"os.environ.setdefault('VDSM_BLOCKOPS_CONFIG', {config_path!r})\n"
-                   if config_path else "")
+    """The installed hook: a shell wrapper around the package's interpreter.
+
+    When the package breaks (its virtualenv removed, an import failing) the
+    hook lets every start go ahead -- a broken guard must not brick all VMs
+    of the node -- and says so on every start, in the system log
+    (daemon.err) and on stderr. That is the documented choice: fail open,
+    loudly."""
+    config = (f'[ -n "$VDSM_BLOCKOPS_CONFIG" ] || VDSM_BLOCKOPS_CONFIG={shlex.quote(config_path)}\n'
+              "export VDSM_BLOCKOPS_CONFIG\n" if config_path else "")
+    python = shlex.quote(sys.executable)
     return (
-        f"#!{sys.executable} -I\n"
+        "#!/bin/sh\n"
         "# libvirt QEMU hook of vdsm-blockops (written by 'vdsm-blockops hook install').\n"
         "# It never calls libvirt: libvirtd waits on it. See vdsm_blockops/hook.py.\n"
-        "import os\nimport sys\n"
-        f"{config_line}"
-        "from vdsm_blockops.hook import main\n"
-        "sys.exit(main())\n"
+        "# A broken package lets starts proceed and logs it (fail open, loudly).\n"
+        f"{config}"
+        f"PY={python}\n"
+        'if [ -x "$PY" ]; then\n'
+        f'    exec "$PY" -I -c {shlex.quote(_HOOK_PYTHON)} "$@"\n'
+        "fi\n"
+        'msg="vdsm-blockops hook: interpreter $PY is gone; NOT guarding $1 $2 $3 '
+        "(reinstall the package, then run 'vdsm-blockops hook install')\"\n"
+        'logger -t vdsm-blockops-hook -p daemon.err "$msg" 2>/dev/null\n'
+        'echo "$msg" >&2\n'
+        "exit 0\n"
     )
 
 

@@ -143,3 +143,109 @@ def test_invalidated_image_refused_under_another_folder_name(state, chain, tmp_p
     state.invalidate([chain[1]], domain="vm0", disk="vda", operation="merge 9")
     rc, err = hook(state, "prepare", "begin", domain_xml(os.path.join(alias, "C.qcow2")))
     assert rc == 1 and "invalidated by merge 9" in err
+
+
+# ------------------------------------------------ hostile guests, odd disks
+def fake_qcow2_header(path, backing_name):
+    """What a guest can write into its own raw disk: a qcow2 header naming
+    any backing file it likes."""
+    import struct
+
+    name = backing_name.encode()
+    header = bytearray(1024)
+    header[0:20] = b"QFI\xfb" + struct.pack(">IQI", 3, 512, len(name))
+    header[100:104] = struct.pack(">I", 104)
+    header[512:512 + len(name)] = name
+    with open(path, "wb") as handle:
+        handle.write(bytes(header))
+        handle.truncate(16 * 1024 * 1024)
+
+
+def disk_xml(path, fmt, device="disk", policy=None):
+    policy_attr = f" startupPolicy='{policy}'" if policy else ""
+    return (f"<domain><name>vm1</name><uuid>u</uuid><devices>"
+            f"<disk type='file' device='{device}'><driver type='{fmt}'/>"
+            f"<source file='{path}'{policy_attr}/><target dev='vda'/></disk></devices></domain>").encode()
+
+
+@pytest.mark.parametrize("target", ["fifo", "device", "missing"])
+def test_a_raw_disk_with_a_fake_header_is_not_followed(state, tmp_path, target):
+    named = {"fifo": str(tmp_path / "fifo"), "device": "/dev/zero",
+             "missing": str(tmp_path / "nowhere.qcow2")}[target]
+    if target == "fifo":
+        os.mkfifo(named)
+    raw = tmp_path / "guest.raw"
+    fake_qcow2_header(raw, named)
+    started = time.monotonic()
+    assert hook(state, "prepare", "begin", disk_xml(raw, "raw")) == (0, "")
+    assert time.monotonic() - started < 1
+
+
+def test_a_host_header_naming_a_fifo_is_refused_without_opening_it(state, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(fifo), "-F", "qcow2",
+                    str(top), "16M"], check=True)
+    started = time.monotonic()
+    rc, err = hook(state, "prepare", "begin", disk_xml(top, "qcow2"))
+    assert rc == 1 and "not a regular file or block device" in err
+    assert time.monotonic() - started < 1
+
+
+def test_relative_names_that_start_like_a_protocol_are_files(state, tmp_path):
+    data = tmp_path / "httpd-data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "16M"], check=True)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "httpd-data.qcow2", "-F", "qcow2",
+                    str(top), "16M"], check=True)
+    state.invalidate([str(data)], domain="vm0", disk="vda", operation="merge 7")
+    rc, err = hook(state, "prepare", "begin", disk_xml(top, "qcow2"))
+    assert rc == 1 and "invalidated by merge 7" in err
+
+
+def test_protocol_detection_follows_qemu():
+    from vdsm_blockops.headers import is_protocol
+
+    assert is_protocol("nbd:localhost:10809") and is_protocol("json:{}")
+    assert is_protocol("http://host/x.qcow2")
+    assert not is_protocol("httpd-data.qcow2") and not is_protocol("dir/a:b")
+    assert not is_protocol("/srv/a:b") and not is_protocol("../tmpl/T")
+
+
+@pytest.mark.parametrize("policy,rc", [("optional", 0), ("requisite", 0), ("mandatory", 1), (None, 1)])
+def test_missing_cdrom_follows_libvirts_startup_policy(state, tmp_path, policy, rc):
+    xml = disk_xml(tmp_path / "gone.iso", "raw", device="cdrom", policy=policy)
+    assert hook(state, "prepare", "begin", xml)[0] == rc
+
+
+def test_image_checks_have_a_hard_deadline(state):
+    from vdsm_blockops.hook import within_deadline
+
+    started = time.monotonic()
+    assert within_deadline(lambda: time.sleep(30), 0.5) is None  # the start proceeds
+    assert time.monotonic() - started < 2
+
+
+def test_a_broken_package_lets_starts_proceed_and_says_so(tmp_path, chain):
+    """The documented choice: fail open, loudly (stderr and syslog)."""
+    from vdsm_blockops import hookctl
+
+    config = tmp_path / "odd name.yaml"
+    config.write_text(f"state_dir: {tmp_path}/state\n")
+    hookctl.install(str(tmp_path / "hooks"), config_path=str(config))
+    script = tmp_path / "hooks" / "vdsm-blockops"
+    text = script.read_text()
+    proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    script.write_text(text.replace(f"PY={sys.executable}", "PY=/nonexistent/venv/bin/python"))
+    proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
+                          capture_output=True)
+    assert proc.returncode == 0 and b"NOT guarding vm1 prepare begin" in proc.stderr
+    script.write_text(text.replace("from vdsm_blockops.hook import main",
+                                   "from vdsm_blockops.no_such_module import main"))
+    proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
+                          capture_output=True)
+    assert proc.returncode == 0 and b"package unusable" in proc.stderr
+    assert b"NOT guarding vm1 prepare begin" in proc.stderr
