@@ -15,15 +15,27 @@ import sys
 from typing import Callable
 
 from . import __version__, errors
-from .config import load_config
+from .config import load_config, require_local_uri
 
 log = logging.getLogger("vdsm_blockops")
 MIB = 1024 * 1024
 
 
+EXIT_CODES = """exit codes:
+  0  done
+  1  the operation failed (libvirt/QEMU error, failed verification)
+  2  bad request, refused before anything changed
+  3  timed out (the job was aborted, the chain left consistent)
+  4  conflict: another job or operation holds the disk
+
+With --json stdout holds exactly one JSON object, on success and on failure."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]  # argparse would print usage and exit 2
-        raise errors.BadRequest(f"{self.prog}: {message}")
+        # One program name per error line: main() prefixes "vdsm-blockops:".
+        verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise errors.BadRequest(f"{verb}: {message}" if verb else message)
 
 
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -35,6 +47,10 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--config", metavar="PATH", default=default(None),
                         help="config file (default /etc/vdsm-blockops/config.yaml)")
     parser.add_argument("-v", "--verbose", action="count", default=default(0))
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="print nothing on success (errors still go to stderr)")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="print tracebacks of unexpected errors on stderr")
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
@@ -48,24 +64,29 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vdsm-blockops",
-                     description="Live block operations on running libvirt/QEMU VMs.")
+    parser = _Parser(prog="vdsm-blockops", epilog=EXIT_CODES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Live block operations on libvirt/QEMU VMs: snapshot merge, "
+                                 "disk relocation, block-job control, verification.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser, suppress=False)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
 
-    def verb(name: str, help_text: str, func: Callable) -> argparse.ArgumentParser:
-        sub = verbs.add_parser(name, help=help_text, description=help_text)
+    def verb(name: str, help_text: str, func: Callable, local: bool = True) -> argparse.ArgumentParser:
+        """``local``: the verb reads, copies or deletes image files, so it
+        may only drive the libvirt of this node."""
+        sub = verbs.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(sub, suppress=True)
-        sub.set_defaults(func=func)
+        sub.set_defaults(func=func, local=local)
         return sub
 
     p = verb("chain", "show each disk's backing chain", cmd_chain)
     p.add_argument("domain")
     p.add_argument("disk", nargs="?")
 
-    p = verb("jobs", "list active block jobs on the node or one domain", cmd_jobs)
+    p = verb("jobs", "list active block jobs on the node or one domain", cmd_jobs, local=False)
     p.add_argument("domain", nargs="?")
 
     p = verb("merge", "collapse a segment of a disk's chain (snapshot live merge)", cmd_merge)
@@ -73,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disk", help="target name (vda) or 'all'")
     p.add_argument("--base", help="image kept as the backing (path or vda[N]); none: flatten")
     p.add_argument("--top", help="highest image of the segment (default: the active image)")
-    p.add_argument("--strategy", default="auto", help="auto, pull or commit (default auto)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "pull", "commit"],
+                   help="how to merge (default auto: fewest bytes copied, never into a shared layer)")
     p.add_argument("--keep-relative", action="store_const", const=True, default=None,
                    help="keep relative backing names (default: when the chain already uses them)")
     p.add_argument("--delete-retired", action="store_true",
@@ -84,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("disk", help="target name (vda) or 'all' (then DEST is a folder)")
     p.add_argument("dest", help="path of the new active image")
-    p.add_argument("--mode", default="chain", help="chain (default), full or shallow")
-    p.add_argument("--method", default="mirror", help="mirror (default) or snapshot-stream")
-    p.add_argument("--format", default="qcow2", help="DEST's format: qcow2 (default) or raw")
+    p.add_argument("--mode", default="chain", choices=["chain", "full", "shallow"],
+                   help="what moves (default chain: every layer, keeping the snapshots)")
+    p.add_argument("--method", default="mirror", choices=["mirror", "snapshot-stream"],
+                   help="how the active layer moves (default mirror)")
+    p.add_argument("--format", default="qcow2", choices=["qcow2", "raw"],
+                   help="DEST's format (default qcow2; raw only with --mode full)")
     p.add_argument("--reuse-external", action="store_true", help="DEST (and its layers) exist already")
     p.add_argument("--sync-writes", action="store_true",
                    help="guest writes go to both sides, so the copy always converges")
@@ -107,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disk")
     p.add_argument("--pivot", action="store_true", help="pivot onto the mirror (must be ready)")
 
-    p = verb("speed", "change a running block job's bandwidth", cmd_speed)
+    p = verb("speed", "change a running block job's bandwidth", cmd_speed, local=False)
     p.add_argument("domain")
     p.add_argument("disk")
     p.add_argument("bandwidth", type=int, metavar="MIB_PER_S")
@@ -119,14 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="how long to wait on a job that is still running")
 
-    p = verb("hook", "install or uninstall the libvirt hook that guards VMs", cmd_hook)
+    p = verb("hook", "install or uninstall the libvirt hook that guards VMs", cmd_hook, local=False)
     p.add_argument("action", choices=["install", "uninstall"])
     p.add_argument("--hooks-dir", default=None, help="default /etc/libvirt/hooks/qemu.d")
     p.add_argument("--reload", action="store_true", help="SIGHUP libvirtd so it sees the change")
 
+    p = verb("units", "install or uninstall the systemd units that run 'recover --queued'",
+             cmd_units, local=False)
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--unit-dir", default=None, help="default /etc/systemd/system")
+    p.add_argument("--enable", action="store_true",
+                   help="also enable (install) or disable (uninstall) them with systemctl")
+
     p = verb("verify", "check a domain's chains against the images' metadata", cmd_verify)
     p.add_argument("domain")
     p.add_argument("disk", nargs="?")
+
+    p = verb("completion", "print a shell completion script", cmd_completion, local=False)
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+
+    verb("manpage", "print the manual page (roff)", cmd_manpage, local=False)
     return parser
 
 
@@ -226,6 +263,15 @@ def cmd_hook(args, env) -> dict:
     return hookctl.uninstall(hooks_dir, reload=args.reload)
 
 
+def cmd_units(args, env) -> dict:
+    from . import units
+
+    unit_dir = args.unit_dir or units.UNIT_DIR
+    if args.action == "install":
+        return units.install(env.config, args.config, unit_dir, enable=args.enable)
+    return units.uninstall(unit_dir, disable=args.enable)
+
+
 def cmd_verify(args, env) -> dict:
     from .inspect import verify_domain
     from .records import parse_records, METADATA_NS
@@ -242,6 +288,19 @@ def cmd_verify(args, env) -> dict:
         report["error"] = {"code": "verification-failed",
                            "message": f"{len(problems)} problem(s) found"}
     return report
+
+
+def cmd_completion(args, env) -> dict:
+    import shtab
+
+    return {"ok": True, "operation": "completion",
+            "text": shtab.complete(build_parser(), shell=args.shell)}
+
+
+def cmd_manpage(args, env) -> dict:
+    from argparse_manpage.manpage import Manpage
+
+    return {"ok": True, "operation": "manpage", "text": str(Manpage(build_parser()))}
 
 
 # ------------------------------------------------------------- rendering
@@ -294,6 +353,8 @@ def render_text(result: dict) -> str:
         if result["ok"]:
             lines.append(f"{result['domain']}: verified, no problems")
         lines += [f"problem: {p}" for p in result["problems"]]
+    elif op in ("completion", "manpage"):
+        lines.append(result["text"].rstrip("\n"))
     elif "results" in result:
         for sub in result["results"]:
             lines.append(render_text(sub))
@@ -347,11 +408,15 @@ class Env:
         self.json = args.json
 
     @property
+    def uri(self) -> str:
+        return self.args.connect or self.config.connect
+
+    @property
     def conn(self):
         if self._conn is None:
             from .virt import open_connection
 
-            self._conn = open_connection(self.args.connect or self.config.connect)
+            self._conn = open_connection(self.uri)
         return self._conn
 
     def context(self, progress: bool = False):
@@ -369,12 +434,29 @@ class Env:
             self._conn.close()
 
 
-def _setup_logging(verbose: int) -> None:
+class _ConsoleFormatter(logging.Formatter):
+    """Tracebacks go to the log (syslog); on the terminal only with --debug."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__("%(levelname)s %(message)s")
+        self.debug = debug
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+        return super().formatException(ei) if self.debug else ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).rstrip("\n")
+
+
+def _setup_logging(verbose: int, debug: bool) -> None:
     root = logging.getLogger("vdsm_blockops")
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    console.setLevel(logging.DEBUG if verbose > 1 or debug else
+                     logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(_ConsoleFormatter(debug))
+    if not debug:
+        console.addFilter(lambda record: not getattr(record, "log_only", False))
     root.addHandler(console)
     if os.path.exists("/dev/log"):
         from logging.handlers import SysLogHandler
@@ -404,10 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         as_json = args.json
-        _setup_logging(args.verbose)
+        _setup_logging(args.verbose, args.debug)
         env = Env(args)
+        if args.local:
+            require_local_uri(env.uri)
         result = args.func(args, env)
-        _emit(result, as_json)
+        if as_json or not args.quiet or not result.get("ok", True):
+            _emit(result, as_json)
         if not result.get("ok", True):
             return 1
         return 0
@@ -422,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as exc:  # one error contract: exit 1 and one JSON object, whatever broke
-        log.debug("unexpected error", exc_info=True)
+        # The traceback goes to the log; on stderr only with --debug.
+        log.error("unexpected error: %s", exc, exc_info=True, extra={"log_only": True})
         error = errors.OperationFailed(f"{type(exc).__name__}: {exc}")
         if as_json:
             _emit({"ok": False, "error": error.to_json()}, True)

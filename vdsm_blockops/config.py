@@ -50,6 +50,61 @@ def load_config(path: str | None = None) -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise BadRequest(f"config file {path}: unknown keys {', '.join(unknown)}")
-    if "storage_roots" in data:
-        data["storage_roots"] = tuple(os.path.normpath(p) for p in data["storage_roots"] or ())
-    return Config(**data)
+    return Config(**{key: _check(path, key, value) for key, value in data.items()})
+
+
+def _check(path: str, key: str, value: object) -> object:
+    """Type- and range-check one key; the message names key, value and
+    what was expected."""
+    def bad(expected: str) -> BadRequest:
+        return BadRequest(f"config file {path}: {key} is {value!r}; expected {expected}")
+
+    if key in ("state_dir", "connect"):
+        if not isinstance(value, str) or not value.strip():
+            raise bad("a non-empty string")
+        if key == "state_dir" and not os.path.isabs(value):
+            raise bad("an absolute path")
+        return value
+    if key == "storage_roots":
+        # A bare string would be iterated letter by letter ('/', 's', ...):
+        # and '/' would allow every destination.
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and os.path.isabs(v)
+                                                  for v in value):
+            raise bad("a list of absolute paths")
+        if any(os.path.normpath(v) == "/" for v in value):
+            raise bad("folders other than / (a root of / allows every destination)")
+        return tuple(os.path.normpath(v) for v in value)
+    if key == "poll_interval_s":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.01 <= value <= 60:
+            raise bad("a number of seconds between 0.01 and 60")
+        return float(value)
+    if key == "pivot_retries":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+            raise bad("a whole number between 0 and 1000")
+        return value
+    return value
+
+
+LOCAL_HOSTS = {"", "localhost", "localhost.localdomain", "127.0.0.1", "::1"}
+
+
+def require_local_uri(uri: str) -> None:
+    """Verbs that read, copy or delete image files act on this node only: a
+    libvirt URI naming another host would run jobs there while files are
+    handled here. Refused (exit 2) before anything happens."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(uri).hostname or "").lower()
+    except ValueError as exc:
+        raise BadRequest(f"cannot parse the libvirt URI {uri!r}: {exc}") from None
+    if host in LOCAL_HOSTS or host.startswith("127.") or host in (
+            socket.gethostname().lower(), socket.getfqdn().lower()):
+        return
+    raise BadRequest(
+        f"{uri} names another host ({host}); this verb reads and writes image files, so it "
+        "acts only on the node it runs on. Run it there, or use the Ansible modules, which "
+        "run on each node")

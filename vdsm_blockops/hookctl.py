@@ -72,10 +72,10 @@ def reload_daemons() -> list[str]:
 
 
 def install(hooks_dir: str = HOOKS_DIR, config_path: str | None = None, reload: bool = False) -> dict:
-    os.makedirs(hooks_dir, mode=0o755, exist_ok=True)
     path = os.path.join(hooks_dir, HOOK_NAME)
     tmp = path + ".tmp"
     try:
+        os.makedirs(hooks_dir, mode=0o755, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(hook_script(os.path.abspath(config_path) if config_path else None))
         os.chmod(tmp, 0o755)

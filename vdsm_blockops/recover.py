@@ -64,24 +64,38 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
 
 
 def recover_queued(ctx: Context, timeout_s: float | None = None) -> dict:
-    """Work the queue the hook fills (reconnect/started/release events)."""
-    folder = os.path.join(ctx.state.path, "queue")
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    outcomes, failed = [], 0
-    for name in names:
+    """Work the queue the hook fills (reconnect/started/release events), and
+    retry earlier failures. A domain that cannot be settled moves to
+    ``failed/`` with the reason (beside ``queue/``, which the path unit
+    watches: a bad entry must not re-trigger it forever); the timer retries
+    it, and a success removes it."""
+    queue = os.path.join(ctx.state.path, "queue")
+    failed_dir = os.path.join(ctx.state.path, "failed")
+    entries = [(folder, name) for folder in (queue, failed_dir) if os.path.isdir(folder)
+               for name in sorted(os.listdir(folder))]
+    outcomes, failed = [], []
+    for folder, name in entries:
         try:
             report = recover(ctx, name, timeout_s)
         except errors.UnknownDomain:
             report = {"ok": True, "records": []}  # gone: nothing left to do
+        except errors.BlockOpsError as exc:
+            report = {"ok": False, "records": [], "error": exc.to_json()}
         outcomes += report["records"]
-        if report["ok"]:
+        if not report["ok"]:
+            failed.append(name)
+            reasons = [r.get("message", r["result"]) for r in report["records"]
+                       if r["result"] in ("failed", "busy")] or [str(report.get("error"))]
+            os.makedirs(failed_dir, exist_ok=True)
+            with open(os.path.join(failed_dir, name), "w", encoding="utf-8") as handle:
+                handle.write("\n".join(reasons) + "\n")
+        if folder == queue or report["ok"]:
             os.unlink(os.path.join(folder, name))
-        else:
-            failed += 1
-    return {"ok": not failed, "operation": "recover", "domain": "queued", "queued": names,
-            "records": outcomes,
+    return {"ok": not failed, "operation": "recover", "domain": "queued",
+            "queued": [name for _, name in entries], "records": outcomes,
             **({"error": {"code": "recover-incomplete",
-                          "message": f"{failed} queued domain(s) not settled"}} if failed else {})}
+                          "message": f"{len(failed)} queued domain(s) not settled: "
+                                     f"{', '.join(failed)} (see {failed_dir})"}} if failed else {})}
 
 
 def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,

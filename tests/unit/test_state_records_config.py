@@ -88,3 +88,31 @@ def test_config(tmp_path):
         load_config(str(path))
     with pytest.raises(BadRequest, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("text,named", [
+    ("storage_roots: /srv/vm\n", "storage_roots"),
+    ("storage_roots: [/]\n", "storage_roots"),
+    ("storage_roots: [relative]\n", "storage_roots"),
+    ("pivot_retries: ten\n", "pivot_retries"),
+    ("pivot_retries: -1\n", "pivot_retries"),
+    ("pivot_retries: true\n", "pivot_retries"),
+    ("poll_interval_s: 0\n", "poll_interval_s"),
+    ("state_dir: 5\n", "state_dir"),
+    ("state_dir: relative/dir\n", "state_dir"),
+    ("connect: ''\n", "connect"),
+])
+def test_config_keys_are_type_and_range_checked(tmp_path, text, named):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(BadRequest, match=f"{named} is .*; expected"):
+        load_config(str(path))
+
+
+def test_config_good_values(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("storage_roots: [/srv/vm/, /var/lib/libvirt/images]\npivot_retries: 3\n"
+                    "poll_interval_s: 1\nstate_dir: /tmp/s\n")
+    config = load_config(str(path))
+    assert config.storage_roots == ("/srv/vm", "/var/lib/libvirt/images")
+    assert config.pivot_retries == 3 and config.poll_interval_s == 1.0

@@ -8,7 +8,7 @@ import traceback
 
 try:
     from vdsm_blockops import errors as _errors
-    from vdsm_blockops.config import load_config
+    from vdsm_blockops.config import load_config, require_local_uri
     HAS_LIBRARY = True
     IMPORT_ERROR = None
 except ImportError:  # pragma: no cover - reported through fail_json
@@ -32,8 +32,9 @@ def context(module):
     from vdsm_blockops.virt import open_connection
 
     config = load_config(module.params.get("config"))
-    conn = open_connection(module.params.get("uri") or config.connect)
-    return Context(conn=conn, config=config)
+    uri = module.params.get("uri") or config.connect
+    require_local_uri(uri)  # the module runs on the node whose files it touches
+    return Context(conn=open_connection(uri), config=config)
 
 
 def run(module, action):
@@ -43,6 +44,10 @@ def run(module, action):
     except _errors.BlockOpsError as exc:
         module.fail_json(msg=str(exc), error={"code": exc.code, "exit_code": exc.exit_code},
                          **({"details": exc.details} if exc.details else {}))
+    except Exception as exc:  # one error contract here too: a reason, not a crash
+        module.fail_json(msg=f"{type(exc).__name__}: {exc}",
+                         error={"code": "operation-failed", "exit_code": 1},
+                         exception=traceback.format_exc())
 
 
 def exit_with_report(module, report, changed):
