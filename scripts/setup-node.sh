@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# systemd: systemd-analyze verifies the units the tool writes (tests).
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
-          libvirt-dev pkg-config gcc python3-dev python3-venv)
+          libvirt-dev pkg-config gcc python3-dev python3-venv systemd)
 
 need_install=()
 for pkg in "${PACKAGES[@]}"; do
@@ -45,8 +46,12 @@ if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv"
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import vdsm_blockops, libvirt, pytest, ansible" 2>/dev/null; then
+# (Re)install when setup.py changed since the last install into this venv.
+stamp=$(sha256sum setup.py | cut -d' ' -f1)
+if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$stamp" ] ||
+        ! .venv/bin/python -c "import vdsm_blockops, libvirt, pytest, ansible" 2>/dev/null; then
     echo "== installing vdsm-blockops into .venv"
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[test]'
+    echo "$stamp" > .venv/.setup-stamp
 fi

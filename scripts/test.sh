@@ -11,4 +11,8 @@ if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure here" >&2
     exit 1
 fi
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+# Static checks: ansible-test sanity of the collection.
+echo "== ansible-test sanity (vdsm.blockops collection)"
+bash ansible/tests/sanity.sh
+

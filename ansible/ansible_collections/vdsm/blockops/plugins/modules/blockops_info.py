@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: (c) 2026, vdsm-blockops developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -10,8 +12,18 @@ description:
     index, allocation and whether the images' metadata agree with libvirt)
     and the active block jobs, for one domain or every domain on the node.
 version_added: "0.1.0"
-author: vdsm-blockops developers
-extends_documentation_fragment: [vdsm.blockops.blockops]
+author: vdsm-blockops developers (@vdsm-blockops)
+extends_documentation_fragment:
+  - vdsm.blockops.blockops
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    support: full
+    details: Reads only; the same in check mode.
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
 options:
   domain:
     description: Name or UUID of one domain; all domains when omitted.

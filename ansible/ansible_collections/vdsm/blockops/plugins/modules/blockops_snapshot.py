@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: (c) 2026, vdsm-blockops developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -10,8 +12,19 @@ description:
     active image becomes a point in time. Idempotent, so when I(overlay) is
     already the active image, nothing changes.
 version_added: "0.1.0"
-author: vdsm-blockops developers
-extends_documentation_fragment: [vdsm.blockops.blockops]
+author: vdsm-blockops developers (@vdsm-blockops)
+extends_documentation_fragment:
+  - vdsm.blockops.blockops
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    support: full
+    details: Returns the plan; nothing changes.
+  diff_mode:
+    support: full
+    details: Returns the chains before and after as a diff.
+  platform:
+    platforms: posix
 options:
   domain:
     description: Name or UUID of the running domain.
