@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite, real libvirt included: sets the node up first.
+# The whole test suite, real libvirt included: sets the node up first, runs
+# the static checks, then pytest (whose summary closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-node.sh
+echo "== ansible-test sanity (vdsm.blockops collection)"
+bash ansible/tests/sanity.sh >/tmp/vdsm-blockops-sanity.log 2>&1 || {
+    tail -50 /tmp/vdsm-blockops-sanity.log
+    echo "ansible-test sanity failed" >&2
+    exit 1
+}
+echo "ansible-test sanity: passed"
 set +e
 .venv/bin/python -m pytest tests "$@"
 rc=$?
@@ -11,8 +19,4 @@ if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure here" >&2
     exit 1
 fi
-[ "$rc" -eq 0 ] || exit "$rc"
-# Static checks: ansible-test sanity of the collection.
-echo "== ansible-test sanity (vdsm.blockops collection)"
-bash ansible/tests/sanity.sh
-
+exit "$rc"
