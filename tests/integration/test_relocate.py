@@ -185,7 +185,7 @@ def test_refusals_change_nothing(make_vm, config, workdir):
         ([f"{workdir}/missing/x.qcow2"], "bad-request", "does not exist"),
         ([f"{workdir}/x.raw", "--format", "raw"], "bad-request", "mode full"),
         ([f"{workdir}/x.qcow2", "--method", "snapshot-stream"], "bad-request", "mode full"),
-        ([f"{workdir}/x.qcow2", "--mode", "sideways"], "bad-request", "unknown mode"),
+        ([f"{workdir}/x.qcow2", "--mode", "sideways"], "bad-request", "invalid choice"),
         (["relative.qcow2"], "bad-request", "absolute"),
         ([f"{workdir}/x.qcow2", "--reuse-external"], "bad-request", "does not exist"),
     ]
