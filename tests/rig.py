@@ -143,25 +143,16 @@ class VM:
 
     def add_chain(self, target: str, layers: list[LayerSpec], size_mib: int = 64,
                   relative: bool = False, directory: str | None = None) -> Disk:
+        """``layers`` as ``<target>-<name>.<fmt>`` files in one folder, each
+        backing onto the one before (by file name with ``relative``)."""
         directory = directory or self.dir
         os.makedirs(directory, mode=0o755, exist_ok=True)
-        reference = os.path.join(self.dir, f"{target}-reference.raw")
-        run("qemu-img", "create", "-q", "-f", "raw", reference, f"{size_mib}M")
-        paths: list[str] = []
+        placed: list[tuple[str, str | None, LayerSpec]] = []
         for layer in layers:
             path = os.path.join(directory, f"{target}-{layer.name}.{layer.fmt}")
-            argv = ["qemu-img", "create", "-q", "-f", layer.fmt]
-            if paths:
-                backing = os.path.basename(paths[-1]) if relative else paths[-1]
-                argv += ["-b", backing, "-F", layers[len(paths) - 1].fmt]
-            run(*argv, path, f"{size_mib}M")
-            for w in layer.writes:
-                run("qemu-io", "-f", layer.fmt, "-c", w.qemu_io(), path)
-                run("qemu-io", "-f", "raw", "-c", w.qemu_io(), reference)
-            paths.append(path)
-        disk = Disk(self, target, len(self.disks), paths, reference)
-        self.disks[target] = disk
-        return disk
+            below = placed[-1][0] if placed else None
+            placed.append((path, os.path.basename(below) if below and relative else below, layer))
+        return self.add_layers(target, placed, size_mib)
 
     def add_overlay_on(self, target: str, other: Disk, base: str) -> Disk:
         """A new overlay on ``base``, an image of ``other``'s chain: two VMs

@@ -15,3 +15,17 @@ options:
     type: path
 requirements: [vdsm-blockops, libvirt-python]
 """
+
+    # The attributes of the modules that change chains (check mode plans,
+    # diff mode shows the chains before and after).
+    CHANGING = r"""
+attributes:
+  check_mode:
+    support: full
+    details: Returns the plan; nothing changes.
+  diff_mode:
+    support: full
+    details: Returns the chains before and after as a diff.
+  platform:
+    platforms: posix
+"""

@@ -15,16 +15,8 @@ version_added: "0.1.0"
 author: vdsm-blockops developers (@vdsm-blockops)
 extends_documentation_fragment:
   - vdsm.blockops.blockops
+  - vdsm.blockops.blockops.changing
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-    details: Returns the plan; nothing changes.
-  diff_mode:
-    support: full
-    details: Returns the chains before and after as a diff.
-  platform:
-    platforms: posix
 options:
   domain:
     description: Name or UUID of the running domain.
