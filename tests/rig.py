@@ -67,7 +67,7 @@ def four_layers() -> list[LayerSpec]:
 
 
 class Disk:
-    def __init__(self, vm: "VM", target: str, alias_index: int, layers: list[str], reference: str):
+    def __init__(self, vm: VM, target: str, alias_index: int, layers: list[str], reference: str):
         self.vm = vm
         self.target = target
         self.alias = f"virtio-disk{alias_index}"
@@ -212,13 +212,13 @@ class VM:
             f"<devices>{''.join(disks)}</devices></domain>"
         )
 
-    def define(self) -> "VM":
+    def define(self) -> VM:
         """Defined, never started: only the tool's own checks guard its images."""
         self.conn.defineXML(self.xml())
         self.created = True
         return self
 
-    def start(self, persistent: bool = True) -> "VM":
+    def start(self, persistent: bool = True) -> VM:
         if persistent:
             dom = self.conn.defineXML(self.xml())
             self.created = True  # defined: clean it up even if the start fails

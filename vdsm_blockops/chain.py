@@ -131,9 +131,9 @@ class Disk:
                 f"image reference {ref!r} is neither an absolute path nor "
                 f"{self.target}[N] index notation"
             )
-        wanted = image_key(ref)
+        wanted_key = image_key(ref)
         for pos, layer in enumerate(self.chain):
-            if layer.path and image_key(layer.path) == wanted:
+            if layer.path and image_key(layer.path) == wanted_key:
                 return pos
         raise UnknownImage(f"{ref} is not in the chain of {self.target}")
 
@@ -182,8 +182,8 @@ def _source(elem: etree._Element) -> tuple[str, str]:
     if src is None:
         return source_type, elem.get("file", "")
     for attr in ("file", "dev", "name", "volume"):
-        if src.get(attr):
-            name = src.get(attr)
+        name = src.get(attr)
+        if name:
             # libvirt joins relative backing names without normalising
             # (``img1/../tmpl/T``): clean local paths once, here.
             return source_type, clean_path(name) if attr in ("file", "dev") else name
@@ -202,7 +202,7 @@ def _index(elem: etree._Element) -> int | None:
 
 def _parse_disk(disk_elem: etree._Element) -> Disk:
     target_elem = disk_elem.find("target")
-    target = target_elem.get("dev") if target_elem is not None else ""
+    target = (target_elem.get("dev") or "") if target_elem is not None else ""
     driver = disk_elem.find("driver")
     source_type, path = _source(disk_elem)
     layers: list[Layer] = []

@@ -12,13 +12,20 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, errors
 from .config import load_config, require_local_uri
+from .model import ImageFormat, Method, Mode, Strategy, choices
+from .reports import Report, TextReport
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .jobs import Observer
+    from .virt import Connection
 
 log = logging.getLogger("vdsm_blockops")
-MIB = 1024 * 1024
 
 
 EXIT_CODES = """exit codes:
@@ -32,7 +39,7 @@ With --json stdout holds exactly one JSON object, on success and on failure."""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]  # argparse would print usage and exit 2
+    def error(self, message: str) -> NoReturn:  # argparse would print usage and exit 2
         # One program name per error line: main() prefixes "vdsm-blockops:".
         verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         raise errors.BadRequest(f"{verb}: {message}" if verb else message)
@@ -73,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
 
-    def verb(name: str, help_text: str, func: Callable, local: bool = True) -> argparse.ArgumentParser:
+    def verb(name: str, help_text: str, func: Callable[..., Report],
+             local: bool = True) -> argparse.ArgumentParser:
         """``local``: the verb reads, copies or deletes image files, so it
         may only drive the libvirt of this node."""
         sub = verbs.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES,
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disk", help="target name (vda) or 'all'")
     p.add_argument("--base", help="image kept as the backing (path or vda[N]); none: flatten")
     p.add_argument("--top", help="highest image of the segment (default: the active image)")
-    p.add_argument("--strategy", default="auto", choices=["auto", "pull", "commit"],
+    p.add_argument("--strategy", default="auto", choices=choices(Strategy, exclude=("noop",)),
                    help="how to merge (default auto: fewest bytes copied, never into a shared layer)")
     p.add_argument("--keep-relative", action="store_const", const=True, default=None,
                    help="keep relative backing names (default: when the chain already uses them)")
@@ -106,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("disk", help="target name (vda) or 'all' (then DEST is a folder)")
     p.add_argument("dest", help="path of the new active image")
-    p.add_argument("--mode", default="chain", choices=["chain", "full", "shallow"],
+    p.add_argument("--mode", default="chain", choices=choices(Mode),
                    help="what moves (default chain: every layer, keeping the snapshots)")
-    p.add_argument("--method", default="mirror", choices=["mirror", "snapshot-stream"],
+    p.add_argument("--method", default="mirror", choices=choices(Method),
                    help="how the active layer moves (default mirror)")
-    p.add_argument("--format", default="qcow2", choices=["qcow2", "raw"],
+    p.add_argument("--format", default="qcow2", choices=choices(ImageFormat),
                    help="DEST's format (default qcow2; raw only with --mode full)")
     p.add_argument("--reuse-external", action="store_true", help="DEST (and its layers) exist already")
     p.add_argument("--sync-writes", action="store_true",
@@ -168,21 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------- verbs
-def cmd_chain(args, env) -> dict:
-    from .inspect import describe_chains
+# Each verb builds a request, makes one library call and returns its report.
+def cmd_chain(args: argparse.Namespace, env: Env) -> Report:
+    from .node import describe_chains
 
-    report = describe_chains(env.conn.domain(args.domain), args.disk)
-    report.update(ok=True, operation="chain")
-    return report
-
-
-def cmd_jobs(args, env) -> dict:
-    from .inspect import list_jobs
-
-    return {"ok": True, "operation": "jobs", "jobs": list_jobs(env.conn, args.domain)}
+    return describe_chains(env.conn.domain(args.domain), args.disk)
 
 
-def cmd_merge(args, env) -> dict:
+def cmd_jobs(args: argparse.Namespace, env: Env) -> Report:
+    from .node import list_jobs
+
+    return list_jobs(env.conn, args.domain)
+
+
+def cmd_merge(args: argparse.Namespace, env: Env) -> Report:
     from .merge import MergeRequest, merge
 
     req = MergeRequest(
@@ -194,7 +201,7 @@ def cmd_merge(args, env) -> dict:
     return merge(env.context(progress=not args.no_wait and not args.dry_run), req)
 
 
-def cmd_relocate(args, env) -> dict:
+def cmd_relocate(args: argparse.Namespace, env: Env) -> Report:
     from .relocate import RelocateRequest, relocate
 
     req = RelocateRequest(
@@ -207,46 +214,25 @@ def cmd_relocate(args, env) -> dict:
     return relocate(env.context(progress=not args.no_wait and not args.dry_run), req)
 
 
-def cmd_snapshot(args, env) -> dict:
-    from .relocate import snapshot
+def cmd_snapshot(args: argparse.Namespace, env: Env) -> Report:
+    from .snapshot import snapshot
 
     return snapshot(env.context(), args.domain, args.disk, args.overlay, args.reuse_external)
 
 
-def cmd_abort(args, env) -> dict:
-    from .records import RecordStore
+def cmd_abort(args: argparse.Namespace, env: Env) -> Report:
+    from .control import abort
 
-    domain = env.conn.domain(args.domain)
-    domain.spec().disk(args.disk)
-    if domain.block_job_info(args.disk) is None:
-        raise errors.BadRequest(f"disk {args.disk} of {domain.name} has no block job")
-    domain.abort_job(args.disk, pivot=args.pivot)
-    report = {"ok": True, "operation": "abort", "domain": domain.name, "disk": args.disk,
-              "pivot": args.pivot}
-    # A job of ours (started with --no-wait): settle its record now, so that
-    # retired layers get registered and verify passes.
-    if args.disk in RecordStore(domain).load():
-        from .recover import recover
-
-        report["recover"] = recover(env.context(), domain.name)["records"]
-    report["chain_after"] = domain.spec().disk(args.disk).paths
-    return report
+    return abort(env.context(), args.domain, args.disk, args.pivot)
 
 
-def cmd_speed(args, env) -> dict:
-    from .ops import check_bandwidth
+def cmd_speed(args: argparse.Namespace, env: Env) -> Report:
+    from .control import speed
 
-    bandwidth = check_bandwidth(args.bandwidth)
-    domain = env.conn.domain(args.domain)
-    domain.spec().disk(args.disk)
-    if domain.block_job_info(args.disk) is None:
-        raise errors.BadRequest(f"disk {args.disk} of {domain.name} has no block job")
-    domain.set_speed(args.disk, bandwidth)
-    return {"ok": True, "operation": "speed", "domain": domain.name, "disk": args.disk,
-            "bandwidth_mib_s": bandwidth}
+    return speed(env.context(), args.domain, args.disk, args.bandwidth)
 
 
-def cmd_recover(args, env) -> dict:
+def cmd_recover(args: argparse.Namespace, env: Env) -> Report:
     from .recover import recover, recover_queued
 
     if args.queued:
@@ -254,7 +240,7 @@ def cmd_recover(args, env) -> dict:
     return recover(env.context(), args.domain, timeout_s=args.timeout)
 
 
-def cmd_hook(args, env) -> dict:
+def cmd_hook(args: argparse.Namespace, env: Env) -> Report:
     from . import hookctl
 
     hooks_dir = args.hooks_dir or hookctl.HOOKS_DIR
@@ -263,7 +249,7 @@ def cmd_hook(args, env) -> dict:
     return hookctl.uninstall(hooks_dir, reload=args.reload)
 
 
-def cmd_units(args, env) -> dict:
+def cmd_units(args: argparse.Namespace, env: Env) -> Report:
     from . import units
 
     unit_dir = args.unit_dir or units.UNIT_DIR
@@ -272,168 +258,62 @@ def cmd_units(args, env) -> dict:
     return units.uninstall(unit_dir, disable=args.enable)
 
 
-def cmd_verify(args, env) -> dict:
-    from .inspect import verify_domain
-    from .records import parse_records, METADATA_NS
+def cmd_verify(args: argparse.Namespace, env: Env) -> Report:
+    from .verification import verify
 
-    domain = env.conn.domain(args.domain)
-    problems = verify_domain(domain, args.disk, env.context().state)
-    for disk, record in parse_records(domain.get_metadata(METADATA_NS)).items():
-        if args.disk in (None, "all", disk):
-            problems.append(f"{disk}: unfinished {record.operation} (record {record.id}, "
-                            f"phase {record.phase.value})")
-    report = {"ok": not problems, "operation": "verify", "domain": domain.name,
-              "disk": args.disk or "all", "verified": not problems, "problems": problems}
-    if problems:
-        report["error"] = {"code": "verification-failed",
-                           "message": f"{len(problems)} problem(s) found"}
-    return report
+    return verify(env.conn.domain(args.domain), args.disk, env.context().state)
 
 
-def cmd_completion(args, env) -> dict:
+def cmd_completion(args: argparse.Namespace, env: Env) -> Report:
     import shtab
 
-    return {"ok": True, "operation": "completion",
-            "text": shtab.complete(build_parser(), shell=args.shell)}
+    return TextReport(operation="completion", text=shtab.complete(build_parser(), shell=args.shell))
 
 
-def cmd_manpage(args, env) -> dict:
+def cmd_manpage(args: argparse.Namespace, env: Env) -> Report:
     from argparse_manpage.manpage import Manpage
 
-    return {"ok": True, "operation": "manpage", "text": str(Manpage(build_parser()))}
+    return TextReport(operation="manpage", text=str(Manpage(build_parser())))
 
 
-# ------------------------------------------------------------- rendering
-def _size(value: int | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 1024 * MIB:
-        return f"{value / 1024 / MIB:.1f} GiB"
-    if value >= MIB:
-        return f"{value / MIB:.1f} MiB"
-    return f"{value / 1024:.0f} KiB"
-
-
-def render_text(result: dict) -> str:
-    op = result.get("operation")
-    lines: list[str] = []
-    if op == "chain":
-        lines.append(f"domain {result['domain']} ({'running' if result['active'] else 'shut off'})")
-        for disk in result["disks"]:
-            state = "metadata agrees" if disk["metadata_agrees"] else "METADATA DISAGREES"
-            origin = "" if disk.get("chain_from", "libvirt") == "libvirt" else \
-                ", from the images' metadata (no vda[N] indexes: name layers by path)"
-            lines.append(f"  {disk['disk']} ({disk['device']}): {len(disk['chain'])} layer(s), "
-                         f"{state}{origin}")
-            for pos, layer in enumerate(disk["chain"]):
-                idx = f"[{layer['index']}]" if layer["index"] is not None else "[-]"
-                role = " (active)" if pos == 0 else ""
-                lines.append(f"    {idx:>5} {layer['path']}  {layer['format'] or '?'}  "
-                             f"{_size(layer['allocation'])}{role}")
-            if disk["mirror"]:
-                m = disk["mirror"]
-                lines.append(f"    mirror ({m['job']}) -> {m['path']} ready={'yes' if m['ready'] else 'no'}")
-            lines += [f"    problem: {p}" for p in disk["problems"]]
-    elif op == "jobs":
-        if not result["jobs"]:
-            lines.append("no active block jobs")
-        for job in result["jobs"]:
-            pct = "?" if job["percent"] is None else f"{job['percent']:.1f}%"
-            bw = "unlimited" if not job["bandwidth_mib_s"] else f"{job['bandwidth_mib_s']:g} MiB/s"
-            lines.append(f"{job['domain']} {job['disk']}: {job['type']} {pct} "
-                         f"({job['cur']}/{job['end']}), bandwidth {bw}, ready={'yes' if job['ready'] else 'no'}")
-    elif op == "recover":
-        if not result["records"]:
-            lines.append("nothing to recover")
-        for rec in result["records"]:
-            why = f": {rec['message']}" if rec.get("message") else ""
-            lines.append(f"{rec['domain']} {rec['disk']}: {rec['operation']} {rec['record']} "
-                         f"(phase {rec['phase']}) {rec['result']}{why}")
-    elif op == "verify":
-        if result["ok"]:
-            lines.append(f"{result['domain']}: verified, no problems")
-        lines += [f"problem: {p}" for p in result["problems"]]
-    elif op in ("completion", "manpage"):
-        lines.append(result["text"].rstrip("\n"))
-    elif "results" in result:
-        for sub in result["results"]:
-            lines.append(render_text(sub))
-    elif op == "relocate":
-        verb = "would relocate" if result.get("dry_run") else "relocated"
-        lines.append(f"{result['domain']} {result['disk']}: {verb} ({result['mode']} mode, "
-                     f"{result['method']}), {_size(result['bytes_to_copy'])} to copy")
-        lines.append(f"  before: {' <- '.join(reversed(result['chain_before']))}")
-        lines.append(f"  after:  {' <- '.join(reversed(result['chain_after']))}")
-        if not result["pivot"]:
-            lines.append(f"  not pivoted: the VM stays on its source; copy at {result['dest']}")
-        if result.get("deleted"):
-            lines.append(f"  deleted: {', '.join(result['deleted'])}")
-        if result.get("verified"):
-            lines.append(f"  verified in {result.get('duration_s', 0):.2f} s")
-    elif op == "snapshot":
-        lines.append(f"{result['domain']} {result['disk']}: new overlay {result['overlay']}")
-        lines.append(f"  chain: {' <- '.join(reversed(result['chain_after']))}")
-    elif op == "merge":
-        verb = "would merge" if result.get("dry_run") else "merged"
-        if result["strategy"] == "noop":
-            lines.append(f"{result['domain']} {result['disk']}: nothing to merge (segment is one layer)")
-        else:
-            lines.append(f"{result['domain']} {result['disk']}: {verb} by {result['strategy']} "
-                         f"({result['libvirt_call']}), {_size(result['bytes_to_copy'])} to copy")
-        lines.append(f"  before: {' <- '.join(reversed(result['chain_before']))}")
-        lines.append(f"  after:  {' <- '.join(reversed(result['chain_after']))}")
-        for r in result["retired"]:
-            lines.append(f"  retired: {r['path']} ({'still a valid point in time' if r['valid'] else 'INVALID, never use again'})")
-        if result.get("deleted"):
-            lines.append(f"  deleted: {', '.join(result['deleted'])}")
-        if not result.get("dry_run") and not result.get("finished"):
-            lines.append("  job started; follow it with 'vdsm-blockops jobs'")
-        elif result.get("verified"):
-            lines.append(f"  verified in {result.get('duration_s', 0):.2f} s")
-    else:
-        for key, value in result.items():
-            if key != "ok":
-                lines.append(f"{key}: {value}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------- main
 class Env:
     """What a verb needs, opened lazily (hook/help need no libvirt)."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.config = load_config(args.config)
-        self._conn = None
-        self.json = args.json
+        self._conn: Connection | None = None
+        self._progress: Observer | None = None
+        self.json = bool(args.json)
 
     @property
     def uri(self) -> str:
-        return self.args.connect or self.config.connect
+        return str(self.args.connect or self.config.connect)
 
     @property
-    def conn(self):
+    def conn(self) -> Connection:
         if self._conn is None:
             from .virt import open_connection
 
             self._conn = open_connection(self.uri)
         return self._conn
 
-    def context(self, progress: bool = False):
-        from .ops import Context
+    def context(self, progress: bool = False) -> Context:
+        from .context import Context
         from .progress import make_progress
 
         self._progress = make_progress(progress and not self.json)
         return Context(conn=self.conn, config=self.config, observer=self._progress)
 
     def close(self) -> None:
-        progress = getattr(self, "_progress", None)
-        if progress is not None:
-            progress.close()
+        close = getattr(self._progress, "close", None)
+        if close is not None:
+            close()
         if self._conn is not None:
             self._conn.close()
 
 
+# ----------------------------------------------------------------- main
 class _ConsoleFormatter(logging.Formatter):
     """Tracebacks go to the log (syslog); on the terminal only with --debug."""
 
@@ -441,7 +321,7 @@ class _ConsoleFormatter(logging.Formatter):
         super().__init__("%(levelname)s %(message)s")
         self.debug = debug
 
-    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
         return super().formatException(ei) if self.debug else ""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -470,13 +350,24 @@ def _setup_logging(verbose: int, debug: bool) -> None:
             pass
 
 
-def _emit(result: dict, as_json: bool) -> None:
+def _emit(result: Report | dict[str, Any], as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(result, sort_keys=True, default=str) + "\n")
-    else:
-        text = render_text(result)
+        body = result.to_json() if isinstance(result, Report) else result
+        sys.stdout.write(json.dumps(body, sort_keys=True, default=str) + "\n")
+    elif isinstance(result, Report):
+        from .render import render
+
+        text = render(result)
         if text:
             print(text)
+
+
+def _fail(error: errors.BlockOpsError, as_json: bool) -> int:
+    if as_json:
+        _emit({"ok": False, "error": error.to_json()}, True)
+    else:
+        print(f"vdsm-blockops: error: {error}", file=sys.stderr)
+    return error.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,18 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         env = Env(args)
         if args.local:
             require_local_uri(env.uri)
-        result = args.func(args, env)
-        if as_json or not args.quiet or not result.get("ok", True):
-            _emit(result, as_json)
-        if not result.get("ok", True):
-            return 1
-        return 0
+        report = args.func(args, env)
+        if as_json or not args.quiet or not report.ok:
+            _emit(report, as_json)
+        return 0 if report.ok else 1
     except errors.BlockOpsError as exc:
-        if as_json:
-            _emit({"ok": False, "error": exc.to_json()}, True)
-        else:
-            print(f"vdsm-blockops: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(exc, as_json)
     except KeyboardInterrupt:
         print("vdsm-blockops: interrupted; the job (if any) goes on: see 'jobs' and 'recover'",
               file=sys.stderr)
@@ -509,12 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one error contract: exit 1 and one JSON object, whatever broke
         # The traceback goes to the log; on stderr only with --debug.
         log.error("unexpected error: %s", exc, exc_info=True, extra={"log_only": True})
-        error = errors.OperationFailed(f"{type(exc).__name__}: {exc}")
-        if as_json:
-            _emit({"ok": False, "error": error.to_json()}, True)
-        else:
-            print(f"vdsm-blockops: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _fail(errors.OperationFailed(f"{type(exc).__name__}: {exc}"), as_json)
     finally:
         if env is not None:
             env.close()

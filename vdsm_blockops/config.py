@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import yaml
 
@@ -50,7 +51,8 @@ def load_config(path: str | None = None) -> Config:
     unknown = sorted(set(data) - known)
     if unknown:
         raise BadRequest(f"config file {path}: unknown keys {', '.join(unknown)}")
-    return Config(**{key: _check(path, key, value) for key, value in data.items()})
+    checked: dict[str, Any] = {key: _check(path, key, value) for key, value in data.items()}
+    return Config(**checked)
 
 
 def _check(path: str, key: str, value: object) -> object:

@@ -21,26 +21,52 @@ which reads as one sentence::
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BlockOpsError(Exception):
-    """Root of all errors. ``code`` is the stable machine-readable name."""
+    """Root of all errors. ``code`` is the stable machine-readable name.
+
+    The optional fields say more where there is more to say; they appear
+    under ``details`` in the JSON error: ``record`` (the operation record
+    that holds a disk), ``holder`` (who holds its lock), ``problems`` (what
+    a verification found), ``results`` (each disk's report, for ``all``).
+    """
 
     exit_code = 1
     code = "failed"
 
-    def __init__(self, message: str, **details: object) -> None:
+    def __init__(self, message: str, *, record: str | None = None, holder: str | None = None,
+                 problems: list[str] | None = None,
+                 results: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.details = details
+        self.record = record
+        self.holder = holder
+        self.problems = problems
+        self.results = results
 
     def __str__(self) -> str:
         return self.message
 
-    def to_json(self) -> dict:
-        body = {"code": self.code, "message": self.message}
+    @property
+    def details(self) -> dict[str, Any]:
+        fields = {"record": self.record, "holder": self.holder, "problems": self.problems,
+                  "results": self.results}
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:
             body["details"] = self.details
         return body
+
+    def with_message(self, message: str, **fields: Any) -> BlockOpsError:
+        """The same kind of error with another message (and fields)."""
+        return type(self)(message, record=fields.get("record", self.record),
+                          holder=fields.get("holder", self.holder),
+                          problems=fields.get("problems", self.problems),
+                          results=fields.get("results", self.results))
 
 
 class BadRequest(BlockOpsError):

@@ -21,7 +21,8 @@ import select
 import signal
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from .chain import parse_domain
 from .config import load_config
@@ -149,7 +150,7 @@ def within_deadline(check: Callable[[], None], deadline_s: float) -> str | None:
     return None
 
 
-def run(argv: list[str], stdin, state: StateDir, deadline_s: float = DEADLINE_S) -> int:
+def run(argv: list[str], stdin: BinaryIO, state: StateDir, deadline_s: float = DEADLINE_S) -> int:
     if len(argv) < 3:
         return 0
     domain, op, sub = argv[0], argv[1], argv[2]
@@ -171,7 +172,7 @@ def run(argv: list[str], stdin, state: StateDir, deadline_s: float = DEADLINE_S)
     return 0
 
 
-def read_xml(stdin) -> bytes:
+def read_xml(stdin: BinaryIO) -> bytes:
     data = stdin.read(MAX_XML_BYTES + 1)
     if len(data) > MAX_XML_BYTES:
         raise ValueError(f"domain XML larger than {MAX_XML_BYTES} bytes; not parsed")

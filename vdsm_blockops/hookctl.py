@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from .errors import BadRequest, OperationFailed
+from .reports import InstallReport
 
 HOOKS_DIR = "/etc/libvirt/hooks/qemu.d"
 HOOK_NAME = "vdsm-blockops"
@@ -71,7 +72,8 @@ def reload_daemons() -> list[str]:
     return signalled
 
 
-def install(hooks_dir: str = HOOKS_DIR, config_path: str | None = None, reload: bool = False) -> dict:
+def install(hooks_dir: str = HOOKS_DIR, config_path: str | None = None,
+            reload: bool = False) -> InstallReport:
     path = os.path.join(hooks_dir, HOOK_NAME)
     tmp = path + ".tmp"
     try:
@@ -85,7 +87,7 @@ def install(hooks_dir: str = HOOKS_DIR, config_path: str | None = None, reload: 
     return _report("install", path, reload)
 
 
-def uninstall(hooks_dir: str = HOOKS_DIR, reload: bool = False) -> dict:
+def uninstall(hooks_dir: str = HOOKS_DIR, reload: bool = False) -> InstallReport:
     path = os.path.join(hooks_dir, HOOK_NAME)
     try:
         os.unlink(path)
@@ -94,10 +96,9 @@ def uninstall(hooks_dir: str = HOOKS_DIR, reload: bool = False) -> dict:
     return _report("uninstall", path, reload)
 
 
-def _report(action: str, path: str, reload: bool) -> dict:
+def _report(action: str, path: str, reload: bool) -> InstallReport:
     signalled = reload_daemons() if reload else []
     note = ("libvirtd reads its hooks when it starts or on SIGHUP; "
             + (f"signalled {', '.join(signalled)}" if signalled else
                "run again with --reload (or 'systemctl reload libvirtd') to apply it now"))
-    return {"ok": True, "operation": f"hook-{action}", "path": path, "reloaded": signalled,
-            "note": note}
+    return InstallReport(operation=f"hook-{action}", path=path, reloaded=signalled, note=note)

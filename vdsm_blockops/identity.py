@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 
 class ImageKey(NamedTuple):
@@ -28,11 +29,11 @@ class ImageKey(NamedTuple):
     ino: int
     path: str = ""
 
-    def to_json(self) -> list:
+    def to_json(self) -> list[object]:
         return [self.kind, self.dev, self.ino] if self.kind != "path" else ["path", self.path]
 
     @classmethod
-    def from_json(cls, body: object) -> "ImageKey | None":
+    def from_json(cls, body: object) -> ImageKey | None:
         if isinstance(body, list) and len(body) == 3 and body[0] in ("file", "block"):
             return cls(str(body[0]), int(body[1]), int(body[2]))
         return None

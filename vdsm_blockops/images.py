@@ -12,8 +12,8 @@ import errno
 import json
 import os
 import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from .chain import Disk
 from .errors import OperationFailed
@@ -56,7 +56,7 @@ def read_backing_chain(
     data = json.loads(run(argv + [path]))
     if isinstance(data, dict):
         data = [data]
-    infos = []
+    infos: list[ImageInfo] = []
     for pos, item in enumerate(data):
         # qemu-img names the first image as given and the others by their
         # resolved backing names; take the previous entry's resolved name.
@@ -102,13 +102,13 @@ def chain_problems(disk: Disk, images: Sequence[ImageInfo]) -> list[str]:
             f"{disk.target}: definition names {xml_paths} but image metadata "
             f"chain starts {img_paths[: len(xml_paths)]}"
         )
-    for layer, image in zip(disk.chain, images):
+    for layer, image in zip(disk.chain, images, strict=False):
         if layer.format and image.format and layer.format != image.format:
             problems.append(
                 f"{disk.target}: {layer.path} is {image.format} but libvirt "
                 f"uses it as {layer.format}"
             )
-    for upper, lower in zip(images, images[1:]):
+    for upper, lower in zip(images, images[1:], strict=False):
         if upper.backing_format and upper.backing_format != lower.format:
             problems.append(
                 f"{disk.target}: {upper.path} records backing format "
@@ -221,7 +221,8 @@ def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], size: int,
                 # The file's tail may end off a block: write it whole (the
                 # target was truncated to the exact size first and is cut
                 # back below).
-                written = os.pwritev(dst_fd, [view[:(got + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN]], offset)
+                whole = (got + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
+                written = os.pwritev(dst_fd, [view[:whole]], offset)
                 if got < min(length, aligned) or written < got:
                     raise OperationFailed(f"short copy of {src} at {offset}")
         except BaseException as exc:  # reported by the caller
@@ -255,7 +256,7 @@ def _reflink(src_fd: int, dst_fd: int) -> bool:
         return False
 
 
-def _data_extents(fd: int, size: int):
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """(start, end) of each data extent; the whole file if SEEK_DATA is unknown."""
     offset = 0
     while offset < size:

@@ -14,22 +14,21 @@ covered by the same "gone? then the XML decides" rule.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import queue
 import time
-from typing import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from . import errors
-from .virt import (
-    STATUS_CANCELED,
-    STATUS_COMPLETED,
-    STATUS_FAILED,
-    STATUS_READY,
-    BlockJobEvent,
-    Domain,
-    JobInfo,
-)
+from .model import BlockJobEvent, JobInfo, JobStatus
+
+if TYPE_CHECKING:  # the pure parts (and their tests) run without libvirt
+    from .context import Context
+    from .records import OperationRecord, RecordStore
+    from .virt import Domain
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,15 @@ class Outcome(enum.Enum):
 
 
 _FROM_STATUS = {
-    STATUS_COMPLETED: Outcome.COMPLETED,
-    STATUS_FAILED: Outcome.FAILED,
-    STATUS_CANCELED: Outcome.CANCELED,
-    STATUS_READY: Outcome.READY,
+    JobStatus.COMPLETED: Outcome.COMPLETED,
+    JobStatus.FAILED: Outcome.FAILED,
+    JobStatus.CANCELED: Outcome.CANCELED,
+    JobStatus.READY: Outcome.READY,
 }
+
+class _PollAgain(Exception):
+    """A poll that should be repeated at once (reconnected, passing error)."""
+
 
 # How long libvirtd may stay away before a waiting command gives up.
 RECONNECT_GRACE_S = 120.0
@@ -72,17 +75,17 @@ class JobWatch:
         self.disk = disk
         self.poll_interval_s = poll_interval_s
         self.clock = clock
-        self._events: queue.Queue = domain.conn.events.subscribe(domain.uuid, disk)
+        self._events: queue.Queue[BlockJobEvent] = domain.conn.events.subscribe(domain.uuid, disk)
         self.last_info: JobInfo | None = None
         self._errors = 0  # consecutive failed polls
 
     def close(self) -> None:
         self.domain.conn.events.unsubscribe(self.domain.uuid, self.disk, self._events)
 
-    def __enter__(self) -> "JobWatch":
+    def __enter__(self) -> JobWatch:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _next_event(self, wait_s: float) -> BlockJobEvent | None:
@@ -91,9 +94,9 @@ class JobWatch:
         except queue.Empty:
             return None
 
-    def _poll(self, give_up_at: float | None) -> JobInfo | None | bool:
-        """Job info, None when no job, or False to poll again (after a
-        reconnect or a passing error)."""
+    def _poll(self, give_up_at: float | None) -> JobInfo | None:
+        """Job info, or None when no job. Raises _PollAgain after a
+        reconnect or a passing error."""
         try:
             info = self.domain.block_job_info(self.disk)
             self._errors = 0
@@ -113,12 +116,12 @@ class JobWatch:
                 self._errors += 1
                 if self._errors >= 3:
                     raise
-                return False
+                raise _PollAgain() from None
         log.warning("lost libvirt while waiting on %s %s; reconnecting",
                     self.domain.name, self.disk)
         grace = self.clock() + RECONNECT_GRACE_S
         self.domain.conn.reconnect(min(grace, give_up_at) if give_up_at else grace)
-        return False
+        raise _PollAgain()
 
     def wait(
         self,
@@ -148,7 +151,8 @@ class JobWatch:
                 wait_s = min(wait_s, give_up_at - now)
             event = self._next_event(wait_s)
             if event is not None:
-                outcome = _FROM_STATUS.get(event.status)
+                outcome = _FROM_STATUS.get(JobStatus(event.status)) \
+                    if event.status in tuple(JobStatus) else None
                 log.debug("event %s on %s %s", event.status_name,
                           self.domain.name, self.disk)
                 if outcome is Outcome.READY and not until_ready:
@@ -157,16 +161,17 @@ class JobWatch:
                     return outcome
                 continue
             next_poll = self.clock() + self.poll_interval_s
-            info = self._poll(give_up_at)
-            if info is False:
+            try:
+                info = self._poll(give_up_at)
+            except _PollAgain:
                 next_poll = self.clock()  # reconnected: look again at once
                 continue
             if info is None:
                 # Gone. The terminal event may still be on its way from
                 # the loop thread: give it a moment before saying VANISHED.
                 event = self._next_event(0.2)
-                if event is not None and event.status in _FROM_STATUS:
-                    outcome = _FROM_STATUS[event.status]
+                if event is not None and event.status in tuple(JobStatus):
+                    outcome = _FROM_STATUS[JobStatus(event.status)]
                     if outcome is not Outcome.READY:
                         return outcome
                 return Outcome.VANISHED
@@ -175,3 +180,130 @@ class JobWatch:
                 observer(self.disk, info)
             if until_ready and ready_check is not None and ready_check():
                 return Outcome.READY
+
+
+class JobRunner:
+    """Runs one block job on one disk to its end -- pivot included -- and
+    records its phases; or follows a job that is already running (recover)."""
+
+    def __init__(self, ctx: Context, domain: Domain, disk: str,
+                 store: RecordStore, record: OperationRecord) -> None:
+        self.ctx = ctx
+        self.domain = domain
+        self.disk = disk
+        self.store = store
+        self.record = record
+
+    def _watch(self) -> JobWatch:
+        return JobWatch(self.domain, self.disk, poll_interval_s=self.ctx.config.poll_interval_s,
+                        clock=self.ctx.clock, sleep=self.ctx.sleep)
+
+    def mirror_ready(self) -> bool:
+        disk = self.domain.spec().disk(self.disk)
+        return bool(disk.mirror and disk.mirror.is_ready)
+
+    def run(self, start: Callable[[], None], *, two_phase: bool, pivot: bool,
+            timeout_s: float | None, wait: bool) -> Outcome | None:
+        """Start the job and wait. Returns COMPLETED / VANISHED (caller
+        checks the XML), CANCELED for a two-phase job deliberately ended
+        without pivot, or None with ``wait=False``. Raises JobFailed,
+        JobTimeout (after aborting the job)."""
+        from .records import Phase
+
+        with self._watch() as watch:
+            start()
+            self.store.advance(self.record, Phase.STARTED)
+            if not wait:
+                return None
+            return self._wait(watch, two_phase, pivot, timeout_s, record_phases=True)
+
+    def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None) -> Outcome:
+        """Wait on the job already running on the disk, as ``run`` would."""
+        with self._watch() as watch:
+            return self._wait(watch, two_phase, pivot, timeout_s, record_phases=False)
+
+    def _wait(self, watch: JobWatch, two_phase: bool, pivot: bool, timeout_s: float | None,
+              record_phases: bool) -> Outcome:
+        from .records import Phase
+
+        try:
+            outcome = watch.wait(until_ready=two_phase, timeout_s=timeout_s,
+                                 observer=self.ctx.observer,
+                                 ready_check=self.mirror_ready if two_phase else None)
+        except errors.JobTimeout:
+            self._abort_after_timeout()
+            raise
+        if outcome in (Outcome.FAILED, Outcome.CANCELED):
+            raise errors.JobFailed(
+                f"the block job on {self.domain.name} {self.disk} ended {outcome.value}")
+        if not two_phase:
+            return outcome
+        if outcome is not Outcome.READY:
+            raise errors.JobFailed(
+                f"the block job on {self.domain.name} {self.disk} ended "
+                f"({outcome.value}) before it was ready to pivot")
+        if record_phases:
+            self.store.advance(self.record, Phase.READY)
+        if not pivot:
+            self.domain.abort_job(self.disk, pivot=False)
+            return Outcome.CANCELED
+        self.pivot()
+        if record_phases:
+            self.store.advance(self.record, Phase.PIVOTED)
+        return Outcome.COMPLETED
+
+    def pivot(self) -> None:
+        """Pivot once ready, retrying libvirt's "not ready" a bounded number
+        of times (QEMU may drop out of ready briefly under guest writes)."""
+        retries = self.ctx.config.pivot_retries
+        for attempt in range(retries + 1):
+            try:
+                self.domain.abort_job(self.disk, pivot=True)
+                return
+            except errors.PivotNotReady:
+                if attempt == retries:
+                    raise errors.JobFailed(
+                        f"{self.domain.name} {self.disk}: mirror never became "
+                        f"ready for pivot after {retries} retries") from None
+                log.info("pivot not ready yet on %s %s (try %d)", self.domain.name,
+                         self.disk, attempt + 1)
+                self.ctx.sleep(0.5)
+
+    def _abort_after_timeout(self) -> None:
+        try:
+            self.domain.abort_job(self.disk, pivot=False)
+        except errors.BlockOpsError as exc:
+            log.warning("abort after timeout on %s %s: %s", self.domain.name, self.disk, exc)
+
+
+def running_pull(domain: Domain, exclude: str) -> str | None:
+    """The disk of ``domain`` (other than ``exclude``) with a pull job."""
+    for disk in domain.spec().disks:
+        if disk.target == exclude or not disk.chain or disk.device != "disk":
+            continue
+        info = domain.block_job_info(disk.target)
+        if info is not None and info.job_type == "pull":
+            return disk.target
+    return None
+
+
+@contextlib.contextmanager
+def exclusive_pull(ctx: Context, domain: Domain, target: str, wait: bool) -> Iterator[None]:
+    """Start a pull only while no other pull runs in the VM (QEMU 7.2 can
+    crash when two end together, see ``StateDir.stream_lock``).
+
+    The lock serialises the processes starting or waiting on pulls; a pull
+    started with --no-wait outlives its starter, so the running jobs are
+    looked at too. Waiting callers wait their turn (and hold the lock for
+    their whole job); ``wait=False`` is refused with Conflict (exit 4)
+    naming the running pull, before anything changed."""
+    with ctx.state.stream_lock(domain.uuid, wait=wait):
+        while (other := running_pull(domain, exclude=target)) is not None:
+            if not wait:
+                raise errors.Conflict(
+                    f"a block pull is running on {domain.name} {other}; pulls of one VM "
+                    "run one at a time (QEMU 7.2 can crash when two end together): "
+                    "wait for it, or merge without --no-wait to queue behind it")
+            log.info("%s %s: waiting for the pull on %s to end", domain.name, target, other)
+            ctx.sleep(ctx.config.poll_interval_s)
+        yield

@@ -19,13 +19,13 @@ this function's output.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .chain import Disk
 from .errors import BadRequest, UnsafeRequest
-
-STRATEGIES = ("auto", "pull", "commit")
+from .model import Strategy
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class RetiredLayer:
 @dataclass(frozen=True)
 class MergePlan:
     disk: str
-    strategy: str  # pull | commit | noop
+    strategy: Strategy  # pull | commit | noop
     base: str | None  # path kept as backing (None: X becomes standalone)
     top: str
     result: str  # X, the image that holds the segment afterwards
@@ -52,21 +52,31 @@ class MergePlan:
     @property
     def two_phase(self) -> bool:
         """Active commit ends only by a pivot."""
-        return self.strategy == "commit" and self.active
+        return self.strategy is Strategy.COMMIT and self.active
 
     @property
     def libvirt_call(self) -> str:
-        if self.strategy == "pull":
+        if self.strategy is Strategy.PULL:
             return f"blockRebase({self.disk}, base={self.base})"
-        if self.strategy == "commit":
+        if self.strategy is Strategy.COMMIT:
             flags = " ACTIVE, then pivot" if self.active else ""
             return f"blockCommit({self.disk}, base={self.result}, top={self.top}){flags}"
         return "none"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         body = asdict(self)
+        body["strategy"] = self.strategy.value
         body["libvirt_call"] = self.libvirt_call
         return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> MergePlan:
+        """The plan an operation record holds."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in body.items() if k in names}
+        values["strategy"] = Strategy(values["strategy"])
+        values["retired"] = [RetiredLayer(**r) for r in values.get("retired", [])]
+        return cls(**values)
 
 
 def plan_merge(
@@ -74,7 +84,7 @@ def plan_merge(
     *,
     top_pos: int,
     base_pos: int | None,
-    strategy: str = "auto",
+    strategy: Strategy | str = Strategy.AUTO,
     allocation: Mapping[str, int],
     users: Mapping[str, Sequence[str]] | None = None,
 ) -> MergePlan:
@@ -84,10 +94,9 @@ def plan_merge(
     ends up standalone. ``allocation`` maps path -> allocated bytes;
     ``users`` maps path -> other chains ("domain/disk") using that image.
     """
-    if strategy not in STRATEGIES:
-        raise BadRequest(
-            f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})"
-        )
+    if strategy not in ("auto", "pull", "commit"):  # NOOP is a plan, never a request
+        raise BadRequest(f"unknown strategy {strategy!r} (choose from auto, pull, commit)")
+    strategy = Strategy(strategy)
     chain = disk.paths
     users = users or {}
     end = len(chain) if base_pos is None else base_pos
@@ -102,12 +111,12 @@ def plan_merge(
     base = chain[base_pos] if base_pos is not None else None
     top = chain[top_pos]
     active = top_pos == 0
-    common = dict(
+    common: dict[str, Any] = dict(
         disk=disk.target, base=base, top=top, active=active, chain_before=list(chain)
     )
     if len(segment) == 1:
         return MergePlan(
-            strategy="noop", result=top, chain_after=list(chain), retired=[],
+            strategy=Strategy.NOOP, result=top, chain_after=list(chain), retired=[],
             bytes_to_copy=0, **common,
         )
 
@@ -124,14 +133,14 @@ def plan_merge(
     )
     alternatives = {"pull": pull_cost, "commit": commit_cost}
 
-    if strategy == "auto":
+    if strategy is Strategy.AUTO:
         if isinstance(pull_cost, int) and (
             not isinstance(commit_cost, int) or pull_cost <= commit_cost
         ):
             # Ties go to pull: it leaves the retired layers valid.
-            chosen = "pull"
+            chosen = Strategy.PULL
         elif isinstance(commit_cost, int):
-            chosen = "commit"
+            chosen = Strategy.COMMIT
         else:
             raise UnsafeRequest(
                 f"cannot merge {disk.target}: a pull needs the active image as "
@@ -140,18 +149,18 @@ def plan_merge(
             )
     else:
         chosen = strategy
-    if chosen == "pull" and not isinstance(pull_cost, int):
+    if chosen is Strategy.PULL and not isinstance(pull_cost, int):
         raise BadRequest(
             f"strategy pull needs the active image as TOP; {top} is an "
             f"internal layer of {disk.target} (use commit or auto)"
         )
-    if chosen == "commit" and not isinstance(commit_cost, int):
+    if chosen is Strategy.COMMIT and not isinstance(commit_cost, int):
         raise UnsafeRequest(
             f"refusing to commit into {lowest}: it is also used by "
             f"{', '.join(lowest_users)}, whose data would change"
         )
 
-    if chosen == "pull":
+    if chosen is Strategy.PULL:
         result = top
         retired = [RetiredLayer(p, True) for p in segment[1:]]
         bytes_to_copy = pull_cost

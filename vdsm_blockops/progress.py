@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
-from .virt import JobInfo
+from .model import JobInfo
 
 
 class LineProgress:
@@ -45,7 +45,7 @@ class BarProgress:
 
         self._tqdm = tqdm
         self.stream = stream
-        self._bars: dict[str, object] = {}
+        self._bars: dict[str, Any] = {}  # tqdm bars (untyped)
         self._lock = threading.Lock()
 
     def __call__(self, disk: str, info: JobInfo) -> None:
@@ -70,7 +70,8 @@ class BarProgress:
             self._bars.clear()
 
 
-def make_progress(enabled: bool, stream: TextIO = sys.stderr):
+def make_progress(enabled: bool,
+                  stream: TextIO = sys.stderr) -> LineProgress | BarProgress | None:
     if not enabled:
         return None
     if stream.isatty():

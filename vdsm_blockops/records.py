@@ -17,8 +17,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lxml import etree
 
@@ -26,12 +27,26 @@ from .chain import METADATA_NS, parse_xml
 from .errors import Conflict, StateError
 from .identity import ImageKey, existing_key, image_key
 
+if TYPE_CHECKING:
+    from .state import StateDir
+
 log = logging.getLogger(__name__)
+
+
+class MetadataHolder(Protocol):
+    """What a record store needs of a domain (``virt.Domain``, or a fake)."""
+
+    name: str
+    uuid: str
+
+    def get_metadata(self, namespace: str) -> str | None: ...
+    def set_metadata(self, xml: str | None, key: str, namespace: str,
+                     config: bool = True) -> None: ...
 
 METADATA_KEY = "blockops"
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     PLANNED = "planned"  # record written, nothing changed yet
     PREPARED = "prepared"  # files created (overlays, copied layers)
     STARTED = "started"  # block job started
@@ -57,25 +72,25 @@ TRANSITIONS: dict[Phase, set[Phase]] = {
 class OperationRecord:
     operation: str  # merge | relocate
     disk: str
-    request: dict
-    plan: dict
+    request: dict[str, Any]
+    plan: dict[str, Any]
     phase: Phase = Phase.PLANNED
     id: str = field(default_factory=lambda: os.urandom(6).hex())
     # Files this operation created, each {"path", "id"}: entered only after
     # the file was made exclusively (O_EXCL), so recover never deletes a
     # file that was there before; and recover deletes only while the path
     # still names that same file.
-    created_files: list[dict] = field(default_factory=list)
+    created_files: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         body["phase"] = self.phase.value
         return body
 
     @classmethod
-    def from_json(cls, body: dict) -> "OperationRecord":
+    def from_json(cls, body: dict[str, Any]) -> OperationRecord:
         body = dict(body)
         body["phase"] = Phase(body.get("phase", Phase.PLANNED.value))
         # Records of earlier versions listed bare paths, some never created:
@@ -86,7 +101,7 @@ class OperationRecord:
     def created_paths(self) -> list[str]:
         return [f["path"] for f in self.created_files]
 
-    def still_ours(self, entry: dict) -> bool:
+    def still_ours(self, entry: dict[str, Any]) -> bool:
         """Whether ``entry``'s path still names the file we created."""
         key = ImageKey.from_json(entry.get("id"))
         return key is not None and image_key(entry["path"]) == key
@@ -133,7 +148,7 @@ class RecordStore:
     _locks: dict[str, threading.Lock] = {}
     _locks_guard = threading.Lock()
 
-    def __init__(self, domain, state=None) -> None:
+    def __init__(self, domain: MetadataHolder, state: StateDir | None = None) -> None:
         self.domain = domain
         self.state = state  # a StateDir: its flock covers other processes
         with self._locks_guard:
@@ -173,7 +188,7 @@ class RecordStore:
         log.info("%s %s %s: %s recorded (%s)", self.domain.name, record.disk,
                  record.id, record.operation, record.phase.value)
 
-    def advance(self, record: OperationRecord, phase: Phase, **changes) -> None:
+    def advance(self, record: OperationRecord, phase: Phase, **changes: Any) -> None:
         if phase is not Phase.ROLLING_BACK and phase not in TRANSITIONS[record.phase]:
             raise StateError(
                 f"record {record.id}: no transition {record.phase.value} -> {phase.value}"

@@ -13,7 +13,8 @@ import fcntl
 import json
 import os
 import time
-from typing import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .errors import Conflict
 from .identity import ImageKey, clean_path, existing_key, image_key
@@ -51,7 +52,7 @@ class StateDir:
         return os.path.join(self.path, REGISTRY_NAME)
 
     # -- invalidated images
-    def invalidated(self) -> dict[str, dict]:
+    def invalidated(self) -> dict[str, dict[str, Any]]:
         """path -> why it was invalidated (and the image's identity under
         ``id``). Missing registry = empty."""
         try:
@@ -84,7 +85,7 @@ class StateDir:
                 }
             write_json_atomic(self.registry_path, data)
 
-    def forget(self, paths: list[str], keys: list[ImageKey] = ()) -> None:
+    def forget(self, paths: list[str], keys: Sequence[ImageKey] = ()) -> None:
         """Drop entries (e.g. after the files were deleted): those under
         ``paths`` and those of the images ``keys`` (taken before deleting)."""
         with self._registry_lock():
@@ -95,7 +96,7 @@ class StateDir:
                     del data[name]
             write_json_atomic(self.registry_path, data)
 
-    def invalid_lookup(self) -> "InvalidImages":
+    def invalid_lookup(self) -> InvalidImages:
         return InvalidImages(self.invalidated())
 
     @contextlib.contextmanager
@@ -137,7 +138,7 @@ class StateDir:
         """Hold the node-wide lock of one disk, or raise Conflict at once."""
         self._ensure()
         path = os.path.join(self.path, "locks", f"{domain_uuid}-{disk}.lock")
-        handle = open(path, "a+", encoding="utf-8")
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (closed in finally)
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,10 +164,10 @@ class InvalidImages:
     named by any path that resolves to the recorded file or device, or by
     the recorded path itself."""
 
-    def __init__(self, data: dict[str, dict]) -> None:
+    def __init__(self, data: dict[str, dict[str, Any]]) -> None:
         self.data = data
-        self._by_key: dict[ImageKey, dict] = {}
-        for name, entry in data.items():
+        self._by_key: dict[ImageKey, dict[str, Any]] = {}
+        for entry in data.values():
             key = ImageKey.from_json(entry.get("id"))
             if key is not None:
                 self._by_key[key] = entry
@@ -174,7 +175,7 @@ class InvalidImages:
     def __bool__(self) -> bool:
         return bool(self.data)
 
-    def why(self, path: str) -> dict | None:
+    def why(self, path: str) -> dict[str, Any] | None:
         if not self.data:
             return None
         entry = self.data.get(clean_path(path))

@@ -12,6 +12,7 @@ import sys
 
 from .config import Config
 from .errors import BadRequest, OperationFailed
+from .reports import InstallReport
 
 UNIT_DIR = "/etc/systemd/system"
 NAMES = ("vdsm-blockops-recover.service", "vdsm-blockops-recover.path",
@@ -69,7 +70,7 @@ def unit_texts(config: Config, config_path: str | None) -> dict[str, str]:
 
 
 def install(config: Config, config_path: str | None, unit_dir: str = UNIT_DIR,
-            enable: bool = False) -> dict:
+            enable: bool = False) -> InstallReport:
     written = []
     try:
         os.makedirs(unit_dir, mode=0o755, exist_ok=True)
@@ -81,18 +82,18 @@ def install(config: Config, config_path: str | None, unit_dir: str = UNIT_DIR,
             written.append(path)
     except OSError as exc:
         raise OperationFailed(f"cannot write the units to {unit_dir}: {exc}") from exc
-    report = {"ok": True, "operation": "units-install", "units": written, "enabled": False}
+    report = InstallReport(operation="units-install", units=written, enabled=False)
     if enable:
         _systemctl("daemon-reload")
         _systemctl("enable", "--now", "vdsm-blockops-recover.path", "vdsm-blockops-recover.timer")
-        report["enabled"] = True
+        report.enabled = True
     else:
-        report["note"] = ("run 'systemctl daemon-reload; systemctl enable --now "
-                          "vdsm-blockops-recover.path vdsm-blockops-recover.timer' (or --enable)")
+        report.note = ("run 'systemctl daemon-reload; systemctl enable --now "
+                       "vdsm-blockops-recover.path vdsm-blockops-recover.timer' (or --enable)")
     return report
 
 
-def uninstall(unit_dir: str = UNIT_DIR, disable: bool = False) -> dict:
+def uninstall(unit_dir: str = UNIT_DIR, disable: bool = False) -> InstallReport:
     if disable:
         _systemctl("disable", "--now", "vdsm-blockops-recover.path", "vdsm-blockops-recover.timer")
     removed = []
@@ -103,7 +104,7 @@ def uninstall(unit_dir: str = UNIT_DIR, disable: bool = False) -> dict:
             removed.append(path)
     if not removed:
         raise BadRequest(f"no vdsm-blockops units in {unit_dir}")
-    return {"ok": True, "operation": "units-uninstall", "units": removed}
+    return InstallReport(operation="units-uninstall", units=removed)
 
 
 def _systemctl(*args: str) -> None:

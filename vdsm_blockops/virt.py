@@ -10,38 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import libvirt
 
 from . import errors
 from .chain import DomainSpec, parse_domain
+from .model import JOB_TYPE_NAMES, BlockJobEvent, EventHub, JobInfo, JobStatus
 
 log = logging.getLogger(__name__)
 
-# libvirt constants, named once.
-JOB_TYPE_NAMES = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
-    5: "backup",  # VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP
-}
-STATUS_COMPLETED = libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED
-STATUS_FAILED = libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED
-STATUS_CANCELED = libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED
-STATUS_READY = libvirt.VIR_DOMAIN_BLOCK_JOB_READY
-STATUS_NAMES = {
-    STATUS_COMPLETED: "completed",
-    STATUS_FAILED: "failed",
-    STATUS_CANCELED: "canceled",
-    STATUS_READY: "ready",
-}
-
+# libvirt constants, named once. Job types and statuses live in model.py
+# (libvirt-free); their numbers are libvirt's ABI, checked here.
+assert tuple(JobStatus) == (libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED, libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED,
+        libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED, libvirt.VIR_DOMAIN_BLOCK_JOB_READY)
+assert libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT == 4 and libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL == 1
 REBASE_RELATIVE = libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE
 COMMIT_ACTIVE = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
 COMMIT_RELATIVE = libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE
@@ -128,51 +113,6 @@ def start_event_loop() -> None:
         _loop_started = True
 
 
-# ---------------------------------------------------------------- events
-@dataclass(frozen=True)
-class BlockJobEvent:
-    domain_uuid: str
-    disk: str
-    job_type: str
-    status: int
-
-    @property
-    def status_name(self) -> str:
-        return STATUS_NAMES.get(self.status, str(self.status))
-
-
-class EventHub:
-    """Fans BLOCK_JOB_2 events out to per-(domain, disk) queues.
-
-    Callbacks run on the loop thread: they only put into queues. The hub
-    outlives connections, so a waiter keeps its queue across a reconnect.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queues: dict[tuple[str, str], list[queue.Queue]] = {}
-
-    def subscribe(self, domain_uuid: str, disk: str) -> queue.Queue:
-        q: queue.Queue = queue.Queue()
-        with self._lock:
-            self._queues.setdefault((domain_uuid, disk), []).append(q)
-        return q
-
-    def unsubscribe(self, domain_uuid: str, disk: str, q: queue.Queue) -> None:
-        with self._lock:
-            subs = self._queues.get((domain_uuid, disk), [])
-            if q in subs:
-                subs.remove(q)
-            if not subs:
-                self._queues.pop((domain_uuid, disk), None)
-
-    def publish(self, event: BlockJobEvent) -> None:
-        with self._lock:
-            subs = list(self._queues.get((event.domain_uuid, event.disk), []))
-        for q in subs:
-            q.put(event)
-
-
 # ------------------------------------------------------------ connection
 class Connection:
     """A libvirt connection that notices when libvirtd goes away and can
@@ -212,11 +152,12 @@ class Connection:
         self._closed.clear()
         self.generation += 1
 
-    def _on_close(self, _conn, reason, _opaque) -> None:
+    def _on_close(self, _conn: object, reason: int, _opaque: object) -> None:
         log.warning("connection to %s closed (reason %s)", self.uri, reason)
         self._closed.set()
 
-    def _on_block_job(self, _conn, dom, disk, job_type, status, _opaque) -> None:
+    def _on_block_job(self, _conn: object, dom: libvirt.virDomain, disk: str, job_type: int,
+                      status: int, _opaque: object) -> None:
         self.events.publish(
             BlockJobEvent(
                 domain_uuid=dom.UUIDString(),
@@ -231,7 +172,7 @@ class Connection:
         if self._closed.is_set() or self._conn is None:
             return False
         try:
-            return self._conn.isAlive() == 1
+            return bool(self._conn.isAlive() == 1)
         except libvirt.libvirtError:
             return False
 
@@ -276,7 +217,7 @@ class Connection:
         return self._conn
 
     # -- domains
-    def domain(self, name_or_uuid: str) -> "Domain":
+    def domain(self, name_or_uuid: str) -> Domain:
         with libvirt_errors(f"domain {name_or_uuid}"):
             try:
                 dom = self.raw.lookupByName(name_or_uuid)
@@ -291,27 +232,10 @@ class Connection:
                     ) from None
         return Domain(self, dom)
 
-    def domains(self, active_only: bool = False) -> list["Domain"]:
+    def domains(self, active_only: bool = False) -> list[Domain]:
         flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
         with libvirt_errors("listing domains"):
             return [Domain(self, d) for d in self.raw.listAllDomains(flags)]
-
-
-@dataclass(frozen=True)
-class JobInfo:
-    disk: str
-    job_type: str
-    cur: int
-    end: int
-    bandwidth_bytes_s: int
-
-    @property
-    def percent(self) -> float | None:
-        # cur/end are opaque cursors; only their ratio means something, and
-        # 0/1 means "unknown yet" (libvirt docs).
-        if self.end <= 0 or (self.cur == 0 and self.end == 1):
-            return None
-        return round(100.0 * self.cur / self.end, 1)
 
 
 class Domain:
@@ -344,7 +268,7 @@ class Domain:
 
     def xml(self, inactive: bool = False) -> str:
         with libvirt_errors(f"XML of {self.name}"):
-            return self._live().XMLDesc(XML_INACTIVE if inactive else 0)
+            return str(self._live().XMLDesc(XML_INACTIVE if inactive else 0))
 
     def spec(self, inactive: bool = False) -> DomainSpec:
         return parse_domain(self.xml(inactive))
@@ -376,7 +300,13 @@ class Domain:
         with libvirt_errors(f"block commit on {self.name} {disk}"):
             self._live().blockCommit(disk, base, top, bandwidth_mib_s, flags)
 
-    def copy(self, disk: str, dest_xml: str, flags: int, bandwidth_mib_s: int = 0) -> None:
+    def copy(self, disk: str, dest_xml: str, *, shallow: bool, reuse_external: bool,
+             transient: bool, sync_writes: bool = False, bandwidth_mib_s: int = 0) -> None:
+        """blockCopy onto ``dest_xml``. ``transient``: libvirt 9 refuses a
+        copy of a persistent domain's disk without TRANSIENT_JOB."""
+        flags = ((COPY_SHALLOW if shallow else 0) | (COPY_REUSE_EXT if reuse_external else 0)
+                 | (COPY_TRANSIENT_JOB if transient else 0)
+                 | (COPY_SYNCHRONOUS_WRITES if sync_writes else 0))
         params = {"bandwidth": bandwidth_mib_s * MIB} if bandwidth_mib_s else {}
         with libvirt_errors(f"block copy on {self.name} {disk}"):
             self._live().blockCopy(disk, dest_xml, params, flags)
@@ -412,7 +342,8 @@ class Domain:
     def get_metadata(self, namespace: str, inactive: bool = False) -> str | None:
         flags = AFFECT_CONFIG if inactive else 0
         try:
-            return self._live().metadata(METADATA_ELEMENT, namespace, flags)
+            xml: str | None = self._live().metadata(METADATA_ELEMENT, namespace, flags)
+            return xml
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
                 return None

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 
 import pytest
-
 import rig
 
 

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 import rig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,6 +1,5 @@
 """Several processes on one VM, and recover with the VM shut off."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import time
 import rig
 from rig import LayerSpec, Write
 from test_faults import background, settle
-from test_merge import finish, registry, wait_for_job
+from test_merge import registry, wait_for_job
 
 
 def two_disk_vm(make_vm):
@@ -22,8 +21,8 @@ def two_disk_vm(make_vm):
 
 
 def records(vm):
-    from vdsm_blockops.records import parse_records
     from vdsm_blockops.chain import METADATA_NS
+    from vdsm_blockops.records import parse_records
 
     try:
         return parse_records(vm.dom.metadata(2, METADATA_NS, 0))  # 2: METADATA_ELEMENT

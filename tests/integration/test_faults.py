@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 import rig
 from rig import LayerSpec, Write
 from test_merge import finish, wait_for_job

@@ -6,7 +6,6 @@ import time
 
 import libvirt
 import pytest
-
 import rig
 
 HOOKS_DIR = "/etc/libvirt/hooks/qemu.d"

@@ -8,10 +8,8 @@ changed; a shared layer is never written and never deleted."""
 import hashlib
 import json
 import os
-import subprocess
 
 import pytest
-
 import rig
 from rig import LayerSpec, Write
 

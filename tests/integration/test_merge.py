@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 import rig
 from rig import LayerSpec, Write
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 import rig
 from rig import LayerSpec, Write
 from test_merge import finish, wait_for_job

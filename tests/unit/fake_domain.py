@@ -8,7 +8,7 @@ import collections
 
 from vdsm_blockops import errors
 from vdsm_blockops.chain import parse_domain
-from vdsm_blockops.virt import STATUS_COMPLETED, STATUS_READY, BlockJobEvent, EventHub, JobInfo
+from vdsm_blockops.model import BlockJobEvent, EventHub, JobInfo, JobStatus
 
 
 class FakeConnection:
@@ -50,7 +50,7 @@ class FakeDomain:
     def finish(self, with_event=True):
         self.job = None
         if with_event:
-            self.emit(STATUS_COMPLETED)
+            self.emit(JobStatus.COMPLETED)
 
     # -- the Domain surface
     def block_job_info(self, disk):
@@ -87,4 +87,4 @@ class FakeDomain:
     def set_metadata(self, xml, key, namespace, config=True):
         self.metadata = xml
 
-    READY = STATUS_READY
+    READY = JobStatus.READY

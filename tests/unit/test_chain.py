@@ -106,7 +106,7 @@ def test_very_long_chain_parses():
     ("<disk type='file' device='disk'><target dev='vda'/></disk>", "no image"),
 ])
 def test_disks_block_jobs_cannot_handle_are_refused(xml, words):
-    from vdsm_blockops.ops import check_disk_supported
+    from vdsm_blockops.context import check_disk_supported
 
     disk = parse_domain(f"<domain><name>x</name><devices>{xml}</devices></domain>").disks[0]
     with pytest.raises(BadRequest, match=words):

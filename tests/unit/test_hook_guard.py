@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from vdsm_blockops.chain import METADATA_NS
 from vdsm_blockops.hook import run
 from vdsm_blockops.records import OperationRecord, render_records
 from vdsm_blockops.state import StateDir
-from vdsm_blockops.chain import METADATA_NS
 
 
 def make_chain(folder):

@@ -8,8 +8,15 @@ import pytest
 
 from vdsm_blockops.chain import Disk, Layer, check_reference, parse_domain
 from vdsm_blockops.errors import UnknownImage, UnsafeRequest
-from vdsm_blockops.identity import (ImageKey, ImageSet, clean_path, device_size, image_key,
-                                    same_image, under_root)
+from vdsm_blockops.identity import (
+    ImageKey,
+    ImageSet,
+    clean_path,
+    device_size,
+    image_key,
+    same_image,
+    under_root,
+)
 from vdsm_blockops.images import content_difference, copy_image_file
 from vdsm_blockops.planner import plan_merge
 from vdsm_blockops.records import OperationRecord
@@ -159,7 +166,7 @@ def test_copy_and_proof_of_a_file_with_holes(tmp_path):
 
 def test_failures_after_a_change_are_never_exit_2():
     from vdsm_blockops import errors
-    from vdsm_blockops.ops import as_failure
+    from vdsm_blockops.context import as_failure
 
     gone = as_failure(errors.BadRequest("domain is not running"))
     assert type(gone) is errors.OperationFailed and gone.exit_code == 1

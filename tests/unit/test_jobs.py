@@ -3,14 +3,14 @@
 import itertools
 
 import pytest
-
 from fake_domain import FakeDomain
+
 from vdsm_blockops import errors
 from vdsm_blockops.config import Config
-from vdsm_blockops.jobs import JobWatch, Outcome
-from vdsm_blockops.ops import Context, JobRunner
+from vdsm_blockops.context import Context
+from vdsm_blockops.jobs import JobRunner, JobWatch, Outcome
+from vdsm_blockops.model import JobStatus
 from vdsm_blockops.records import OperationRecord, Phase, RecordStore
-from vdsm_blockops.virt import STATUS_FAILED, STATUS_READY
 
 
 class FakeClock:
@@ -47,7 +47,7 @@ def test_failed_event():
     dom = FakeDomain()
     with watch(dom) as w:
         dom.start()
-        dom.emit(STATUS_FAILED)
+        dom.emit(JobStatus.FAILED)
         assert w.wait(timeout_s=5) is Outcome.FAILED
 
 
@@ -124,7 +124,7 @@ def start_ready(dom):
     def go():
         dom.start()
         dom.ready = True
-        dom.emit(STATUS_READY)
+        dom.emit(JobStatus.READY)
     return go
 
 
@@ -154,7 +154,7 @@ def test_job_flipping_between_ready_and_not_ready(tmp_path):
 
     def go():
         dom.start()
-        dom.emit(STATUS_READY)
+        dom.emit(JobStatus.READY)
     dom.info_script.extend([lambda d: setattr(d, "ready", next(flips)) for _ in range(6)])
     run, store, record = runner(dom, retries=5, tmp_path=tmp_path)
     assert run.run(go, two_phase=True, pivot=True, timeout_s=5, wait=True) is Outcome.COMPLETED

@@ -4,8 +4,7 @@ import pytest
 
 from vdsm_blockops.config import Config, load_config
 from vdsm_blockops.errors import BadRequest, Conflict, StateError
-from vdsm_blockops.records import (OperationRecord, Phase, RecordStore, parse_records,
-                                   render_records)
+from vdsm_blockops.records import OperationRecord, Phase, RecordStore, parse_records, render_records
 from vdsm_blockops.state import StateDir
 
 

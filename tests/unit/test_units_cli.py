@@ -11,7 +11,7 @@ import pytest
 
 from vdsm_blockops import errors, units
 from vdsm_blockops.config import Config, require_local_uri
-from vdsm_blockops.ops import Context
+from vdsm_blockops.context import Context
 from vdsm_blockops.recover import recover_queued
 
 
@@ -20,7 +20,7 @@ def test_units_are_written_for_this_installation_and_verify(tmp_path):
     config_path.write_text(f"state_dir: {tmp_path}/state\n")
     config = Config(state_dir=f"{tmp_path}/state")
     report = units.install(config, str(config_path), str(tmp_path / "units"))
-    assert len(report["units"]) == 3 and not report["enabled"]
+    assert len(report.units) == 3 and not report.enabled
     service = (tmp_path / "units" / "vdsm-blockops-recover.service").read_text()
     assert sys.executable in service and "TimeoutStartSec=" in service
     assert f'"{config_path}"' in service  # quoted: the name has a space
@@ -29,10 +29,10 @@ def test_units_are_written_for_this_installation_and_verify(tmp_path):
     assert "WantedBy=paths.target" in path_unit
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is needed (Debian package systemd)"
-    proc = subprocess.run([analyze, "verify", "--man=no", *report["units"]],
+    proc = subprocess.run([analyze, "verify", "--man=no", *report.units],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(units.uninstall(str(tmp_path / "units"))["units"]) == 3
+    assert len(units.uninstall(str(tmp_path / "units")).units) == 3
     with pytest.raises(errors.BadRequest):
         units.uninstall(str(tmp_path / "units"))
 
@@ -51,11 +51,11 @@ def test_a_queue_entry_that_keeps_failing_moves_to_failed(tmp_path):
         (state / "queue" / name).write_text("1\n")
     ctx = Context(conn=_Conn(), config=Config(state_dir=str(state)))
     report = recover_queued(ctx)
-    assert not report["ok"] and "bad" in report["error"]["message"]
+    assert not report.ok and "bad" in report.error["message"]
     assert os.listdir(state / "queue") == []          # the path unit stops firing
     assert os.listdir(state / "failed") == ["bad"]    # with the reason, for the timer to retry
     assert "cannot read its chain" in (state / "failed" / "bad").read_text()
-    assert not recover_queued(ctx)["ok"] and os.listdir(state / "failed") == ["bad"]
+    assert not recover_queued(ctx).ok and os.listdir(state / "failed") == ["bad"]
 
 
 @pytest.mark.parametrize("uri", ["qemu+ssh://other/system", "qemu+tcp://10.0.0.9/system",

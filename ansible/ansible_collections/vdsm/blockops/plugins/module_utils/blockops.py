@@ -30,7 +30,7 @@ def require_library(module):
 
 
 def context(module):
-    from vdsm_blockops.ops import Context
+    from vdsm_blockops.context import Context
     from vdsm_blockops.virt import open_connection
 
     config = load_config(module.params.get("config"))

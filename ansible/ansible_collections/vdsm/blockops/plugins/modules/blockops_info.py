@@ -60,14 +60,17 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.inspect import describe_chains, list_jobs
+    from vdsm_blockops.node import describe_chains, list_jobs
 
     ctx = run(module, lambda: context(module))
     name = module.params["domain"]
 
     def gather():
         domains = [ctx.conn.domain(name)] if name else ctx.conn.domains()
-        return [describe_chains(d) for d in domains], list_jobs(ctx.conn, name)
+        chains = [describe_chains(d).to_json() for d in domains]
+        for chain in chains:  # one entry per domain, not a verb's answer
+            del chain["ok"], chain["operation"]
+        return chains, list_jobs(ctx.conn, name).to_json()["jobs"]
 
     domains, jobs = run(module, gather)
     module.exit_json(changed=False, domains=domains, jobs=jobs)

@@ -109,12 +109,6 @@ from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
     COMMON_ARGS, context, exit_with_report, require_library, run)
 
 
-def already_merged(ctx, params):
-    """A re-run whose TOP was merged away earlier by us: nothing to do."""
-    top = params.get("top")
-    return bool(top) and top.startswith("/") and ctx.state.invalid_lookup().why(top) is not None
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -132,21 +126,22 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.merge import MergeRequest, merge
+    from vdsm_blockops.merge import MergeRequest, already_done, merge
 
     p = module.params
     if p["disk"] == "all" and (p["base"] is not None or p["top"] is not None):
         module.fail_json(msg="base and top name images of one chain; they cannot go with disk=all")
     ctx = run(module, lambda: context(module))
-    if already_merged(ctx, p):
-        module.exit_json(changed=False, msg=f"{p['top']} was already merged away")
     req = MergeRequest(domain=p["domain"], disk=p["disk"], base=p["base"], top=p["top"],
                        strategy=p["strategy"], bandwidth_mib_s=p["bandwidth"],
                        timeout_s=p["timeout"], dry_run=module.check_mode,
                        keep_relative=p["keep_relative"], delete_retired=p["delete_retired"])
-    report = run(module, lambda: merge(ctx, req))
+    done = run(module, lambda: already_done(ctx, req))
+    if done:
+        module.exit_json(changed=False, msg=done)
+    report = run(module, lambda: merge(ctx, req).to_json())
     reports = report.get("results", [report])
-    changed = any(r["strategy"] != "noop" for r in reports)
+    changed = any(r.get("strategy") != "noop" for r in reports)
     exit_with_report(module, report, changed)
 
 

@@ -112,23 +112,10 @@ results:
   elements: dict
 """
 
-import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
     COMMON_ARGS, context, exit_with_report, require_library, run)
-
-
-def already_there(ctx, p):
-    """The disk(s) already run on DEST: nothing to do."""
-    if not p["pivot"]:
-        return False
-    spec = ctx.conn.domain(p["domain"]).spec()
-    dest = os.path.normpath(p["dest"])
-    disks = spec.select(p["disk"])
-    if p["disk"] == "all":
-        return bool(disks) and all(os.path.dirname(d.paths[0]) == dest for d in disks)
-    return os.path.normpath(disks[0].paths[0]) == dest
 
 
 def main():
@@ -153,21 +140,22 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.relocate import RelocateRequest, relocate
+    from vdsm_blockops.relocate import RelocateRequest, already_done, relocate
 
     p = module.params
     if p["method"] == "snapshot-stream" and p["mode"] != "full":
         module.fail_json(msg="method snapshot-stream needs mode full")
     ctx = run(module, lambda: context(module))
-    if run(module, lambda: already_there(ctx, p)):
-        module.exit_json(changed=False, msg=f"{p['domain']} {p['disk']} already runs on {p['dest']}")
     req = RelocateRequest(domain=p["domain"], disk=p["disk"], dest=p["dest"], mode=p["mode"],
                           method=p["method"], format=p["format"],
                           reuse_external=p["reuse_external"], sync_writes=p["sync_writes"],
                           pivot=p["pivot"], delete_source=p["delete_source"],
                           bandwidth_mib_s=p["bandwidth"], timeout_s=p["timeout"],
                           dry_run=module.check_mode)
-    report = run(module, lambda: relocate(ctx, req))
+    done = run(module, lambda: already_done(ctx, req))
+    if done:
+        module.exit_json(changed=False, msg=done)
+    report = run(module, lambda: relocate(ctx, req).to_json())
     exit_with_report(module, report, changed=True)
 
 

@@ -52,7 +52,6 @@ chain_after:
   elements: str
 """
 
-import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
@@ -71,19 +70,16 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.relocate import snapshot
+    from vdsm_blockops.snapshot import already_done, snapshot
 
     p = module.params
     ctx = run(module, lambda: context(module))
-    chain = run(module, lambda: ctx.conn.domain(p["domain"]).spec().disk(p["disk"]).paths)
-    overlay = os.path.normpath(p["overlay"])
-    if chain and os.path.normpath(chain[0]) == overlay:
-        module.exit_json(changed=False, chain_before=chain, chain_after=chain)
-    if module.check_mode:
-        exit_with_report(module, {"chain_before": chain, "chain_after": [overlay] + chain},
-                         changed=True)
-    report = run(module, lambda: snapshot(ctx, p["domain"], p["disk"], overlay, p["reuse_external"]))
-    exit_with_report(module, report, changed=True)
+    done = run(module, lambda: already_done(ctx, p["domain"], p["disk"], p["overlay"]))
+    if done is not None:
+        exit_with_report(module, done.to_json(), changed=False)
+    report = run(module, lambda: snapshot(ctx, p["domain"], p["disk"], p["overlay"],
+                                          p["reuse_external"], dry_run=module.check_mode))
+    exit_with_report(module, report.to_json(), changed=True)
 
 
 if __name__ == "__main__":

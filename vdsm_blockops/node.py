@@ -1,18 +1,21 @@
-"""Read-only views of the node: chains, block jobs, who uses an image,
-and the consistency checks ``verify`` and every operation end with."""
+"""Read-only views of the node: each disk's whole chain, block jobs, and
+who else uses an image (by identity)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import TYPE_CHECKING
 
 from . import errors
 from .chain import Disk, DomainSpec, Layer
 from .identity import clean_path, image_key, is_block_device
 from .images import ImageInfo, chain_problems, missing_images, read_backing_chain
-from .state import StateDir
-from .virt import Connection, Domain
+from .reports import ChainReport, DiskView, JobRow, JobsReport, LayerView
+
+if TYPE_CHECKING:
+    from .virt import Connection, Domain
 
 MIB = 1024 * 1024
 
@@ -54,57 +57,38 @@ def with_image_chain(disk: Disk, images: list[ImageInfo]) -> Disk:
     return replace(disk, chain=disk.chain + below)
 
 
-def describe_disk(disk: Disk) -> dict:
+def describe_disk(disk: Disk) -> DiskView:
     images = image_chain(disk)
     by_path = {i.path: i for i in images}
     problems = missing_images(disk) or (chain_problems(disk, images) if images else [])
     layers = []
     for layer in with_image_chain(disk, images).chain:
         info = by_path.get(clean_path(layer.path)) if layer.path else None
-        layers.append(
-            {
-                "path": layer.path,
-                "format": layer.format,
-                "type": layer.source_type,
-                "index": layer.index,
-                "allocation": info.actual_size if info else None,
-                "virtual_size": info.virtual_size if info else None,
-                "backing_in_metadata": info.backing_path if info else None,
-            }
-        )
+        layers.append(LayerView(
+            path=layer.path, format=layer.format, type=layer.source_type, index=layer.index,
+            allocation=info.actual_size if info else None,
+            virtual_size=info.virtual_size if info else None,
+            backing_in_metadata=info.backing_path if info else None))
     mirror = None
     if disk.mirror is not None:
-        mirror = {
-            "job": disk.mirror.job,
-            "path": disk.mirror.path,
-            "format": disk.mirror.format,
-            "ready": disk.mirror.is_ready,
-        }
-    return {
-        "disk": disk.target,
-        "device": disk.device,
-        "chain": layers,
+        mirror = {"job": disk.mirror.job, "path": disk.mirror.path,
+                  "format": disk.mirror.format, "ready": disk.mirror.is_ready}
+    return DiskView(
+        disk=disk.target, device=disk.device, chain=layers,
         # libvirt spells out a running domain's chain; otherwise it comes
         # from the images' headers and libvirt's vda[N] indexes do not exist.
-        "chain_from": "libvirt" if disk.chain_complete else "image metadata",
-        "mirror": mirror,
-        "metadata_agrees": not problems,
-        "problems": problems,
-    }
+        chain_from="libvirt" if disk.chain_complete else "image metadata",
+        mirror=mirror, metadata_agrees=not problems, problems=problems)
 
 
-def describe_chains(domain: Domain, target: str | None = None) -> dict:
+def describe_chains(domain: Domain, target: str | None = None) -> ChainReport:
     spec = domain.spec()
-    disks = spec.disks if target in (None, "all") else (spec.disk(target),)
-    return {
-        "domain": spec.name,
-        "uuid": spec.uuid,
-        "active": domain.is_active(),
-        "disks": [describe_disk(d) for d in disks],
-    }
+    disks = spec.disks if target in (None, "all") else (spec.disk(target or ""),)
+    return ChainReport(domain=spec.name, uuid=spec.uuid, active=domain.is_active(),
+                       disks=[describe_disk(d) for d in disks])
 
 
-def list_jobs(conn: Connection, domain_name: str | None = None) -> list[dict]:
+def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
     domains = [conn.domain(domain_name)] if domain_name else conn.domains(active_only=True)
     rows = []
     for domain in domains:
@@ -120,20 +104,13 @@ def list_jobs(conn: Connection, domain_name: str | None = None) -> list[dict]:
                 continue  # e.g. a cdrom without medium
             if info is None:
                 continue
-            rows.append(
-                {
-                    "domain": spec.name,
-                    "disk": disk.target,
-                    "type": info.job_type,
-                    "cur": info.cur,
-                    "end": info.end,
-                    "percent": info.percent,
-                    "bandwidth_mib_s": round(info.bandwidth_bytes_s / MIB, 3),
-                    "ready": bool(disk.mirror and disk.mirror.is_ready),
-                    "mirror": disk.mirror.path if disk.mirror else None,
-                }
-            )
-    return rows
+            rows.append(JobRow(
+                domain=spec.name, disk=disk.target, type=info.job_type, cur=info.cur,
+                end=info.end, percent=info.percent,
+                bandwidth_mib_s=round(info.bandwidth_bytes_s / MIB, 3),
+                ready=bool(disk.mirror and disk.mirror.is_ready),
+                mirror=disk.mirror.path if disk.mirror else None))
+    return JobsReport(jobs=rows)
 
 
 @dataclass(frozen=True)
@@ -180,54 +157,3 @@ def chain_users(
                         str(ChainUser(spec.name, disk.target, definition))
                     )
     return {p: sorted(u) for p, u in found.items()}
-
-
-def disk_problems(disk: Disk, state: StateDir | None, definition: str) -> list[str]:
-    where = f"{definition} {disk.target}"
-    missing = missing_images(disk)
-    if missing:
-        return [f"{where}: image {p} does not exist" for p in missing]
-    problems = []
-    try:
-        images = image_chain(disk)
-    except errors.BlockOpsError as exc:
-        return [f"{where}: cannot read image metadata: {exc}"]
-    problems += [f"{definition} {p}" for p in chain_problems(disk, images)]
-    if state is not None:
-        invalid = state.invalid_lookup()
-        paths = [i.path for i in images] or disk.paths
-        for path in paths:
-            why = invalid.why(path)
-            if why is not None:
-                problems.append(
-                    f"{where}: {path} was invalidated by {why.get('operation')} "
-                    f"on {why.get('domain')} {why.get('disk')}"
-                )
-    return problems
-
-
-def verify_domain(domain: Domain, target: str | None, state: StateDir | None) -> list[str]:
-    """Every problem with the domain's chains (empty list: all good)."""
-    problems: list[str] = []
-    live = domain.spec() if domain.is_active() else None
-    persistent = domain.spec(inactive=True) if domain.is_persistent() else None
-    for definition, spec in (("live", live), ("persistent", persistent)):
-        if spec is None:
-            continue
-        for disk in spec.select(target or "all"):
-            if disk.chain:
-                problems += disk_problems(disk, state, definition)
-    if live is not None and persistent is not None:
-        for disk in live.select(target or "all"):
-            try:
-                stored = persistent.disk(disk.target)
-            except errors.UnknownDisk:
-                continue  # hot-plugged live only
-            if stored.active and disk.active and image_key(
-                stored.active.path
-            ) != image_key(disk.active.path):
-                problems.append(
-                    f"{disk.target}: the persistent definition uses "
-                    f"{stored.active.path} but the VM runs on {disk.active.path}"
-                )
-    return problems

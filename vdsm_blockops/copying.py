@@ -1,0 +1,66 @@
+"""Making a relocation's destination before the mirror starts: the
+read-only layers copied as files (and proven), relinked, a new overlay on
+top (chain mode); or an empty standalone image (full mode). Every new file
+is reserved exclusively and recorded first (``storage.FileCreator``)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import TYPE_CHECKING
+
+from . import errors
+from .images import ImageInfo, content_difference, copy_image_file, create_image, create_overlay, set_backing
+from .state import fsync_dir
+from .storage import FileCreator
+
+if TYPE_CHECKING:
+    from .relocate import RelocatePlan
+
+
+def prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator: FileCreator) -> None:
+    """Copy the read-only layers as files (two at a time), prove each copy
+    against its source, relink them, create the new active overlay."""
+    for _, new in plan.copies:
+        creator.reserve(new)
+    creator.reserve(plan.dest)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        copied = [(src, new, pool.submit(copy_image_file, src, new, reserved=True))
+                  for src, new in plan.copies]
+        # Content, not only paths: read every copy back before the VM may
+        # depend on it (a reflink shares the source's extents: nothing to read).
+        checks = [pool.submit(content_difference, src, new)
+                  for src, new, reflinked in copied if not reflinked.result()]
+        for check in checks:
+            difference = check.result()
+            if difference:
+                raise errors.OperationFailed(f"copy check failed: {difference}")
+    # Relink each copy to the copy of its backing; relative names stay
+    # relative (the layers sit side by side in DEST's folder).
+    new_of = dict(plan.copies)
+    for src, new in plan.copies:
+        info = images[src]
+        if info.backing_path is None:
+            continue
+        new_backing = new_of[info.backing_path]
+        set_backing(new, _name_for(info, new_backing),
+                    info.backing_format or images[info.backing_path].format)
+    top_src, top_new = plan.copies[0]
+    active = images[plan.chain_before[0]]
+    create_overlay(plan.dest, _name_for(active, top_new), images[top_src].format,
+                   active.virtual_size)
+    fsync_dir(os.path.dirname(plan.dest))  # the new names survive a host crash
+
+
+def _name_for(image: ImageInfo, new_backing: str) -> str:
+    """How ``image``'s copy names its new backing: as the original did --
+    absolute, or relative (a file name, the copies being side by side)."""
+    return new_backing if os.path.isabs(image.backing_name or "/") else os.path.basename(new_backing)
+
+
+def prepare_full_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator: FileCreator) -> None:
+    """DEST for a full mirror, made by us (and then reused by libvirt) so
+    that it is reserved and recorded before anything is written into it."""
+    creator.reserve(plan.dest)
+    create_image(plan.dest, plan.format.value, images[plan.chain_before[0]].virtual_size)
+    fsync_dir(os.path.dirname(plan.dest))

@@ -1,0 +1,125 @@
+"""Names the whole package shares, free of libvirt: what an operation is
+asked to do (strategy, mode, method, format) and what a block job is
+(type, status, progress, events), so that the pure parts and their tests
+run without libvirt-python installed."""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+from dataclasses import dataclass
+
+
+class Operation(enum.StrEnum):
+    MERGE = "merge"
+    RELOCATE = "relocate"
+    SNAPSHOT = "snapshot"
+
+
+class Strategy(enum.StrEnum):
+    """How a merge runs. AUTO is a request, NOOP only ever a plan."""
+
+    AUTO = "auto"
+    PULL = "pull"
+    COMMIT = "commit"
+    NOOP = "noop"
+
+
+class Mode(enum.StrEnum):
+    CHAIN = "chain"
+    FULL = "full"
+    SHALLOW = "shallow"
+
+
+class Method(enum.StrEnum):
+    MIRROR = "mirror"
+    SNAPSHOT_STREAM = "snapshot-stream"
+
+
+class ImageFormat(enum.StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+def choices(kind: type[enum.Enum], exclude: tuple[str, ...] = ()) -> list[str]:
+    return [str(member.value) for member in kind if member.value not in exclude]
+
+
+class JobStatus(enum.IntEnum):
+    """virDomainBlockJobStatus, as libvirt numbers it (a stable ABI)."""
+
+    COMPLETED = 0
+    FAILED = 1
+    CANCELED = 2
+    READY = 3
+
+
+JOB_TYPE_NAMES = {1: "pull", 2: "copy", 3: "commit", 4: "active-commit", 5: "backup"}
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One running block job, as ``blockJobInfo`` describes it."""
+
+    disk: str
+    job_type: str
+    cur: int
+    end: int
+    bandwidth_bytes_s: int
+
+    @property
+    def percent(self) -> float | None:
+        # cur/end are opaque cursors; only their ratio means something, and
+        # 0/1 means "unknown yet" (libvirt docs).
+        if self.end <= 0 or (self.cur == 0 and self.end == 1):
+            return None
+        return round(100.0 * self.cur / self.end, 1)
+
+
+@dataclass(frozen=True)
+class BlockJobEvent:
+    domain_uuid: str
+    disk: str
+    job_type: str
+    status: int
+
+    @property
+    def status_name(self) -> str:
+        try:
+            return JobStatus(self.status).name.lower()
+        except ValueError:
+            return str(self.status)
+
+
+class EventHub:
+    """Fans BLOCK_JOB_2 events out to per-(domain, disk) queues.
+
+    Callbacks run on libvirt's loop thread: they only put into queues. The
+    hub outlives connections, so a waiter keeps its queue across a
+    reconnect.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[tuple[str, str], list[queue.Queue[BlockJobEvent]]] = {}
+
+    def subscribe(self, domain_uuid: str, disk: str) -> queue.Queue[BlockJobEvent]:
+        q: queue.Queue[BlockJobEvent] = queue.Queue()
+        with self._lock:
+            self._queues.setdefault((domain_uuid, disk), []).append(q)
+        return q
+
+    def unsubscribe(self, domain_uuid: str, disk: str, q: queue.Queue[BlockJobEvent]) -> None:
+        with self._lock:
+            subs = self._queues.get((domain_uuid, disk), [])
+            if q in subs:
+                subs.remove(q)
+            if not subs:
+                self._queues.pop((domain_uuid, disk), None)
+
+    def publish(self, event: BlockJobEvent) -> None:
+        with self._lock:
+            subs = list(self._queues.get((event.domain_uuid, event.disk), []))
+        for q in subs:
+            q.put(event)

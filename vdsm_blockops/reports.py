@@ -1,0 +1,290 @@
+"""What every verb answers, typed. ``to_json()`` gives the contract's JSON
+object (pinned by ``tests/integration/test_reports.py``); the CLI renders
+the same objects as text (``render.py``), the Ansible modules return them.
+Optional fields are left out of the JSON while they are None."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from .model import ImageFormat, Method, Mode, Strategy
+
+JSON = dict[str, Any]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (Report, View)):
+        return value.to_json()
+    if isinstance(value, (Strategy, Mode, Method, ImageFormat)):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class View:
+    """A part of a report: its fields as a JSON object."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()  # fields left out of the JSON while None
+
+    def to_json(self) -> JSON:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+                if not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
+
+
+@dataclass
+class Report(View):
+    """A whole answer: one JSON object with ``ok`` and ``operation``."""
+
+    OPERATION: ClassVar[str] = ""
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    def to_json(self) -> JSON:
+        body: JSON = {"ok": self.ok}
+        if self.OPERATION:
+            body["operation"] = self.OPERATION
+        body.update(super().to_json())
+        return body
+
+
+@dataclass
+class Retired(View):
+    path: str
+    valid: bool
+
+
+@dataclass
+class MergeReport(Report):
+    OPERATION = "merge"
+    OPTIONAL = ("deleted", "record", "duration_s")
+    domain: str
+    disk: str
+    strategy: Strategy
+    dry_run: bool
+    changed: bool
+    finished: bool
+    base: str | None
+    top: str
+    result_image: str
+    chain_before: list[str]
+    chain_after: list[str]
+    retired: list[Retired]
+    bytes_to_copy: int
+    alternatives: dict[str, int | str]
+    libvirt_call: str
+    keep_relative: bool
+    verified: bool
+    deleted: list[str] | None = None
+    record: str | None = None
+    duration_s: float | None = None
+
+
+@dataclass
+class RelocateReport(Report):
+    OPERATION = "relocate"
+    OPTIONAL = ("persistent_definition_fixed", "deleted", "record", "duration_s")
+    domain: str
+    disk: str
+    mode: Mode
+    method: Method
+    format: ImageFormat
+    dest: str
+    dry_run: bool
+    changed: bool
+    pivot: bool
+    chain_before: list[str]
+    chain_after: list[str]
+    copy_chain: list[str]
+    bytes_to_copy: int
+    retired: list[Retired]
+    verified: bool
+    finished: bool
+    persistent_definition_fixed: bool | None = None
+    deleted: list[str] | None = None
+    record: str | None = None
+    duration_s: float | None = None
+
+
+@dataclass
+class SnapshotReport(Report):
+    OPERATION = "snapshot"
+    OPTIONAL = ("duration_s",)
+    domain: str
+    disk: str
+    overlay: str
+    chain_before: list[str]
+    chain_after: list[str]
+    retired: list[Retired] = field(default_factory=list)
+    verified: bool = True
+    duration_s: float | None = None
+
+
+@dataclass
+class DiskFailure(Report):
+    """One disk's failure inside an ``all`` report."""
+
+    error: JSON
+
+    @property
+    def ok(self) -> bool:
+        return False
+
+
+@dataclass
+class MultiReport(Report):
+    """The reports of every disk, for DISK ``all``."""
+
+    operation: str
+    domain: str
+    results: list[Report]
+    disk: str = "all"
+    duration_s: float | None = None
+
+
+@dataclass
+class LayerView(View):
+    path: str
+    format: str | None
+    type: str
+    index: int | None
+    allocation: int | None
+    virtual_size: int | None
+    backing_in_metadata: str | None
+
+
+@dataclass
+class DiskView(View):
+    disk: str
+    device: str
+    chain: list[LayerView]
+    chain_from: str  # libvirt | image metadata
+    mirror: JSON | None
+    metadata_agrees: bool
+    problems: list[str]
+
+
+@dataclass
+class ChainReport(Report):
+    OPERATION = "chain"
+    domain: str
+    uuid: str
+    active: bool
+    disks: list[DiskView]
+
+
+@dataclass
+class JobRow(View):
+    domain: str
+    disk: str
+    type: str
+    cur: int
+    end: int
+    percent: float | None
+    bandwidth_mib_s: float
+    ready: bool
+    mirror: str | None
+
+
+@dataclass
+class JobsReport(Report):
+    OPERATION = "jobs"
+    jobs: list[JobRow]
+
+
+@dataclass
+class VerifyReport(Report):
+    OPERATION = "verify"
+    domain: str
+    disk: str
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> JSON:
+        body = super().to_json()
+        body["verified"] = self.ok
+        if not self.ok:
+            body["error"] = {"code": "verification-failed",
+                             "message": f"{len(self.problems)} problem(s) found"}
+        return body
+
+
+@dataclass
+class RecordOutcome(View):
+    """What recover did with one operation record."""
+
+    OPTIONAL = ("message",)
+    domain: str
+    disk: str
+    record: str
+    operation: str
+    phase: str
+    result: str  # finished | rolled-back | failed | busy
+    message: str | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.result not in ("failed", "busy")
+
+
+@dataclass
+class RecoverReport(Report):
+    OPERATION = "recover"
+    OPTIONAL = ("queued", "error")
+    domain: str
+    records: list[RecordOutcome]
+    queued: list[str] | None = None
+    error: JSON | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class AbortReport(Report):
+    OPERATION = "abort"
+    OPTIONAL = ("recover",)
+    domain: str
+    disk: str
+    pivot: bool
+    chain_after: list[str]
+    recover: list[RecordOutcome] | None = None
+
+
+@dataclass
+class SpeedReport(Report):
+    OPERATION = "speed"
+    domain: str
+    disk: str
+    bandwidth_mib_s: int
+
+
+@dataclass
+class InstallReport(Report):
+    """hook install/uninstall, units install/uninstall."""
+
+    OPTIONAL = ("path", "reloaded", "units", "enabled", "note")
+    operation: str
+    path: str | None = None
+    reloaded: list[str] | None = None
+    units: list[str] | None = None
+    enabled: bool | None = None
+    note: str | None = None
+
+
+@dataclass
+class TextReport(Report):
+    """A completion script or the manual page."""
+
+    operation: str
+    text: str

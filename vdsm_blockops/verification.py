@@ -1,0 +1,110 @@
+"""Checking chains: after every operation (the expected chain against the
+live or stored one, the images' own metadata, the persistent definition),
+and for ``verify`` (every chain of a domain, invalidated images,
+unfinished operations)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import errors
+from .chain import Disk
+from .identity import clean_path, image_key
+from .images import chain_problems, missing_images
+from .node import image_chain, resolved_paths
+from .records import RecordStore
+from .reports import VerifyReport
+from .state import StateDir
+
+if TYPE_CHECKING:
+    from .virt import Domain
+
+
+def norm(paths: list[str]) -> list[str]:
+    return [clean_path(p) for p in paths]
+
+
+def disk_problems(disk: Disk, state: StateDir | None, definition: str) -> list[str]:
+    """Missing images, disagreement with the images' metadata and, with
+    ``state``, invalidated images in the chain of one disk."""
+    where = f"{definition} {disk.target}"
+    missing = missing_images(disk)
+    if missing:
+        return [f"{where}: image {p} does not exist" for p in missing]
+    try:
+        images = image_chain(disk)
+    except errors.BlockOpsError as exc:
+        return [f"{where}: cannot read image metadata: {exc}"]
+    problems = [f"{definition} {p}" for p in chain_problems(disk, images)]
+    if state is not None:
+        invalid = state.invalid_lookup()
+        for path in [i.path for i in images] or disk.paths:
+            why = invalid.why(path)
+            if why is not None:
+                problems.append(f"{where}: {path} was invalidated by {why.get('operation')} "
+                                f"on {why.get('domain')} {why.get('disk')}")
+    return problems
+
+
+def chain_problems_now(domain: Domain, target: str, expected: list[str]) -> list[str]:
+    """Problems of the chain of ``target`` against the expected chain and
+    the images' own metadata; a running VM's persistent definition must
+    use the same active image. For a shut-off VM the chain is the one the
+    images' headers give from the persistent definition's active image."""
+    running = domain.is_active()
+    disk = domain.spec().disk(target)
+    where = "live" if running else "stored"
+    chain = resolved_paths(disk)
+    problems = []
+    if norm(chain) != norm(expected):
+        problems.append(f"{target}: {where} chain is {chain}, expected {expected}")
+    if disk.mirror is not None:
+        problems.append(f"{target}: a {disk.mirror.job} job is still attached")
+    problems += disk_problems(disk, None, "live" if running else "persistent")
+    if running and domain.is_persistent():
+        stored = domain.spec(inactive=True).disk(target)
+        if stored.active is None or image_key(stored.active.path) != image_key(expected[0]):
+            problems.append(f"{target}: persistent definition uses "
+                            f"{stored.active.path if stored.active else None}, not {expected[0]}")
+    return problems
+
+
+def require_chain(domain: Domain, target: str, expected: list[str]) -> None:
+    """Raise VerificationFailed listing every problem ``chain_problems_now`` finds."""
+    problems = chain_problems_now(domain, target, expected)
+    if problems:
+        raise errors.VerificationFailed("; ".join(problems), problems=problems)
+
+
+def domain_problems(domain: Domain, target: str | None, state: StateDir | None) -> list[str]:
+    """Every problem with the domain's chains (empty list: all good)."""
+    problems: list[str] = []
+    live = domain.spec() if domain.is_active() else None
+    persistent = domain.spec(inactive=True) if domain.is_persistent() else None
+    for definition, spec in (("live", live), ("persistent", persistent)):
+        if spec is None:
+            continue
+        for disk in spec.select(target or "all"):
+            if disk.chain:
+                problems += disk_problems(disk, state, definition)
+    if live is not None and persistent is not None:
+        for disk in live.select(target or "all"):
+            try:
+                stored = persistent.disk(disk.target)
+            except errors.UnknownDisk:
+                continue  # hot-plugged live only
+            if stored.active and disk.active and \
+                    image_key(stored.active.path) != image_key(disk.active.path):
+                problems.append(f"{disk.target}: the persistent definition uses "
+                                f"{stored.active.path} but the VM runs on {disk.active.path}")
+    return problems
+
+
+def verify(domain: Domain, target: str | None, state: StateDir) -> VerifyReport:
+    """``verify``: chains, invalidated images, unfinished operations."""
+    problems = domain_problems(domain, target, state)
+    for disk, record in RecordStore(domain).load().items():
+        if target in (None, "all", disk):
+            problems.append(f"{disk}: unfinished {record.operation} (record {record.id}, "
+                            f"phase {record.phase.value})")
+    return VerifyReport(domain=domain.name, disk=target or "all", problems=problems)
