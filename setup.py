@@ -31,7 +31,8 @@ setup(
         # the current release (its ansible-test runs the collection's sanity
         # tests in CI); below 2.20 until a release is tried.
         "test": ["pytest>=7", "mock>=5", "ansible-core>=2.17,<2.20", "mypy>=1.10", "ruff>=0.5",
-                 "wheel"],  # wheel: the packaging test builds one without isolation,
+                 "lxml-stubs", "types-PyYAML",
+                 "wheel"],  # wheel: the packaging test builds one without build isolation
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["vdsm-blockops=vdsm_blockops.cli:main"]},

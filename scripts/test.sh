@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, real libvirt included: sets the node up first, runs
-# the static checks, then pytest (whose summary closes the output).
+# the static checks (mypy --strict, ruff, ansible-test sanity), then pytest
+# (whose summary closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-node.sh
+echo "== mypy --strict, ruff"
+.venv/bin/mypy vdsm_blockops
+.venv/bin/ruff check vdsm_blockops tests
 echo "== ansible-test sanity (vdsm.blockops collection)"
 bash ansible/tests/sanity.sh >/tmp/vdsm-blockops-sanity.log 2>&1 || {
     tail -50 /tmp/vdsm-blockops-sanity.log

@@ -13,17 +13,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
-from . import __version__, errors
-from .config import load_config, require_local_uri
+from . import __version__, commands, errors
+from .config import require_local_uri
 from .model import ImageFormat, Method, Mode, Strategy, choices
-from .reports import Report, TextReport
-
-if TYPE_CHECKING:
-    from .context import Context
-    from .jobs import Observer
-    from .virt import Connection
+from .reports import Report
 
 log = logging.getLogger("vdsm_blockops")
 
@@ -90,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func, local=local)
         return sub
 
-    p = verb("chain", "show each disk's backing chain", cmd_chain)
+    p = verb("chain", "show each disk's backing chain", commands.cmd_chain)
     p.add_argument("domain")
     p.add_argument("disk", nargs="?")
 
-    p = verb("jobs", "list active block jobs on the node or one domain", cmd_jobs, local=False)
+    p = verb("jobs", "list active block jobs on the node or one domain", commands.cmd_jobs, local=False)
     p.add_argument("domain", nargs="?")
 
-    p = verb("merge", "collapse a segment of a disk's chain (snapshot live merge)", cmd_merge)
+    p = verb("merge", "collapse a segment of a disk's chain (snapshot live merge)", commands.cmd_merge)
     p.add_argument("domain")
     p.add_argument("disk", help="target name (vda) or 'all'")
     p.add_argument("--base", help="image kept as the backing (path or vda[N]); none: flatten")
@@ -110,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlink retired layers after verification when nothing uses them")
     _add_job_options(p)
 
-    p = verb("relocate", "move a disk's data elsewhere while the VM runs, then pivot", cmd_relocate)
+    p = verb("relocate", "move a disk's data elsewhere while the VM runs, then pivot", commands.cmd_relocate)
     p.add_argument("domain")
     p.add_argument("disk", help="target name (vda) or 'all' (then DEST is a folder)")
     p.add_argument("dest", help="path of the new active image")
@@ -129,191 +124,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pivot and verification unlink source files nothing uses")
     _add_job_options(p)
 
-    p = verb("snapshot", "disk-only external snapshot: a new overlay on the active image", cmd_snapshot)
+    p = verb("snapshot", "disk-only external snapshot: a new overlay on the active image",
+             commands.cmd_snapshot)
     p.add_argument("domain")
     p.add_argument("disk")
     p.add_argument("overlay", help="path of the new qcow2 overlay")
     p.add_argument("--reuse-external", action="store_true", help="OVERLAY exists already")
 
-    p = verb("abort", "abort a block job (or pivot a ready one)", cmd_abort)
+    p = verb("abort", "abort a block job (or pivot a ready one)", commands.cmd_abort)
     p.add_argument("domain")
     p.add_argument("disk")
     p.add_argument("--pivot", action="store_true", help="pivot onto the mirror (must be ready)")
 
-    p = verb("speed", "change a running block job's bandwidth", cmd_speed, local=False)
+    p = verb("speed", "change a running block job's bandwidth", commands.cmd_speed, local=False)
     p.add_argument("domain")
     p.add_argument("disk")
     p.add_argument("bandwidth", type=int, metavar="MIB_PER_S")
 
-    p = verb("recover", "finish or roll back operations a crash interrupted", cmd_recover)
+    p = verb("recover", "finish or roll back operations a crash interrupted", commands.cmd_recover)
     p.add_argument("domain", nargs="?")
     p.add_argument("--queued", action="store_true",
                    help="recover the domains the libvirt hook queued")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="how long to wait on a job that is still running")
 
-    p = verb("hook", "install or uninstall the libvirt hook that guards VMs", cmd_hook, local=False)
+    p = verb("hook", "install or uninstall the libvirt hook that guards VMs", commands.cmd_hook, local=False)
     p.add_argument("action", choices=["install", "uninstall"])
     p.add_argument("--hooks-dir", default=None, help="default /etc/libvirt/hooks/qemu.d")
     p.add_argument("--reload", action="store_true", help="SIGHUP libvirtd so it sees the change")
 
     p = verb("units", "install or uninstall the systemd units that run 'recover --queued'",
-             cmd_units, local=False)
+             commands.cmd_units, local=False)
     p.add_argument("action", choices=["install", "uninstall"])
     p.add_argument("--unit-dir", default=None, help="default /etc/systemd/system")
     p.add_argument("--enable", action="store_true",
                    help="also enable (install) or disable (uninstall) them with systemctl")
 
-    p = verb("verify", "check a domain's chains against the images' metadata", cmd_verify)
+    p = verb("verify", "check a domain's chains against the images' metadata", commands.cmd_verify)
     p.add_argument("domain")
     p.add_argument("disk", nargs="?")
 
-    p = verb("completion", "print a shell completion script", cmd_completion, local=False)
+    p = verb("completion", "print a shell completion script", commands.cmd_completion, local=False)
     p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
 
-    verb("manpage", "print the manual page (roff)", cmd_manpage, local=False)
+    verb("manpage", "print the manual page (roff)", commands.cmd_manpage, local=False)
     return parser
 
 
-# ----------------------------------------------------------------- verbs
-# Each verb builds a request, makes one library call and returns its report.
-def cmd_chain(args: argparse.Namespace, env: Env) -> Report:
-    from .node import describe_chains
-
-    return describe_chains(env.conn.domain(args.domain), args.disk)
-
-
-def cmd_jobs(args: argparse.Namespace, env: Env) -> Report:
-    from .node import list_jobs
-
-    return list_jobs(env.conn, args.domain)
-
-
-def cmd_merge(args: argparse.Namespace, env: Env) -> Report:
-    from .merge import MergeRequest, merge
-
-    req = MergeRequest(
-        domain=args.domain, disk=args.disk, base=args.base, top=args.top,
-        strategy=args.strategy, bandwidth_mib_s=args.bandwidth, timeout_s=args.timeout,
-        wait=not args.no_wait, dry_run=args.dry_run, keep_relative=args.keep_relative,
-        delete_retired=args.delete_retired,
-    )
-    return merge(env.context(progress=not args.no_wait and not args.dry_run), req)
-
-
-def cmd_relocate(args: argparse.Namespace, env: Env) -> Report:
-    from .relocate import RelocateRequest, relocate
-
-    req = RelocateRequest(
-        domain=args.domain, disk=args.disk, dest=args.dest, mode=args.mode, method=args.method,
-        format=args.format, reuse_external=args.reuse_external, sync_writes=args.sync_writes,
-        pivot=not args.no_pivot, delete_source=args.delete_source,
-        bandwidth_mib_s=args.bandwidth, timeout_s=args.timeout, wait=not args.no_wait,
-        dry_run=args.dry_run,
-    )
-    return relocate(env.context(progress=not args.no_wait and not args.dry_run), req)
-
-
-def cmd_snapshot(args: argparse.Namespace, env: Env) -> Report:
-    from .snapshot import snapshot
-
-    return snapshot(env.context(), args.domain, args.disk, args.overlay, args.reuse_external)
-
-
-def cmd_abort(args: argparse.Namespace, env: Env) -> Report:
-    from .control import abort
-
-    return abort(env.context(), args.domain, args.disk, args.pivot)
-
-
-def cmd_speed(args: argparse.Namespace, env: Env) -> Report:
-    from .control import speed
-
-    return speed(env.context(), args.domain, args.disk, args.bandwidth)
-
-
-def cmd_recover(args: argparse.Namespace, env: Env) -> Report:
-    from .recover import recover, recover_queued
-
-    if args.queued:
-        return recover_queued(env.context(), timeout_s=args.timeout)
-    return recover(env.context(), args.domain, timeout_s=args.timeout)
-
-
-def cmd_hook(args: argparse.Namespace, env: Env) -> Report:
-    from . import hookctl
-
-    hooks_dir = args.hooks_dir or hookctl.HOOKS_DIR
-    if args.action == "install":
-        return hookctl.install(hooks_dir, config_path=args.config, reload=args.reload)
-    return hookctl.uninstall(hooks_dir, reload=args.reload)
-
-
-def cmd_units(args: argparse.Namespace, env: Env) -> Report:
-    from . import units
-
-    unit_dir = args.unit_dir or units.UNIT_DIR
-    if args.action == "install":
-        return units.install(env.config, args.config, unit_dir, enable=args.enable)
-    return units.uninstall(unit_dir, disable=args.enable)
-
-
-def cmd_verify(args: argparse.Namespace, env: Env) -> Report:
-    from .verification import verify
-
-    return verify(env.conn.domain(args.domain), args.disk, env.context().state)
-
-
-def cmd_completion(args: argparse.Namespace, env: Env) -> Report:
-    import shtab
-
-    return TextReport(operation="completion", text=shtab.complete(build_parser(), shell=args.shell))
-
-
-def cmd_manpage(args: argparse.Namespace, env: Env) -> Report:
-    from argparse_manpage.manpage import Manpage
-
-    return TextReport(operation="manpage", text=str(Manpage(build_parser())))
-
-
-class Env:
-    """What a verb needs, opened lazily (hook/help need no libvirt)."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.config = load_config(args.config)
-        self._conn: Connection | None = None
-        self._progress: Observer | None = None
-        self.json = bool(args.json)
-
-    @property
-    def uri(self) -> str:
-        return str(self.args.connect or self.config.connect)
-
-    @property
-    def conn(self) -> Connection:
-        if self._conn is None:
-            from .virt import open_connection
-
-            self._conn = open_connection(self.uri)
-        return self._conn
-
-    def context(self, progress: bool = False) -> Context:
-        from .context import Context
-        from .progress import make_progress
-
-        self._progress = make_progress(progress and not self.json)
-        return Context(conn=self.conn, config=self.config, observer=self._progress)
-
-    def close(self) -> None:
-        close = getattr(self._progress, "close", None)
-        if close is not None:
-            close()
-        if self._conn is not None:
-            self._conn.close()
-
-
-# ----------------------------------------------------------------- main
 class _ConsoleFormatter(logging.Formatter):
     """Tracebacks go to the log (syslog); on the terminal only with --debug."""
 
@@ -378,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         as_json = args.json
         _setup_logging(args.verbose, args.debug)
-        env = Env(args)
+        env = commands.Env(args)
         if args.local:
             require_local_uri(env.uri)
         report = args.func(args, env)
