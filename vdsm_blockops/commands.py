@@ -54,9 +54,11 @@ def cmd_relocate(args: argparse.Namespace, env: Env) -> Report:
 
 
 def cmd_snapshot(args: argparse.Namespace, env: Env) -> Report:
-    from .snapshot import snapshot
+    from .snapshot import SnapshotRequest, snapshot
 
-    return snapshot(env.context(), args.domain, args.disk, args.overlay, args.reuse_external)
+    return snapshot(env.context(), SnapshotRequest(domain=args.domain, disk=args.disk,
+                                                   overlay=args.overlay,
+                                                   reuse_external=args.reuse_external))
 
 
 def cmd_abort(args: argparse.Namespace, env: Env) -> Report:

@@ -50,10 +50,23 @@ class MergeRequest:
     delete_retired: bool = False
 
 
-def uses_relative_names(images: list[ImageInfo]) -> bool:
-    """Whether any layer names its backing file relatively (oVirt's ``V1``,
-    ``../<template-img>/<vol>``): then merges keep names relative."""
-    return any(i.backing_name and not i.backing_name.startswith("/") for i in images)
+def relative_all_along(images: list[ImageInfo], plan: MergePlan, top_pos: int,
+                       base_pos: int | None) -> bool:
+    """Whether the backing name the merge rewrites can stay relative, and
+    should: libvirt builds it by joining the relative names from the image
+    that gets the new backing down to its new backing file (oVirt's ``V1``,
+    ``../<template-img>/<vol>``), and refuses when any of them is absolute
+    (an overlay libvirt created for a snapshot names its backing by an
+    absolute path)."""
+    if plan.strategy is Strategy.PULL and base_pos is not None:
+        span = images[top_pos:base_pos]  # TOP gets BASE as backing
+    elif plan.strategy is Strategy.COMMIT and not plan.active:
+        lowest = (len(images) if base_pos is None else base_pos) - 1
+        span = images[top_pos - 1:lowest]  # the image above TOP gets L as backing
+    else:
+        return False  # no backing name is rewritten
+    return bool(span) and all(i.backing_name and not i.backing_name.startswith("/")
+                              for i in span)
 
 
 def libvirt_ref(domain: Domain, target: str, path: str | None) -> str | None:
@@ -120,7 +133,8 @@ class Merge:
             if may_commit else {}
         plan = plan_merge(disk, top_pos=top_pos, base_pos=base_pos, strategy=req.strategy,
                           allocation={i.path: i.actual_size for i in images}, users=users)
-        relative = uses_relative_names(images) if req.keep_relative is None else req.keep_relative
+        relative = relative_all_along(images, plan, top_pos, base_pos) \
+            if req.keep_relative is None else req.keep_relative
         return replace(plan, keep_relative=relative)
 
     def check_plans(self, plans: list[MergePlan]) -> None:

@@ -30,6 +30,7 @@ from .planner import MergePlan
 from .records import OperationRecord, RecordStore
 from .relocate import Relocate, RelocatePlan, RelocateRequest
 from .reports import RecordOutcome, RecoverReport
+from .snapshot import Snapshot, SnapshotPlan, SnapshotRequest
 from .verification import norm, require_chain
 
 if TYPE_CHECKING:
@@ -99,6 +100,8 @@ def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: Opera
         with ctx.state.disk_lock(domain.uuid, record.disk, f"recover of {domain.name} {record.disk}"):
             if record.operation == "merge":
                 outcome.result = _recover_merge(ctx, domain, store, record, timeout_s)
+            elif record.operation == "snapshot":
+                outcome.result = _recover_snapshot(ctx, domain, store, record)
             else:
                 outcome.result = _recover_relocate(ctx, domain, store, record, timeout_s)
     except errors.Conflict as exc:
@@ -130,6 +133,14 @@ def _recover_merge(ctx: Context, domain: Domain, store: RecordStore, record: Ope
     plan = MergePlan.from_json(record.plan)
     _follow(ctx, domain, store, record, plan.two_phase, True, timeout_s)
     op = Merge(MergeRequest(**record.request))
+    return settle(domain, store, record,
+                  finish=lambda: op.finish(ctx, domain, plan, store, record)).value
+
+
+def _recover_snapshot(ctx: Context, domain: Domain, store: RecordStore,
+                      record: OperationRecord) -> str:
+    plan = SnapshotPlan.from_json(record.plan)
+    op = Snapshot(SnapshotRequest(**record.request))
     return settle(domain, store, record,
                   finish=lambda: op.finish(ctx, domain, plan, store, record)).value
 

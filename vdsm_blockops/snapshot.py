@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
 from . import errors
-from .chain import check_reference
-from .context import Context, as_failure, check_disk_supported, check_no_job, running_domain
+from .chain import Disk, check_reference
+from .context import Context, check_disk_supported, running_domain
 from .identity import ImageSet, clean_path, image_key, is_block_device
-from .reports import SnapshotReport
+from .model import Operation
+from .operation import run_operation
+from .records import OperationRecord, Phase, RecordStore
+from .reports import Report, SnapshotReport
 from .storage import check_place, point_persistent_definition
 from .verification import norm, require_chain
 
@@ -47,31 +51,85 @@ def already_done(ctx: Context, domain_name: str, target: str, overlay: str) -> S
     return None
 
 
-def snapshot(ctx: Context, domain_name: str, target: str, overlay: str,
-             reuse_external: bool, dry_run: bool = False) -> SnapshotReport:
+@dataclass(frozen=True)
+class SnapshotRequest:
+    domain: str
+    disk: str
+    overlay: str
+    reuse_external: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class SnapshotPlan:
+    disk: str
+    overlay: str
+    chain_before: list[str]
+    chain_after: list[str]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> SnapshotPlan:
+        return cls(**{k: v for k, v in body.items() if k in {f.name for f in fields(cls)}})
+
+
+def snapshot(ctx: Context, req: SnapshotRequest) -> Report:
     """Disk-only external snapshot of one disk: a new qcow2 overlay."""
-    started = ctx.clock()
-    domain = running_domain(ctx, domain_name)
-    disk = domain.spec().disk(target)
-    check_disk_supported(disk)
-    check_no_job(domain, disk)
-    check_reference(overlay, "OVERLAY")
-    if not os.path.isabs(overlay):
-        raise errors.BadRequest(f"OVERLAY must be an absolute path, not {overlay!r}")
-    overlay = clean_path(overlay)
-    check_place(ctx, overlay, reuse_external, ImageSet(disk.paths))
-    if dry_run:
-        return SnapshotReport(domain=domain.name, disk=target, overlay=overlay,
-                              chain_before=norm(disk.paths), chain_after=[overlay] + norm(disk.paths),
-                              verified=False)
-    with ctx.state.disk_lock(domain.uuid, target, f"snapshot of {domain.name} {target}"):
-        domain.snapshot(snapshot_xml(domain, {target: overlay}), reuse_external=reuse_external)
-        expected = [overlay] + norm(disk.paths)
-        try:
-            point_persistent_definition(domain, target, overlay, "qcow2")
-            require_chain(domain, target, expected)
-        except (errors.BlockOpsError, OSError) as exc:
-            raise as_failure(exc) from exc  # the snapshot exists: never exit 2
-    return SnapshotReport(domain=domain.name, disk=target, overlay=overlay,
-                          chain_before=norm(disk.paths), chain_after=expected,
-                          duration_s=round(ctx.clock() - started, 3))
+    return run_operation(ctx, Snapshot(req), req.disk, req.dry_run)
+
+
+class Snapshot:
+    """A snapshot, as the operation skeleton drives it: recorded before the
+    snapshot is taken, so recover can finish it (persistent definition,
+    verification) after a crash."""
+
+    kind = Operation.SNAPSHOT
+
+    def __init__(self, req: SnapshotRequest) -> None:
+        self.req = req
+        if req.disk == "all":
+            raise errors.BadRequest("a snapshot names one OVERLAY: give one disk, not 'all'")
+        check_reference(req.overlay, "OVERLAY")
+        if not os.path.isabs(req.overlay):
+            raise errors.BadRequest(f"OVERLAY must be an absolute path, not {req.overlay!r}")
+
+    def domain(self, ctx: Context) -> Domain:
+        return running_domain(ctx, self.req.domain)
+
+    def plan(self, ctx: Context, domain: Domain, disk: Disk) -> SnapshotPlan:
+        check_disk_supported(disk)
+        overlay = clean_path(self.req.overlay)
+        check_place(ctx, overlay, self.req.reuse_external, ImageSet(disk.paths))
+        return SnapshotPlan(disk=disk.target, overlay=overlay, chain_before=norm(disk.paths),
+                            chain_after=[overlay] + norm(disk.paths))
+
+    def check_plans(self, plans: list[SnapshotPlan]) -> None:
+        pass
+
+    def idle(self, domain: Domain, plan: SnapshotPlan) -> None:
+        return None
+
+    def request_json(self) -> dict[str, Any]:
+        return asdict(self.req)
+
+    def plan_json(self, plan: SnapshotPlan) -> dict[str, Any]:
+        return asdict(plan)
+
+    def report(self, domain: Domain, plan: SnapshotPlan, *, dry_run: bool = False,
+               verified: bool = True) -> SnapshotReport:
+        return SnapshotReport(domain=domain.name, disk=plan.disk, overlay=plan.overlay,
+                              chain_before=plan.chain_before, chain_after=plan.chain_after,
+                              verified=verified and not dry_run)
+
+    def execute(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,
+                record: OperationRecord) -> SnapshotReport:
+        domain.snapshot(snapshot_xml(domain, {plan.disk: plan.overlay}),
+                        reuse_external=self.req.reuse_external)
+        store.advance(record, Phase.STARTED)
+        return self.finish(ctx, domain, plan, store, record)
+
+    def finish(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,
+               record: OperationRecord) -> SnapshotReport:
+        point_persistent_definition(domain, plan.disk, plan.overlay, "qcow2")
+        require_chain(domain, plan.disk, plan.chain_after)
+        store.finish(record)
+        return self.report(domain, plan)

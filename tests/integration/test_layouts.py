@@ -164,7 +164,9 @@ def test_ovirt_merge_onto_the_template_keeps_relative_names(ovirt, config, strat
     rc, out, err = rig.cli("merge", vm1.name, "vda", "--base", T,
                            "--strategy", strategy, config=config)
     assert rc == 0, (out, err)
-    assert out["keep_relative"] is True
+    # a pull rewrites V3's backing name (relative flags); an active commit
+    # rewrites none (V1 keeps its own)
+    assert out["keep_relative"] is (strategy == "pull")
     result = V3 if strategy == "pull" else V1
     assert out["chain_after"] == [result, T]
     assert backing_name(result) == "../img-tmpl/T"
@@ -214,6 +216,46 @@ def test_ovirt_relocate_to_another_storage_domain(ovirt, config):
     assert os.path.exists(T) and T not in out["deleted"]  # vm2 still uses the template
     d1.assert_guest_data()
     d2.assert_guest_data(active=d2.layers[-1])
+    verify(vm1, config)
+    vm1.restart()
+    d1.assert_guest_data()
+
+
+@pytest.mark.parametrize("mode", ["full", "shallow"])
+def test_ovirt_relocate_other_modes_to_another_storage_domain(ovirt, config, mode):
+    vm1, d1, vm2, d2, pool = ovirt
+    T, V1, V2, V3 = d1.layers
+    dest_dir = os.path.join(pool, "sd2", "images", "img-vm1")
+    os.makedirs(dest_dir, mode=0o755)
+    before = digest(T)
+    d1.guest_write(0x45, 9, 1)
+    rc, out, err = rig.cli("relocate", vm1.name, "vda", f"{dest_dir}/V3", "--mode", mode,
+                           config=config)
+    assert rc == 0, (out, err)
+    expected = [f"{dest_dir}/V3"] + ([V2, V1, T] if mode == "shallow" else [])
+    assert out["chain_after"] == expected
+    assert digest(T) == before
+    d1.assert_guest_data()
+    d2.assert_guest_data(active=d2.layers[-1])
+    verify(vm1, config)
+    vm1.restart()
+    d1.assert_guest_data()
+
+
+def test_ovirt_snapshot_then_merge_keeps_the_layout(ovirt, config):
+    vm1, d1, _, _, _ = ovirt
+    T, V1, V2, V3 = d1.layers
+    V4 = os.path.join(os.path.dirname(V3), "V4")
+    rc, out, err = rig.cli("snapshot", vm1.name, "vda", V4, config=config)
+    assert rc == 0 and out["chain_after"] == [V4, V3, V2, V1, T], (out, err)
+    d1.guest_write(0x46, 10, 1)
+    rc, out, err = rig.cli("merge", vm1.name, "vda", "--top", V4, "--base", V1, config=config)
+    assert rc == 0, (out, err)
+    # V4's backing name is absolute (libvirt made V4), so a pull from V4
+    # cannot keep a relative name; the names below stay as they were
+    assert out["chain_after"][-2:] == [V1, T]
+    assert backing_name(V1) == "../img-tmpl/T"
+    d1.assert_guest_data()
     verify(vm1, config)
     vm1.restart()
     d1.assert_guest_data()

@@ -70,15 +70,16 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.snapshot import already_done, snapshot
+    from vdsm_blockops.snapshot import SnapshotRequest, already_done, snapshot
 
     p = module.params
     ctx = run(module, lambda: context(module))
     done = run(module, lambda: already_done(ctx, p["domain"], p["disk"], p["overlay"]))
     if done is not None:
         exit_with_report(module, done.to_json(), changed=False)
-    report = run(module, lambda: snapshot(ctx, p["domain"], p["disk"], p["overlay"],
-                                          p["reuse_external"], dry_run=module.check_mode))
+    req = SnapshotRequest(domain=p["domain"], disk=p["disk"], overlay=p["overlay"],
+                          reuse_external=p["reuse_external"], dry_run=module.check_mode)
+    report = run(module, lambda: snapshot(ctx, req))
     exit_with_report(module, report.to_json(), changed=True)
 
 
