@@ -223,6 +223,93 @@ def memory(b: Bench) -> None:
     print(f"peak RSS watching 8 jobs: {peak_kib / 1024:.1f} MiB")
 
 
+def _define_idle(b: Bench, count: int, base: str) -> None:
+    """Define throwaway domains (never started) until ``count`` exist, each
+    on an overlay of ``base``: the crowd an operation must not slow down in."""
+    existing = {n for n in b.conn.listDefinedDomains() if n.startswith("vbo-test-crowd-")}
+    for i in range(count):
+        name = f"vbo-test-crowd-{i:04d}"
+        if name in existing:
+            continue
+        top = os.path.join(b.root, f"{name}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top],
+                       check=True)
+        b.conn.defineXML(
+            f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{top}'/>"
+            "<target dev='vda' bus='virtio'/></disk></devices></domain>")
+
+
+def scaling(b: Bench, quick: bool) -> None:
+    """Merge (and its dry run) on a small chain with 0, 50, 200, 500 other
+    domains defined and 10 running: the cost must not grow with the node."""
+    chain = [layer("A", 4), layer("B", 2, 4), layer("C", 1, 8), layer("D", 0)]
+    base = os.path.join(b.root, "crowd-base.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"], check=True)
+    running: list[rig.VM] = []
+    try:
+        for crowd, others in ((0, 0), (0, 10), (50, 10), (200, 10), (500, 10)):
+            if quick and crowd not in (0, 500):
+                continue
+            while len(running) < others:
+                running.append(b.vm({"vda": [layer("X", 1)]}, size_mib=64))
+            _define_idle(b, crowd, base)
+            case = f"scale: {crowd} defined + {others} running"
+            dry, full = [], []
+            for run in range(b.repeats + 1):
+                vm = b.vm({"vda": chain}, size_mib=64)
+                try:
+                    a = vm.disks["vda"].layers[0]
+                    elapsed, _ = b.ours("merge", vm.name, "vda", "--base", a, "--dry-run")
+                    if run:  # the first run of a crowd fills the definitions cache
+                        dry.append(elapsed)
+                    elapsed, out = b.ours("merge", vm.name, "vda", "--base", a, "--strategy", "commit")
+                    if run:
+                        full.append(elapsed)
+                    vm.disks["vda"].assert_guest_data()
+                finally:
+                    b.drop(vm)
+            for name, values in (("merge --dry-run", dry), ("merge (commit)", full)):
+                b.rows.append({"case": case, "contender": name, "median_s": statistics.median(values),
+                               "runs_s": [round(v, 3) for v in values], "crowd": crowd,
+                               "running": others})
+                print(f"{case:38} {name:28} {statistics.median(values):7.3f} s", flush=True)
+    finally:
+        for vm in running:
+            b.drop(vm)
+        for name in b.conn.listDefinedDomains():
+            if name.startswith("vbo-test-crowd-"):
+                b.conn.lookupByName(name).undefine()
+
+
+def many_jobs(b: Bench) -> None:
+    """``jobs`` on a node with 20 running VMs, each with a block job."""
+    vms = [b.vm({"vda": [layer("A", 8), layer("B", 0)]}, size_mib=64) for _ in range(20)]
+    try:
+        for vm in vms:
+            b.timed([*VIRSH, "blockpull", vm.name, "vda", "--bandwidth", "1"])
+        ours, theirs = [], []
+        for _ in range(b.repeats):
+            elapsed, out = b.ours("jobs")
+            assert len(out["jobs"]) == 20, out
+            ours.append(elapsed)
+            started = time.perf_counter()
+            for vm in vms:
+                b.timed([*VIRSH, "blockjob", vm.name, "vda", "--info"])
+            theirs.append(time.perf_counter() - started)
+        base = statistics.median(theirs)
+        for name, values in (("virsh blockjob --info x20", theirs), ("vdsm-blockops jobs", ours)):
+            median = statistics.median(values)
+            b.rows.append({"case": "jobs: 20 VMs with a job", "contender": name, "median_s": median,
+                           "runs_s": [round(v, 3) for v in values],
+                           "ratio": median / base if name != "virsh blockjob --info x20" else None})
+            print(f"{'jobs: 20 VMs with a job':38} {name:28} {median:7.3f} s", flush=True)
+    finally:
+        for vm in vms:
+            b.drop(vm)
+
+
 def pure_parts(b: Bench) -> None:
     from vdsm_blockops.chain import parse_domain
     from vdsm_blockops.planner import plan_merge
@@ -298,6 +385,10 @@ def targets(b: Bench) -> list[str]:
     check("big lower layer, auto vs virsh blockpull --base", auto and auto["ratio"], 0.5)
     chain = _row(b, "relocate", "chain mode")
     check("chain-mode relocation of a ~1 GiB chain vs virsh blockcopy --pivot", chain and chain["ratio"], 0.5)
+    empty = _row(b, "scale: 0 defined + 0 running", "merge (commit)")
+    crowded = _row(b, "scale: 500 defined + 10 running", "merge (commit)")
+    check("merge with 500 defined + 10 running domains vs an empty node",
+          crowded and empty and crowded["median_s"] / empty["median_s"], 1.3, "x empty node")
     return lines
 
 
@@ -353,6 +444,9 @@ def write_report(b: Bench, path: str, plot: str | None) -> None:
               "  BLOCK_JOB_2 event, so tiny jobs end in well under that.", ""]
     if plot:
         lines += [f".. image:: {os.path.basename(plot)}", ""]
+    if os.path.exists(os.path.join(os.path.dirname(path), "scaling.png")):
+        lines += ["Scaling: an operation's cost against the number of domains on the node", "",
+                  ".. image:: scaling.png", ""]
     with open(path, "w") as handle:
         handle.write("\n".join(lines))
     print(f"wrote {path}")
@@ -367,7 +461,7 @@ def make_plot(b: Bench, path: str) -> str | None:
     except ImportError:
         print("matplotlib not installed (pip install '.[bench]'): no plot")
         return None
-    rows = [r for r in b.rows if r.get("ratio")]
+    rows = [r for r in b.rows if r.get("ratio") and not r["case"].startswith("scale")]
     labels = [f"{r['case']}\n{r['contender']}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     ax.barh(range(len(rows)), [r["ratio"] for r in rows],
@@ -379,6 +473,26 @@ def make_plot(b: Bench, path: str) -> str | None:
     ax.set_title("vdsm-blockops vs virsh, same chains, medians")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    scale = [r for r in b.rows if r["case"].startswith("scale") and r.get("crowd") is not None
+             and r.get("running")]
+    if scale:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name in ("merge --dry-run", "merge (commit)"):
+            points = sorted((r["crowd"], r["median_s"]) for r in scale if r["contender"] == name)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        empty = _row(b, "scale: 0 defined + 0 running", "merge (commit)")
+        if empty:
+            ax.axhline(empty["median_s"] * 1.3, color="grey", linestyle="--",
+                       label="1.3 x merge on an empty node")
+        ax.set_xlabel("other domains defined (plus 10 running)")
+        ax.set_ylabel("seconds (whole command)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.set_title("An operation's cost and the node's size")
+        fig.tight_layout()
+        fig.savefig(os.path.join(os.path.dirname(path), "scaling.png"), dpi=110)
+        plt.close(fig)
     return path
 
 
@@ -386,6 +500,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer runs and cases")
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--only", nargs="+", metavar="CASE",
+                        choices=["tiny", "scaling", "jobs", "strategies", "relocation", "concurrency",
+                                 "memory", "pure", "hook"],
+                        help="run only these cases; the other rows are kept from the last report")
     args = parser.parse_args()
     # An installed package has its bytecode compiled by pip; an editable
     # checkout may not (PYTHONDONTWRITEBYTECODE), which would bill the
@@ -396,15 +514,33 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="bench-", dir=rig.TEST_ROOT)
     os.chmod(root, 0o755)
     b = Bench(root, args.repeats or (3 if args.quick else 5))
+    cases = {
+        "tiny": lambda: tiny(b),
+        "scaling": lambda: scaling(b, args.quick),
+        "jobs": lambda: many_jobs(b),
+        "strategies": lambda: strategies(b, args.quick),
+        "relocation": lambda: relocation(b),
+        "concurrency": lambda: concurrency(b, args.quick),
+        "memory": lambda: memory(b),
+        "pure": lambda: pure_parts(b),
+        "hook": lambda: hook_time(b),
+    }
+    report = os.path.join(REPO, "docs", "benchmarks.json")
+    if args.only and os.path.exists(report):
+        with open(report) as handle:  # keep the rows of the cases not run now
+            kept = json.load(handle)["rows"]
+        prefixes = {"tiny": "tiny", "scaling": "scale", "jobs": "jobs:", "strategies": "merge --base",
+                    "relocation": "relocate", "concurrency": "merge ", "memory": "peak memory",
+                    "pure": "parse", "hook": "hook"}
+        ran = tuple(prefixes.get(c, c) for c in args.only)
+        b.rows = [r for r in kept if not r["case"].startswith(ran)]
     try:
-        tiny(b)
-        b.repeats = args.repeats or (1 if args.quick else 3)
-        strategies(b, args.quick)
-        relocation(b)
-        concurrency(b, args.quick)
-        memory(b)
-        pure_parts(b)
-        hook_time(b)
+        for name, run in cases.items():
+            if args.only and name not in args.only:
+                continue
+            run()
+            if name == "scaling":  # the five-run cases above, three-run ones below
+                b.repeats = args.repeats or (1 if args.quick else 3)
     finally:
         for vm in b.vms:
             vm.destroy()

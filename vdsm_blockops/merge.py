@@ -20,12 +20,13 @@ from .identity import ImageSet, image_key
 from .images import ImageInfo
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import Operation, Strategy
-from .node import chain_users, current_chain, image_chain
+from .node import current_chain, image_chain
 from .operation import run_operation
 from .planner import MergePlan, plan_merge
 from .records import OperationRecord, Phase, RecordStore
 from .reports import MergeReport, Report, Retired
 from .storage import delete_unused
+from .users import chain_users
 from .verification import norm, require_chain
 
 if TYPE_CHECKING:
@@ -129,8 +130,8 @@ class Merge:
         # Who else uses the commit target only matters when a commit may run;
         # users are found by identity, whatever name their chains use.
         may_commit = end - top_pos > 1 and req.strategy != "pull"
-        users = chain_users(ctx.conn, [disk.paths[end - 1]], exclude=(domain.uuid, disk.target)) \
-            if may_commit else {}
+        users = chain_users(ctx.conn, [disk.paths[end - 1]], exclude=(domain.uuid, disk.target),
+                            cache_dir=ctx.state.path) if may_commit else {}
         plan = plan_merge(disk, top_pos=top_pos, base_pos=base_pos, strategy=req.strategy,
                           allocation={i.path: i.actual_size for i in images}, users=users)
         relative = relative_all_along(images, plan, top_pos, base_pos) \

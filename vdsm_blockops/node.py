@@ -1,16 +1,15 @@
-"""Read-only views of the node: each disk's whole chain, block jobs, and
-who else uses an image (by identity)."""
+"""Read-only views of the node: each disk's whole chain and the block jobs.
+(Who else uses an image: ``users.py``.)"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import errors
-from .chain import Disk, DomainSpec, Layer
-from .identity import clean_path, image_key, is_block_device
+from .chain import Disk, Layer
+from .identity import clean_path, is_block_device
 from .images import ImageInfo, chain_problems, missing_images, read_backing_chain
 from .reports import ChainReport, DiskView, JobRow, JobsReport, LayerView
 
@@ -111,49 +110,3 @@ def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
                 ready=bool(disk.mirror and disk.mirror.is_ready),
                 mirror=disk.mirror.path if disk.mirror else None))
     return JobsReport(jobs=rows)
-
-
-@dataclass(frozen=True)
-class ChainUser:
-    domain: str
-    disk: str
-    definition: str  # live | persistent
-
-    def __str__(self) -> str:
-        return f"domain {self.domain} ({self.definition} {self.disk})"
-
-
-def chain_users(
-    conn: Connection, paths: Iterable[str], exclude: tuple[str, str]
-) -> dict[str, list[str]]:
-    """Which other chains on the node (live or defined) use each path.
-
-    ``exclude`` is (domain uuid, disk target): the chain being operated on.
-    Images are matched by identity, so a chain that names a layer through
-    a symlinked folder, a bind mount or ``..`` is still its user. The
-    answer is keyed by the names asked for.
-    """
-    wanted = {image_key(p): p for p in paths}
-    found: dict[str, set[str]] = {}
-    if not wanted:
-        return {}
-    for domain in conn.domains():
-        specs: list[tuple[str, DomainSpec]] = []
-        live_active: dict[str, str] = {}
-        if domain.is_active():
-            live = domain.spec()
-            specs.append(("live", live))
-            live_active = {d.target: d.paths[0] for d in live.disks if d.paths}
-        if domain.is_persistent():
-            specs.append(("persistent", domain.spec(inactive=True)))
-        for definition, spec in specs:
-            for disk in spec.disks:
-                if (spec.uuid, disk.target) == exclude:
-                    continue
-                if definition == "persistent" and disk.paths[:1] == [live_active.get(disk.target)]:
-                    continue  # same chain as the live one, already counted
-                for key in wanted.keys() & {image_key(p) for p in resolved_paths(disk)}:
-                    found.setdefault(wanted[key], set()).add(
-                        str(ChainUser(spec.name, disk.target, definition))
-                    )
-    return {p: sorted(u) for p, u in found.items()}

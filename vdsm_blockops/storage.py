@@ -15,8 +15,8 @@ from . import errors
 from .chain import parse_xml
 from .identity import ImageSet, existing_key, image_key, is_block_device, under_root
 from .images import reserve_file
-from .node import chain_users
 from .records import OperationRecord, RecordStore
+from .users import chain_users
 
 if TYPE_CHECKING:
     from .context import Context
@@ -85,7 +85,7 @@ def remove_created_files(record: OperationRecord, live_paths: list[str]) -> list
 def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -> list[str]:
     """Unlink those of ``paths`` no chain uses -- decided by identity, so a
     layer another VM names through an alias is kept."""
-    users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target))
+    users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target), cache_dir=ctx.state.path)
     live = ImageSet(domain.spec().disk(target).paths)
     deleted, keys = [], []
     for path in paths:

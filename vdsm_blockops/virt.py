@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import libvirt
 
@@ -127,6 +129,7 @@ class Connection:
         self._closed = threading.Event()
         self._lock = threading.RLock()
         self.generation = 0  # bumped on every (re)open
+        self.node_changes = 0  # bumped on every domain lifecycle event
         self._open()
 
     # -- lifecycle
@@ -146,7 +149,11 @@ class Connection:
                 libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
                 self._on_block_job,
                 None,
-            )
+            ),
+            # Any define, undefine, start or stop: a look at the node's
+            # chains taken before is stale (see node.NodeUsers).
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
         ]
         self._conn = conn
         self._closed.clear()
@@ -155,6 +162,10 @@ class Connection:
     def _on_close(self, _conn: object, reason: int, _opaque: object) -> None:
         log.warning("connection to %s closed (reason %s)", self.uri, reason)
         self._closed.set()
+
+    def _on_lifecycle(self, _conn: object, _dom: object, _event: int, _detail: int,
+                      _opaque: object) -> None:
+        self.node_changes += 1
 
     def _on_block_job(self, _conn: object, dom: libvirt.virDomain, disk: str, job_type: int,
                       status: int, _opaque: object) -> None:
@@ -236,6 +247,51 @@ class Connection:
         flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
         with libvirt_errors("listing domains"):
             return [Domain(self, d) for d in self.raw.listAllDomains(flags)]
+
+    def persistent_domains(self, running: bool) -> list[Domain]:
+        """The defined domains that run (``running``) or do not."""
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT | (
+            libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if running
+            else libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+        with libvirt_errors("listing domains"):
+            return [Domain(self, d) for d in self.raw.listAllDomains(flags)]
+
+    def running_chains(self) -> list[RunningChain]:
+        """Every image of every disk of every running domain, from one
+        ``getAllDomainStats`` call (the BACKING flag lists whole chains)."""
+        with libvirt_errors("block stats of the running domains"):
+            stats = self.raw.getAllDomainStats(
+                libvirt.VIR_DOMAIN_STATS_BLOCK,
+                libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+                | libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_BACKING)
+        chains: dict[tuple[str, str], RunningChain] = {}
+        for dom, values in stats:
+            for i in range(int(values.get("block.count", 0))):
+                target, path = values.get(f"block.{i}.name"), values.get(f"block.{i}.path")
+                if target and path:
+                    key = (dom.UUIDString(), target)
+                    chain = chains.setdefault(key, RunningChain(dom.UUIDString(), dom.name(), target, []))
+                    chain.paths.append(path)
+        return list(chains.values())
+
+    def definition_file(self, domain_name: str) -> str | None:
+        """Where the local QEMU driver keeps a persistent definition (libvirt
+        rewrites the file, under a new inode, on every define): a cheap
+        sign that a definition changed. None where unknown (remote, other
+        drivers)."""
+        if self.uri in ("qemu:///system", "qemu+unix:///system"):
+            return f"/etc/libvirt/qemu/{domain_name}.xml"
+        if self.uri in ("qemu:///session", "qemu+unix:///session"):
+            return os.path.expanduser(f"~/.config/libvirt/qemu/{domain_name}.xml")
+        return None
+
+
+@dataclass
+class RunningChain:
+    uuid: str
+    name: str
+    target: str
+    paths: list[str]
 
 
 class Domain:
