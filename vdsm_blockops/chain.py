@@ -122,6 +122,10 @@ class Disk:
             for pos, layer in enumerate(self.chain):
                 if layer.index == wanted:
                     return pos
+            if all(layer.index is None for layer in self.chain):
+                raise UnknownImage(
+                    f"{ref}: libvirt's index notation exists only for a running domain; "
+                    "name the image by its path")
             raise UnknownImage(
                 f"no image with index {wanted} in the chain of {self.target} "
                 f"(indexes: {', '.join(str(l.index) for l in self.chain)})"

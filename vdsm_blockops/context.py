@@ -59,6 +59,14 @@ def running_domain(ctx: Context, name: str) -> Domain:
     return domain
 
 
+def operation_domain(ctx: Context, name: str) -> Domain:
+    """A running domain (block jobs) or a defined, shut-off one (qemu-img)."""
+    domain = ctx.conn.domain(name)
+    if not domain.is_active() and not domain.is_persistent():
+        raise errors.BadRequest(f"domain {domain.name} is neither running nor defined")
+    return domain
+
+
 def check_disk_supported(disk: Disk) -> None:
     """Refuse disks libvirt's block jobs cannot handle, before anything runs."""
     if disk.device != "disk":
@@ -88,7 +96,7 @@ def check_no_job(domain: Domain, disk: Disk) -> None:
             f"disk {disk.target} of {domain.name} is busy: {other.operation} {other.id} "
             f"(pid {other.pid}, phase {other.phase.value}); if that process is gone, run "
             f"'vdsm-blockops recover {domain.name}'", record=other.id)
-    info = domain.block_job_info(disk.target)
+    info = domain.block_job_info(disk.target) if domain.is_active() else None
     if info is not None or disk.mirror is not None:
         kind = info.job_type if info else disk.mirror.job if disk.mirror else "block"
         raise errors.Conflict(f"disk {disk.target} of {domain.name} already has a {kind} block job")

@@ -44,8 +44,15 @@ class Refusal(Exception):
 
 
 def check_start(xml: bytes, state: StateDir) -> None:
-    """prepare begin: no disk may use an invalidated or missing image."""
+    """prepare begin: no operation on the shut-off domain may be unfinished,
+    no disk may use an invalidated or missing image."""
     spec = parse_domain(xml)
+    for target, record in sorted(records_in_domain_xml(spec.metadata).items()):
+        if not record.online:
+            raise Refusal(
+                f"start refused: disk {target} has an unfinished {record.operation} of the shut-off "
+                f"domain ({record.id}, pid {record.pid}); wait for it, or run "
+                f"'vdsm-blockops recover {spec.name}' if that process is gone")
     invalid = state.invalid_lookup()
     for disk in spec.disks:
         active = disk.active

@@ -13,14 +13,14 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import errors, offline
 from .chain import Disk
-from .context import Context, check_bandwidth, check_timeout, running_domain
+from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .identity import ImageSet, image_key
 from .images import ImageInfo
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import Operation, Strategy
-from .node import current_chain, image_chain
+from .node import current_chain, planned_disk
 from .operation import run_operation
 from .planner import MergePlan, plan_merge
 from .records import OperationRecord, Phase, RecordStore
@@ -104,6 +104,7 @@ class Merge:
 
     def __init__(self, req: MergeRequest) -> None:
         self.req = req
+        self.online = True
         self.bandwidth = check_bandwidth(req.bandwidth_mib_s)
         check_timeout(req.timeout_s)
         if req.disk == "all" and (req.base is not None or req.top is not None):
@@ -111,21 +112,20 @@ class Merge:
                                     "with 'all'")
 
     def domain(self, ctx: Context) -> Domain:
-        return running_domain(ctx, self.req.domain)
+        domain = operation_domain(ctx, self.req.domain)
+        self.online = domain.is_active()
+        if not self.online and not self.req.wait:
+            raise errors.BadRequest(f"domain {domain.name} is shut off: its merge runs to its end "
+                                    "with qemu-img, so --no-wait has nothing to leave running")
+        return domain
 
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> MergePlan:
-        from .context import check_disk_supported
-
         req = self.req
         check_disk_supported(disk)
+        disk, images = planned_disk(disk)
         # "" is a malformed reference, not "not given": position() refuses it.
         top_pos = disk.position(req.top) if req.top is not None else 0
         base_pos = disk.position(req.base) if req.base is not None else None
-        images = image_chain(disk)
-        if norm(disk.paths) != [i.path for i in images]:
-            raise errors.BadRequest(
-                f"{disk.target}: libvirt's chain {disk.paths} does not match the images' "
-                f"metadata {[i.path for i in images]}; run 'vdsm-blockops verify'")
         end = len(disk.chain) if base_pos is None else base_pos
         # Who else uses the commit target only matters when a commit may run;
         # users are found by identity, whatever name their chains use.
@@ -161,7 +161,19 @@ class Merge:
             chain_after=chain_after if chain_after is not None else plan.chain_after,
             retired=[Retired(r.path, r.valid) for r in plan.retired],
             bytes_to_copy=plan.bytes_to_copy, alternatives=plan.alternatives,
-            libvirt_call=plan.libvirt_call, keep_relative=plan.keep_relative, verified=verified)
+            libvirt_call=plan.libvirt_call if self.online else self._qemu_img_call(plan),
+            keep_relative=plan.keep_relative, verified=verified, online=self.online)
+
+    @staticmethod
+    def _qemu_img_call(plan: MergePlan) -> str:
+        if plan.strategy is Strategy.PULL:
+            backing = plan.base or "''"
+            return f"qemu-img rebase -b {backing} {plan.top}"
+        if plan.strategy is Strategy.COMMIT:
+            after = ", then point the definition at it" if plan.active else \
+                ", then relink the layer above"
+            return f"qemu-img commit -d -b {plan.result} {plan.top}{after}"
+        return "none"
 
     def idle(self, domain: Domain, plan: MergePlan) -> MergeReport | None:
         """A segment of one layer: nothing to run, nothing to record."""
@@ -171,6 +183,12 @@ class Merge:
 
     def execute(self, ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,
                 record: OperationRecord) -> MergeReport:
+        if not self.online:
+            store.advance(record, Phase.STARTED)
+            images = planned_disk(domain.spec().disk(plan.disk))[1]
+            offline.merge(ctx, domain, plan, {i.path: i for i in images}, self.bandwidth)
+            store.advance(record, Phase.COMPLETED)
+            return self.finish(ctx, domain, plan, store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
 
         def start() -> None:

@@ -56,6 +56,19 @@ def with_image_chain(disk: Disk, images: list[ImageInfo]) -> Disk:
     return replace(disk, chain=disk.chain + below)
 
 
+def planned_disk(disk: Disk) -> tuple[Disk, list[ImageInfo]]:
+    """``disk`` with its whole chain, and the images' own view of it, for
+    planning an operation: refused (nothing changed) when libvirt and the
+    images disagree."""
+    images = image_chain(disk)
+    disk = with_image_chain(disk, images)
+    if [clean_path(p) for p in disk.paths] != [i.path for i in images]:
+        raise errors.BadRequest(
+            f"{disk.target}: libvirt's chain {disk.paths} does not match the images' "
+            f"metadata {[i.path for i in images]}; run 'vdsm-blockops verify'")
+    return disk, images
+
+
 def describe_disk(disk: Disk) -> DiskView:
     images = image_chain(disk)
     by_path = {i.path: i for i in images}

@@ -55,6 +55,7 @@ class DiskOperation(Protocol, Generic[PlanT]):
     """What merge and relocate provide to the skeleton."""
 
     kind: Operation
+    online: bool  # known once domain() answered
 
     def domain(self, ctx: Context) -> Domain: ...
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> PlanT: ...
@@ -93,7 +94,8 @@ def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: Plan
     with ctx.state.disk_lock(domain.uuid, plan.disk, f"{op.kind.value} of {domain.name} {plan.disk}"):
         store = RecordStore(domain, ctx.state)
         record = OperationRecord(operation=op.kind.value, disk=plan.disk,
-                                 request=op.request_json(), plan=op.plan_json(plan))
+                                 request=op.request_json(), plan=op.plan_json(plan),
+                                 online=op.online)
         store.begin(record)
         try:
             return op.execute(ctx, domain, plan, store, record)

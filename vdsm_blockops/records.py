@@ -83,6 +83,9 @@ class OperationRecord:
     created_files: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+    # False: the domain was shut off and the operation runs with qemu-img;
+    # the hook refuses to start the domain until the record is gone.
+    online: bool = True
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)

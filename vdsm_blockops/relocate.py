@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from . import errors
+from . import errors, offline
 from .chain import Disk, check_reference
-from .context import Context, check_bandwidth, check_disk_supported, check_timeout, running_domain
+from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
 from .identity import ImageSet, clean_path, image_key, is_block_device
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import ImageFormat, Method, Mode, Operation
-from .node import current_chain, image_chain
+from .node import current_chain, image_chain, planned_disk
 from .operation import run_operation
 from .records import OperationRecord, Phase, RecordStore
 from .reports import RelocateReport, Report, Retired
@@ -118,6 +118,7 @@ class Relocate:
 
     def __init__(self, req: RelocateRequest) -> None:
         self.req = req
+        self.online = True
         self.mode: Mode = _enum(Mode, req.mode, "mode")
         self.method: Method = _enum(Method, req.method, "method")
         self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
@@ -140,7 +141,17 @@ class Relocate:
         check_timeout(req.timeout_s)
 
     def domain(self, ctx: Context) -> Domain:
-        return running_domain(ctx, self.req.domain)
+        domain = operation_domain(ctx, self.req.domain)
+        self.online = domain.is_active()
+        if not self.online:
+            refused = ("--no-pivot" if not self.req.pivot else
+                       "--method snapshot-stream" if self.method is Method.SNAPSHOT_STREAM else
+                       "--no-wait" if not self.req.wait else None)
+            if refused:
+                raise errors.BadRequest(
+                    f"domain {domain.name} is shut off: it is copied by qemu-img and files, "
+                    f"and {refused} needs a running VM")
+        return domain
 
     def _dest_for(self, disk: Disk) -> str:
         """DEST names the new active image; with ``all`` it is a folder."""
@@ -155,10 +166,7 @@ class Relocate:
 
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> RelocatePlan:
         check_disk_supported(disk)
-        images = image_chain(disk)
-        if norm(disk.paths) != [i.path for i in images]:
-            raise errors.BadRequest(
-                f"{disk.target}: libvirt's chain and the images' metadata disagree; run verify")
+        disk, images = planned_disk(disk)
         dest = self._dest_for(disk)
         sources = ImageSet(disk.paths)
         if dest in sources:
@@ -216,17 +224,22 @@ class Relocate:
             pivot=self.req.pivot, chain_before=plan.chain_before,
             chain_after=chain_now if chain_now is not None else plan.chain_before,
             copy_chain=plan.chain_after, bytes_to_copy=plan.bytes_to_copy, retired=[],
-            verified=verified, finished=verified)
+            verified=verified, finished=verified, online=self.online)
 
     def execute(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
                 record: OperationRecord) -> RelocateReport:
         req = self.req
         creator = FileCreator(store, record)
+        images = {i.path: i for i in planned_disk(domain.spec().disk(plan.disk))[1]}
+        if not self.online:
+            store.advance(record, Phase.STARTED)
+            offline.relocate(ctx, domain, plan, images, creator, req.reuse_external, self.bandwidth)
+            store.advance(record, Phase.COMPLETED)
+            return self.finish(ctx, domain, plan, store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
         if plan.method is Method.SNAPSHOT_STREAM:
             outcome = self._snapshot_stream(ctx, domain, plan, runner, store, record, creator)
         else:
-            images = {i.path: i for i in image_chain(domain.spec().disk(plan.disk))}
             if plan.copies and not req.reuse_external:
                 prepare_chain_copy(plan, images, creator)
                 store.advance(record, Phase.PREPARED)

@@ -81,6 +81,7 @@ class MergeReport(Report):
     libvirt_call: str
     keep_relative: bool
     verified: bool
+    online: bool = True  # False: a shut-off domain, done with qemu-img
     deleted: list[str] | None = None
     record: str | None = None
     duration_s: float | None = None
@@ -106,6 +107,7 @@ class RelocateReport(Report):
     retired: list[Retired]
     verified: bool
     finished: bool
+    online: bool = True
     persistent_definition_fixed: bool | None = None
     deleted: list[str] | None = None
     record: str | None = None
@@ -123,6 +125,7 @@ class SnapshotReport(Report):
     chain_after: list[str]
     retired: list[Retired] = field(default_factory=list)
     verified: bool = True
+    online: bool = True
     duration_s: float | None = None
 
 

@@ -9,15 +9,16 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from . import errors
+from . import errors, offline
 from .chain import Disk, check_reference
-from .context import Context, check_disk_supported, running_domain
+from .context import Context, check_disk_supported, operation_domain
 from .identity import ImageSet, clean_path, image_key, is_block_device
 from .model import Operation
+from .node import planned_disk
 from .operation import run_operation
 from .records import OperationRecord, Phase, RecordStore
 from .reports import Report, SnapshotReport
-from .storage import check_place, point_persistent_definition
+from .storage import FileCreator, check_place, point_persistent_definition
 from .verification import norm, require_chain
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Snapshot:
 
     def __init__(self, req: SnapshotRequest) -> None:
         self.req = req
+        self.online = True
         if req.disk == "all":
             raise errors.BadRequest("a snapshot names one OVERLAY: give one disk, not 'all'")
         check_reference(req.overlay, "OVERLAY")
@@ -93,10 +95,13 @@ class Snapshot:
             raise errors.BadRequest(f"OVERLAY must be an absolute path, not {req.overlay!r}")
 
     def domain(self, ctx: Context) -> Domain:
-        return running_domain(ctx, self.req.domain)
+        domain = operation_domain(ctx, self.req.domain)
+        self.online = domain.is_active()
+        return domain
 
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> SnapshotPlan:
         check_disk_supported(disk)
+        disk = planned_disk(disk)[0]
         overlay = clean_path(self.req.overlay)
         check_place(ctx, overlay, self.req.reuse_external, ImageSet(disk.paths))
         return SnapshotPlan(disk=disk.target, overlay=overlay, chain_before=norm(disk.paths),
@@ -118,13 +123,18 @@ class Snapshot:
                verified: bool = True) -> SnapshotReport:
         return SnapshotReport(domain=domain.name, disk=plan.disk, overlay=plan.overlay,
                               chain_before=plan.chain_before, chain_after=plan.chain_after,
-                              verified=verified and not dry_run)
+                              verified=verified and not dry_run, online=self.online)
 
     def execute(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,
                 record: OperationRecord) -> SnapshotReport:
-        domain.snapshot(snapshot_xml(domain, {plan.disk: plan.overlay}),
-                        reuse_external=self.req.reuse_external)
         store.advance(record, Phase.STARTED)
+        if self.online:
+            domain.snapshot(snapshot_xml(domain, {plan.disk: plan.overlay}),
+                            reuse_external=self.req.reuse_external)
+        else:  # qemu-img create, then the definition on the new overlay
+            active = planned_disk(domain.spec().disk(plan.disk))[1][0]
+            offline.snapshot(domain, plan.disk, plan.overlay, active, self.req.reuse_external,
+                             FileCreator(store, record))
         return self.finish(ctx, domain, plan, store, record)
 
     def finish(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,

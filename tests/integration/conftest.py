@@ -84,3 +84,19 @@ def vm4(make_vm):
     vm = make_vm()
     vm.add_chain("vda", rig.four_layers())
     return vm.start()
+
+
+@pytest.fixture
+def installed_hook(config):
+    """The hook in libvirt's folder, guarding with the test's state dir."""
+    import time
+
+    rc, out, err = rig.cli("hook", "install", "--reload", config=config)
+    assert rc == 0, err
+    assert out["path"] == "/etc/libvirt/hooks/qemu.d/vdsm-blockops" and out["reloaded"]
+    time.sleep(1)  # libvirtd re-scans the hook folder on SIGHUP
+    try:
+        yield out["path"]
+    finally:
+        if os.path.exists(out["path"]):
+            rig.cli("hook", "uninstall", "--reload", config=config)

@@ -2,26 +2,10 @@
 a healthy one starts."""
 
 import os
-import time
 
 import libvirt
 import pytest
 import rig
-
-HOOKS_DIR = "/etc/libvirt/hooks/qemu.d"
-
-
-@pytest.fixture
-def installed_hook(config):
-    rc, out, err = rig.cli("hook", "install", "--reload", config=config)
-    assert rc == 0, err
-    assert out["path"] == f"{HOOKS_DIR}/vdsm-blockops" and out["reloaded"]
-    time.sleep(1)  # libvirtd re-scans the hook folder on SIGHUP
-    try:
-        yield out["path"]
-    finally:
-        if os.path.exists(out["path"]):
-            rig.cli("hook", "uninstall", "--reload", config=config)
 
 
 def test_vm_on_invalidated_image_is_refused(make_vm, config, installed_hook, workdir):

@@ -133,6 +133,7 @@ class FailingOp:
     the kind libvirt gives for a VM destroyed mid-job."""
 
     kind = Operation.RELOCATE
+    online = True
 
     def __init__(self, domain, dest, error):
         self._domain, self.dest, self.error = domain, dest, error

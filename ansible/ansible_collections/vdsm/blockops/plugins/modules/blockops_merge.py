@@ -6,7 +6,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: blockops_merge
-short_description: Snapshot live merge of a running VM's disk
+short_description: Snapshot merge of a VM's disk, running or shut off
 description:
   - Collapses the layers of a disk's backing chain strictly above I(base) up
     to and including I(top) into one image that backs onto I(base), while the
@@ -23,7 +23,7 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 options:
   domain:
-    description: Name or UUID of the running domain.
+    description: Name or UUID of the domain (running, or defined and shut off).
     type: str
     required: true
   disk:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: blockops_relocate
-short_description: Move a running VM's disk to another place, then pivot
+short_description: Move a VM's disk to another place, running or shut off
 description:
   - Copies a disk's data to I(dest) while the VM runs and pivots the VM onto
     it. C(chain) mode moves every layer into I(dest)'s folder and keeps the
@@ -22,7 +22,7 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 options:
   domain:
-    description: Name or UUID of the running domain.
+    description: Name or UUID of the domain (running, or defined and shut off).
     type: str
     required: true
   disk:

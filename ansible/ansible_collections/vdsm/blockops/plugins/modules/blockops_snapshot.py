@@ -6,7 +6,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: blockops_snapshot
-short_description: Disk-only external snapshot of a running VM's disk
+short_description: Disk-only external snapshot of a VM's disk, running or shut off
 description:
   - Puts a new qcow2 overlay on top of the disk's active image; the old
     active image becomes a point in time. Idempotent, so when I(overlay) is
@@ -19,7 +19,7 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 options:
   domain:
-    description: Name or UUID of the running domain.
+    description: Name or UUID of the domain (running, or defined and shut off).
     type: str
     required: true
   disk:
