@@ -49,11 +49,15 @@ class Bench:
             handle.write(f"state_dir: {root}/state\n")
         self.vms: list[rig.VM] = []
 
-    def vm(self, chains: dict[str, list[LayerSpec]], size_mib: int = 1024) -> rig.VM:
+    def vm(self, chains: dict[str, list[LayerSpec]], size_mib: int = 1024,
+           start: bool = True) -> rig.VM:
         vm = rig.VM(self.conn, self.root)
         for target, layers in chains.items():
             vm.add_chain(target, layers, size_mib=size_mib)
-        vm.start(persistent=True)
+        if start:
+            vm.start(persistent=True)
+        else:
+            vm.define()
         self.vms.append(vm)
         return vm
 
@@ -75,20 +79,20 @@ class Bench:
         return elapsed, json.loads(out)
 
     def contest(self, case: str, chains, contenders: dict, size_mib: int = 1024,
-                reference: str | None = "virsh") -> None:
+                reference: str | None = "virsh", start: bool = True) -> None:
         """Run each contender ``repeats`` times on a fresh identical chain,
         alternating contenders run by run."""
         times: dict[str, list[float]] = {name: [] for name in contenders}
         copied: dict[str, int | None] = {}
         for _ in range(self.repeats):
             for name, run in contenders.items():
-                vm = self.vm(chains() if callable(chains) else chains, size_mib)
+                vm = self.vm(chains() if callable(chains) else chains, size_mib, start)
                 try:
                     elapsed, bytes_copied = run(vm)
                     times[name].append(elapsed)
                     copied[name] = bytes_copied
                     for disk in vm.disks.values():
-                        disk.assert_guest_data()
+                        disk.assert_guest_data(active=None if start else _defined_active(vm, disk))
                 finally:
                     self.drop(vm)
         base = statistics.median(times[reference]) if reference in times else None
@@ -101,6 +105,12 @@ class Bench:
             print(f"{case:38} {name:28} {median:7.3f} s"
                   + (f"  ratio {median / base:5.2f}" if base and name != reference else ""),
                   flush=True)
+
+
+def _defined_active(vm: rig.VM, disk: rig.Disk) -> str:
+    from vdsm_blockops.chain import parse_domain
+
+    return parse_domain(vm.dom.XMLDesc(0)).disk(disk.target).paths[0]
 
 
 # ------------------------------------------------------------------ cases
@@ -188,6 +198,59 @@ def relocation(b: Bench) -> None:
     for row in b.rows:
         if row["case"].startswith("relocate"):
             row["throughput_mib_s"] = round(total / row["median_s"], 1)
+
+
+def offline(b: Bench) -> None:
+    """Shut-off VMs: our verbs against the same qemu-img by hand (and the
+    dd limit for the file copies of chain mode)."""
+    chain = [layer("A", 256), layer("B", 128, 256), layer("C", 256, 384), layer("D", 256, 640)]
+    total = 256 + 128 + 256 + 256
+
+    def ours(*args):
+        def run(vm):
+            a = vm.disks["vda"].layers[0]
+            if args[0] == "relocate":
+                folder = f"{vm.dir}/moved"
+                os.makedirs(folder, mode=0o755)
+                elapsed, out = b.ours("relocate", vm.name, "vda", f"{folder}/vda.qcow2", *args[1:])
+            else:
+                elapsed, out = b.ours("merge", vm.name, "vda", "--base", a, *args[1:])
+            return elapsed, out["bytes_to_copy"]
+        return run
+
+    def by_hand(kind):
+        def run(vm):
+            a, bl, c, d = vm.disks["vda"].layers
+            argv = {"commit": ["qemu-img", "commit", "-q", "-d", "-b", bl, d],
+                    "rebase": ["qemu-img", "rebase", "-q", "-b", a, "-F", "qcow2", d],
+                    # by hand too, the copy is flushed before a definition may name it
+                    "convert": ["sh", "-c", f"qemu-img convert -O qcow2 {d} {vm.dir}/conv.qcow2 && "
+                                f"sync {vm.dir}/conv.qcow2"]}[kind]
+            return b.timed(argv)[0], None
+        return run
+
+    def dd(vm):
+        elapsed = 0.0
+        for path in vm.disks["vda"].layers:
+            elapsed += b.timed(["dd", f"if={path}", f"of={path}.dd", "bs=4M", "oflag=direct",
+                                "status=none"])[0]
+        return elapsed, None
+
+    b.contest("offline merge: active commit", {"vda": chain},
+              {"qemu-img commit": by_hand("commit"), "vdsm-blockops": ours("merge", "--strategy", "commit")},
+              reference="qemu-img commit", start=False)
+    b.contest("offline merge: pull", {"vda": chain},
+              {"qemu-img rebase": by_hand("rebase"), "vdsm-blockops": ours("merge", "--strategy", "pull")},
+              reference="qemu-img rebase", start=False)
+    b.contest(f"offline relocate ~{total} MiB chain", {"vda": chain},
+              {"dd (limit)": dd, "chain mode": ours("relocate", "--mode", "chain"),
+               "qemu-img convert": by_hand("convert"), "full mode": ours("relocate", "--mode", "full")},
+              reference="dd (limit)", start=False)
+    for row in b.rows:
+        if row["case"].startswith("offline relocate") and row["contender"] == "full mode":
+            by_hand_row = _row(b, "offline relocate", "qemu-img convert")
+            if by_hand_row:
+                row["vs_by_hand"] = round(row["median_s"] / by_hand_row["median_s"], 2)
 
 
 def concurrency(b: Bench, quick: bool) -> None:
@@ -385,6 +448,15 @@ def targets(b: Bench) -> list[str]:
     check("big lower layer, auto vs virsh blockpull --base", auto and auto["ratio"], 0.5)
     chain = _row(b, "relocate", "chain mode")
     check("chain-mode relocation of a ~1 GiB chain vs virsh blockcopy --pivot", chain and chain["ratio"], 0.5)
+    for case in ("offline merge: active commit", "offline merge: pull"):
+        row = _row(b, case, "vdsm-blockops")
+        check(f"{case} vs qemu-img by hand", row and row["ratio"], 1.1, "x by hand")
+    full = _row(b, "offline relocate", "full mode")
+    check("offline relocation, full mode vs qemu-img convert by hand", full and full.get("vs_by_hand"),
+          1.1, "x by hand")
+    chain_row = _row(b, "offline relocate", "chain mode")
+    check("offline relocation, chain mode vs the dd limit", chain_row and chain_row["ratio"], 1.3,
+          "x dd")
     empty = _row(b, "scale: 0 defined + 0 running", "merge (commit)")
     crowded = _row(b, "scale: 500 defined + 10 running", "merge (commit)")
     check("merge with 500 defined + 10 running domains vs an empty node",
@@ -501,8 +573,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer runs and cases")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--only", nargs="+", metavar="CASE",
-                        choices=["tiny", "scaling", "jobs", "strategies", "relocation", "concurrency",
-                                 "memory", "pure", "hook"],
+                        choices=["tiny", "scaling", "jobs", "offline", "strategies", "relocation",
+                                 "concurrency", "memory", "pure", "hook"],
                         help="run only these cases; the other rows are kept from the last report")
     args = parser.parse_args()
     # An installed package has its bytecode compiled by pip; an editable
@@ -518,6 +590,7 @@ def main() -> None:
         "tiny": lambda: tiny(b),
         "scaling": lambda: scaling(b, args.quick),
         "jobs": lambda: many_jobs(b),
+        "offline": lambda: offline(b),
         "strategies": lambda: strategies(b, args.quick),
         "relocation": lambda: relocation(b),
         "concurrency": lambda: concurrency(b, args.quick),
@@ -531,7 +604,7 @@ def main() -> None:
             kept = json.load(handle)["rows"]
         prefixes = {"tiny": "tiny", "scaling": "scale", "jobs": "jobs:", "strategies": "merge --base",
                     "relocation": "relocate", "concurrency": "merge ", "memory": "peak memory",
-                    "pure": "parse", "hook": "hook"}
+                    "pure": "parse", "hook": "hook", "offline": "offline"}
         ran = tuple(prefixes.get(c, c) for c in args.only)
         b.rows = [r for r in kept if not r["case"].startswith(ran)]
     try:

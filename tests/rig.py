@@ -88,11 +88,24 @@ class Disk:
 
         return parse_domain(self.vm.dom.XMLDesc(0)).disk(self.target).paths
 
+    def chain(self) -> list[str]:
+        """The chain the disk runs on, or -- shut off -- would start with (the
+        persistent definition's active image and its backing files)."""
+        if self.vm.dom.isActive():
+            return self.live_chain()
+        from vdsm_blockops.chain import parse_domain
+
+        active = parse_domain(self.vm.dom.XMLDesc(0)).disk(self.target).paths[0]
+        images = json.loads(run("qemu-img", "info", "-U", "--backing-chain", "--output=json", active))
+        return [active] + [i["full-backing-filename"] for i in images if i.get("full-backing-filename")]
+
     def assert_guest_data(self, active: str | None = None) -> None:
         """The guest sees exactly what was written (compares the whole disk)."""
         if self.vm.dom.isActive():
             self.flush()
             active = active or self.live_chain()[0]
+        elif self.vm.created:
+            active = active or self.chain()[0]
         assert active, "no active image to compare"
         fmt = json.loads(run("qemu-img", "info", "-U", "--output=json", active))["format"]
         proc = subprocess.run(

@@ -18,23 +18,28 @@ if TYPE_CHECKING:
     from .relocate import RelocatePlan
 
 
-def prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator: FileCreator) -> None:
-    """Copy the read-only layers as files (two at a time), prove each copy
-    against its source, relink them, create the new active overlay."""
-    for _, new in plan.copies:
+def copy_proven(copies: list[tuple[str, str]], creator: FileCreator) -> None:
+    """Copy images nobody writes into new files (reserved and recorded
+    first), two at a time, each proven against its source: content, not
+    only paths -- read back while it is made (O_DIRECT), or afterwards."""
+    for _, new in copies:
         creator.reserve(new)
-    creator.reserve(plan.dest)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         copied = [(src, new, pool.submit(copy_image_file, src, new, reserved=True))
-                  for src, new in plan.copies]
-        # Content, not only paths: read every copy back before the VM may
-        # depend on it (a reflink shares the source's extents: nothing to read).
+                  for src, new in copies]
         checks = [pool.submit(content_difference, src, new)
-                  for src, new, reflinked in copied if not reflinked.result()]
+                  for src, new, proven in copied if not proven.result()]
         for check in checks:
             difference = check.result()
             if difference:
                 raise errors.OperationFailed(f"copy check failed: {difference}")
+
+
+def prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator: FileCreator) -> None:
+    """Copy the read-only layers as files, relink them, create the new
+    active overlay."""
+    copy_proven(plan.copies, creator)
+    creator.reserve(plan.dest)
     # Relink each copy to the copy of its backing; relative names stay
     # relative (the layers sit side by side in DEST's folder).
     new_of = dict(plan.copies)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from . import errors, qemuimg
-from .copying import copy_backing_name
-from .images import ImageInfo, content_difference, copy_image_file, create_image, set_backing
+from . import qemuimg
+from .copying import copy_backing_name, copy_proven
+from .images import ImageInfo, create_image, set_backing
 from .model import Mode, Strategy
 from .state import fsync_dir
 from .storage import FileCreator, point_persistent_definition
@@ -69,31 +69,23 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
 def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str, ImageInfo],
              creator: FileCreator, reuse_external: bool, rate_mib_s: int = 0) -> None:
     """Copy (chain, shallow: the files, proven byte for byte; full: qemu-img
-    convert, proven with qemu-img compare), relink, then point the
-    persistent definition at DEST."""
+    convert, flushed), relink, then point the persistent definition at DEST."""
     active = images[plan.chain_before[0]]
     if plan.mode is Mode.FULL:
         if not reuse_external:
             creator.reserve(plan.dest)
             create_image(plan.dest, plan.format.value, active.virtual_size)
+        # qemu-img copies here, as QEMU does in a block job: its result is
+        # flushed, then verified like a job's (chain and headers).
         qemuimg.convert(active.path, active.format, plan.dest, plan.format.value,
                         _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s)
         qemuimg.fsync(plan.dest)
-        difference = qemuimg.compare(active.path, active.format, plan.dest, plan.format.value)
-        if difference:
-            raise errors.OperationFailed(f"copy check failed: {difference}")
     else:
         # Every layer is read-only while the VM is off: copy them all as
         # files (chain) or only the active one (shallow), then relink.
         copies = [(active.path, plan.dest)] + (plan.copies if plan.mode is Mode.CHAIN else [])
         if not reuse_external:
-            for _, new in copies:
-                creator.reserve(new)
-            for src, new in copies:
-                if not copy_image_file(src, new, reserved=True):
-                    difference = content_difference(src, new)
-                    if difference:
-                        raise errors.OperationFailed(f"copy check failed: {difference}")
+            copy_proven(copies, creator)
         new_of = dict(copies)
         for src, new in copies:
             image = images[src]

@@ -92,15 +92,6 @@ def convert(source: str, source_format: str, dest: str, dest_format: str,
          source, dest], progress)
 
 
-def compare(a: str, a_format: str, b: str, b_format: str) -> str | None:
-    """None when both show the guest the same data, else what differs."""
-    proc = subprocess.run(["qemu-img", "compare", "-q", "-f", a_format, "-F", b_format, a, b],
-                          capture_output=True, text=True)
-    if proc.returncode == 0:
-        return None
-    return (proc.stdout + proc.stderr).strip() or f"{b} differs from {a}"
-
-
 def fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
