@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def copy_proven(copies: list[tuple[str, str]], creator: FileCreator) -> None:
     """Copy images nobody writes into new files (reserved and recorded
     first), two at a time, each proven against its source: content, not
-    only paths -- read back while it is made (O_DIRECT), or afterwards."""
+    only paths -- every copy is read back and compared (a reflink needs not)."""
     for _, new in copies:
         creator.reserve(new)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:

@@ -131,14 +131,16 @@ DIRECT_CHUNK = 4 * 1024 * 1024
 DIRECT_ALIGN = 4096
 
 
-def copy_image_file(src: str, dst: str, workers: int = 4, reserved: bool = False) -> bool:
+def copy_image_file(src: str, dst: str, workers: int = 2, reserved: bool = False) -> bool:
     """Copy an image that nobody writes (a read-only layer of a running
     chain: a file or a block device) into the file ``dst``, on stable
     storage before the VM may depend on it. ``reserved``: ``dst`` was
     created empty (exclusively) by the caller; else it must not exist.
-    Returns True when the copy is proven already: a reflink (the filesystem
-    shares the source's extents) or an O_DIRECT copy read back chunk by
-    chunk; False when the caller must prove it (``content_difference``).
+    Returns True when the copy is proven already (a reflink: the filesystem
+    shares the source's extents); False when the caller must prove it
+    (``content_difference``). Reading each chunk back right after its
+    O_DIRECT write was tried and measured slower here (4.2 s instead of
+    2.8 s for a 1 GiB chain): this disk does not overlap the two.
 
     Fastest safe means first: a reflink where the filesystem shares extents;
     else the data extents (holes stay holes) read through the page cache and
@@ -192,11 +194,8 @@ def content_difference(src: str, dst: str, chunk: int = 8 * 1024 * 1024) -> str 
 
 def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], size: int,
                  workers: int) -> bool:
-    """Copy the extents with O_DIRECT writes, reading every chunk back from
-    the device (O_DIRECT again) and comparing it with the source bytes:
-    the copy is proven as it is made, and the read-backs of one thread
-    overlap the writes of the others. False when the filesystem refuses
-    O_DIRECT (then nothing was copied)."""
+    """Copy the extents with O_DIRECT writes; False when the filesystem
+    refuses O_DIRECT."""
     import mmap
     import threading
 
@@ -208,7 +207,6 @@ def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], size: int,
         return False
     try:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_DIRECT)
-        check_fd = os.open(dst, os.O_RDONLY | os.O_DIRECT)
     except OSError:
         os.close(src_fd)
         return False
@@ -218,8 +216,7 @@ def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], size: int,
 
     def work(index: int) -> None:
         buf = mmap.mmap(-1, DIRECT_CHUNK)  # page-aligned, as O_DIRECT wants
-        back = mmap.mmap(-1, DIRECT_CHUNK)
-        view, back_view = memoryview(buf), memoryview(back)
+        view = memoryview(buf)
         try:
             for offset, length in chunks[index::workers]:
                 aligned = (length + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
@@ -231,18 +228,11 @@ def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], size: int,
                 written = os.pwritev(dst_fd, [view[:whole]], offset)
                 if got < min(length, aligned) or written < got:
                     raise OperationFailed(f"short copy of {src} at {offset}")
-                read_back = os.preadv(check_fd, [back_view[:whole]], offset)
-                if read_back < got or buf[:got] != back[:got]:
-                    raise OperationFailed(
-                        f"copy check failed: {dst} differs from {src} within bytes "
-                        f"{offset}-{offset + got}")
         except BaseException as exc:  # reported by the caller
             failures.append(exc)
         finally:
             view.release()
-            back_view.release()
             buf.close()
-            back.close()
 
     try:
         threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
@@ -252,7 +242,6 @@ def _copy_direct(src: str, dst: str, extents: list[tuple[int, int]], size: int,
             thread.join()
     finally:
         os.close(src_fd)
-        os.close(check_fd)
         os.ftruncate(dst_fd, size)
         os.close(dst_fd)
     if failures:

@@ -78,7 +78,8 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
         # qemu-img copies here, as QEMU does in a block job: its result is
         # flushed, then verified like a job's (chain and headers).
         qemuimg.convert(active.path, active.format, plan.dest, plan.format.value,
-                        _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s)
+                        _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s,
+                        dest_is_new=not reuse_external)
         qemuimg.fsync(plan.dest)
     else:
         # Every layer is read-only while the VM is off: copy them all as

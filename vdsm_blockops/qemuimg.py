@@ -84,10 +84,13 @@ def rebase(top: str, top_format: str, backing: str | None, backing_format: str |
 
 
 def convert(source: str, source_format: str, dest: str, dest_format: str,
-            progress: Progress | None = None, rate_mib_s: int = 0) -> None:
+            progress: Progress | None = None, rate_mib_s: int = 0, dest_is_new: bool = True) -> None:
     """Flatten the chain of SOURCE into DEST, which exists already (``-n``:
     it was reserved and made by the caller), writing out of order (``-W``)."""
-    run(["qemu-img", "convert", "-n", "-W", *_rate(rate_mib_s), "-f", source_format,
+    # A DEST we just made reads as zeros: holes need not be written. One the
+    # caller made (--reuse-external) may hold anything.
+    zero = ["--target-is-zero"] if dest_is_new else []
+    run(["qemu-img", "convert", "-n", *zero, "-W", *_rate(rate_mib_s), "-f", source_format,
          "-O", dest_format,
          source, dest], progress)
 
