@@ -105,6 +105,7 @@ class Merge:
     def __init__(self, req: MergeRequest) -> None:
         self.req = req
         self.online = True
+        self.images: dict[str, dict[str, ImageInfo]] = {}  # per disk, as planned
         self.bandwidth = check_bandwidth(req.bandwidth_mib_s)
         check_timeout(req.timeout_s)
         if req.disk == "all" and (req.base is not None or req.top is not None):
@@ -123,6 +124,7 @@ class Merge:
         req = self.req
         check_disk_supported(disk)
         disk, images = planned_disk(disk)
+        self.images[disk.target] = {i.path: i for i in images}
         # "" is a malformed reference, not "not given": position() refuses it.
         top_pos = disk.position(req.top) if req.top is not None else 0
         base_pos = disk.position(req.base) if req.base is not None else None
@@ -184,10 +186,10 @@ class Merge:
     def execute(self, ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,
                 record: OperationRecord) -> MergeReport:
         if not self.online:
-            store.advance(record, Phase.STARTED)
-            images = planned_disk(domain.spec().disk(plan.disk))[1]
-            offline.merge(ctx, domain, plan, {i.path: i for i in images}, self.bandwidth)
-            store.advance(record, Phase.COMPLETED)
+            # No phases: each would rewrite the persistent definition (the
+            # only copy of a shut-off domain's record), and recover reads
+            # the chain, not the phase.
+            offline.merge(ctx, domain, plan, self.images[plan.disk], self.bandwidth)
             return self.finish(ctx, domain, plan, store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
 

@@ -25,6 +25,7 @@ from .chain import Disk, check_reference
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
 from .identity import ImageSet, clean_path, image_key, is_block_device
+from .images import ImageInfo
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import ImageFormat, Method, Mode, Operation
 from .node import current_chain, image_chain, planned_disk
@@ -119,6 +120,7 @@ class Relocate:
     def __init__(self, req: RelocateRequest) -> None:
         self.req = req
         self.online = True
+        self.images: dict[str, dict[str, ImageInfo]] = {}  # per disk, as planned
         self.mode: Mode = _enum(Mode, req.mode, "mode")
         self.method: Method = _enum(Method, req.method, "method")
         self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
@@ -167,6 +169,7 @@ class Relocate:
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> RelocatePlan:
         check_disk_supported(disk)
         disk, images = planned_disk(disk)
+        self.images[disk.target] = {i.path: i for i in images}
         dest = self._dest_for(disk)
         sources = ImageSet(disk.paths)
         if dest in sources:
@@ -230,11 +233,10 @@ class Relocate:
                 record: OperationRecord) -> RelocateReport:
         req = self.req
         creator = FileCreator(store, record)
-        images = {i.path: i for i in planned_disk(domain.spec().disk(plan.disk))[1]}
-        if not self.online:
-            store.advance(record, Phase.STARTED)
+        images = self.images.get(plan.disk) or \
+            {i.path: i for i in planned_disk(domain.spec().disk(plan.disk))[1]}
+        if not self.online:  # no phases, as for an offline merge
             offline.relocate(ctx, domain, plan, images, creator, req.reuse_external, self.bandwidth)
-            store.advance(record, Phase.COMPLETED)
             return self.finish(ctx, domain, plan, store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
         if plan.method is Method.SNAPSHOT_STREAM:

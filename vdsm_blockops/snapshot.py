@@ -127,8 +127,8 @@ class Snapshot:
 
     def execute(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,
                 record: OperationRecord) -> SnapshotReport:
-        store.advance(record, Phase.STARTED)
         if self.online:
+            store.advance(record, Phase.STARTED)
             domain.snapshot(snapshot_xml(domain, {plan.disk: plan.overlay}),
                             reuse_external=self.req.reuse_external)
         else:  # qemu-img create, then the definition on the new overlay

@@ -1,0 +1,159 @@
+"""``Domain``: the libvirt calls this project needs on one domain."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import libvirt
+
+from ..chain import DomainSpec, parse_domain
+from ..model import JOB_TYPE_NAMES, JobInfo, JobStatus
+from .errors import libvirt_errors, translate
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger(__name__)
+
+
+# libvirt constants, named once. Job types and statuses live in model.py
+# (libvirt-free); their numbers are libvirt's ABI, checked here.
+assert tuple(JobStatus) == (libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED, libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED,
+        libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED, libvirt.VIR_DOMAIN_BLOCK_JOB_READY)
+assert libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT == 4 and libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL == 1
+REBASE_RELATIVE = libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE
+COMMIT_ACTIVE = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+COMMIT_RELATIVE = libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE
+COPY_SHALLOW = libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+COPY_REUSE_EXT = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+COPY_TRANSIENT_JOB = libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+COPY_SYNCHRONOUS_WRITES = libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
+ABORT_PIVOT = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+ABORT_ASYNC = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC
+SNAPSHOT_DISK_ONLY = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+SNAPSHOT_NO_METADATA = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+SNAPSHOT_REUSE_EXT = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+SNAPSHOT_ATOMIC = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+METADATA_ELEMENT = libvirt.VIR_DOMAIN_METADATA_ELEMENT
+AFFECT_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
+AFFECT_CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+XML_INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
+MIB = 1024 * 1024
+
+
+
+class Domain:
+    """The libvirt calls this project needs on one domain, and no others."""
+
+    def __init__(self, conn: Connection, dom: libvirt.virDomain):
+        self.conn = conn
+        self._dom = dom
+        self._generation = conn.generation
+        self.name = dom.name()
+        self.uuid = dom.UUIDString()
+
+    def _live(self) -> libvirt.virDomain:
+        # After a reconnect the old virDomain object is dead: look it up
+        # again on the new connection.
+        if self._generation != self.conn.generation:
+            with libvirt_errors(f"domain {self.name}"):
+                self._dom = self.conn.raw.lookupByUUIDString(self.uuid)
+            self._generation = self.conn.generation
+        return self._dom
+
+    # -- state
+    def is_active(self) -> bool:
+        with libvirt_errors(f"state of {self.name}"):
+            return bool(self._live().isActive())
+
+    def is_persistent(self) -> bool:
+        with libvirt_errors(f"state of {self.name}"):
+            return bool(self._live().isPersistent())
+
+    def xml(self, inactive: bool = False) -> str:
+        with libvirt_errors(f"XML of {self.name}"):
+            return str(self._live().XMLDesc(XML_INACTIVE if inactive else 0))
+
+    def spec(self, inactive: bool = False) -> DomainSpec:
+        return parse_domain(self.xml(inactive))
+
+    # -- block jobs
+    def block_job_info(self, disk: str) -> JobInfo | None:
+        with libvirt_errors(f"block job of {self.name} {disk}"):
+            info = self._live().blockJobInfo(
+                disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
+            )
+        if not info:
+            return None
+        return JobInfo(
+            disk=disk,
+            job_type=JOB_TYPE_NAMES.get(info["type"], str(info["type"])),
+            cur=int(info["cur"]),
+            end=int(info["end"]),
+            bandwidth_bytes_s=int(info["bandwidth"]),
+        )
+
+    def pull(self, disk: str, base: str | None, bandwidth_mib_s: int = 0, relative: bool = False) -> None:
+        flags = REBASE_RELATIVE if relative and base else 0
+        with libvirt_errors(f"block pull on {self.name} {disk}"):
+            self._live().blockRebase(disk, base, bandwidth_mib_s, flags)
+
+    def commit(self, disk: str, base: str, top: str | None, active: bool,
+               bandwidth_mib_s: int = 0, relative: bool = False) -> None:
+        flags = (COMMIT_ACTIVE if active else 0) | (COMMIT_RELATIVE if relative else 0)
+        with libvirt_errors(f"block commit on {self.name} {disk}"):
+            self._live().blockCommit(disk, base, top, bandwidth_mib_s, flags)
+
+    def copy(self, disk: str, dest_xml: str, *, shallow: bool, reuse_external: bool,
+             transient: bool, sync_writes: bool = False, bandwidth_mib_s: int = 0) -> None:
+        """blockCopy onto ``dest_xml``. ``transient``: libvirt 9 refuses a
+        copy of a persistent domain's disk without TRANSIENT_JOB."""
+        flags = ((COPY_SHALLOW if shallow else 0) | (COPY_REUSE_EXT if reuse_external else 0)
+                 | (COPY_TRANSIENT_JOB if transient else 0)
+                 | (COPY_SYNCHRONOUS_WRITES if sync_writes else 0))
+        params = {"bandwidth": bandwidth_mib_s * MIB} if bandwidth_mib_s else {}
+        with libvirt_errors(f"block copy on {self.name} {disk}"):
+            self._live().blockCopy(disk, dest_xml, params, flags)
+
+    def abort_job(self, disk: str, pivot: bool = False, wait: bool = True) -> None:
+        flags = (ABORT_PIVOT if pivot else 0) | (0 if wait else ABORT_ASYNC)
+        action = "pivot" if pivot else "abort"
+        with libvirt_errors(f"{action} of the block job on {self.name} {disk}"):
+            self._live().blockJobAbort(disk, flags)
+
+    def set_speed(self, disk: str, bandwidth_mib_s: int) -> None:
+        with libvirt_errors(f"set speed on {self.name} {disk}"):
+            self._live().blockJobSetSpeed(disk, bandwidth_mib_s, 0)
+
+    def snapshot(self, snapshot_xml: str, reuse_external: bool = False) -> None:
+        flags = SNAPSHOT_DISK_ONLY | SNAPSHOT_NO_METADATA | SNAPSHOT_ATOMIC
+        if reuse_external:
+            flags |= SNAPSHOT_REUSE_EXT
+        with libvirt_errors(f"disk-only snapshot of {self.name}"):
+            self._live().snapshotCreateXML(snapshot_xml, flags)
+
+    # -- our metadata record
+    def set_metadata(self, xml: str | None, key: str, namespace: str, config: bool = True) -> None:
+        """Set our metadata element live and, with ``config``, in the
+        persistent definition too (which costs libvirt a config rewrite)."""
+        active = self.is_active()
+        flags = AFFECT_LIVE if active else 0
+        if (config or not active) and self.is_persistent():
+            flags |= AFFECT_CONFIG
+        with libvirt_errors(f"metadata of {self.name}"):
+            self._live().setMetadata(METADATA_ELEMENT, xml, key if xml else None, namespace, flags)
+
+    def get_metadata(self, namespace: str, inactive: bool = False) -> str | None:
+        flags = AFFECT_CONFIG if inactive else 0
+        try:
+            xml: str | None = self._live().metadata(METADATA_ELEMENT, namespace, flags)
+            return xml
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            raise translate(exc, f"metadata of {self.name}") from exc
+
+    def define(self, xml: str) -> None:
+        with libvirt_errors(f"redefining {self.name}"):
+            self.conn.raw.defineXML(xml)
