@@ -107,6 +107,15 @@ class Bench:
                   flush=True)
 
 
+def dd_limit(b: Bench, vm: rig.VM) -> tuple[float, None]:
+    """The machine's limit for copying a chain's files: dd with O_DIRECT writes."""
+    elapsed = 0.0
+    for path in vm.disks["vda"].layers:
+        elapsed += b.timed(["dd", f"if={path}", f"of={path}.dd", "bs=4M", "oflag=direct",
+                            "status=none"])[0]
+    return elapsed, None
+
+
 def _defined_active(vm: rig.VM, disk: rig.Disk) -> str:
     from vdsm_blockops.chain import parse_domain
 
@@ -186,11 +195,7 @@ def relocation(b: Bench) -> None:
                         f"{vm.dir}/converted.qcow2"])[0], None
 
     def dd(vm):
-        elapsed = 0.0
-        for path in vm.disks["vda"].layers:
-            elapsed += b.timed(["dd", f"if={path}", f"of={path}.dd", "bs=4M", "oflag=direct",
-                                "status=none"])[0]
-        return elapsed, None
+        return dd_limit(b, vm)
 
     b.contest(f"relocate ~{total} MiB chain", {"vda": chain},
               {"virsh": virsh, "chain mode": ours("chain"), "full mode": ours("full"),
@@ -230,11 +235,7 @@ def offline(b: Bench) -> None:
         return run
 
     def dd(vm):
-        elapsed = 0.0
-        for path in vm.disks["vda"].layers:
-            elapsed += b.timed(["dd", f"if={path}", f"of={path}.dd", "bs=4M", "oflag=direct",
-                                "status=none"])[0]
-        return elapsed, None
+        return dd_limit(b, vm)
 
     b.contest("offline merge: active commit", {"vda": chain},
               {"qemu-img commit": by_hand("commit"), "vdsm-blockops": ours("merge", "--strategy", "commit")},
