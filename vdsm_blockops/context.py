@@ -12,6 +12,7 @@ from . import errors
 from .chain import Disk
 from .config import Config
 from .model import JobInfo
+from .records import RecordStore
 from .state import StateDir
 
 if TYPE_CHECKING:
@@ -88,8 +89,6 @@ def check_disk_supported(disk: Disk) -> None:
 
 def check_no_job(domain: Domain, disk: Disk) -> None:
     """Refuse (exit 4) when an operation of ours or any block job holds the disk."""
-    from .records import RecordStore
-
     other = RecordStore(domain).load().get(disk.target)  # a read: no lock needed
     if other is not None:
         raise errors.Conflict(

@@ -10,7 +10,15 @@ import os
 from typing import TYPE_CHECKING
 
 from . import errors
-from .images import ImageInfo, content_difference, copy_image_file, create_image, create_overlay, set_backing
+from .images import (
+    ImageInfo,
+    backing_name_for,
+    content_difference,
+    copy_image_file,
+    create_image,
+    create_overlay,
+    set_backing,
+)
 from .state import fsync_dir
 from .storage import FileCreator
 
@@ -48,19 +56,13 @@ def prepare_chain_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator
         if info.backing_path is None:
             continue
         new_backing = new_of[info.backing_path]
-        set_backing(new, copy_backing_name(info, new_backing),
+        set_backing(new, backing_name_for(info, new_backing, new),
                     info.backing_format or images[info.backing_path].format)
     top_src, top_new = plan.copies[0]
     active = images[plan.chain_before[0]]
-    create_overlay(plan.dest, copy_backing_name(active, top_new), images[top_src].format,
+    create_overlay(plan.dest, backing_name_for(active, top_new, plan.dest), images[top_src].format,
                    active.virtual_size)
     fsync_dir(os.path.dirname(plan.dest))  # the new names survive a host crash
-
-
-def copy_backing_name(image: ImageInfo, new_backing: str) -> str:
-    """How ``image``'s copy names its new backing: as the original did --
-    absolute, or relative (a file name, the copies being side by side)."""
-    return new_backing if os.path.isabs(image.backing_name or "/") else os.path.basename(new_backing)
 
 
 def prepare_full_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator: FileCreator) -> None:

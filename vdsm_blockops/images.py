@@ -41,6 +41,21 @@ class ImageInfo:
     backing_path: str | None  # resolved absolute path
     backing_format: str | None
 
+    @property
+    def names_backing_relatively(self) -> bool:
+        """Whether the header names the backing file by a relative name
+        (oVirt's ``V1``, ``../<template-img>/<vol>``)."""
+        return bool(self.backing_name) and not str(self.backing_name).startswith("/")
+
+
+def backing_name_for(image: ImageInfo, new_backing: str, holder: str) -> str:
+    """How the image at ``holder`` names ``new_backing`` in the style
+    ``image`` named its own backing: relative to ``holder``'s folder when
+    that was relative, else the absolute path."""
+    if image.names_backing_relatively:
+        return os.path.relpath(new_backing, os.path.dirname(holder))
+    return new_backing
+
 
 def read_backing_chain(
     path: str, fmt: str | None = None, run: Runner = run_command

@@ -66,8 +66,7 @@ def relative_all_along(images: list[ImageInfo], plan: MergePlan, top_pos: int,
         span = images[top_pos - 1:lowest]  # the image above TOP gets L as backing
     else:
         return False  # no backing name is rewritten
-    return bool(span) and all(i.backing_name and not i.backing_name.startswith("/")
-                              for i in span)
+    return bool(span) and all(i.names_backing_relatively for i in span)
 
 
 def libvirt_ref(domain: Domain, target: str, path: str | None) -> str | None:

@@ -16,8 +16,8 @@ import os
 from typing import TYPE_CHECKING
 
 from . import qemuimg
-from .copying import copy_backing_name, copy_proven
-from .images import ImageInfo, create_image, set_backing
+from .copying import copy_proven
+from .images import ImageInfo, backing_name_for, create_image, create_overlay, set_backing
 from .model import Mode, Strategy
 from .state import fsync_dir
 from .storage import FileCreator, point_persistent_definition
@@ -33,14 +33,6 @@ def _progress(ctx: Context, disk: str, job: str) -> qemuimg.Progress | None:
     return qemuimg.Progress(disk, job, ctx.observer) if ctx.observer is not None else None
 
 
-def _backing_name(image: ImageInfo, new_backing: str) -> str:
-    """How ``image`` should name ``new_backing``: relatively when it named
-    its backing relatively (oVirt), else by absolute path."""
-    if image.backing_name and not image.backing_name.startswith("/"):
-        return os.path.relpath(new_backing, os.path.dirname(image.path))
-    return new_backing
-
-
 def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, ImageInfo],
           rate_mib_s: int = 0) -> None:
     """qemu-img commit (then relink the layer above, or point the definition
@@ -50,7 +42,7 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
         base = images[plan.base] if plan.base else None
         name = None
         if base is not None:
-            name = _backing_name(top, base.path) if plan.keep_relative else base.path
+            name = backing_name_for(top, base.path, top.path) if plan.keep_relative else base.path
         qemuimg.rebase(top.path, top.format, name, base.format if base else None,
                        _progress(ctx, plan.disk, "pull"))
         return
@@ -62,7 +54,7 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
         point_persistent_definition(domain, plan.disk, result.path, result.format)
     else:
         above = images[plan.chain_before[plan.chain_before.index(plan.top) - 1]]
-        set_backing(above.path, _backing_name(above, result.path) if plan.keep_relative
+        set_backing(above.path, backing_name_for(above, result.path, above.path) if plan.keep_relative
                     else result.path, result.format)
 
 
@@ -93,7 +85,7 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
             if image.backing_path is None:
                 continue
             if image.backing_path in new_of:  # chain mode: onto the copy, named as before
-                set_backing(new, copy_backing_name(image, new_of[image.backing_path]),
+                set_backing(new, backing_name_for(image, new_of[image.backing_path], new),
                             image.backing_format or images[image.backing_path].format)
             else:  # shallow: onto the old chain where it is
                 set_backing(new, image.backing_path,
@@ -106,8 +98,6 @@ def snapshot(domain: Domain, disk: str, overlay: str, active: ImageInfo, reuse_e
              creator: FileCreator) -> None:
     """A new overlay on the active image, then the definition on it."""
     if not reuse_external:
-        from .images import create_overlay
-
         creator.reserve(overlay)
         create_overlay(overlay, active.path, active.format, active.virtual_size)
         fsync_dir(os.path.dirname(overlay))

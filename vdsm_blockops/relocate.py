@@ -25,7 +25,7 @@ from .chain import Disk, check_reference
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
 from .identity import ImageSet, clean_path, image_key, is_block_device
-from .images import ImageInfo
+from .images import ImageInfo, create_overlay
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import ImageFormat, Method, Mode, Operation
 from .node import current_chain, image_chain, planned_disk
@@ -274,8 +274,6 @@ class Relocate:
                          store: RecordStore, record: OperationRecord,
                          creator: FileCreator) -> Outcome | None:
         """The seed's live block copy: snapshot into DEST, then pull it all in."""
-        from .images import create_overlay
-
         req = self.req
         if not req.reuse_external:
             disk = domain.spec().disk(plan.disk)
