@@ -233,8 +233,7 @@ class Relocate:
                 record: OperationRecord) -> RelocateReport:
         req = self.req
         creator = FileCreator(store, record)
-        images = self.images.get(plan.disk) or \
-            {i.path: i for i in planned_disk(domain.spec().disk(plan.disk))[1]}
+        images = self.images[plan.disk]  # as planned: the layers are the same files
         if not self.online:  # no phases, as for an offline merge
             offline.relocate(ctx, domain, plan, images, creator, req.reuse_external, self.bandwidth)
             return self.finish(ctx, domain, plan, store, record)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from . import errors
 from .chain import Disk
 from .identity import clean_path, image_key
-from .images import chain_problems, missing_images
-from .node import image_chain, resolved_paths
+from .images import ImageInfo, chain_problems, missing_images
+from .node import image_chain
 from .records import RecordStore
 from .reports import VerifyReport
 from .state import StateDir
@@ -27,14 +27,21 @@ def norm(paths: list[str]) -> list[str]:
 def disk_problems(disk: Disk, state: StateDir | None, definition: str) -> list[str]:
     """Missing images, disagreement with the images' metadata and, with
     ``state``, invalidated images in the chain of one disk."""
+    return _checked_disk(disk, state, definition)[0]
+
+
+def _checked_disk(disk: Disk, state: StateDir | None,
+                  definition: str) -> tuple[list[str], list[ImageInfo]]:
+    """``disk_problems``, and the images' own chain it read (empty when it
+    could not be read) -- so a caller needs not run qemu-img again."""
     where = f"{definition} {disk.target}"
     missing = missing_images(disk)
     if missing:
-        return [f"{where}: image {p} does not exist" for p in missing]
+        return [f"{where}: image {p} does not exist" for p in missing], []
     try:
         images = image_chain(disk)
     except errors.BlockOpsError as exc:
-        return [f"{where}: cannot read image metadata: {exc}"]
+        return [f"{where}: cannot read image metadata: {exc}"], []
     problems = [f"{definition} {p}" for p in chain_problems(disk, images)]
     if state is not None:
         invalid = state.invalid_lookup()
@@ -43,7 +50,7 @@ def disk_problems(disk: Disk, state: StateDir | None, definition: str) -> list[s
             if why is not None:
                 problems.append(f"{where}: {path} was invalidated by {why.get('operation')} "
                                 f"on {why.get('domain')} {why.get('disk')}")
-    return problems
+    return problems, images
 
 
 def chain_problems_now(domain: Domain, target: str, expected: list[str]) -> list[str]:
@@ -54,13 +61,16 @@ def chain_problems_now(domain: Domain, target: str, expected: list[str]) -> list
     running = domain.is_active()
     disk = domain.spec().disk(target)
     where = "live" if running else "stored"
-    chain = resolved_paths(disk)
+    disk_found, images = _checked_disk(disk, None, "live" if running else "persistent")
+    # The chain as resolved_paths() gives it, from the images already read.
+    chain = [p for p in disk.paths if p] if disk.chain_complete \
+        else [i.path for i in images] or disk.paths
     problems = []
     if norm(chain) != norm(expected):
         problems.append(f"{target}: {where} chain is {chain}, expected {expected}")
     if disk.mirror is not None:
         problems.append(f"{target}: a {disk.mirror.job} job is still attached")
-    problems += disk_problems(disk, None, "live" if running else "persistent")
+    problems += disk_found
     if running and domain.is_persistent():
         stored = domain.spec(inactive=True).disk(target)
         if stored.active is None or image_key(stored.active.path) != image_key(expected[0]):
