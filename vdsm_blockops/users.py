@@ -17,9 +17,10 @@ look costs the same whatever the number of domains, nearly:
   unknown (then always).
 
 Within one process the look is reused (plan, then deletion after the job)
-while nothing changed: no domain lifecycle event arrived on the connection
-(define, undefine, start, stop) and every header-walked image still has
-the inode and time it had.
+while nothing changed: no domain lifecycle event (define, undefine, start,
+stop) nor block job event arrived on the connection, and every
+header-walked image still has the inode and time it had. (A job of the
+operation's own ends with an event: deleting after it takes a fresh look.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +136,9 @@ def look_at_node(conn: Connection, cache_dir: str | None) -> NodeUsers:
     return NodeUsers(conn, uses, walked)
 
 
-_LOOKS: dict[int, NodeUsers] = {}
+# Per connection object (weakly: an id() could be reused by a new
+# connection whose counters match a dead one's).
+_LOOKS: weakref.WeakKeyDictionary[Connection, NodeUsers] = weakref.WeakKeyDictionary()
 
 
 def chain_users(conn: Connection, paths: list[str], exclude: tuple[str, str],
@@ -147,9 +151,9 @@ def chain_users(conn: Connection, paths: list[str], exclude: tuple[str, str],
     """
     if not paths:
         return {}
-    look = _LOOKS.get(id(conn))
+    look = _LOOKS.get(conn)
     if look is None or not look.still_true(conn):
-        look = _LOOKS[id(conn)] = look_at_node(conn, cache_dir)
+        look = _LOOKS[conn] = look_at_node(conn, cache_dir)
     return look.of(paths, exclude)
 
 

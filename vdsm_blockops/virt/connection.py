@@ -63,7 +63,7 @@ class Connection:
         self._closed = threading.Event()
         self._lock = threading.RLock()
         self.generation = 0  # bumped on every (re)open
-        self.node_changes = 0  # bumped on every domain lifecycle event
+        self.node_changes = 0  # bumped on every domain lifecycle or block job event
         self._open()
 
     # -- lifecycle
@@ -85,7 +85,7 @@ class Connection:
                 None,
             ),
             # Any define, undefine, start or stop: a look at the node's
-            # chains taken before is stale (see node.NodeUsers).
+            # chains taken before is stale (see users.NodeUsers).
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
         ]
@@ -103,6 +103,7 @@ class Connection:
 
     def _on_block_job(self, _conn: object, dom: libvirt.virDomain, disk: str, job_type: int,
                       status: int, _opaque: object) -> None:
+        self.node_changes += 1  # a job's end may change whose chain holds what
         self.events.publish(
             BlockJobEvent(
                 domain_uuid=dom.UUIDString(),
