@@ -12,7 +12,7 @@ from .reports import Report, TextReport
 
 if TYPE_CHECKING:
     from .context import Context
-    from .jobs import Observer
+    from .model import Observer
     from .virt import Connection
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from . import errors
 from .chain import Disk
 from .config import Config
-from .model import JobInfo
+from .model import Observer
 from .records import RecordStore
 from .state import StateDir
 
@@ -26,7 +26,7 @@ MAX_BANDWIDTH_MIB_S = 2**32 - 1
 class Context:
     conn: Connection
     config: Config = field(default_factory=Config)
-    observer: Callable[[str, JobInfo], None] | None = None
+    observer: Observer | None = None
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
 

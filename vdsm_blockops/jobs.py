@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from . import errors
-from .model import BlockJobEvent, JobInfo, JobStatus
+from .model import BlockJobEvent, JobInfo, JobStatus, Observer
 
 if TYPE_CHECKING:  # the pure parts (and their tests) run without libvirt
     from .context import Context
@@ -32,7 +32,6 @@ if TYPE_CHECKING:  # the pure parts (and their tests) run without libvirt
 
 log = logging.getLogger(__name__)
 
-Observer = Callable[[str, JobInfo], None]  # (disk, info)
 
 
 class Outcome(enum.Enum):

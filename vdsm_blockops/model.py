@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -75,6 +76,10 @@ class JobInfo:
         if self.end <= 0 or (self.cur == 0 and self.end == 1):
             return None
         return round(100.0 * self.cur / self.end, 1)
+
+
+# Who hears a job's progress: (disk, info), from the waiting thread.
+Observer = Callable[[str, JobInfo], None]
 
 
 @dataclass(frozen=True)

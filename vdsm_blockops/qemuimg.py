@@ -14,13 +14,12 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import OperationFailed
-from .model import JobInfo
+from .model import JobInfo, Observer
 
-Observer = Callable[[str, JobInfo], None]
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 PR_SET_PDEATHSIG = 1
 

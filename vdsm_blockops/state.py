@@ -90,9 +90,9 @@ class StateDir:
         ``paths`` and those of the images ``keys`` (taken before deleting)."""
         with self._registry_lock():
             data = self.invalidated()
-            names = {clean_path(p) for p in paths}
+            names, gone = {clean_path(p) for p in paths}, set(keys)
             for name in list(data):
-                if name in names or ImageKey.from_json(data[name].get("id")) in set(keys):
+                if name in names or ImageKey.from_json(data[name].get("id")) in gone:
                     del data[name]
             write_json_atomic(self.registry_path, data)
 

@@ -104,6 +104,16 @@ def test_references_through_an_alias_and_malformed_ones(aliased, config, workdir
     assert rc == 2 and "source chain" in out["error"]["message"], out
 
 
+def both_intact(vm1, d1, d2, config):
+    """vm1's data right and verified, again after a restart; the other VM,
+    which shares a layer, unchanged."""
+    d1.assert_guest_data()
+    d2.assert_guest_data(active=d2.layers[-1])
+    verify(vm1, config)
+    vm1.restart()
+    d1.assert_guest_data()
+
+
 # ------------------------------------------------------ oVirt file domain
 @pytest.fixture
 def ovirt(make_vm, workdir):
@@ -171,11 +181,7 @@ def test_ovirt_merge_onto_the_template_keeps_relative_names(ovirt, config, strat
     assert out["chain_after"] == [result, T]
     assert backing_name(result) == "../img-tmpl/T"
     assert digest(T) == before
-    d1.assert_guest_data()
-    d2.assert_guest_data(active=d2.layers[-1])
-    verify(vm1, config)
-    vm1.restart()
-    d1.assert_guest_data()
+    both_intact(vm1, d1, d2, config)
 
 
 def test_ovirt_internal_commit_keeps_relative_names(ovirt, config):
@@ -214,11 +220,7 @@ def test_ovirt_relocate_to_another_storage_domain(ovirt, config):
     assert out["chain_after"] == new
     assert [backing_name(p) for p in new[:3]] == ["V2", "V1", "T"]  # relative stays relative
     assert os.path.exists(T) and T not in out["deleted"]  # vm2 still uses the template
-    d1.assert_guest_data()
-    d2.assert_guest_data(active=d2.layers[-1])
-    verify(vm1, config)
-    vm1.restart()
-    d1.assert_guest_data()
+    both_intact(vm1, d1, d2, config)
 
 
 @pytest.mark.parametrize("mode", ["full", "shallow"])
@@ -235,11 +237,7 @@ def test_ovirt_relocate_other_modes_to_another_storage_domain(ovirt, config, mod
     expected = [f"{dest_dir}/V3"] + ([V2, V1, T] if mode == "shallow" else [])
     assert out["chain_after"] == expected
     assert digest(T) == before
-    d1.assert_guest_data()
-    d2.assert_guest_data(active=d2.layers[-1])
-    verify(vm1, config)
-    vm1.restart()
-    d1.assert_guest_data()
+    both_intact(vm1, d1, d2, config)
 
 
 def test_ovirt_snapshot_then_merge_keeps_the_layout(ovirt, config):
