@@ -111,6 +111,13 @@ class ImageSet:
         return len(self._keys)
 
 
+def same_images(a: Iterable[str], b: Iterable[str]) -> bool:
+    """Whether two chains are the same images in the same order, however
+    each names them."""
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(image_key(x) == image_key(y) for x, y in zip(a, b, strict=True))
+
+
 def is_block_device(path: str) -> bool:
     try:
         return stat.S_ISBLK(os.stat(path).st_mode)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import errors, offline
 from .chain import Disk
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
-from .identity import ImageSet, image_key
+from .identity import ImageSet, image_key, same_images
 from .images import ImageInfo
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import Operation, Strategy
@@ -27,7 +27,7 @@ from .records import OperationRecord, Phase, RecordStore
 from .reports import MergeReport, Report, Retired
 from .storage import delete_unused
 from .users import chain_users
-from .verification import norm, require_chain
+from .verification import require_chain
 
 if TYPE_CHECKING:
     from .virt import Domain
@@ -226,7 +226,7 @@ class Merge:
         """After the job ended (or, for recover, the VM stopped after it):
         check, register invalidated layers, clean up."""
         chain_now = current_chain(domain, plan.disk)
-        if norm(chain_now) == norm(plan.chain_before):
+        if same_images(chain_now, plan.chain_before):
             raise errors.JobFailed(
                 f"the block job on {domain.name} {plan.disk} is gone but the chain is unchanged")
         left_chain = ImageSet(chain_now)

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from . import errors
 from .chain import Disk
 from .context import Context, as_failure, check_no_job
+from .identity import same_images
 from .model import Operation
 from .node import current_chain
 from .records import OperationRecord, Phase, RecordStore
 from .reports import DiskFailure, MultiReport, Report
 from .storage import remove_created_files
-from .verification import norm, require_chain
+from .verification import require_chain
 
 if TYPE_CHECKING:
     from .virt import Domain
@@ -121,13 +122,13 @@ def settle(domain: Domain, store: RecordStore, record: OperationRecord,
     (live, or from the images' headers when the VM is off). Raises
     VerificationFailed, and keeps the record, when the chain is neither the
     one before nor the one planned after, or does not check out."""
-    before = norm(record.plan["chain_before"])
-    after = norm(record.plan["chain_after"])
-    now = norm(current_chain(domain, record.disk))
-    if now == after and now != before:
+    before, after = record.plan["chain_before"], record.plan["chain_after"]
+    now = current_chain(domain, record.disk)
+    is_before = same_images(now, before)
+    if same_images(now, after) and not is_before:
         finish()
         return Settlement.FINISHED
-    if now != before:
+    if not is_before:
         problem = f"{record.disk}: chain is {now}, neither before nor after the operation"
         raise errors.VerificationFailed(problem, problems=[problem])
     store.advance(record, Phase.ROLLING_BACK)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import errors
 from .context import Context
+from .identity import same_images
 from .jobs import JobRunner, JobWatch, Outcome, exclusive_pull
 from .merge import Merge, MergeRequest
 from .model import Method
@@ -31,7 +32,7 @@ from .records import OperationRecord, RecordStore
 from .relocate import Relocate, RelocatePlan, RelocateRequest
 from .reports import RecordOutcome, RecoverReport
 from .snapshot import Snapshot, SnapshotPlan, SnapshotRequest
-from .verification import norm, require_chain
+from .verification import require_chain
 
 if TYPE_CHECKING:
     from .virt import Domain
@@ -158,8 +159,8 @@ def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: 
         require_chain(domain, record.disk, plan.chain_before)
         store.finish(record)
         return "finished"
-    chain_now = norm(current_chain(domain, record.disk))
-    if snapshot_stream and chain_now == [plan.dest] + norm(plan.chain_before):
+    if snapshot_stream and same_images(current_chain(domain, record.disk),
+                                       [plan.dest] + plan.chain_before):
         _pull_again(ctx, domain, record, plan, timeout_s)
     return settle(domain, store, record,
                   finish=lambda: op.finish(ctx, domain, plan, store, record)).value

@@ -24,7 +24,7 @@ from . import errors, offline
 from .chain import Disk, check_reference
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
-from .identity import ImageSet, clean_path, image_key, is_block_device
+from .identity import ImageSet, clean_path, image_key, is_block_device, same_images
 from .images import ImageInfo, create_overlay
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import ImageFormat, Method, Mode, Operation
@@ -203,8 +203,10 @@ class Relocate:
         return plan
 
     def check_plans(self, plans: list[RelocatePlan]) -> None:
-        dests = [image_key(p) for plan in plans for p in plan.chain_after
-                 if p not in plan.chain_before]
+        dests = []
+        for plan in plans:
+            sources = ImageSet(plan.chain_before)
+            dests += [image_key(p) for p in plan.chain_after if p not in sources]
         if len(set(dests)) != len(dests):
             raise errors.BadRequest("two disks would be relocated onto the same file")
 
@@ -285,7 +287,7 @@ class Relocate:
             outcome = runner.run(lambda: domain.pull(plan.disk, None, self.bandwidth),
                                  two_phase=False, pivot=False, timeout_s=req.timeout_s,
                                  wait=req.wait)
-        if outcome is not None and norm(domain.spec().disk(plan.disk).paths) != [plan.dest]:
+        if outcome is not None and not same_images(domain.spec().disk(plan.disk).paths, [plan.dest]):
             raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")
         return outcome
 
@@ -298,7 +300,8 @@ class Relocate:
         report = self.report(domain, plan, chain_now=current_chain(domain, plan.disk),
                              verified=True)
         report.persistent_definition_fixed = fixed
-        report.retired = [Retired(p, True) for p in plan.chain_before if p not in plan.chain_after]
+        kept = ImageSet(plan.chain_after)
+        report.retired = [Retired(p, True) for p in plan.chain_before if p not in kept]
         if record.request.get("delete_source"):
             report.deleted = delete_unused(ctx, domain, plan.disk, [r.path for r in report.retired])
         store.finish(record)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from . import errors
 from .chain import Disk
-from .identity import clean_path, image_key
+from .identity import clean_path, image_key, same_images
 from .images import ImageInfo, chain_problems, missing_images
 from .node import image_chain
 from .records import RecordStore
@@ -66,7 +66,7 @@ def chain_problems_now(domain: Domain, target: str, expected: list[str]) -> list
     chain = [p for p in disk.paths if p] if disk.chain_complete \
         else [i.path for i in images] or disk.paths
     problems = []
-    if norm(chain) != norm(expected):
+    if not same_images(chain, expected):
         problems.append(f"{target}: {where} chain is {chain}, expected {expected}")
     if disk.mirror is not None:
         problems.append(f"{target}: a {disk.mirror.job} job is still attached")

@@ -173,3 +173,14 @@ def test_failures_after_a_change_are_never_exit_2():
     assert as_failure(OSError(28, "No space left on device")).exit_code == 1
     assert as_failure(errors.JobTimeout("t")).exit_code == 3
     assert as_failure(errors.Conflict("c")).exit_code == 4
+
+
+def test_chains_compare_by_identity(ovirt):
+    from vdsm_blockops.identity import same_images
+
+    pool = f"{ovirt}/pool/sd1/images"
+    mnt = f"{ovirt}/mnt/srv:_export/sd1/images"
+    assert same_images([f"{pool}/img1/V1", f"{pool}/img1/../img-tmpl/T"],
+                       [f"{mnt}/img1/V1", f"{mnt}/img-tmpl/T"])
+    assert not same_images([f"{pool}/img1/V1"], [f"{pool}/img-tmpl/T"])
+    assert not same_images([f"{pool}/img1/V1"], [f"{pool}/img1/V1", f"{pool}/img-tmpl/T"])
