@@ -12,10 +12,9 @@ Keys (all optional)::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
-
-import yaml
 
 from .errors import BadRequest
 
@@ -41,8 +40,13 @@ def load_config(path: str | None = None) -> Config:
             raise BadRequest(f"config file {path} does not exist")
         return Config()
     with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    data = parse_simple(text)
+    if data is None:
+        import yaml  # 10-13 ms of start-up: only for files outside the simple form
+
         try:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise BadRequest(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -53,6 +57,42 @@ def load_config(path: str | None = None) -> Config:
         raise BadRequest(f"config file {path}: unknown keys {', '.join(unknown)}")
     checked: dict[str, Any] = {key: _check(path, key, value) for key, value in data.items()}
     return Config(**checked)
+
+
+# The simple form most config files have: one ``key: value`` per line,
+# values that are paths, URIs, plain numbers or a flow list of paths. Every
+# scalar admitted here means the same in YAML 1.1 (no yes/no, no octal, no
+# quotes, no comments after values); anything else goes to PyYAML.
+_KEY_LINE = re.compile(r"([a-z_]+):(?: +(.*?))? *")
+_PATH = r"(?:/[A-Za-z0-9_./+-]*|[a-z][a-z0-9+]*://[A-Za-z0-9_./:@+?=&-]*)"
+_ITEM = r"/[A-Za-z0-9_./+-]*"  # in a flow list ':' may end a scalar: paths only
+_LIST = re.compile(rf"\[ *((?:{_ITEM}(?: *, *{_ITEM})*)?) *\]")
+
+
+def parse_simple(text: str) -> dict[str, Any] | None:
+    """The mapping of a config file in the simple form, or None when the
+    file needs a YAML parser (the result then equals ``yaml.safe_load``'s)."""
+    data: dict[str, Any] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = _KEY_LINE.fullmatch(line)
+        if match is None or match[1] in data:
+            return None
+        value = match[2] or ""
+        if not value:
+            data[match[1]] = None
+        elif re.fullmatch(r"0|[1-9][0-9]*", value):
+            data[match[1]] = int(value)
+        elif re.fullmatch(r"(?:0|[1-9][0-9]*)\.[0-9]+", value):
+            data[match[1]] = float(value)
+        elif re.fullmatch(_PATH, value):
+            data[match[1]] = value
+        elif (listed := _LIST.fullmatch(value)) is not None:
+            data[match[1]] = [item.strip() for item in listed[1].split(",")] if listed[1] else []
+        else:
+            return None
+    return data
 
 
 def _check(path: str, key: str, value: object) -> object:
@@ -96,15 +136,19 @@ def require_local_uri(uri: str) -> None:
     """Verbs that read, copy or delete image files act on this node only: a
     libvirt URI naming another host would run jobs there while files are
     handled here. Refused (exit 2) before anything happens."""
-    import socket
+    if re.fullmatch(r"[a-z0-9+]+:///[^?#]*", uri):  # no host at all: the usual case
+        return
     from urllib.parse import urlsplit
 
     try:
         host = (urlsplit(uri).hostname or "").lower()
     except ValueError as exc:
         raise BadRequest(f"cannot parse the libvirt URI {uri!r}: {exc}") from None
-    if host in LOCAL_HOSTS or host.startswith("127.") or host in (
-            socket.gethostname().lower(), socket.getfqdn().lower()):
+    if host in LOCAL_HOSTS or host.startswith("127.") or host == os.uname().nodename.lower():
+        return
+    import socket  # only for URIs naming a host: getfqdn may ask the resolver
+
+    if host == socket.getfqdn().lower():
         return
     raise BadRequest(
         f"{uri} names another host ({host}); this verb reads and writes image files, so it "

@@ -23,12 +23,18 @@ import os
 import re
 import stat
 import struct
+from typing import NamedTuple
 
 from .identity import clean_path
 
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_DATA_FILE = 0x44415441
 EXT_END = 0
+# Incompatible feature bits that change nothing read here: dirty (0),
+# compression type (3), extended L2 entries (4). Corrupt (1) and an
+# external data file (2) are QEMU's to interpret.
+KNOWN_INCOMPATIBLE = 1 << 0 | 1 << 3 | 1 << 4
 MAX_CHAIN = 1000  # a loop in the backing links must not hang the hook
 
 # QEMU takes a name for a protocol (nbd:, json:, http:) only when a colon
@@ -45,7 +51,7 @@ def is_protocol(name: str) -> bool:
     return bool(_PROTOCOL.match(name)) and ("/" not in name or name.index(":") < name.index("/"))
 
 
-def _open_image(path: str) -> int:
+def open_image(path: str) -> int:
     """Open ``path`` for reading only if it is a regular file or a block
     device, without blocking, and make sure it is still what was checked."""
     before = os.stat(path)  # FileNotFoundError goes to the caller
@@ -60,33 +66,57 @@ def _open_image(path: str) -> int:
     return fd
 
 
+class Qcow2Header(NamedTuple):
+    virtual_size: int
+    backing_name: str | None  # as written (may be relative or a protocol)
+    backing_format: str | None
+    # Nothing that only QEMU should interpret: no encryption, no external
+    # data file, not marked corrupt, a known version.
+    plain: bool
+
+
+def read_qcow2_header(fd: int) -> Qcow2Header | None:
+    """The fields of an open qcow2 image this tool uses; None if it is not
+    qcow2 (by its magic)."""
+    header = os.pread(fd, 104, 0)
+    if len(header) < 72 or header[:4] != QCOW2_MAGIC:
+        return None
+    version, backing_offset, backing_size = struct.unpack(">IQI", header[4:20])
+    virtual_size, crypt_method = struct.unpack(">QI", header[24:36])
+    incompatible = struct.unpack(">Q", header[72:80])[0] if version >= 3 and len(header) >= 80 else 0
+    plain = version in (2, 3) and crypt_method == 0 and not incompatible & ~KNOWN_INCOMPATIBLE
+    name = None
+    if backing_offset and 0 < backing_size <= 1023:  # QEMU's limit for the name
+        name = os.pread(fd, backing_size, backing_offset).decode("utf-8", "replace")
+    fmt = None
+    offset = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
+    for _ in range(64):
+        raw = os.pread(fd, 8, offset)
+        if len(raw) < 8:
+            break
+        ext_type, ext_len = struct.unpack(">II", raw)
+        if ext_type == EXT_END:
+            break
+        if ext_type == EXT_BACKING_FORMAT:
+            fmt = os.pread(fd, min(ext_len, 64), offset + 8).decode("ascii", "replace")
+        elif ext_type == EXT_DATA_FILE:
+            plain = False
+        offset += 8 + ((ext_len + 7) & ~7)
+    return Qcow2Header(virtual_size, name, fmt, plain)
+
+
 def read_backing(path: str) -> tuple[str | None, str | None]:
     """(backing name, backing format) of one qcow2 image, the name made
     absolute and clean unless it is a protocol; (None, None) for an image
     without backing or that is not qcow2."""
-    fd = _open_image(path)
+    fd = open_image(path)
     try:
-        header = os.pread(fd, 104, 0)
-        if len(header) < 72 or header[:4] != QCOW2_MAGIC:
-            return None, None
-        version, backing_offset, backing_size = struct.unpack(">IQI", header[4:20])
-        if not backing_offset or not backing_size or backing_size > 4096:
-            return None, None
-        name = os.pread(fd, backing_size, backing_offset).decode("utf-8", "replace")
-        fmt = None
-        offset = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
-        for _ in range(64):
-            raw = os.pread(fd, 8, offset)
-            if len(raw) < 8:
-                break
-            ext_type, ext_len = struct.unpack(">II", raw)
-            if ext_type == EXT_END:
-                break
-            if ext_type == EXT_BACKING_FORMAT:
-                fmt = os.pread(fd, min(ext_len, 64), offset + 8).decode("ascii", "replace")
-            offset += 8 + ((ext_len + 7) & ~7)
+        header = read_qcow2_header(fd)
     finally:
         os.close(fd)
+    if header is None or header.backing_name is None:
+        return None, None
+    name, fmt = header.backing_name, header.backing_format
     if is_protocol(name):
         return name, fmt  # not a local file: the caller cannot follow it
     if not os.path.isabs(name):
@@ -115,4 +145,4 @@ def walk_chain(path: str, fmt: str | None) -> list[str]:
 
 
 def _open_close(path: str) -> None:
-    os.close(_open_image(path))
+    os.close(open_image(path))

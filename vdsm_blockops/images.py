@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .chain import Disk
 from .errors import OperationFailed
+from .headers import MAX_CHAIN, NotAnImage, is_protocol, open_image, read_qcow2_header
 from .identity import clean_path, device_size, is_block_device
 
 Runner = Callable[[Sequence[str]], str]
@@ -99,6 +101,51 @@ def read_backing_chain(
                 backing_format=item.get("backing-filename-format"),
             )
         )
+    return infos
+
+
+def read_chain(path: str, fmt: str | None) -> list[ImageInfo]:
+    """The chain from ``path`` down, read from the headers where every
+    image is a plain qcow2 (or a raw bottom) whose backing format is
+    recorded -- the usual chain, read in well under a millisecond -- else
+    by ``qemu-img info`` (which also says why a chain is broken). Both give
+    the same answer: tests/unit/test_images.py compares them."""
+    return _chain_from_headers(path, fmt) or read_backing_chain(path, fmt)
+
+
+def _chain_from_headers(path: str, fmt: str | None) -> list[ImageInfo] | None:
+    infos: list[ImageInfo] = []
+    current: str | None = clean_path(path)
+    while current is not None:
+        if fmt not in ("qcow2", "raw") or len(infos) >= MAX_CHAIN:
+            return None  # a format to probe, or a loop: qemu-img's to judge
+        try:
+            fd = open_image(current)
+        except (OSError, NotAnImage):
+            return None
+        try:
+            st = os.fstat(fd)
+            block = stat.S_ISBLK(st.st_mode)
+            size = os.lseek(fd, 0, os.SEEK_END) if block else st.st_size
+            header = read_qcow2_header(fd) if fmt == "qcow2" else None
+        finally:
+            os.close(fd)
+        # qemu-img's actual-size: the blocks a file holds; for a device (0
+        # there) all of it, as read_backing_chain counts it
+        actual_size = size if block else st.st_blocks * 512
+        if fmt == "raw":
+            infos.append(ImageInfo(current, "raw", size, actual_size, None, None, None))
+            return infos
+        if header is None or not header.plain:
+            return None
+        name, backing_path = header.backing_name, None
+        if name is not None:
+            if is_protocol(name) or header.backing_format is None:
+                return None  # not a local file, or a format qemu-img would probe
+            backing_path = clean_path(os.path.join(os.path.dirname(current), name))
+        infos.append(ImageInfo(current, "qcow2", header.virtual_size, actual_size, name,
+                               backing_path, header.backing_format))
+        current, fmt = backing_path, header.backing_format
     return infos
 
 

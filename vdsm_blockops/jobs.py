@@ -241,8 +241,8 @@ class JobRunner:
             raise errors.JobFailed(
                 f"the block job on {self.domain.name} {self.disk} ended "
                 f"({outcome.value}) before it was ready to pivot")
-        if record_phases:
-            self.store.advance(self.record, Phase.READY)
+        # READY is not written: the pivot (or the cancel) follows at once,
+        # and recover decides by the chain, not by the phase.
         if not pivot:
             self.domain.abort_job(self.disk, pivot=False)
             return Outcome.CANCELED

@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import errors, offline
+from . import errors
 from .chain import Disk
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .identity import ImageSet, image_key, same_images
@@ -23,7 +23,7 @@ from .model import Operation, Strategy
 from .node import current_chain, planned_disk
 from .operation import run_operation
 from .planner import MergePlan, plan_merge
-from .records import OperationRecord, Phase, RecordStore
+from .records import OperationRecord, RecordStore
 from .reports import MergeReport, Report, Retired
 from .storage import delete_unused
 from .users import chain_users
@@ -188,6 +188,8 @@ class Merge:
             # No phases: each would rewrite the persistent definition (the
             # only copy of a shut-off domain's record), and recover reads
             # the chain, not the phase.
+            from . import offline  # shut-off domains only: spares live verbs the import
+
             offline.merge(ctx, domain, plan, self.images[plan.disk], self.bandwidth)
             return self.finish(ctx, domain, plan, store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
@@ -218,7 +220,8 @@ class Merge:
             return report
         if outcome is Outcome.VANISHED:
             log.info("%s %s: job gone without an event; the XML decides", domain.name, plan.disk)
-        store.advance(record, Phase.COMPLETED)
+        # No COMPLETED phase written: finish follows at once, and recover
+        # decides by the chain, not by the phase (one metadata write less).
         return self.finish(ctx, domain, plan, store, record)
 
     def finish(self, ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from . import errors
 from .chain import Disk, Layer
 from .identity import clean_path, is_block_device
-from .images import ImageInfo, chain_problems, missing_images, read_backing_chain
+from .images import ImageInfo, chain_problems, missing_images, read_chain
 from .reports import ChainReport, DiskView, JobRow, JobsReport, LayerView
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ def image_chain(disk: Disk) -> list[ImageInfo]:
     active = disk.active
     if active is None or not active.is_local or not os.path.exists(active.path):
         return []
-    return read_backing_chain(active.path, active.format)
+    return read_chain(active.path, active.format)
 
 
 def resolved_paths(disk: Disk) -> list[str]:

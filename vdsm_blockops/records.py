@@ -50,7 +50,7 @@ class Phase(enum.StrEnum):
     PLANNED = "planned"  # record written, nothing changed yet
     PREPARED = "prepared"  # files created (overlays, copied layers)
     STARTED = "started"  # block job started
-    READY = "ready"  # mirror ready, about to pivot
+    READY = "ready"  # mirror ready, about to pivot (no longer written; older records)
     PIVOTED = "pivoted"  # pivot done, not yet verified
     COMPLETED = "completed"  # job ended, not yet verified
     ROLLING_BACK = "rolling-back"
@@ -60,7 +60,7 @@ class Phase(enum.StrEnum):
 TRANSITIONS: dict[Phase, set[Phase]] = {
     Phase.PLANNED: {Phase.PREPARED, Phase.STARTED},
     Phase.PREPARED: {Phase.STARTED},
-    Phase.STARTED: {Phase.READY, Phase.COMPLETED},
+    Phase.STARTED: {Phase.READY, Phase.PIVOTED, Phase.COMPLETED},
     Phase.READY: {Phase.PIVOTED, Phase.COMPLETED},
     Phase.PIVOTED: {Phase.COMPLETED},
     Phase.COMPLETED: set(),

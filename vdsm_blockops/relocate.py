@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from . import errors, offline
+from . import errors
 from .chain import Disk, check_reference
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
@@ -237,6 +237,8 @@ class Relocate:
         creator = FileCreator(store, record)
         images = self.images[plan.disk]  # as planned: the layers are the same files
         if not self.online:  # no phases, as for an offline merge
+            from . import offline  # shut-off domains only: spares live verbs the import
+
             offline.relocate(ctx, domain, plan, images, creator, req.reuse_external, self.bandwidth)
             return self.finish(ctx, domain, plan, store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from . import errors, offline
+from . import errors
 from .chain import Disk, check_reference
 from .context import Context, check_disk_supported, operation_domain
 from .identity import ImageSet, clean_path, image_key, is_block_device
@@ -133,6 +133,8 @@ class Snapshot:
                             reuse_external=self.req.reuse_external)
         else:  # qemu-img create, then the definition on the new overlay
             active = planned_disk(domain.spec().disk(plan.disk))[1][0]
+            from . import offline  # shut-off domains only: spares live verbs the import
+
             offline.snapshot(domain, plan.disk, plan.overlay, active, self.req.reuse_external,
                              FileCreator(store, record))
         return self.finish(ctx, domain, plan, store, record)

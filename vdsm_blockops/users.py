@@ -232,6 +232,6 @@ class NodeCache:
             return
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            write_json_atomic(self.path, self.fresh)
+            write_json_atomic(self.path, self.fresh, durable=False)  # rebuilt if lost
         except OSError as exc:
             log.warning("cannot write %s: %s", self.path, exc)

@@ -64,3 +64,60 @@ def test_copy_image_file_keeps_data_and_holes(tmp_path):
 
     with pytest.raises(FileExistsError):
         copy_image_file(str(src), str(dst))  # never overwrites
+
+
+def _qemu_img(*args):
+    import subprocess
+
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def _chains_to_read(tmp_path):
+    """(top, declared format, whether the headers alone may answer)."""
+    folder = tmp_path / "imgs"
+    (folder / "tmpl").mkdir(parents=True)
+    (folder / "vol").mkdir()
+    (tmp_path / "link").symlink_to(folder / "vol")
+    raw, t, a, b = (str(folder / "base.raw"), str(folder / "tmpl" / "T"),
+                    str(folder / "vol" / "A"), str(folder / "vol" / "B"))
+    _qemu_img("create", "-f", "raw", raw, "3M")
+    _qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", "-b", raw, "-F", "raw", t)
+    # oVirt's names: relative, through .. out of the volume's folder
+    _qemu_img("create", "-f", "qcow2", "-b", "../tmpl/T", "-F", "qcow2", a, "4M")
+    _qemu_img("create", "-f", "qcow2", "-b", "A", "-F", "qcow2", b)
+    with open(b, "r+b") as handle:  # some data, so actual sizes differ
+        handle.seek(1 << 20)
+        handle.write(b"x" * 65536)
+    unrecorded = str(folder / "unrecorded")
+    _qemu_img("create", "-f", "qcow2", "-b", a, "-F", "qcow2", unrecorded)
+    with open(unrecorded, "r+b") as handle:  # no recorded backing format: qemu-img probes
+        head = handle.read(4096)
+        handle.seek(head.index(bytes.fromhex("e2792aca")))
+        handle.write(bytes.fromhex("0bad0bad"))  # an unknown extension, which QEMU skips
+    data_file = str(folder / "with-data-file")
+    _qemu_img("create", "-f", "qcow2", "-o", f"data_file={folder}/data.raw", data_file, "1M")
+    lazy = str(folder / "lazy")  # the dirty bit may be set: still plain
+    _qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on", "-b", b, "-F", "qcow2", lazy)
+    return [(b, "qcow2", True), (str(tmp_path / "link" / "B"), "qcow2", True), (lazy, "qcow2", True),
+            (raw, "raw", True), (t, "qcow2", True), (unrecorded, "qcow2", False),
+            (data_file, "qcow2", False), (b, None, False), (raw, "qcow2", False)]
+
+
+def test_chains_read_from_headers_equal_qemu_img_info(tmp_path):
+    """The header reader answers exactly as ``qemu-img info`` does, and
+    leaves to qemu-img what it cannot judge (a probed format, a data file,
+    an undeclared or wrong format)."""
+    from vdsm_blockops.errors import OperationFailed
+    from vdsm_blockops.images import _chain_from_headers, read_chain
+
+    for top, fmt, native in _chains_to_read(tmp_path):
+        headers = _chain_from_headers(top, fmt)
+        assert (headers is not None) == native, top
+        try:
+            by_qemu_img = read_backing_chain(top, fmt)
+        except OperationFailed:
+            assert not native
+            continue
+        assert read_chain(top, fmt) == by_qemu_img
+        if native:
+            assert headers == by_qemu_img, top
