@@ -15,13 +15,11 @@ Modes:
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
-from xml.sax.saxutils import quoteattr
 
 from . import errors
-from .chain import Disk, check_reference
+from .chain import Disk, check_reference, xml_attr
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
 from .identity import ImageSet, clean_path, image_key, is_block_device, same_images
@@ -196,7 +194,8 @@ class Relocate:
         for path in plan.chain_after:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
                 check_place(ctx, path, self.req.reuse_external, sources)
-        free = shutil.disk_usage(os.path.dirname(dest)).free
+        space = os.statvfs(os.path.dirname(dest))
+        free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
         if plan.bytes_to_copy > free:
             raise errors.BadRequest(f"not enough space at {os.path.dirname(dest)}: "
                                     f"{plan.bytes_to_copy} bytes to copy, {free} free")
@@ -253,7 +252,7 @@ class Relocate:
                 store.advance(record, Phase.PREPARED)
             kind, attr = ("block", "dev") if is_block_device(plan.dest) else ("file", "file")
             dest_xml = (f"<disk type='{kind}'><driver type='{plan.format.value}'/>"
-                        f"<source {attr}={quoteattr(plan.dest)}/></disk>")
+                        f"<source {attr}={xml_attr(plan.dest)}/></disk>")
             outcome = runner.run(
                 lambda: domain.copy(
                     plan.disk, dest_xml,

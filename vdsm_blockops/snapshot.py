@@ -7,10 +7,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
-from xml.sax.saxutils import quoteattr
 
 from . import errors
-from .chain import Disk, check_reference
+from .chain import Disk, check_reference, xml_attr
 from .context import Context, check_disk_supported, operation_domain
 from .identity import ImageSet, clean_path, image_key, is_block_device
 from .model import Operation
@@ -34,7 +33,7 @@ def snapshot_xml(domain: Domain, overlays: dict[str, str]) -> str:
             path = overlays[disk.target]
             kind, attr = ("block", "dev") if is_block_device(path) else ("file", "file")
             disks.append(f"<disk name='{disk.target}' snapshot='external' type='{kind}'>"
-                         f"<driver type='qcow2'/><source {attr}={quoteattr(path)}/></disk>")
+                         f"<driver type='qcow2'/><source {attr}={xml_attr(path)}/></disk>")
         else:
             disks.append(f"<disk name='{disk.target}' snapshot='no'/>")
     name = f"vdsm-blockops-{int(time.time() * 1000)}"

@@ -111,3 +111,10 @@ def test_disks_block_jobs_cannot_handle_are_refused(xml, words):
     disk = parse_domain(f"<domain><name>x</name><devices>{xml}</devices></domain>").disks[0]
     with pytest.raises(BadRequest, match=words):
         check_disk_supported(disk)
+
+
+def test_xml_attr_round_trips_any_path():
+    from vdsm_blockops.chain import parse_xml, xml_attr
+
+    for value in ["/srv/vm/a b.qcow2", "/x/it's \"quoted\" & <odd>", "/tab\there\nnewline\r"]:
+        assert parse_xml(f"<source file={xml_attr(value)}/>").get("file") == value

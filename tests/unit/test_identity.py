@@ -7,6 +7,7 @@ import os
 import pytest
 
 from vdsm_blockops.chain import Disk, Layer, check_reference, parse_domain
+from vdsm_blockops.copying import content_difference, copy_image_file
 from vdsm_blockops.errors import UnknownImage, UnsafeRequest
 from vdsm_blockops.identity import (
     ImageKey,
@@ -17,7 +18,6 @@ from vdsm_blockops.identity import (
     same_image,
     under_root,
 )
-from vdsm_blockops.images import content_difference, copy_image_file
 from vdsm_blockops.planner import plan_merge
 from vdsm_blockops.records import OperationRecord
 from vdsm_blockops.state import StateDir

@@ -47,7 +47,7 @@ def test_persistent_definition_compares_its_prefix():
 def test_copy_image_file_keeps_data_and_holes(tmp_path):
     import os
 
-    from vdsm_blockops.images import copy_image_file
+    from vdsm_blockops.copying import copy_image_file
 
     src = tmp_path / "src.raw"
     with open(src, "wb") as handle:
