@@ -87,6 +87,10 @@ class Bench:
         for _ in range(self.repeats):
             for name, run in contenders.items():
                 vm = self.vm(chains() if callable(chains) else chains, size_mib, start)
+                # Every contender starts with the chain written out: else the
+                # writeback of the chain just built (and of the previous run's
+                # leftovers) lands in whichever run comes next.
+                os.sync()
                 try:
                     elapsed, bytes_copied = run(vm)
                     times[name].append(elapsed)
