@@ -111,8 +111,9 @@ def _relocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", help="path of the new active image")
     p.add_argument("--mode", default="chain", choices=choices(Mode),
                    help="what moves (default chain: every layer, keeping the snapshots)")
-    p.add_argument("--method", default="mirror", choices=choices(Method),
-                   help="how the active layer moves (default mirror)")
+    p.add_argument("--method", default="auto", choices=choices(Method),
+                   help="how the data moves (default auto: flatten for --mode full when the "
+                        "read-only layers hold most data, else mirror)")
     p.add_argument("--format", default="qcow2", choices=choices(ImageFormat),
                    help="DEST's format (default qcow2; raw only with --mode full)")
     p.add_argument("--reuse-external", action="store_true", help="DEST (and its layers) exist already")

@@ -34,8 +34,10 @@ class Mode(enum.StrEnum):
 
 
 class Method(enum.StrEnum):
+    AUTO = "auto"  # resolved by the planner: flatten where it copies faster, else mirror
     MIRROR = "mirror"
     SNAPSHOT_STREAM = "snapshot-stream"
+    FLATTEN = "flatten"  # full mode: read-only part by qemu-img, active layer mirrored, committed
 
 
 class ImageFormat(enum.StrEnum):
