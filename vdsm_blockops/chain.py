@@ -47,6 +47,14 @@ def xml_attr(value: str) -> str:
     return f'"{value.translate(_ATTR_ESCAPES)}"'
 
 
+def disk_xml(path: str, fmt: str) -> str:
+    """The <disk> of a copy destination: a file, or a block device."""
+    from .identity import is_block_device
+
+    kind, attr = ("block", "dev") if is_block_device(path) else ("file", "file")
+    return f"<disk type='{kind}'><driver type='{fmt}'/><source {attr}={xml_attr(path)}/></disk>"
+
+
 def parse_xml(text: str | bytes) -> etree._Element:
     """Parse XML safely (no entities, no DTD, no network)."""
     if isinstance(text, str):

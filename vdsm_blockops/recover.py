@@ -19,7 +19,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from . import errors
+from . import errors, flatten
 from .context import Context
 from .identity import same_images
 from .jobs import JobRunner, JobWatch, Outcome, exclusive_pull
@@ -29,10 +29,9 @@ from .node import current_chain
 from .operation import settle
 from .planner import MergePlan
 from .records import OperationRecord, RecordStore
-from .relocate import Relocate, RelocatePlan, RelocateRequest, commit_overlay
+from .relocate import Relocate, RelocatePlan, RelocateRequest
 from .reports import RecordOutcome, RecoverReport
 from .snapshot import Snapshot, SnapshotPlan, SnapshotRequest
-from .storage import point_persistent_definition
 from .verification import require_chain
 
 if TYPE_CHECKING:
@@ -165,24 +164,13 @@ def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: 
         _pull_again(ctx, domain, record, plan, timeout_s)
     if plan.overlay is not None and same_images(current_chain(domain, record.disk),
                                                 [plan.overlay, plan.dest]):
-        _commit_overlay_again(ctx, domain, store, record, plan, timeout_s)
+        # a flatten pivoted onto its overlay, not yet committed into DEST
+        if domain.is_active():
+            flatten.commit_overlay(ctx, domain, plan, store, record, timeout_s, 0)
+        else:
+            flatten.commit_overlay_offline(domain, plan)
     return settle(domain, store, record,
                   finish=lambda: op.finish(ctx, domain, plan, store, record)).value
-
-
-def _commit_overlay_again(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,
-                          plan: RelocatePlan, timeout_s: float | None) -> None:
-    """A flatten that pivoted onto its overlay but did not commit it: the
-    disk is on overlay -> DEST (consistent, every guest write in it).
-    Commit the overlay into DEST: live, or by qemu-img with the VM off."""
-    assert plan.overlay is not None
-    if domain.is_active():
-        commit_overlay(ctx, domain, plan, store, record, timeout_s, 0)
-        return
-    from . import qemuimg
-
-    qemuimg.commit(plan.overlay, "qcow2", plan.dest)
-    point_persistent_definition(domain, record.disk, plan.dest, plan.format.value)
 
 
 def _pull_again(ctx: Context, domain: Domain, record: OperationRecord, plan: RelocatePlan,

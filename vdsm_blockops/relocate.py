@@ -23,12 +23,12 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from . import errors
-from .chain import Disk, check_reference, xml_attr
+from . import errors, flatten
+from .chain import Disk, check_reference, disk_xml
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
 from .identity import ImageSet, clean_path, image_key, is_block_device, same_images
-from .images import ImageInfo, create_image, create_overlay
+from .images import ImageInfo, create_overlay
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import ImageFormat, Method, Mode, Operation
 from .node import current_chain, image_chain, planned_disk
@@ -36,7 +36,6 @@ from .operation import run_operation
 from .records import OperationRecord, Phase, RecordStore
 from .reports import RelocateReport, Report, Retired
 from .snapshot import snapshot_xml
-from .state import fsync_dir
 from .storage import (
     FileCreator,
     check_place,
@@ -289,7 +288,9 @@ class Relocate:
         if plan.method is Method.SNAPSHOT_STREAM:
             outcome = self._snapshot_stream(ctx, domain, plan, runner, store, record, creator)
         elif plan.method is Method.FLATTEN:
-            outcome = self._flatten(ctx, domain, plan, runner, store, record, creator)
+            outcome = flatten.run(ctx, domain, plan, images, runner, store, record, creator,
+                                  reuse_external=req.reuse_external, sync_writes=req.sync_writes,
+                                  timeout_s=req.timeout_s, rate_mib_s=self.bandwidth)
         else:
             if plan.copies and not req.reuse_external:
                 prepare_chain_copy(plan, images, creator)
@@ -336,26 +337,6 @@ class Relocate:
             raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")
         return outcome
 
-    def _flatten(self, ctx: Context, domain: Domain, plan: RelocatePlan, runner: JobRunner,
-                 store: RecordStore, record: OperationRecord, creator: FileCreator) -> Outcome:
-        """Full mode at file speed: see the module's docstring."""
-        req = self.req
-        overlay = plan.overlay
-        assert overlay is not None
-        images = self.images[plan.disk]
-        below = images[plan.chain_before[1]]
-        flatten_into_dest(ctx, plan, below, images[plan.chain_before[0]].virtual_size, creator,
-                          req.reuse_external, self.bandwidth)
-        store.advance(record, Phase.PREPARED)
-        runner.run(lambda: domain.copy(plan.disk, disk_xml(overlay, "qcow2"), shallow=True,
-                                       reuse_external=True, transient=plan.persistent,
-                                       sync_writes=req.sync_writes, bandwidth_mib_s=self.bandwidth),
-                   two_phase=True, pivot=True, timeout_s=req.timeout_s, wait=True)
-        # The VM writes into the overlay now: a stop from here on must find
-        # it in the definition (its chain is complete: overlay -> DEST).
-        point_persistent_definition(domain, plan.disk, overlay, "qcow2")
-        return commit_overlay(ctx, domain, plan, store, record, req.timeout_s, self.bandwidth)
-
     def finish(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
                record: OperationRecord) -> RelocateReport:
         """After the pivot: the persistent definition on DEST, the chain
@@ -374,43 +355,3 @@ class Relocate:
         store.finish(record)
         return report
 
-
-def disk_xml(path: str, fmt: str) -> str:
-    """The <disk> of a copy destination: a file, or a block device."""
-    kind, attr = ("block", "dev") if is_block_device(path) else ("file", "file")
-    return f"<disk type='{kind}'><driver type='{fmt}'/><source {attr}={xml_attr(path)}/></disk>"
-
-
-def flatten_into_dest(ctx: Context, plan: RelocatePlan, below: ImageInfo, virtual_size: int,
-                      creator: FileCreator, reuse_external: bool, rate_mib_s: int) -> None:
-    """Flatten's first step: the chain below the active layer (nobody
-    writes it) into DEST by qemu-img, flushed; the overlay on DEST."""
-    from . import qemuimg
-
-    assert plan.overlay is not None
-    if not reuse_external:
-        creator.reserve(plan.dest)
-        create_image(plan.dest, plan.format.value, virtual_size)
-    progress = qemuimg.Progress(plan.disk, "copy", ctx.observer) if ctx.observer else None
-    qemuimg.convert(below.path, below.format, plan.dest, plan.format.value, progress,
-                    rate_mib_s=rate_mib_s, dest_is_new=not reuse_external)
-    qemuimg.fsync(plan.dest)
-    creator.reserve(plan.overlay)
-    create_overlay(plan.overlay, plan.dest, plan.format.value, virtual_size)
-    fsync_dir(os.path.dirname(plan.dest))
-
-
-def commit_overlay(ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
-                   record: OperationRecord, timeout_s: float | None, rate_mib_s: int) -> Outcome:
-    """Flatten's last job: the overlay (the VM's active image) actively
-    committed into DEST and pivoted, so the VM ends on DEST alone. Also
-    what recover runs when it finds the disk on overlay -> DEST."""
-    from .merge import libvirt_ref
-
-    base = libvirt_ref(domain, plan.disk, plan.dest) or plan.dest
-    runner = JobRunner(ctx, domain, plan.disk, store, record)
-    outcome = runner.run(lambda: domain.commit(plan.disk, base, None, active=True,
-                                               bandwidth_mib_s=rate_mib_s),
-                         two_phase=True, pivot=True, timeout_s=timeout_s, wait=True)
-    assert outcome is not None
-    return outcome

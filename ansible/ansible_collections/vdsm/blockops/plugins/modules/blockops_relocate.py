@@ -39,10 +39,15 @@ options:
     choices: [chain, full, shallow]
     default: chain
   method:
-    description: C(mirror) (blockCopy) or C(snapshot-stream) (full mode only).
+    description:
+      - C(mirror) (blockCopy); C(flatten) (full mode only, the VM running) flattens the
+        read-only layers by qemu-img at file speed, mirrors the active layer onto an overlay
+        on I(dest) and commits it into I(dest); C(snapshot-stream) (full mode only).
+      - C(auto) picks C(flatten) for a full copy when the read-only layers hold most data,
+        else C(mirror).
     type: str
-    choices: [mirror, snapshot-stream]
-    default: mirror
+    choices: [auto, mirror, flatten, snapshot-stream]
+    default: auto
   format:
     description: Format of I(dest); C(raw) only with I(mode=full).
     type: str
@@ -125,7 +130,8 @@ def main():
             disk=dict(type="str", required=True),
             dest=dict(type="path", required=True),
             mode=dict(type="str", choices=["chain", "full", "shallow"], default="chain"),
-            method=dict(type="str", choices=["mirror", "snapshot-stream"], default="mirror"),
+            method=dict(type="str", choices=["auto", "mirror", "flatten", "snapshot-stream"],
+                        default="auto"),
             format=dict(type="str", choices=["qcow2", "raw"], default="qcow2"),
             reuse_external=dict(type="bool", default=False),
             sync_writes=dict(type="bool", default=False),
@@ -143,8 +149,8 @@ def main():
     from vdsm_blockops.relocate import RelocateRequest, already_done, relocate
 
     p = module.params
-    if p["method"] == "snapshot-stream" and p["mode"] != "full":
-        module.fail_json(msg="method snapshot-stream needs mode full")
+    if p["method"] in ("snapshot-stream", "flatten") and p["mode"] != "full":
+        module.fail_json(msg=f"method {p['method']} needs mode full")
     ctx = run(module, lambda: context(module))
     req = RelocateRequest(domain=p["domain"], disk=p["disk"], dest=p["dest"], mode=p["mode"],
                           method=p["method"], format=p["format"],
