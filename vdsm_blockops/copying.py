@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from . import errors
+from .identity import device_size
 from .images import ImageInfo, backing_name_for, create_image, create_overlay, set_backing
 from .state import fsync_dir
 from .storage import FileCreator
@@ -29,20 +30,24 @@ SYNC_FILE_RANGE_WRITE = 2
 
 def copy_proven(copies: list[tuple[str, str]], creator: FileCreator) -> None:
     """Copy images nobody writes into new files (reserved and recorded
-    first), two at a time, each proven against its source: content, not
-    only paths -- every copy is read back and compared (a reflink needs not)."""
+    first), two at a time, the largest first, each proven against its
+    source right after its copy, while its pages are still cached: content,
+    not only paths -- every copy is read back and compared (a reflink needs
+    not)."""
     for _, new in copies:
         creator.reserve(new)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        copied = [(src, new, pool.submit(copy_image_file, src, new, reserved=True))
-                  for src, new in copies]
-        checks = [(new, pool.submit(content_difference, src, new))
-                  for src, new, proven in copied if not proven.result()]
-        for new, check in checks:
-            difference = check.result()
+
+    def copy_one(src: str, new: str) -> None:
+        if not copy_image_file(src, new, reserved=True):
+            difference = content_difference(src, new)
             if difference:
                 raise errors.OperationFailed(f"copy check failed: {difference}")
             _forget_cached(new)
+
+    largest_first = sorted(copies, key=lambda copy: -device_size(copy[0]))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for done in [pool.submit(copy_one, src, new) for src, new in largest_first]:
+            done.result()
 
 
 def copy_image_file(src: str, dst: str, workers: int = 2, reserved: bool = False) -> bool:
