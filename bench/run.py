@@ -444,7 +444,10 @@ def targets(b: Bench) -> list[str]:
 
     for case in ("tiny merge: pull", "tiny merge: active commit"):
         row = _row(b, case, "vdsm-blockops")
-        check(f"{case} (whole command)", row and row["ratio"], 0.35)
+        check(f"{case} (whole command)", row and row["ratio"], 0.25)
+    full_live = _row(b, "relocate ~", "full mode")
+    check("full-mode relocation of a ~1 GiB chain, small active layer, vs virsh blockcopy --pivot",
+          full_live and full_live["ratio"], 0.5)
     auto = _row(b, "merge --base bottom: big lower", "auto")
     pull = _row(b, "merge --base bottom: big lower", "pull")
     if auto and pull:
@@ -508,12 +511,18 @@ def write_report(b: Bench, path: str, plot: str | None) -> None:
     lines += [sep, "", "Targets", "-------", ""]
     lines += targets(b)
     lines += ["", "Notes", "-----", "",
-              "- Full mode is libvirt's blockCopy, the same call virsh makes; its wall time",
-              "  swings run to run with the writeback of the data earlier runs left dirty",
-              "  (every run's time is in benchmarks.json). It is not a target.",
-              "- The 64-layer chain costs both tools mostly QEMU's per-layer job work;",
-              "  vdsm-blockops also runs one qemu-img over the whole chain to plan and one",
-              "  to verify.",
+              "- Full mode here is ``--method flatten`` (auto's choice: the read-only layers",
+              "  hold nearly all data): qemu-img flattens them into DEST with O_DIRECT at the",
+              "  disk's speed (about 0.65 s of the run), then two short block jobs move the",
+              "  active layer. That copy is the floor: a faster DEST needs a faster disk.",
+              "- Chain mode proves every file copy byte for byte before the pivot; the",
+              "  copy is written through the page cache with each chunk's writeback started",
+              "  at once, so the proof reads the copy from memory. dd does no proof.",
+              "- The disk of this machine is mounted with ``discard``: deleting the previous",
+              "  run's GiBs makes the next writes slower for a while, buffered writes more",
+              "  than O_DIRECT ones; every run starts after an os.sync(), yet run-to-run",
+              "  spread is large (every run's time is in benchmarks.json).",
+              "- The 64-layer chain costs both tools mostly QEMU's per-layer job work.",
               "- QEMU's job engines copy at a few hundred MiB/s here; a file copy of the",
               "  immutable layers runs at the disk's speed, which is why chain mode copies",
               "  read-only layers as files and mirrors only the active layer.",

@@ -38,7 +38,7 @@ def test_two_disks_two_processes_killed_then_recovered(make_vm, config, workdir)
     merging = background(vm, config, "merge", vm.name, "vda", "--strategy", "commit",
                          "--top", vda.layers[1], "--bandwidth", "1")
     moving = background(vm, config, "relocate", vm.name, "vdb", f"{workdir}/dst/vdb.qcow2",
-                        "--mode", "full", "--bandwidth", "1")
+                        "--mode", "full", "--method", "mirror", "--bandwidth", "1")
     wait_for_job(vm, "vda")
     wait_for_job(vm, "vdb")
     deadline = time.monotonic() + 30
