@@ -6,16 +6,14 @@ below the active one is immutable, so:
 
 1. qemu-img flattens that read-only part into DEST (a new standalone image,
    or the one given with --reuse-external), flushed;
-2. a temporary overlay on DEST (``DEST.flatten-overlay``) receives the
-   active layer by a shallow mirror (SHALLOW + REUSE_EXT), pivoted: the VM
-   runs on overlay -> DEST, which holds exactly its disk;
-3. the overlay is actively committed into DEST and pivoted: the VM runs on
-   DEST alone, with every guest write; the overlay is removed by finish.
+2. the active layer alone is mirrored onto DEST itself (SHALLOW +
+   REUSE_EXT): the mirror writes only what the active layer holds (and
+   every guest write), DEST already holds the rest; pivoted, the VM runs on
+   DEST alone.
 
-Each step is in the operation's record: before 2's pivot the source chain
-is intact (settle rolls back); on overlay -> DEST, ``recover`` runs step 3
-(by qemu-img if the VM is off: the definition names the overlay from the
-first pivot on); on DEST it finishes.
+Before the pivot the source chain is intact (settle rolls back, removing
+DEST); after it the disk is on the planned chain (settle finishes). A job
+still running is followed by ``recover`` like any mirror.
 """
 
 from __future__ import annotations
@@ -25,11 +23,10 @@ from typing import TYPE_CHECKING
 
 from . import qemuimg
 from .chain import disk_xml
-from .images import ImageInfo, create_image, create_overlay
+from .images import ImageInfo, create_image
 from .jobs import JobRunner, Outcome
 from .records import Phase
 from .state import fsync_dir
-from .storage import point_persistent_definition
 
 if TYPE_CHECKING:
     from .context import Context
@@ -42,9 +39,7 @@ if TYPE_CHECKING:
 def run(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str, ImageInfo],
         runner: JobRunner, store: RecordStore, record: OperationRecord, creator: FileCreator, *,
         reuse_external: bool, sync_writes: bool, timeout_s: float | None,
-        rate_mib_s: int) -> Outcome:
-    overlay = plan.overlay
-    assert overlay is not None
+        rate_mib_s: int) -> Outcome | None:
     active, below = images[plan.chain_before[0]], images[plan.chain_before[1]]
     if not reuse_external:
         creator.reserve(plan.dest)
@@ -53,38 +48,13 @@ def run(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str, Imag
     qemuimg.convert(below.path, below.format, plan.dest, plan.format.value, progress,
                     rate_mib_s=rate_mib_s, dest_is_new=not reuse_external)
     qemuimg.fsync(plan.dest)
-    creator.reserve(overlay)
-    create_overlay(overlay, plan.dest, plan.format.value, active.virtual_size)
     fsync_dir(os.path.dirname(plan.dest))
     store.advance(record, Phase.PREPARED)
-    runner.run(lambda: domain.copy(plan.disk, disk_xml(overlay, "qcow2"), shallow=True,
-                                   reuse_external=True, transient=plan.persistent,
-                                   sync_writes=sync_writes, bandwidth_mib_s=rate_mib_s),
-               two_phase=True, pivot=True, timeout_s=timeout_s, wait=True)
-    # The VM writes into the overlay now: a stop from here on must find it
-    # in the definition (its chain is complete: overlay -> DEST).
-    point_persistent_definition(domain, plan.disk, overlay, "qcow2")
-    return commit_overlay(ctx, domain, plan, store, record, timeout_s, rate_mib_s)
-
-
-def commit_overlay(ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
-                   record: OperationRecord, timeout_s: float | None, rate_mib_s: int) -> Outcome:
-    """Step 3: the overlay (the VM's active image) actively committed into
-    DEST and pivoted. Also what recover runs when it finds overlay -> DEST."""
-    from .merge import libvirt_ref
-
-    base = libvirt_ref(domain, plan.disk, plan.dest) or plan.dest
-    runner = JobRunner(ctx, domain, plan.disk, store, record)
-    outcome = runner.run(lambda: domain.commit(plan.disk, base, None, active=True,
-                                               bandwidth_mib_s=rate_mib_s),
-                         two_phase=True, pivot=True, timeout_s=timeout_s, wait=True)
-    assert outcome is not None
-    return outcome
-
-
-def commit_overlay_offline(domain: Domain, plan: RelocatePlan) -> None:
-    """Step 3 with the VM off: qemu-img commits the overlay into DEST, then
-    the definition names DEST."""
-    assert plan.overlay is not None
-    qemuimg.commit(plan.overlay, "qcow2", plan.dest)
-    point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
+    # Shallow: only what the active layer holds is mirrored; where it holds
+    # nothing, DEST's own data (the flattened layers below) shows through,
+    # on both sides alike.
+    return runner.run(lambda: domain.copy(plan.disk, disk_xml(plan.dest, plan.format.value),
+                                          shallow=True, reuse_external=True,
+                                          transient=plan.persistent, sync_writes=sync_writes,
+                                          bandwidth_mib_s=rate_mib_s),
+                      two_phase=True, pivot=True, timeout_s=timeout_s, wait=True)

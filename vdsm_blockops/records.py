@@ -62,7 +62,7 @@ TRANSITIONS: dict[Phase, set[Phase]] = {
     Phase.PREPARED: {Phase.STARTED},
     Phase.STARTED: {Phase.READY, Phase.PIVOTED, Phase.COMPLETED},
     Phase.READY: {Phase.PIVOTED, Phase.COMPLETED},
-    Phase.PIVOTED: {Phase.COMPLETED, Phase.STARTED},  # flatten: its second job
+    Phase.PIVOTED: {Phase.COMPLETED},
     Phase.COMPLETED: set(),
     Phase.ROLLING_BACK: set(),
 }
@@ -192,8 +192,6 @@ class RecordStore:
                  record.id, record.operation, record.phase.value)
 
     def advance(self, record: OperationRecord, phase: Phase, **changes: Any) -> None:
-        if phase is record.phase and not changes:
-            return  # already there (recover runs flatten's second job from STARTED)
         if phase is not Phase.ROLLING_BACK and phase not in TRANSITIONS[record.phase]:
             raise StateError(
                 f"record {record.id}: no transition {record.phase.value} -> {phase.value}"

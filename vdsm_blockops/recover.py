@@ -19,7 +19,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from . import errors, flatten
+from . import errors
 from .context import Context
 from .identity import same_images
 from .jobs import JobRunner, JobWatch, Outcome, exclusive_pull
@@ -162,13 +162,6 @@ def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: 
     if snapshot_stream and same_images(current_chain(domain, record.disk),
                                        [plan.dest] + plan.chain_before):
         _pull_again(ctx, domain, record, plan, timeout_s)
-    if plan.overlay is not None and same_images(current_chain(domain, record.disk),
-                                                [plan.overlay, plan.dest]):
-        # a flatten pivoted onto its overlay, not yet committed into DEST
-        if domain.is_active():
-            flatten.commit_overlay(ctx, domain, plan, store, record, timeout_s, 0)
-        else:
-            flatten.commit_overlay_offline(domain, plan)
     return settle(domain, store, record,
                   finish=lambda: op.finish(ctx, domain, plan, store, record)).value
 

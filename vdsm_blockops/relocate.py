@@ -9,9 +9,9 @@ Modes:
 * ``full``    DEST is one standalone image with all the data: blockCopy
   (``mirror``); or ``flatten``, at file speed: the read-only layers (immutable
   while the VM runs and the disk lock is held) flattened into DEST by
-  qemu-img, a temporary overlay on DEST, the active layer mirrored shallowly
-  onto it and pivoted, the overlay active-committed into DEST and pivoted
-  -- chosen by ``auto`` when the read-only layers hold most of the data; or
+  qemu-img, then only the active layer mirrored onto DEST itself and
+  pivoted (``flatten.py``) -- chosen by ``auto`` when the read-only layers
+  hold most of the data; or
   with ``--method snapshot-stream`` a disk-only snapshot into DEST and a
   pull of the whole chain into it (the seed's "live block copy").
 * ``shallow`` only the active layer moves; DEST backs onto the old chain.
@@ -27,7 +27,7 @@ from . import errors, flatten
 from .chain import Disk, check_reference, disk_xml
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
-from .identity import ImageSet, clean_path, image_key, is_block_device, same_images
+from .identity import ImageSet, clean_path, image_key, same_images
 from .images import ImageInfo, create_overlay
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import ImageFormat, Method, Mode, Operation
@@ -41,7 +41,6 @@ from .storage import (
     check_place,
     delete_unused,
     point_persistent_definition,
-    remove_created_files,
 )
 from .verification import norm, require_chain
 
@@ -79,7 +78,6 @@ class RelocatePlan:
     copies: list[tuple[str, str]] = field(default_factory=list)  # (source layer, new path)
     bytes_to_copy: int = 0
     persistent: bool = False
-    overlay: str | None = None  # flatten: the temporary overlay on DEST
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
@@ -211,9 +209,6 @@ class Relocate:
             plan.chain_after = [dest] + chain[1:]
             plan.bytes_to_copy = alloc[chain[0]]
         plan.method = self._method_for(disk, chain, alloc, dest)
-        if plan.method is Method.FLATTEN:
-            plan.overlay = f"{dest}.flatten-overlay"
-            check_place(ctx, plan.overlay, False, sources)
         for path in plan.chain_after:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
                 check_place(ctx, path, self.req.reuse_external, sources)
@@ -233,15 +228,11 @@ class Relocate:
             if not flat:
                 raise errors.BadRequest(f"{disk.target}: --method flatten needs a running VM and "
                                         "a chain of more than one layer")
-            if is_block_device(dest) or dest.startswith("/dev/"):
-                raise errors.BadRequest(f"{dest} is a device: --method flatten needs a folder for "
-                                        "its temporary overlay; use --method mirror")
             return Method.FLATTEN
         if self.method is not Method.AUTO:
             return self.method
         below = sum(alloc.get(path, 0) for path in chain[1:])
-        if flat and self.req.pivot and self.req.wait and below > alloc.get(chain[0], 0) \
-                and not (is_block_device(dest) or dest.startswith("/dev/")):
+        if flat and self.req.pivot and self.req.wait and below > alloc.get(chain[0], 0):
             return Method.FLATTEN
         return Method.MIRROR
 
@@ -343,8 +334,6 @@ class Relocate:
         verified, the source deleted when asked."""
         fixed = point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
         require_chain(domain, plan.disk, plan.chain_after)
-        if plan.overlay is not None:  # flatten's overlay, committed into DEST
-            remove_created_files(record, plan.chain_after)
         report = self.report(domain, plan, chain_now=current_chain(domain, plan.disk),
                              verified=True)
         report.persistent_definition_fixed = fixed

@@ -152,32 +152,3 @@ def test_second_operation_on_a_busy_disk_is_refused(make_vm, config, workdir):
     assert rc == 0, err
     disk.assert_guest_data()
 
-
-def test_flatten_killed_in_its_commit_then_vm_destroyed_recovers_offline(make_vm, config, workdir):
-    """The command dies while the overlay is committed into DEST, then the VM
-    goes down: the definition names overlay -> DEST (every guest write is
-    there); recover commits it by qemu-img and ends on DEST alone."""
-    vm, disk = slow_vm(make_vm)
-    dest = f"{workdir}/flat.qcow2"
-    proc = background(vm, config, "relocate", vm.name, "vda", dest, "--mode", "full",
-                      "--method", "flatten", "--bandwidth", "1")
-    wait_for_job(vm)
-    disk.guest_write(0x67, 20, 1)  # into the active layer, mirrored onto the overlay
-    deadline = time.monotonic() + 60
-    while (vm.dom.blockJobInfo("vda", 0) or {}).get("type") != rig.libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT:
-        assert time.monotonic() < deadline, "the overlay's commit never started"
-        time.sleep(0.05)
-    disk.guest_write(0x68, 40, 1)  # into the overlay
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    vm.dom.destroy()
-    assert disk.live_chain() != [dest]
-    rc, out, err = rig.cli("recover", vm.name, config=config)
-    assert rc == 0, (out, err)
-    assert out["records"][0]["result"] == "finished"
-    assert not os.path.exists(f"{dest}.flatten-overlay")
-    vm.dom.create()
-    assert disk.live_chain() == [dest]
-    disk.assert_guest_data()
-    rc, out, _ = rig.cli("verify", vm.name, config=config)
-    assert rc == 0, out

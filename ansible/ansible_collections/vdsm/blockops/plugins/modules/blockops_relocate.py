@@ -41,8 +41,8 @@ options:
   method:
     description:
       - C(mirror) (blockCopy); C(flatten) (full mode only, the VM running) flattens the
-        read-only layers by qemu-img at file speed, mirrors the active layer onto an overlay
-        on I(dest) and commits it into I(dest); C(snapshot-stream) (full mode only).
+        read-only layers into I(dest) by qemu-img at file speed, then mirrors only the
+        active layer onto I(dest); C(snapshot-stream) (full mode only).
       - C(auto) picks C(flatten) for a full copy when the read-only layers hold most data,
         else C(mirror).
     type: str
