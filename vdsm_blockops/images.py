@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +23,8 @@ Runner = Callable[[Sequence[str]], str]
 
 
 def run_command(argv: Sequence[str]) -> str:
+    import subprocess  # most commands read chains from headers and never run one
+
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise OperationFailed(

@@ -214,17 +214,15 @@ class JobRunner:
             self.store.advance(self.record, Phase.STARTED)
             if not wait:
                 return None
-            return self._wait(watch, two_phase, pivot, timeout_s, record_phases=True)
+            return self._wait(watch, two_phase, pivot, timeout_s)
 
     def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None) -> Outcome:
         """Wait on the job already running on the disk, as ``run`` would."""
         with self._watch() as watch:
-            return self._wait(watch, two_phase, pivot, timeout_s, record_phases=False)
+            return self._wait(watch, two_phase, pivot, timeout_s)
 
-    def _wait(self, watch: JobWatch, two_phase: bool, pivot: bool, timeout_s: float | None,
-              record_phases: bool) -> Outcome:
-        from .records import Phase
-
+    def _wait(self, watch: JobWatch, two_phase: bool, pivot: bool,
+              timeout_s: float | None) -> Outcome:
         try:
             outcome = watch.wait(until_ready=two_phase, timeout_s=timeout_s,
                                  observer=self.ctx.observer,
@@ -241,14 +239,13 @@ class JobRunner:
             raise errors.JobFailed(
                 f"the block job on {self.domain.name} {self.disk} ended "
                 f"({outcome.value}) before it was ready to pivot")
-        # READY is not written: the pivot (or the cancel) follows at once,
-        # and recover decides by the chain, not by the phase.
+        # Neither READY nor PIVOTED is written: the pivot (or the cancel)
+        # and the caller's finish follow at once, and recover decides by
+        # the chain, not by the phase (each write is a libvirt round trip).
         if not pivot:
             self.domain.abort_job(self.disk, pivot=False)
             return Outcome.CANCELED
         self.pivot()
-        if record_phases:
-            self.store.advance(self.record, Phase.PIVOTED)
         return Outcome.COMPLETED
 
     def pivot(self) -> None:

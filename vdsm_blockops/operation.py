@@ -15,7 +15,6 @@ operations after a failure and by ``recover``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import enum
 import logging
 from collections.abc import Callable
@@ -147,6 +146,8 @@ def run_per_disk(items: list[T], work: Callable[[T], Report]) -> list[Report | B
     after every disk finished."""
     if len(items) == 1:
         return [work(items[0])]
+    import concurrent.futures  # only for several disks
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(items)) as pool:
         futures = [pool.submit(work, item) for item in items]
         concurrent.futures.wait(futures)

@@ -51,7 +51,7 @@ class Phase(enum.StrEnum):
     PREPARED = "prepared"  # files created (overlays, copied layers)
     STARTED = "started"  # block job started
     READY = "ready"  # mirror ready, about to pivot (no longer written; older records)
-    PIVOTED = "pivoted"  # pivot done, not yet verified
+    PIVOTED = "pivoted"  # pivot done, not yet verified (no longer written; older records)
     COMPLETED = "completed"  # job ended, not yet verified
     ROLLING_BACK = "rolling-back"
 
