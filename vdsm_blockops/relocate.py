@@ -36,12 +36,7 @@ from .operation import run_operation
 from .records import OperationRecord, Phase, RecordStore
 from .reports import RelocateReport, Report, Retired
 from .snapshot import snapshot_xml
-from .storage import (
-    FileCreator,
-    check_place,
-    delete_unused,
-    point_persistent_definition,
-)
+from .storage import FileCreator, check_place, delete_unused, point_persistent_definition
 from .verification import norm, require_chain
 
 if TYPE_CHECKING:
@@ -149,7 +144,7 @@ class Relocate:
                 raise errors.BadRequest("--method flatten makes a full copy: use --mode full")
             refused = "--no-pivot" if not req.pivot else "--no-wait" if not req.wait else None
             if refused:
-                raise errors.BadRequest(f"--method flatten runs two jobs and ends on DEST; "
+                raise errors.BadRequest(f"--method flatten ends on DEST in one go; "
                                         f"{refused} needs --method mirror")
         check_reference(req.dest, "DEST")
         if not os.path.isabs(req.dest):
@@ -208,7 +203,7 @@ class Relocate:
         elif self.mode is Mode.SHALLOW:
             plan.chain_after = [dest] + chain[1:]
             plan.bytes_to_copy = alloc[chain[0]]
-        plan.method = self._method_for(disk, chain, alloc, dest)
+        plan.method = self._method_for(domain, disk, chain, alloc)
         for path in plan.chain_after:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
                 check_place(ctx, path, self.req.reuse_external, sources)
@@ -219,20 +214,30 @@ class Relocate:
                                     f"{plan.bytes_to_copy} bytes to copy, {free} free")
         return plan
 
-    def _method_for(self, disk: Disk, chain: list[str], alloc: dict[str, int], dest: str) -> Method:
+    def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
+                    alloc: dict[str, int]) -> Method:
         """``auto``: flatten a full copy when the read-only layers hold more
         than the active one (qemu-img copies them at file speed; QEMU's
-        mirror runs at a few hundred MiB/s), else mirror."""
-        flat = self.mode is Mode.FULL and len(chain) > 1 and self.online
-        if self.method is Method.FLATTEN:
-            if not flat:
+        mirror runs at a few hundred MiB/s), else mirror. Never flatten a
+        disk a checkpoint tracks: qemu-img would not carry the bitmaps of
+        the layers it flattens, while libvirt's mirror keeps the checkpoint
+        usable (measured), and the next backup would silently be full."""
+        if self.method not in (Method.AUTO, Method.FLATTEN):
+            return self.method
+        if not (self.mode is Mode.FULL and len(chain) > 1 and self.online):
+            if self.method is Method.FLATTEN:
                 raise errors.BadRequest(f"{disk.target}: --method flatten needs a running VM and "
                                         "a chain of more than one layer")
+            return Method.MIRROR
+        checkpoints = domain.checkpoints(disk.target)
+        if self.method is Method.FLATTEN:
+            if checkpoints:
+                raise errors.BadRequest(
+                    f"{disk.target} is tracked by checkpoint(s) {', '.join(checkpoints)}: "
+                    "--method flatten would drop their bitmaps; use --method mirror")
             return Method.FLATTEN
-        if self.method is not Method.AUTO:
-            return self.method
         below = sum(alloc.get(path, 0) for path in chain[1:])
-        if flat and self.req.pivot and self.req.wait and below > alloc.get(chain[0], 0):
+        if self.req.pivot and self.req.wait and below > alloc.get(chain[0], 0) and not checkpoints:
             return Method.FLATTEN
         return Method.MIRROR
 

@@ -270,3 +270,40 @@ def test_snapshot_verb(vm4, config, workdir):
     assert rc == 2 and "exists" in out["error"]["message"]
     vm4.restart()
     disk.assert_guest_data()
+
+
+def test_a_disk_with_a_checkpoint_is_mirrored_and_its_next_backup_stays_incremental(
+        make_vm, config, workdir):
+    """qemu-img would drop the bitmaps of the layers it flattens: auto picks
+    the mirror for a disk a checkpoint tracks (libvirt keeps the checkpoint
+    usable), explicit flatten is refused, and libvirt's own incremental
+    backup afterwards copies just what was written since the checkpoint."""
+    vm, disk = chain_vm(make_vm)
+
+    def virsh(*args):
+        proc = subprocess.run(["virsh", "-c", rig.TEST_URI, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    virsh("checkpoint-create-as", vm.name, "cp1", "--diskspec", "vda,checkpoint=bitmap")
+    disk.guest_write(0x81, 50, 1)
+    dest = f"{workdir}/full.qcow2"
+    rc, out, err = relocate(vm, config, "vda", dest, "--mode", "full", "--method", "flatten")
+    assert rc == 2 and "cp1" in out["error"]["message"] and not os.path.exists(dest)
+    rc, out, err = relocate(vm, config, "vda", dest, "--mode", "full")
+    assert rc == 0, err
+    assert out["method"] == "mirror" and disk.live_chain() == [dest]
+    disk.guest_write(0x82, 60, 1)
+    backup = f"{workdir}/inc.qcow2"
+    with open(f"{workdir}/backup.xml", "w") as handle:
+        handle.write(f"<domainbackup><incremental>cp1</incremental><disks>"
+                     f"<disk name='vda' type='file'><target file='{backup}'/>"
+                     f"<driver type='qcow2'/></disk></disks></domainbackup>")
+    virsh("backup-begin", vm.name, f"{workdir}/backup.xml")
+    deadline = time.monotonic() + 60
+    while "Backup" in virsh("domjobinfo", vm.name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    info = virsh("domjobinfo", vm.name, "--completed")
+    processed = [line for line in info.splitlines() if line.startswith("File processed")]
+    assert processed and processed[0].split()[2:4] in (["2.000", "MiB"], ["2.062", "MiB"]), info
+    disk.assert_guest_data()

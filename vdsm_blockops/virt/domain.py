@@ -71,6 +71,19 @@ class Domain:
         with libvirt_errors(f"state of {self.name}"):
             return bool(self._live().isPersistent())
 
+    def checkpoints(self, disk: str) -> list[str]:
+        """The names of the libvirt checkpoints that track ``disk`` with a
+        bitmap (incremental backups start from them)."""
+        from ..chain import parse_xml
+
+        names = []
+        with libvirt_errors(f"checkpoints of {self.name}"):
+            for checkpoint in self._live().listAllCheckpoints(0):
+                root = parse_xml(checkpoint.getXMLDesc(0))
+                if root.xpath("disks/disk[@name=$disk and @checkpoint='bitmap']", disk=disk):
+                    names.append(str(checkpoint.getName()))
+        return names
+
     def xml(self, inactive: bool = False) -> str:
         with libvirt_errors(f"XML of {self.name}"):
             return str(self._live().XMLDesc(XML_INACTIVE if inactive else 0))
