@@ -30,6 +30,9 @@ from .identity import clean_path
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_DATA_FILE = 0x44415441
+EXT_BITMAPS = 0x23852875
+BITMAP_IN_USE, BITMAP_AUTO = 1 << 0, 1 << 1
+AUTOCLEAR_BITMAPS = 1 << 0  # the bitmaps extension is consistent
 EXT_END = 0
 # Incompatible feature bits that change nothing read here: dirty (0),
 # compression type (3), extended L2 entries (4). Corrupt (1) and an
@@ -66,6 +69,14 @@ def open_image(path: str) -> int:
     return fd
 
 
+class Bitmap(NamedTuple):
+    """A persistent dirty bitmap, as ``qemu-img info`` describes it."""
+
+    name: str
+    granularity: int
+    flags: tuple[str, ...]  # "in-use" (open for writing, or left inconsistent), "auto"
+
+
 class Qcow2Header(NamedTuple):
     virtual_size: int
     backing_name: str | None  # as written (may be relative or a protocol)
@@ -73,17 +84,21 @@ class Qcow2Header(NamedTuple):
     # Nothing that only QEMU should interpret: no encryption, no external
     # data file, not marked corrupt, a known version.
     plain: bool
+    bitmaps: tuple[Bitmap, ...] = ()
 
 
-def read_qcow2_header(fd: int) -> Qcow2Header | None:
+def read_qcow2_header(fd: int, with_bitmaps: bool = False) -> Qcow2Header | None:
     """The fields of an open qcow2 image this tool uses; None if it is not
-    qcow2 (by its magic)."""
+    qcow2 (by its magic). The bitmap directory only ``with_bitmaps`` (the
+    hook needs just the backing link)."""
     header = os.pread(fd, 104, 0)
     if len(header) < 72 or header[:4] != QCOW2_MAGIC:
         return None
     version, backing_offset, backing_size = struct.unpack(">IQI", header[4:20])
     virtual_size, crypt_method = struct.unpack(">QI", header[24:36])
     incompatible = struct.unpack(">Q", header[72:80])[0] if version >= 3 and len(header) >= 80 else 0
+    autoclear = struct.unpack(">Q", header[88:96])[0] if version >= 3 and len(header) >= 96 else 0
+    bitmaps: tuple[Bitmap, ...] = ()
     plain = version in (2, 3) and crypt_method == 0 and not incompatible & ~KNOWN_INCOMPATIBLE
     name = None
     if backing_offset and 0 < backing_size <= 1023:  # QEMU's limit for the name
@@ -101,8 +116,33 @@ def read_qcow2_header(fd: int) -> Qcow2Header | None:
             fmt = os.pread(fd, min(ext_len, 64), offset + 8).decode("ascii", "replace")
         elif ext_type == EXT_DATA_FILE:
             plain = False
+        elif ext_type == EXT_BITMAPS and with_bitmaps and autoclear & AUTOCLEAR_BITMAPS:
+            bitmaps = _read_bitmaps(fd, os.pread(fd, min(ext_len, 24), offset + 8))
         offset += 8 + ((ext_len + 7) & ~7)
-    return Qcow2Header(virtual_size, name, fmt, plain)
+    return Qcow2Header(virtual_size, name, fmt, plain, bitmaps)
+
+
+def _read_bitmaps(fd: int, extension: bytes) -> tuple[Bitmap, ...]:
+    """The bitmap directory (qcow2 spec, "Bitmaps extension")."""
+    if len(extension) < 24:
+        return ()
+    count, _, size, offset = struct.unpack(">IIQQ", extension)
+    if size > 64 * 1024 * 1024:
+        return ()
+    directory = os.pread(fd, size, offset)
+    bitmaps, pos = [], 0
+    for _ in range(count):
+        if pos + 24 > len(directory):
+            break
+        flags, _, granularity_bits, name_size, extra_size = struct.unpack(
+            ">IBBHI", directory[pos + 12:pos + 24])
+        start = pos + 24 + extra_size
+        name = directory[start:start + name_size].decode("utf-8", "replace")
+        words = tuple(word for bit, word in ((BITMAP_IN_USE, "in-use"), (BITMAP_AUTO, "auto"))
+                      if flags & bit)
+        bitmaps.append(Bitmap(name, 1 << granularity_bits, words))
+        pos = (start + name_size + 7) & ~7
+    return tuple(bitmaps)
 
 
 def read_backing(path: str) -> tuple[str | None, str | None]:

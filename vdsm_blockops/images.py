@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .chain import Disk
 from .errors import OperationFailed
-from .headers import MAX_CHAIN, NotAnImage, is_protocol, open_image, read_qcow2_header
+from .headers import MAX_CHAIN, Bitmap, NotAnImage, is_protocol, open_image, read_qcow2_header
 from .identity import clean_path, device_size, is_block_device
 
 Runner = Callable[[Sequence[str]], str]
@@ -42,6 +42,7 @@ class ImageInfo:
     backing_name: str | None  # as written in the header (may be relative)
     backing_path: str | None  # resolved absolute path
     backing_format: str | None
+    bitmaps: tuple[Bitmap, ...] = ()  # persistent dirty bitmaps (qcow2)
 
     @property
     def names_backing_relatively(self) -> bool:
@@ -99,6 +100,9 @@ def read_backing_chain(
                     else None
                 ),
                 backing_format=item.get("backing-filename-format"),
+                bitmaps=tuple(Bitmap(b["name"], int(b["granularity"]), tuple(b.get("flags", [])))
+                              for b in item.get("format-specific", {}).get("data", {})
+                              .get("bitmaps", [])),
             )
         )
     return infos
@@ -127,7 +131,7 @@ def _chain_from_headers(path: str, fmt: str | None) -> list[ImageInfo] | None:
             st = os.fstat(fd)
             block = stat.S_ISBLK(st.st_mode)
             size = os.lseek(fd, 0, os.SEEK_END) if block else st.st_size
-            header = read_qcow2_header(fd) if fmt == "qcow2" else None
+            header = read_qcow2_header(fd, with_bitmaps=True) if fmt == "qcow2" else None
         finally:
             os.close(fd)
         # qemu-img's actual-size: the blocks a file holds; for a device (0
@@ -144,7 +148,7 @@ def _chain_from_headers(path: str, fmt: str | None) -> list[ImageInfo] | None:
                 return None  # not a local file, or a format qemu-img would probe
             backing_path = clean_path(os.path.join(os.path.dirname(current), name))
         infos.append(ImageInfo(current, "qcow2", header.virtual_size, actual_size, name,
-                               backing_path, header.backing_format))
+                               backing_path, header.backing_format, header.bitmaps))
         current, fmt = backing_path, header.backing_format
     return infos
 

@@ -69,18 +69,27 @@ def planned_disk(disk: Disk) -> tuple[Disk, list[ImageInfo]]:
     return disk, images
 
 
-def describe_disk(disk: Disk) -> DiskView:
+def describe_disk(disk: Disk, running_checkpoints: list[str] | None = None) -> DiskView:
+    """``running_checkpoints``: the disk's libvirt checkpoints while the VM
+    runs -- QEMU holds their bitmaps in the active layer in memory and
+    stores them in the file only when it closes it (seen here: a new
+    checkpoint's bitmap is missing from the file until the VM stops)."""
     images = image_chain(disk)
     by_path = {i.path: i for i in images}
     problems = missing_images(disk) or (chain_problems(disk, images) if images else [])
     layers = []
-    for layer in with_image_chain(disk, images).chain:
+    for pos, layer in enumerate(with_image_chain(disk, images).chain):
         info = by_path.get(clean_path(layer.path)) if layer.path else None
+        bitmaps = [b._asdict() | {"flags": list(b.flags)} for b in info.bitmaps] if info else []
+        if pos == 0 and running_checkpoints is not None:
+            recorded = {b["name"]: b["granularity"] for b in bitmaps}
+            bitmaps = [{"name": name, "granularity": recorded.get(name), "flags": ["auto"]}
+                       for name in running_checkpoints]
         layers.append(LayerView(
             path=layer.path, format=layer.format, type=layer.source_type, index=layer.index,
             allocation=info.actual_size if info else None,
             virtual_size=info.virtual_size if info else None,
-            backing_in_metadata=info.backing_path if info else None))
+            backing_in_metadata=info.backing_path if info else None, bitmaps=bitmaps))
     mirror = None
     if disk.mirror is not None:
         mirror = {"job": disk.mirror.job, "path": disk.mirror.path,
@@ -96,8 +105,10 @@ def describe_disk(disk: Disk) -> DiskView:
 def describe_chains(domain: Domain, target: str | None = None) -> ChainReport:
     spec = domain.spec()
     disks = spec.disks if target in (None, "all") else (spec.disk(target or ""),)
-    return ChainReport(domain=spec.name, uuid=spec.uuid, active=domain.is_active(),
-                       disks=[describe_disk(d) for d in disks])
+    active = domain.is_active()
+    return ChainReport(domain=spec.name, uuid=spec.uuid, active=active,
+                       disks=[describe_disk(d, domain.checkpoints(d.target) if active else None)
+                              for d in disks])
 
 
 def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:

@@ -61,6 +61,10 @@ def _(report: ChainReport) -> list[str]:
             role = " (active)" if pos == 0 else ""
             out.append(f"    {idx:>5} {layer.path}  {layer.format or '?'}  "
                        f"{size(layer.allocation)}{role}")
+            for bitmap in layer.bitmaps:
+                flags = ",".join(bitmap["flags"]) or "disabled"
+                grain = f"{size(bitmap['granularity'])} granularity, " if bitmap["granularity"] else ""
+                out.append(f"          bitmap {bitmap['name']} ({grain}{flags})")
         if disk.mirror:
             m = disk.mirror
             out.append(f"    mirror ({m['job']}) -> {m['path']} ready={'yes' if m['ready'] else 'no'}")

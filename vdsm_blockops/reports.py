@@ -160,6 +160,10 @@ class LayerView(View):
     allocation: int | None
     virtual_size: int | None
     backing_in_metadata: str | None
+    # Persistent dirty bitmaps ({name, granularity, flags}) as each image
+    # records them; for a running VM's active layer, its libvirt checkpoints
+    # (QEMU stores their bitmaps in the file only when it closes it).
+    bitmaps: list[JSON] = field(default_factory=list)
 
 
 @dataclass

@@ -285,7 +285,13 @@ def test_a_disk_with_a_checkpoint_is_mirrored_and_its_next_backup_stays_incremen
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
+    def bitmaps():
+        rc, out, _ = rig.cli("chain", vm.name, "vda", config=config)
+        assert rc == 0, out
+        return [[b["name"] for b in layer["bitmaps"]] for layer in out["disks"][0]["chain"]]
+
     virsh("checkpoint-create-as", vm.name, "cp1", "--diskspec", "vda,checkpoint=bitmap")
+    assert bitmaps() == [["cp1"], [], [], []]  # QEMU's, not yet in the file: libvirt says
     disk.guest_write(0x81, 50, 1)
     dest = f"{workdir}/full.qcow2"
     rc, out, err = relocate(vm, config, "vda", dest, "--mode", "full", "--method", "flatten")
@@ -293,6 +299,7 @@ def test_a_disk_with_a_checkpoint_is_mirrored_and_its_next_backup_stays_incremen
     rc, out, err = relocate(vm, config, "vda", dest, "--mode", "full")
     assert rc == 0, err
     assert out["method"] == "mirror" and disk.live_chain() == [dest]
+    assert bitmaps() == [["cp1"]]
     disk.guest_write(0x82, 60, 1)
     backup = f"{workdir}/inc.qcow2"
     with open(f"{workdir}/backup.xml", "w") as handle:
@@ -307,3 +314,5 @@ def test_a_disk_with_a_checkpoint_is_mirrored_and_its_next_backup_stays_incremen
     processed = [line for line in info.splitlines() if line.startswith("File processed")]
     assert processed and processed[0].split()[2:4] in (["2.000", "MiB"], ["2.062", "MiB"]), info
     disk.assert_guest_data()
+    vm.dom.destroy()  # QEMU stores the bitmap in DEST as it closes it
+    assert bitmaps() == [["cp1"]]

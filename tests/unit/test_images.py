@@ -88,6 +88,10 @@ def _chains_to_read(tmp_path):
     with open(b, "r+b") as handle:  # some data, so actual sizes differ
         handle.seek(1 << 20)
         handle.write(b"x" * 65536)
+    # checkpoints' bitmaps: recording (auto) and disabled, two granularities
+    _qemu_img("bitmap", "--add", b, "cp1")
+    _qemu_img("bitmap", "--add", "-g", "128K", "--disable", b, "cp2")
+    _qemu_img("bitmap", "--add", a, "cp1")
     unrecorded = str(folder / "unrecorded")
     _qemu_img("create", "-f", "qcow2", "-b", a, "-F", "qcow2", unrecorded)
     with open(unrecorded, "r+b") as handle:  # no recorded backing format: qemu-img probes
@@ -121,3 +125,6 @@ def test_chains_read_from_headers_equal_qemu_img_info(tmp_path):
         assert read_chain(top, fmt) == by_qemu_img
         if native:
             assert headers == by_qemu_img, top
+    chain = read_chain(str(tmp_path / "imgs" / "vol" / "B"), "qcow2")
+    assert [[(b.name, b.granularity, b.flags) for b in i.bitmaps] for i in chain[:2]] == \
+        [[("cp1", 65536, ("auto",)), ("cp2", 131072, ())], [("cp1", 65536, ("auto",))]]
