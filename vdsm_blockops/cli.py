@@ -87,6 +87,12 @@ def _chain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("disk", nargs="?")
 
 
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    _chain_args(p)
+    p.add_argument("--checkpoints", action="store_true",
+                   help="fail on a broken checkpoint too (default: report it as a warning)")
+
+
 def _jobs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", nargs="?")
 
@@ -200,7 +206,7 @@ VERBS = [
     Verb("units", "install or uninstall the systemd units that run 'recover --queued'",
          commands.cmd_units, _units_args, local=False),
     Verb("verify", "check a domain's chains against the images' metadata", commands.cmd_verify,
-         _chain_args),
+         _verify_args),
     Verb("completion", "print a shell completion script", commands.cmd_completion,
          _completion_args, local=False),
     Verb("manpage", "print the manual page (roff)", commands.cmd_manpage, None, local=False),

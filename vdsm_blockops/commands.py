@@ -102,7 +102,8 @@ def cmd_units(args: argparse.Namespace, env: Env) -> Report:
 def cmd_verify(args: argparse.Namespace, env: Env) -> Report:
     from .verification import verify
 
-    return verify(env.conn.domain(args.domain), args.disk, env.context().state)
+    return verify(env.conn.domain(args.domain), args.disk, env.context().state,
+                  checkpoints=args.checkpoints)
 
 
 def cmd_completion(args: argparse.Namespace, env: Env) -> Report:

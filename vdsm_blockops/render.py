@@ -96,7 +96,8 @@ def _(report: RecoverReport) -> list[str]:
 @lines.register
 def _(report: VerifyReport) -> list[str]:
     head = [f"{report.domain}: verified, no problems"] if report.ok else []
-    return head + [f"problem: {p}" for p in report.problems]
+    return head + [f"problem: {p}" for p in report.problems] + \
+        [f"warning: {c}" for c in report.broken_checkpoints if c not in report.problems]
 
 
 @lines.register

@@ -211,6 +211,9 @@ class VerifyReport(Report):
     domain: str
     disk: str
     problems: list[str]
+    # checkpoints an incremental backup cannot start from (problems too
+    # with ``verify --checkpoints``)
+    broken_checkpoints: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -110,11 +110,54 @@ def domain_problems(domain: Domain, target: str | None, state: StateDir | None) 
     return problems
 
 
-def verify(domain: Domain, target: str | None, state: StateDir) -> VerifyReport:
-    """``verify``: chains, invalidated images, unfinished operations."""
+def verify(domain: Domain, target: str | None, state: StateDir,
+           checkpoints: bool = False) -> VerifyReport:
+    """``verify``: chains, invalidated images, unfinished operations; and
+    the domain's checkpoints (a broken one fails only with ``checkpoints``)."""
     problems = domain_problems(domain, target, state)
     for disk, record in RecordStore(domain).load().items():
         if target in (None, "all", disk):
             problems.append(f"{disk}: unfinished {record.operation} (record {record.id}, "
                             f"phase {record.phase.value})")
-    return VerifyReport(domain=domain.name, disk=target or "all", problems=problems)
+    running = domain.is_active()
+    broken = []
+    for checked in domain.spec().select(target or "all"):
+        names = domain.checkpoints(checked.target) if checked.chain else []
+        if names:
+            try:
+                images = image_chain(checked)
+            except errors.BlockOpsError:
+                continue  # reported above
+            broken += [f"{checked.target}: checkpoint {name} is broken ({why}): the next backup "
+                       "from it must be full"
+                       for name in names if (why := checkpoint_problem(name, images, running))]
+    return VerifyReport(domain=domain.name, disk=target or "all",
+                        problems=problems + (broken if checkpoints else []),
+                        broken_checkpoints=broken)
+
+
+def checkpoint_problem(name: str, images: list[ImageInfo], running: bool) -> str | None:
+    """Why libvirt could not take an incremental backup from checkpoint
+    ``name`` of a disk with this chain, or None. Its bitmap must be in the
+    active layer and, down the chain, in an unbroken run of layers (none
+    below a layer without it); every copy recording (``auto``) and none
+    ``in-use``, which in a file no QEMU writes means inconsistent. A running
+    VM's active layer is QEMU's: libvirt listing the checkpoint for the disk
+    vouches for it there."""
+    held = []
+    for pos, image in enumerate(images):
+        if pos == 0 and running:
+            held.append(True)
+            continue
+        bitmap = next((b for b in image.bitmaps if b.name == name), None)
+        if bitmap is not None and "in-use" in bitmap.flags:
+            return f"its bitmap in {image.path} is inconsistent"
+        if bitmap is not None and "auto" not in bitmap.flags:
+            return f"its bitmap in {image.path} is disabled"
+        held.append(bitmap is not None)
+    if not held or not held[0]:
+        return f"no bitmap {name} in the active layer"
+    end = held.index(False) if False in held else len(held)
+    if any(held[end:]):
+        return f"its bitmap is missing in {images[end].path} but present below it"
+    return None

@@ -316,3 +316,23 @@ def test_a_disk_with_a_checkpoint_is_mirrored_and_its_next_backup_stays_incremen
     disk.assert_guest_data()
     vm.dom.destroy()  # QEMU stores the bitmap in DEST as it closes it
     assert bitmaps() == [["cp1"]]
+
+
+def test_verify_tells_a_broken_checkpoint_apart(make_vm, config, workdir):
+    """A checkpoint whose bitmap is gone from the active layer: verify
+    warns (exit 0), ``verify --checkpoints`` fails; a good one passes both."""
+    vm, disk = chain_vm(make_vm)
+    D = disk.layers[-1]
+    for name in ("good", "lost"):
+        subprocess.run(["virsh", "-c", rig.TEST_URI, "checkpoint-create-as", vm.name, name,
+                        "--diskspec", "vda,checkpoint=bitmap"], check=True, capture_output=True)
+    rc, out, _ = rig.cli("verify", vm.name, "--checkpoints", config=config)
+    assert rc == 0 and out["broken_checkpoints"] == [], out
+    vm.dom.destroy()  # QEMU stores both bitmaps in D as it closes it
+    subprocess.run(["qemu-img", "bitmap", "--remove", D, "lost"], check=True, capture_output=True)
+    rc, out, _ = rig.cli("verify", vm.name, config=config)
+    assert rc == 0, out
+    (broken,) = out["broken_checkpoints"]
+    assert "checkpoint lost is broken" in broken and "must be full" in broken
+    rc, out, _ = rig.cli("verify", vm.name, "--checkpoints", config=config)
+    assert rc == 1 and out["problems"] == [broken]

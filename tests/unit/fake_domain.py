@@ -73,6 +73,9 @@ class FakeDomain:
     def is_active(self):
         return self.active
 
+    def checkpoints(self, disk):
+        return []
+
     def spec(self, inactive=False):
         ready = " ready='yes'" if self.ready else ""
         mirror = f"<mirror type='file' job='active-commit'{ready}><source file='/b'/></mirror>" \

@@ -128,3 +128,32 @@ def test_chains_read_from_headers_equal_qemu_img_info(tmp_path):
     chain = read_chain(str(tmp_path / "imgs" / "vol" / "B"), "qcow2")
     assert [[(b.name, b.granularity, b.flags) for b in i.bitmaps] for i in chain[:2]] == \
         [[("cp1", 65536, ("auto",)), ("cp2", 131072, ())], [("cp1", 65536, ("auto",))]]
+
+
+def _with_bitmaps(*layers):
+    from vdsm_blockops.headers import Bitmap
+    from vdsm_blockops.images import ImageInfo
+
+    return [ImageInfo(f"/i/{n}", "qcow2", 1, 1, None, None, None,
+                      tuple(Bitmap(name, 65536, flags) for name, flags in bitmaps))
+            for n, bitmaps in enumerate(layers)]
+
+
+def test_checkpoint_rules():
+    """libvirt's rules for a checkpoint a backup can start from: its bitmap
+    in the active layer, an unbroken run down the chain, every copy
+    recording and none inconsistent."""
+    from vdsm_blockops.verification import checkpoint_problem
+
+    auto, off, stale = ("auto",), (), ("in-use", "auto")
+    good = _with_bitmaps([("cp1", auto)], [("cp1", auto)], [])
+    assert checkpoint_problem("cp1", good, running=False) is None
+    # a running VM's active layer is QEMU's: libvirt's word counts there
+    assert checkpoint_problem("cp1", _with_bitmaps([("cp1", stale)], [("cp1", auto)]), True) is None
+    assert checkpoint_problem("cp1", _with_bitmaps([], [("cp1", auto)]), True) is None
+    assert "active layer" in checkpoint_problem("cp1", _with_bitmaps([], [("cp1", auto)]), False)
+    assert "missing in /i/1" in checkpoint_problem(
+        "cp1", _with_bitmaps([("cp1", auto)], [], [("cp1", auto)]), False)
+    assert "disabled" in checkpoint_problem("cp1", _with_bitmaps([("cp1", auto)], [("cp1", off)]), False)
+    assert "inconsistent" in checkpoint_problem("cp1", _with_bitmaps([("cp1", stale)]), False)
+    assert "inconsistent" in checkpoint_problem("cp1", _with_bitmaps([("cp1", auto)], [("cp1", stale)]), True)
