@@ -198,6 +198,12 @@ def set_backing(path: str, backing: str, backing_format: str, run: Runner = run_
     run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", backing, "-F", backing_format, path])
 
 
+def merge_bitmap(name: str, source: str, source_format: str, dest: str,
+                 run: Runner = run_command) -> None:
+    """Merge bitmap ``name`` of SOURCE into DEST's bitmap of that name."""
+    run(["qemu-img", "bitmap", "--merge", name, "-b", source, "-F", source_format, dest, name])
+
+
 def create_overlay(path: str, backing: str, backing_format: str, size_bytes: int,
                    run: Runner = run_command) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format,

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 
 from . import qemuimg
 from .copying import copy_proven
-from .images import ImageInfo, backing_name_for, create_image, create_overlay, set_backing
+from .images import (
+    ImageInfo,
+    backing_name_for,
+    create_image,
+    create_overlay,
+    merge_bitmap,
+    set_backing,
+)
 from .model import Mode, Strategy
 from .state import fsync_dir
 from .storage import FileCreator, point_persistent_definition
@@ -69,9 +76,12 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
             create_image(plan.dest, plan.format.value, active.virtual_size)
         # qemu-img copies here, as QEMU does in a block job: its result is
         # flushed, then verified like a job's (chain and headers).
+        carry = plan.format.value == "qcow2" and active.format == "qcow2"
         qemuimg.convert(active.path, active.format, plan.dest, plan.format.value,
                         _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s,
-                        dest_is_new=not reuse_external)
+                        dest_is_new=not reuse_external, bitmaps=carry)
+        if carry:
+            _merge_lower_bitmaps(plan, images, active)
         qemuimg.fsync(plan.dest)
     else:
         # Every layer is read-only while the VM is off: copy them all as
@@ -92,6 +102,21 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
                             image.backing_format or images[image.backing_path].format)
         fsync_dir(os.path.dirname(plan.dest))
     point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
+
+
+def _merge_lower_bitmaps(plan: RelocatePlan, images: dict[str, ImageInfo],
+                         active: ImageInfo) -> None:
+    """A checkpoint older than a snapshot has its bitmap in several layers
+    (libvirt merges them for a backup): convert carried the active layer's
+    copy; merge in the copies of the layers below, down the unbroken run,
+    as oVirt's cold merge does -- so DEST's bitmap covers every write since
+    the checkpoint."""
+    for name in [b.name for b in active.bitmaps if "in-use" not in b.flags]:
+        for path in plan.chain_before[1:]:
+            lower = images[path]
+            if not any(b.name == name and "in-use" not in b.flags for b in lower.bitmaps):
+                break  # the run ends: nothing below belongs to this checkpoint
+            merge_bitmap(name, lower.path, lower.format, plan.dest)
 
 
 def snapshot(domain: Domain, disk: str, overlay: str, active: ImageInfo, reuse_external: bool,

@@ -83,16 +83,20 @@ def rebase(top: str, top_format: str, backing: str | None, backing_format: str |
 
 
 def convert(source: str, source_format: str, dest: str, dest_format: str,
-            progress: Progress | None = None, rate_mib_s: int = 0, dest_is_new: bool = True) -> None:
+            progress: Progress | None = None, rate_mib_s: int = 0, dest_is_new: bool = True,
+            bitmaps: bool = False) -> None:
     """Flatten the chain of SOURCE into DEST, which exists already (``-n``:
-    it was reserved and made by the caller), writing out of order (``-W``)."""
+    it was reserved and made by the caller), writing out of order (``-W``).
+    ``bitmaps``: SOURCE's own persistent bitmaps go along (broken ones
+    skipped); those of the layers below are the caller's to merge."""
     # A DEST we just made reads as zeros: holes need not be written. One the
     # caller made (--reuse-external) may hold anything.
     zero = ["--target-is-zero"] if dest_is_new else []
     # Written with O_DIRECT where DEST's filesystem has it: measured here
     # 0.52 s for 900 MiB against 0.72 s through the page cache plus fsync.
     cache = ["-t", "none"] if _direct_io(dest) else []
-    run(["qemu-img", "convert", "-n", *zero, "-W", *cache, *_rate(rate_mib_s),
+    carry = ["--bitmaps", "--skip-broken-bitmaps"] if bitmaps else []
+    run(["qemu-img", "convert", "-n", *zero, "-W", *cache, *carry, *_rate(rate_mib_s),
          "-f", source_format, "-O", dest_format, source, dest], progress)
 
 
