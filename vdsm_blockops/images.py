@@ -198,6 +198,14 @@ def set_backing(path: str, backing: str, backing_format: str, run: Runner = run_
     run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", backing, "-F", backing_format, path])
 
 
+def enable_bitmap(path: str, name: str, enabled: bool, run: Runner = run_command) -> None:
+    run(["qemu-img", "bitmap", "--enable" if enabled else "--disable", path, name])
+
+
+def add_bitmap(path: str, name: str, granularity: int, run: Runner = run_command) -> None:
+    run(["qemu-img", "bitmap", "--add", "-g", str(granularity), path, name])
+
+
 def merge_bitmap(name: str, source: str, source_format: str, dest: str,
                  run: Runner = run_command) -> None:
     """Merge bitmap ``name`` of SOURCE into DEST's bitmap of that name."""

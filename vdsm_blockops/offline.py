@@ -12,16 +12,21 @@ is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import qemuimg
 from .copying import copy_proven
 from .images import (
     ImageInfo,
+    add_bitmap,
     backing_name_for,
     create_image,
     create_overlay,
+    enable_bitmap,
     merge_bitmap,
     set_backing,
 )
@@ -50,19 +55,30 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
         name = None
         if base is not None:
             name = backing_name_for(top, base.path, top.path) if plan.keep_relative else base.path
-        qemuimg.rebase(top.path, top.format, name, base.format if base else None,
-                       _progress(ctx, plan.disk, "pull"))
+        with _not_recording(top):
+            qemuimg.rebase(top.path, top.format, name, base.format if base else None,
+                           _progress(ctx, plan.disk, "pull"))
+        end = plan.chain_before.index(plan.base) if plan.base else len(plan.chain_before)
+        pulled = [images[p] for p in plan.chain_before[plan.chain_before.index(plan.top) + 1:end]]
+        _carry_bitmaps(top, top, pulled)
+        point_persistent_definition(domain, plan.disk, top.path, top.format, headers_changed=True)
         return
     result = images[plan.result]
-    qemuimg.commit(top.path, top.format, result.path,
-                   _progress(ctx, plan.disk, "active-commit" if plan.active else "commit"),
-                   rate_mib_s=rate_mib_s)
+    with _not_recording(result):
+        qemuimg.commit(top.path, top.format, result.path,
+                       _progress(ctx, plan.disk, "active-commit" if plan.active else "commit"),
+                       rate_mib_s=rate_mib_s)
+    segment = plan.chain_before[plan.chain_before.index(plan.top):plan.chain_before.index(plan.result)]
+    _carry_bitmaps(result, top, [images[p] for p in segment])
     if plan.active:
         point_persistent_definition(domain, plan.disk, result.path, result.format)
     else:
         above = images[plan.chain_before[plan.chain_before.index(plan.top) - 1]]
         set_backing(above.path, backing_name_for(above, result.path, above.path) if plan.keep_relative
                     else result.path, result.format)
+        active = images[plan.chain_before[0]]
+        point_persistent_definition(domain, plan.disk, active.path, active.format,
+                                    headers_changed=True)
 
 
 def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str, ImageInfo],
@@ -80,8 +96,9 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
         qemuimg.convert(active.path, active.format, plan.dest, plan.format.value,
                         _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s,
                         dest_is_new=not reuse_external, bitmaps=carry)
-        if carry:
-            _merge_lower_bitmaps(plan, images, active)
+        if carry:  # convert carried the active layer's bitmaps; merge in their copies below
+            _carry_bitmaps(replace(active, path=plan.dest), active,
+                           [images[p] for p in plan.chain_before[1:]])
         qemuimg.fsync(plan.dest)
     else:
         # Every layer is read-only while the VM is off: copy them all as
@@ -104,19 +121,40 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
     point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
 
 
-def _merge_lower_bitmaps(plan: RelocatePlan, images: dict[str, ImageInfo],
-                         active: ImageInfo) -> None:
-    """A checkpoint older than a snapshot has its bitmap in several layers
-    (libvirt merges them for a backup): convert carried the active layer's
-    copy; merge in the copies of the layers below, down the unbroken run,
-    as oVirt's cold merge does -- so DEST's bitmap covers every write since
-    the checkpoint."""
-    for name in [b.name for b in active.bitmaps if "in-use" not in b.flags]:
-        for path in plan.chain_before[1:]:
-            lower = images[path]
-            if not any(b.name == name and "in-use" not in b.flags for b in lower.bitmaps):
-                break  # the run ends: nothing below belongs to this checkpoint
-            merge_bitmap(name, lower.path, lower.format, plan.dest)
+@contextlib.contextmanager
+def _not_recording(image: ImageInfo) -> Iterator[None]:
+    """qemu-img's writes into ``image`` would mark its recording bitmaps
+    dirty (a pull measured 10 MiB in the next backup for 2 MiB of guest
+    writes): they are disabled meanwhile. If we die in between they stay
+    disabled, which ``verify`` reports: the next backup is a full one."""
+    recording = [b.name for b in image.bitmaps if "auto" in b.flags and "in-use" not in b.flags]
+    for name in recording:
+        enable_bitmap(image.path, name, False)
+    yield
+    for name in recording:
+        enable_bitmap(image.path, name, True)
+
+
+def _carry_bitmaps(into: ImageInfo, nearest: ImageInfo, merged: list[ImageInfo]) -> None:
+    """qemu-img commit and rebase move data, not bitmaps (oVirt's cold merge
+    fixes them up the same way): each checkpoint bitmap of ``nearest`` (the
+    merged layer closest to the active one) goes into ``into`` -- added
+    there with its granularity if missing -- merged with its copies in the
+    ``merged`` layers (top down) while their run is unbroken. A bitmap that
+    ``nearest`` lacks belongs to a checkpoint already broken above: adding
+    it would vouch for writes it never saw."""
+    if into.format != "qcow2":
+        return  # a raw image holds no bitmaps: its checkpoints end here
+    present = {b.name for b in into.bitmaps}
+    for bitmap in nearest.bitmaps:
+        if "in-use" in bitmap.flags:
+            continue
+        if bitmap.name not in present:
+            add_bitmap(into.path, bitmap.name, bitmap.granularity)
+        for layer in merged:
+            if not any(b.name == bitmap.name and "in-use" not in b.flags for b in layer.bitmaps):
+                break
+            merge_bitmap(bitmap.name, layer.path, layer.format, into.path)
 
 
 def snapshot(domain: Domain, disk: str, overlay: str, active: ImageInfo, reuse_external: bool,

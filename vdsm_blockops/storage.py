@@ -102,12 +102,17 @@ def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -
     return deleted
 
 
-def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str) -> bool:
+def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str,
+                                headers_changed: bool = False) -> bool:
     """Make the persistent definition's disk use ``path``; True if changed.
 
     libvirt 9.0 rewrites it itself after a pivot when the old source
     matched; this is the safety net for when it did not (a VM restarted on a
-    stale definition silently loses the data written since)."""
+    stale definition silently loses the data written since).
+    ``headers_changed``: qemu-img relinked the chain below ``path`` (a cold
+    merge), so a ``<backingStore>`` the definition spells out (libvirt
+    writes one after a disk-only snapshot) is stale -- and libvirt would
+    start the VM on it rather than on the headers: it goes."""
     if not domain.is_persistent():
         return False
     root = parse_xml(domain.xml(inactive=True))
@@ -119,7 +124,12 @@ def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str
         old = (source.get("dev") or source.get("file")) if source is not None else None
         if old and image_key(old) == image_key(path) and \
                 (disk_elem.get("type") == "block") == is_block_device(path):
-            return False
+            stale = disk_elem.findall("backingStore") if headers_changed else []
+            for backing in stale:
+                disk_elem.remove(backing)
+            if stale:
+                domain.define(etree.tostring(root, encoding="unicode"))
+            return bool(stale)
         if source is None:
             source = etree.SubElement(disk_elem, "source")
         source.attrib.clear()
