@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from .errors import BadRequest, UnknownDisk, UnknownImage
-from .identity import clean_path, image_key
+from .identity import clean_path, image_key, is_block_device
 
 # Domain XML comes from libvirt, and in the hook from stdin: never let it
 # pull in entities, DTDs or anything from the network.
@@ -47,11 +47,15 @@ def xml_attr(value: str) -> str:
     return f'"{value.translate(_ATTR_ESCAPES)}"'
 
 
+def source_kind(path: str) -> tuple[str, str]:
+    """How disk XML names ``path``: (disk type, <source> attribute) --
+    ("block", "dev") for a block device, ("file", "file") otherwise."""
+    return ("block", "dev") if is_block_device(path) else ("file", "file")
+
+
 def disk_xml(path: str, fmt: str) -> str:
     """The <disk> of a copy destination: a file, or a block device."""
-    from .identity import is_block_device
-
-    kind, attr = ("block", "dev") if is_block_device(path) else ("file", "file")
+    kind, attr = source_kind(path)
     return f"<disk type='{kind}'><driver type='{fmt}'/><source {attr}={xml_attr(path)}/></disk>"
 
 

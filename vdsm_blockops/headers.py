@@ -76,6 +76,17 @@ class Bitmap(NamedTuple):
     granularity: int
     flags: tuple[str, ...]  # "in-use" (open for writing, or left inconsistent), "auto"
 
+    @property
+    def consistent(self) -> bool:
+        """Not ``in-use``: in a file no QEMU has open for writing, in-use
+        means its writer died, and the bitmap cannot be trusted."""
+        return "in-use" not in self.flags
+
+    @property
+    def recording(self) -> bool:
+        """``auto``: writes mark it (a checkpoint's bitmap must)."""
+        return "auto" in self.flags
+
 
 class Qcow2Header(NamedTuple):
     virtual_size: int
@@ -159,9 +170,13 @@ def read_backing(path: str) -> tuple[str | None, str | None]:
     name, fmt = header.backing_name, header.backing_format
     if is_protocol(name):
         return name, fmt  # not a local file: the caller cannot follow it
-    if not os.path.isabs(name):
-        name = os.path.join(os.path.dirname(path), name)
-    return clean_path(name), fmt
+    return resolve_backing(path, name), fmt
+
+
+def resolve_backing(holder: str, name: str) -> str:
+    """The clean absolute path a backing name in ``holder``'s header means:
+    a relative name counts from ``holder``'s folder, as QEMU reads it."""
+    return clean_path(os.path.join(os.path.dirname(holder), name))
 
 
 def walk_chain(path: str, fmt: str | None) -> list[str]:

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 from .chain import Disk
 from .errors import OperationFailed
-from .headers import MAX_CHAIN, Bitmap, NotAnImage, is_protocol, open_image, read_qcow2_header
+from .headers import (
+    MAX_CHAIN,
+    Bitmap,
+    NotAnImage,
+    is_protocol,
+    open_image,
+    read_qcow2_header,
+    resolve_backing,
+)
 from .identity import clean_path, device_size, is_block_device
 
 Runner = Callable[[Sequence[str]], str]
@@ -43,6 +51,9 @@ class ImageInfo:
     backing_path: str | None  # resolved absolute path
     backing_format: str | None
     bitmaps: tuple[Bitmap, ...] = ()  # persistent dirty bitmaps (qcow2)
+
+    def bitmap(self, name: str) -> Bitmap | None:
+        return next((b for b in self.bitmaps if b.name == name), None)
 
     @property
     def names_backing_relatively(self) -> bool:
@@ -146,7 +157,7 @@ def _chain_from_headers(path: str, fmt: str | None) -> list[ImageInfo] | None:
         if name is not None:
             if is_protocol(name) or header.backing_format is None:
                 return None  # not a local file, or a format qemu-img would probe
-            backing_path = clean_path(os.path.join(os.path.dirname(current), name))
+            backing_path = resolve_backing(current, name)
         infos.append(ImageInfo(current, "qcow2", header.virtual_size, actual_size, name,
                                backing_path, header.backing_format, header.bitmaps))
         current, fmt = backing_path, header.backing_format

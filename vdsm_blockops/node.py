@@ -105,9 +105,10 @@ def describe_disk(disk: Disk, running_checkpoints: list[str] | None = None) -> D
 def describe_chains(domain: Domain, target: str | None = None) -> ChainReport:
     spec = domain.spec()
     disks = spec.disks if target in (None, "all") else (spec.disk(target or ""),)
-    active = domain.is_active()
-    return ChainReport(domain=spec.name, uuid=spec.uuid, active=active,
-                       disks=[describe_disk(d, domain.checkpoints(d.target) if active else None)
+    checkpoints = domain.checkpoints() if domain.is_active() else None
+    return ChainReport(domain=spec.name, uuid=spec.uuid, active=checkpoints is not None,
+                       disks=[describe_disk(d, checkpoints.get(d.target, [])
+                                            if checkpoints is not None else None)
                               for d in disks])
 
 

@@ -50,6 +50,7 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
     """qemu-img commit (then relink the layer above, or point the definition
     at the result of an active commit) or a safe qemu-img rebase."""
     top = images[plan.top]
+    chain, top_pos = plan.chain_before, plan.chain_before.index(plan.top)
     if plan.strategy is Strategy.PULL:
         base = images[plan.base] if plan.base else None
         name = None
@@ -58,9 +59,8 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
         with _not_recording(top):
             qemuimg.rebase(top.path, top.format, name, base.format if base else None,
                            _progress(ctx, plan.disk, "pull"))
-        end = plan.chain_before.index(plan.base) if plan.base else len(plan.chain_before)
-        pulled = [images[p] for p in plan.chain_before[plan.chain_before.index(plan.top) + 1:end]]
-        _carry_bitmaps(top, top, pulled)
+        end = chain.index(plan.base) if plan.base else len(chain)
+        _carry_bitmaps(top, top, [images[p] for p in chain[top_pos + 1:end]])
         point_persistent_definition(domain, plan.disk, top.path, top.format, headers_changed=True)
         return
     result = images[plan.result]
@@ -68,15 +68,14 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
         qemuimg.commit(top.path, top.format, result.path,
                        _progress(ctx, plan.disk, "active-commit" if plan.active else "commit"),
                        rate_mib_s=rate_mib_s)
-    segment = plan.chain_before[plan.chain_before.index(plan.top):plan.chain_before.index(plan.result)]
-    _carry_bitmaps(result, top, [images[p] for p in segment])
+    _carry_bitmaps(result, top, [images[p] for p in chain[top_pos:chain.index(plan.result)]])
     if plan.active:
         point_persistent_definition(domain, plan.disk, result.path, result.format)
     else:
-        above = images[plan.chain_before[plan.chain_before.index(plan.top) - 1]]
+        above = images[chain[top_pos - 1]]
         set_backing(above.path, backing_name_for(above, result.path, above.path) if plan.keep_relative
                     else result.path, result.format)
-        active = images[plan.chain_before[0]]
+        active = images[chain[0]]
         point_persistent_definition(domain, plan.disk, active.path, active.format,
                                     headers_changed=True)
 
@@ -127,7 +126,7 @@ def _not_recording(image: ImageInfo) -> Iterator[None]:
     dirty (a pull measured 10 MiB in the next backup for 2 MiB of guest
     writes): they are disabled meanwhile. If we die in between they stay
     disabled, which ``verify`` reports: the next backup is a full one."""
-    recording = [b.name for b in image.bitmaps if "auto" in b.flags and "in-use" not in b.flags]
+    recording = [b.name for b in image.bitmaps if b.recording and b.consistent]
     for name in recording:
         enable_bitmap(image.path, name, False)
     yield
@@ -147,12 +146,13 @@ def _carry_bitmaps(into: ImageInfo, nearest: ImageInfo, merged: list[ImageInfo])
         return  # a raw image holds no bitmaps: its checkpoints end here
     present = {b.name for b in into.bitmaps}
     for bitmap in nearest.bitmaps:
-        if "in-use" in bitmap.flags:
+        if not bitmap.consistent:
             continue
         if bitmap.name not in present:
             add_bitmap(into.path, bitmap.name, bitmap.granularity)
         for layer in merged:
-            if not any(b.name == bitmap.name and "in-use" not in b.flags for b in layer.bitmaps):
+            copy = layer.bitmap(bitmap.name)
+            if copy is None or not copy.consistent:
                 break
             merge_bitmap(bitmap.name, layer.path, layer.format, into.path)
 

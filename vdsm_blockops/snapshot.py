@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .chain import Disk, check_reference, xml_attr
+from .chain import Disk, check_reference, source_kind, xml_attr
 from .context import Context, check_disk_supported, operation_domain
-from .identity import ImageSet, clean_path, image_key, is_block_device
+from .identity import ImageSet, clean_path, image_key
 from .model import Operation
 from .node import planned_disk
 from .operation import run_operation
@@ -31,7 +31,7 @@ def snapshot_xml(domain: Domain, overlays: dict[str, str]) -> str:
     for disk in domain.spec().disks:
         if disk.target in overlays:
             path = overlays[disk.target]
-            kind, attr = ("block", "dev") if is_block_device(path) else ("file", "file")
+            kind, attr = source_kind(path)
             disks.append(f"<disk name='{disk.target}' snapshot='external' type='{kind}'>"
                          f"<driver type='qcow2'/><source {attr}={xml_attr(path)}/></disk>")
         else:

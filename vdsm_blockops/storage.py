@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from . import errors
-from .chain import parse_xml
+from .chain import parse_xml, source_kind
 from .identity import ImageSet, existing_key, image_key, is_block_device, under_root
 from .images import reserve_file
 from .records import OperationRecord, RecordStore
@@ -133,9 +133,9 @@ def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str
         if source is None:
             source = etree.SubElement(disk_elem, "source")
         source.attrib.clear()
-        kind = "block" if is_block_device(path) else "file"
+        kind, attr = source_kind(path)
         disk_elem.set("type", kind)
-        source.set("dev" if kind == "block" else "file", path)
+        source.set(attr, path)
         driver = disk_elem.find("driver")
         if driver is not None:
             driver.set("type", fmt)

@@ -120,9 +120,10 @@ def verify(domain: Domain, target: str | None, state: StateDir,
             problems.append(f"{disk}: unfinished {record.operation} (record {record.id}, "
                             f"phase {record.phase.value})")
     running = domain.is_active()
+    checkpoints_of = domain.checkpoints()
     broken = []
     for checked in domain.spec().select(target or "all"):
-        names = domain.checkpoints(checked.target) if checked.chain else []
+        names = checkpoints_of.get(checked.target, []) if checked.chain else []
         if names:
             try:
                 images = image_chain(checked)
@@ -149,10 +150,10 @@ def checkpoint_problem(name: str, images: list[ImageInfo], running: bool) -> str
         if pos == 0 and running:
             held.append(True)
             continue
-        bitmap = next((b for b in image.bitmaps if b.name == name), None)
-        if bitmap is not None and "in-use" in bitmap.flags:
+        bitmap = image.bitmap(name)
+        if bitmap is not None and not bitmap.consistent:
             return f"its bitmap in {image.path} is inconsistent"
-        if bitmap is not None and "auto" not in bitmap.flags:
+        if bitmap is not None and not bitmap.recording:
             return f"its bitmap in {image.path} is disabled"
         held.append(bitmap is not None)
     if not held or not held[0]:

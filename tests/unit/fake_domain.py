@@ -73,8 +73,8 @@ class FakeDomain:
     def is_active(self):
         return self.active
 
-    def checkpoints(self, disk):
-        return []
+    def checkpoints(self):
+        return {}
 
     def spec(self, inactive=False):
         ready = " ready='yes'" if self.ready else ""

@@ -71,17 +71,19 @@ class Domain:
         with libvirt_errors(f"state of {self.name}"):
             return bool(self._live().isPersistent())
 
-    def checkpoints(self, disk: str) -> list[str]:
-        """The names of the libvirt checkpoints that track ``disk`` with a
-        bitmap (incremental backups start from them)."""
+    def checkpoints(self) -> dict[str, list[str]]:
+        """Per disk target, the names of the libvirt checkpoints that track
+        it with a bitmap (incremental backups start from them): one listing
+        for every disk of the domain."""
         from ..chain import parse_xml
 
-        names = []
+        names: dict[str, list[str]] = {}
         with libvirt_errors(f"checkpoints of {self.name}"):
             for checkpoint in self._live().listAllCheckpoints(0):
                 root = parse_xml(checkpoint.getXMLDesc(0))
-                if root.xpath("disks/disk[@name=$disk and @checkpoint='bitmap']", disk=disk):
-                    names.append(str(checkpoint.getName()))
+                for disk in root.iterfind("disks/disk"):
+                    if disk.get("checkpoint") == "bitmap":
+                        names.setdefault(str(disk.get("name")), []).append(str(checkpoint.getName()))
         return names
 
     def xml(self, inactive: bool = False) -> str:
