@@ -259,6 +259,15 @@ class VM:
         dom.create()
 
 
+def cli_background(*args: str, config: str) -> subprocess.Popen[str]:
+    """The real command started and left running (for guest writes, kills
+    and other processes while its job runs); its one JSON object comes on
+    stdout at the end."""
+    return subprocess.Popen([sys.executable, "-m", "vdsm_blockops", *args, "--json",
+                             "--config", config],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def cli(*args: str, config: str, check_json: bool = True) -> tuple[int, dict | None, str]:
     """Run the real command as a user would; returns (exit, json, stderr)."""
     argv = [sys.executable, "-m", "vdsm_blockops", *args, "--config", config]

@@ -37,7 +37,7 @@ class Method(enum.StrEnum):
     AUTO = "auto"  # resolved by the planner: flatten where it copies faster, else mirror
     MIRROR = "mirror"
     SNAPSHOT_STREAM = "snapshot-stream"
-    FLATTEN = "flatten"  # full mode: read-only part by qemu-img, active layer mirrored, committed
+    FLATTEN = "flatten"  # full mode: read-only part by qemu-img, then only the active layer mirrored
 
 
 class ImageFormat(enum.StrEnum):

@@ -60,7 +60,7 @@ class Phase(enum.StrEnum):
 TRANSITIONS: dict[Phase, set[Phase]] = {
     Phase.PLANNED: {Phase.PREPARED, Phase.STARTED},
     Phase.PREPARED: {Phase.STARTED},
-    Phase.STARTED: {Phase.READY, Phase.PIVOTED, Phase.COMPLETED},
+    Phase.STARTED: {Phase.COMPLETED},
     Phase.READY: {Phase.PIVOTED, Phase.COMPLETED},
     Phase.PIVOTED: {Phase.COMPLETED},
     Phase.COMPLETED: set(),

@@ -348,4 +348,3 @@ class Relocate:
             report.deleted = delete_unused(ctx, domain, plan.disk, [r.path for r in report.retired])
         store.finish(record)
         return report
-

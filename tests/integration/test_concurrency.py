@@ -7,7 +7,7 @@ import time
 
 import rig
 from rig import LayerSpec, Write
-from test_faults import background, settle
+from test_faults import settle
 from test_merge import registry, wait_for_job
 
 
@@ -35,10 +35,11 @@ def test_two_disks_two_processes_killed_then_recovered(make_vm, config, workdir)
     the domain's records), and recover settles both after SIGKILL."""
     vm, (vda, vdb) = two_disk_vm(make_vm)
     os.makedirs(f"{workdir}/dst", mode=0o755)
-    merging = background(vm, config, "merge", vm.name, "vda", "--strategy", "commit",
-                         "--top", vda.layers[1], "--bandwidth", "1")
-    moving = background(vm, config, "relocate", vm.name, "vdb", f"{workdir}/dst/vdb.qcow2",
-                        "--mode", "full", "--method", "mirror", "--bandwidth", "1")
+    merging = rig.cli_background("merge", vm.name, "vda", "--strategy", "commit",
+                                 "--top", vda.layers[1], "--bandwidth", "1", config=config)
+    moving = rig.cli_background("relocate", vm.name, "vdb", f"{workdir}/dst/vdb.qcow2",
+                                "--mode", "full", "--method", "mirror", "--bandwidth", "1",
+                                config=config)
     wait_for_job(vm, "vda")
     wait_for_job(vm, "vdb")
     deadline = time.monotonic() + 30

@@ -5,7 +5,6 @@ guest's data is intact."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,12 +20,6 @@ def slow_vm(make_vm, persistent=True):
                                 LayerSpec("C", [Write(0xC1, 16, 6)])])
     vm.start(persistent=persistent)
     return vm, disk
-
-
-def background(vm, config, *args):
-    return subprocess.Popen([sys.executable, "-m", "vdsm_blockops", *args, "--json",
-                             "--config", config],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def settle(vm, disk, config):
@@ -55,7 +48,7 @@ def test_sigkill_then_recover(make_vm, config, workdir, case):
     A, B, C = disk.layers
     os.makedirs(f"{workdir}/dst", mode=0o755)
     verb, *args = [a.format(B=B, dest=f"{workdir}/dst/new.qcow2") for a in KILL_CASES[case]]
-    proc = background(vm, config, verb, vm.name, "vda", *args, "--bandwidth", "1")
+    proc = rig.cli_background(verb, vm.name, "vda", *args, "--bandwidth", "1", config=config)
     wait_for_job(vm)
     disk.guest_write(0x66, 30, 1)
     proc.send_signal(signal.SIGKILL)
@@ -89,8 +82,8 @@ def restart_libvirtd():
 def test_libvirtd_restart_while_waiting(make_vm, config, strategy, conn):
     vm, disk = slow_vm(make_vm)
     A, B, C = disk.layers
-    proc = background(vm, config, "merge", vm.name, "vda", "--base", A, "--strategy", strategy,
-                      "--bandwidth", "1")
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", A, "--strategy", strategy,
+                              "--bandwidth", "1", config=config)
     wait_for_job(vm)
     restart_libvirtd()
     # Let the job finish quickly now (it may have ended already).
@@ -109,7 +102,7 @@ def test_vm_destroyed_mid_job(make_vm, config, workdir, verb):
     vm, disk = slow_vm(make_vm)
     args = (["merge", vm.name, "vda", "--strategy", "commit"] if verb == "active-commit"
             else ["relocate", vm.name, "vda", f"{workdir}/copy.qcow2", "--mode", "full"])
-    proc = background(vm, config, *args, "--bandwidth", "1")
+    proc = rig.cli_background(*args, "--bandwidth", "1", config=config)
     wait_for_job(vm)
     vm.dom.destroy()
     rc, out, err = finish(proc)
@@ -139,7 +132,8 @@ def test_vm_shut_down_between_ready_and_pivot(make_vm, config):
 
 def test_second_operation_on_a_busy_disk_is_refused(make_vm, config, workdir):
     vm, disk = slow_vm(make_vm)
-    proc = background(vm, config, "merge", vm.name, "vda", "--strategy", "pull", "--bandwidth", "1")
+    proc = rig.cli_background("merge", vm.name, "vda", "--strategy", "pull", "--bandwidth", "1",
+                              config=config)
     wait_for_job(vm)
     for args in (["merge", vm.name, "vda"], ["relocate", vm.name, "vda", f"{workdir}/x.qcow2"],
                  ["snapshot", vm.name, "vda", f"{workdir}/s.qcow2"]):

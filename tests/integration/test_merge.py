@@ -25,13 +25,6 @@ def registry(config):
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
-def start_merge(vm, config, *args):
-    """A merge running in the background (for writes during the job)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "vdsm_blockops", "merge", vm.name, *args, "--json",
-         "--config", config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def wait_for_job(vm, target="vda", timeout_s=30):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -68,7 +61,8 @@ def test_active_commit_with_guest_writes_during_the_job(make_vm, config):
                                 LayerSpec("D", [Write(0xD1, 12, 6)])])
     vm.start()
     A, B, C, D = disk.layers
-    proc = start_merge(vm, config, "vda", "--base", A, "--strategy", "commit", "--bandwidth", "2")
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", A, "--strategy", "commit",
+                              "--bandwidth", "2", config=config)
     wait_for_job(vm)
     disk.guest_write(0x77, 1, 1)        # into the part already below
     disk.guest_write(0x78, 11, 2)       # over data being committed
@@ -94,7 +88,8 @@ def test_pull_with_guest_writes_during_the_job(make_vm, config):
                                 LayerSpec("D")])
     vm.start()
     A, B, C, D = disk.layers
-    proc = start_merge(vm, config, "vda", "--base", A, "--strategy", "pull", "--bandwidth", "2")
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", A, "--strategy", "pull",
+                              "--bandwidth", "2", config=config)
     wait_for_job(vm)
     disk.guest_write(0x55, 5, 2)
     disk.guest_write(0x56, 30, 1)

@@ -121,11 +121,6 @@ def test_shared_layer_refused_shut_off(make_vm, config):
         assert rc == 2, out
 
 
-def background(vm, config, *args):
-    return subprocess.Popen([sys.executable, "-m", "vdsm_blockops", *args, "--json", "--config", config],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def wait_for_qemu_img(timeout_s=30):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -144,7 +139,7 @@ def test_sigkill_mid_operation_then_recover(make_vm, config, workdir, verb, inst
     A, B, C, D = disk.layers
     args = (["merge", vm.name, "vda", "--base", A, "--strategy", "commit"] if verb == "commit" else
             ["relocate", vm.name, "vda", f"{workdir}/full.qcow2", "--mode", "full"])
-    proc = background(vm, config, *args, "--bandwidth", "1")
+    proc = rig.cli_background(*args, "--bandwidth", "1", config=config)
     wait_for_qemu_img()
     with pytest.raises(libvirt.libvirtError) as refused:
         vm.dom.create()

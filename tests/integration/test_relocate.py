@@ -4,7 +4,6 @@ data only then."""
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -37,9 +36,7 @@ def test_chain_mode_keeps_every_point_in_time(make_vm, config, workdir):
     A, B, C, D = disk.layers
     os.makedirs(f"{workdir}/pool2", mode=0o755)
     dest = f"{workdir}/pool2/vda-D.qcow2"
-    proc = subprocess.Popen([sys.executable, "-m", "vdsm_blockops", "relocate", vm.name, "vda", dest,
-                             "--bandwidth", "1", "--json", "--config", config],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = rig.cli_background("relocate", vm.name, "vda", dest, "--bandwidth", "1", config=config)
     wait_for_job(vm)
     disk.guest_write(0x61, 13, 1)
     disk.guest_write(0x62, 50, 1)
@@ -82,9 +79,8 @@ def test_flatten_with_guest_writes_in_every_phase(make_vm, config, workdir):
     dest = f"{workdir}/flat.qcow2"
     rc, out, _ = relocate(vm, config, "vda", dest, "--mode", "full", "--dry-run")
     assert rc == 0 and out["method"] == "flatten"
-    proc = subprocess.Popen([sys.executable, "-m", "vdsm_blockops", "relocate", vm.name, "vda", dest,
-                             "--mode", "full", "--bandwidth", "1", "--json", "--config", config],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = rig.cli_background("relocate", vm.name, "vda", dest, "--mode", "full", "--bandwidth", "1",
+                              config=config)
     while not os.path.exists(dest):
         time.sleep(0.02)
     disk.guest_write(0x71, 2, 1)  # qemu-img is flattening A, B, C
@@ -185,10 +181,8 @@ def test_destination_fills_up(make_vm, config, workdir):
     vm.start()
     try:
         dest = f"{small}/full.qcow2"
-        proc = subprocess.Popen([sys.executable, "-m", "vdsm_blockops", "relocate", vm.name, "vda",
-                                 dest, "--mode", "full", "--bandwidth", "4", "--json",
-                                 "--config", config],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = rig.cli_background("relocate", vm.name, "vda", dest, "--mode", "full",
+                                  "--bandwidth", "4", config=config)
         wait_for_job(vm)
         disk.guest_write(0x5A, 20, 10)   # now 22 MiB of data: cannot fit
         rc, out, err = finish(proc)
