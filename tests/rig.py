@@ -341,3 +341,12 @@ def incremental_backup(vm: VM, checkpoint: str, target: str, disk: str = "vda") 
     processed = [line for line in info.splitlines() if line.startswith("File processed")]
     assert processed, info
     return " ".join(processed[0].split()[2:4])
+
+
+def assert_backup_holds(target: str, writes: list[Write]) -> None:
+    """The incremental backup's image has each write's pattern where the
+    guest wrote it (the rest of it is unallocated: read as zeros)."""
+    for w in writes:
+        out = run("qemu-io", "-f", "qcow2", "-r", "-U", "-c", w.qemu_io().replace("write", "read"),
+                  target)
+        assert "verification failed" not in out, (w, out)

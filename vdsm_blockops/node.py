@@ -69,11 +69,12 @@ def planned_disk(disk: Disk) -> tuple[Disk, list[ImageInfo]]:
     return disk, images
 
 
-def describe_disk(disk: Disk, running_checkpoints: list[str] | None = None) -> DiskView:
+def describe_disk(disk: Disk, running_checkpoints: dict[str, bool] | None = None) -> DiskView:
     """``running_checkpoints``: the disk's libvirt checkpoints while the VM
     runs -- QEMU holds their bitmaps in the active layer in memory and
     stores them in the file only when it closes it (seen here: a new
-    checkpoint's bitmap is missing from the file until the VM stops)."""
+    checkpoint's bitmap is missing from the file until the VM stops); the
+    active layer shows those libvirt finds usable there."""
     images = image_chain(disk)
     by_path = {i.path: i for i in images}
     problems = missing_images(disk) or (chain_problems(disk, images) if images else [])
@@ -84,7 +85,7 @@ def describe_disk(disk: Disk, running_checkpoints: list[str] | None = None) -> D
         if pos == 0 and running_checkpoints is not None:
             recorded = {b["name"]: b["granularity"] for b in bitmaps}
             bitmaps = [{"name": name, "granularity": recorded.get(name), "flags": ["auto"]}
-                       for name in running_checkpoints]
+                       for name, usable in running_checkpoints.items() if usable]
         layers.append(LayerView(
             path=layer.path, format=layer.format, type=layer.source_type, index=layer.index,
             allocation=info.actual_size if info else None,
@@ -107,7 +108,7 @@ def describe_chains(domain: Domain, target: str | None = None) -> ChainReport:
     disks = spec.disks if target in (None, "all") else (spec.disk(target or ""),)
     checkpoints = domain.checkpoints() if domain.is_active() else None
     return ChainReport(domain=spec.name, uuid=spec.uuid, active=checkpoints is not None,
-                       disks=[describe_disk(d, checkpoints.get(d.target, [])
+                       disks=[describe_disk(d, checkpoints.get(d.target, {})
                                             if checkpoints is not None else None)
                               for d in disks])
 

@@ -229,7 +229,7 @@ class Relocate:
                 raise errors.BadRequest(f"{disk.target}: --method flatten needs a running VM and "
                                         "a chain of more than one layer")
             return Method.MIRROR
-        checkpoints = domain.checkpoints().get(disk.target, [])
+        checkpoints = domain.checkpoints().get(disk.target, {})
         if self.method is Method.FLATTEN:
             if checkpoints:
                 raise errors.BadRequest(

@@ -123,7 +123,7 @@ def verify(domain: Domain, target: str | None, state: StateDir,
     checkpoints_of = domain.checkpoints()
     broken = []
     for checked in domain.spec().select(target or "all"):
-        names = checkpoints_of.get(checked.target, []) if checked.chain else []
+        names = checkpoints_of.get(checked.target, {}) if checked.chain else {}
         if names:
             try:
                 images = image_chain(checked)
@@ -131,20 +131,24 @@ def verify(domain: Domain, target: str | None, state: StateDir,
                 continue  # reported above
             broken += [f"{checked.target}: checkpoint {name} is broken ({why}): the next backup "
                        "from it must be full"
-                       for name in names if (why := checkpoint_problem(name, images, running))]
+                       for name, usable in names.items()
+                       if (why := checkpoint_problem(name, images, running, usable))]
     return VerifyReport(domain=domain.name, disk=target or "all",
                         problems=problems + (broken if checkpoints else []),
                         broken_checkpoints=broken)
 
 
-def checkpoint_problem(name: str, images: list[ImageInfo], running: bool) -> str | None:
+def checkpoint_problem(name: str, images: list[ImageInfo], running: bool,
+                       usable_in_qemu: bool = True) -> str | None:
     """Why libvirt could not take an incremental backup from checkpoint
     ``name`` of a disk with this chain, or None. Its bitmap must be in the
     active layer and, down the chain, in an unbroken run of layers (none
     below a layer without it); every copy recording (``auto``) and none
     ``in-use``, which in a file no QEMU writes means inconsistent. A running
-    VM's active layer is QEMU's: libvirt listing the checkpoint for the disk
-    vouches for it there."""
+    VM's active layer is QEMU's: there libvirt's word decides
+    (``usable_in_qemu``: it could size the checkpoint from QEMU's bitmaps)."""
+    if running and not usable_in_qemu:
+        return "libvirt finds its bitmap missing or broken in the running disk"
     held = []
     for pos, image in enumerate(images):
         if pos == 0 and running:

@@ -164,37 +164,3 @@ def test_progress_lines_offline(make_vm, config, workdir):
     assert proc.returncode == 0, proc.stderr
     assert "vda: copy" in proc.stderr and "100.0%" in proc.stderr
     assert "relocated (full mode" in proc.stdout
-
-
-COLD_CASES = {
-    "full-relocation": ("relocate", "vda", "{dest}", "--mode", "full"),
-    "commit": ("merge", "vda", "--base", "{B}", "--strategy", "commit"),
-    "pull": ("merge", "vda", "--base", "{B}", "--strategy", "pull"),
-}
-
-
-@pytest.mark.parametrize("case", list(COLD_CASES))
-def test_cold_operations_keep_a_checkpoint_across_a_snapshot(make_vm, config, workdir, case):
-    """A checkpoint older than a snapshot has its bitmap in two layers;
-    qemu-img moves data, not bitmaps: the copies are carried and merged, so
-    after a cold relocation, commit or pull the next backup from the
-    checkpoint is still incremental and holds both writes."""
-    from test_relocate import chain_vm
-
-    vm, disk = chain_vm(make_vm)
-    B = disk.layers[1]
-    rig.virsh("checkpoint-create-as", vm.name, "cp1", "--diskspec", "vda,checkpoint=bitmap")
-    disk.guest_write(0x91, 50, 1)
-    rc, out, err = rig.cli("snapshot", vm.name, "vda", f"{workdir}/E.qcow2", config=config)
-    assert rc == 0, err
-    disk.guest_write(0x92, 60, 1)
-    vm.dom.destroy()  # QEMU stores the bitmaps as it closes the images
-    args = [a.format(dest=f"{workdir}/moved.qcow2", B=B) for a in COLD_CASES[case]]
-    rc, out, err = rig.cli(args[0], vm.name, *args[1:], config=config)
-    assert rc == 0, (out, err)
-    assert out["online"] is False
-    rc, out, _ = rig.cli("verify", vm.name, "--checkpoints", config=config)
-    assert rc == 0 and out["broken_checkpoints"] == [], out
-    vm.dom.create()
-    disk.assert_guest_data()
-    assert rig.incremental_backup(vm, "cp1", f"{workdir}/inc.qcow2") in ("2.000 MiB", "2.062 MiB")

@@ -157,3 +157,5 @@ def test_checkpoint_rules():
     assert "disabled" in checkpoint_problem("cp1", _with_bitmaps([("cp1", auto)], [("cp1", off)]), False)
     assert "inconsistent" in checkpoint_problem("cp1", _with_bitmaps([("cp1", stale)]), False)
     assert "inconsistent" in checkpoint_problem("cp1", _with_bitmaps([("cp1", auto)], [("cp1", stale)]), True)
+    assert "libvirt finds" in checkpoint_problem("cp1", _with_bitmaps([], [("cp1", auto)]), True,
+                                                 usable_in_qemu=False)
