@@ -87,6 +87,11 @@ class Bitmap(NamedTuple):
         """``auto``: writes mark it (a checkpoint's bitmap must)."""
         return "auto" in self.flags
 
+    @property
+    def usable(self) -> bool:
+        """What a backup can start from: consistent and recording."""
+        return self.consistent and self.recording
+
 
 class Qcow2Header(NamedTuple):
     virtual_size: int

@@ -217,6 +217,10 @@ def add_bitmap(path: str, name: str, granularity: int, run: Runner = run_command
     run(["qemu-img", "bitmap", "--add", "-g", str(granularity), path, name])
 
 
+def remove_bitmap(path: str, name: str, run: Runner = run_command) -> None:
+    run(["qemu-img", "bitmap", "--remove", path, name])
+
+
 def merge_bitmap(name: str, source: str, source_format: str, dest: str,
                  run: Runner = run_command) -> None:
     """Merge bitmap ``name`` of SOURCE into DEST's bitmap of that name."""

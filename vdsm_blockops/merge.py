@@ -182,6 +182,17 @@ class Merge:
             return self.report(domain, plan, chain_after=plan.chain_before, verified=True)
         return None
 
+    def _warn_invalid_bitmaps(self, plan: MergePlan) -> None:
+        """A cold commit removes the target's unusable bitmaps first; a live
+        one cannot: QEMU holds the target without sharing write access
+        (qemu-img gets no write lock), and libvirt removes bitmaps only
+        with a checkpoint. They stay, inconsistent ones unchanged by QEMU."""
+        result = self.images[plan.disk].get(plan.result or "")
+        invalid = [b.name for b in result.bitmaps if not b.usable] if result else []
+        if result and invalid:
+            log.warning("%s: bitmap(s) %s are inconsistent or disabled and stay while the VM runs "
+                        "(a merge with the VM shut off removes them)", result.path, ", ".join(invalid))
+
     def execute(self, ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,
                 record: OperationRecord) -> MergeReport:
         if not self.online:
@@ -192,6 +203,8 @@ class Merge:
 
             offline.merge(ctx, domain, plan, self.images[plan.disk], self.bandwidth)
             return self.finish(ctx, domain, plan, store, record)
+        if plan.strategy is Strategy.COMMIT:
+            self._warn_invalid_bitmaps(plan)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
 
         def start() -> None:

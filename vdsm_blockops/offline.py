@@ -13,6 +13,7 @@ is gone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,6 +29,7 @@ from .images import (
     create_overlay,
     enable_bitmap,
     merge_bitmap,
+    remove_bitmap,
     set_backing,
 )
 from .model import Mode, Strategy
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from .relocate import RelocatePlan
     from .virt import Domain
 
+log = logging.getLogger(__name__)
 
 def _progress(ctx: Context, disk: str, job: str) -> qemuimg.Progress | None:
     return qemuimg.Progress(disk, job, ctx.observer) if ctx.observer is not None else None
@@ -63,12 +66,13 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
         _carry_bitmaps(top, top, [images[p] for p in chain[top_pos + 1:end]])
         point_persistent_definition(domain, plan.disk, top.path, top.format, headers_changed=True)
         return
-    result = images[plan.result]
+    result, dropped = _drop_invalid_bitmaps(images[plan.result])
     with _not_recording(result):
         qemuimg.commit(top.path, top.format, result.path,
                        _progress(ctx, plan.disk, "active-commit" if plan.active else "commit"),
                        rate_mib_s=rate_mib_s)
-    _carry_bitmaps(result, top, [images[p] for p in chain[top_pos:chain.index(plan.result)]])
+    _carry_bitmaps(result, top, [images[p] for p in chain[top_pos:chain.index(plan.result)]],
+                   broken=dropped)
     if plan.active:
         point_persistent_definition(domain, plan.disk, result.path, result.format)
     else:
@@ -126,7 +130,7 @@ def _not_recording(image: ImageInfo) -> Iterator[None]:
     dirty (a pull measured 10 MiB in the next backup for 2 MiB of guest
     writes): they are disabled meanwhile. If we die in between they stay
     disabled, which ``verify`` reports: the next backup is a full one."""
-    recording = [b.name for b in image.bitmaps if b.recording and b.consistent]
+    recording = [b.name for b in image.bitmaps if b.usable]
     for name in recording:
         enable_bitmap(image.path, name, False)
     yield
@@ -134,19 +138,36 @@ def _not_recording(image: ImageInfo) -> Iterator[None]:
         enable_bitmap(image.path, name, True)
 
 
-def _carry_bitmaps(into: ImageInfo, nearest: ImageInfo, merged: list[ImageInfo]) -> None:
+def _drop_invalid_bitmaps(base: ImageInfo) -> tuple[ImageInfo, frozenset[str]]:
+    """A commit target's bitmaps that no backup can use -- ``in-use`` in a
+    file no QEMU has open (never stored: inconsistent) or not ``auto``
+    (disabled) -- are removed first, as oVirt does: they would only grow
+    with the data committed into them (and a merge into an inconsistent one
+    fails)."""
+    invalid = [b for b in base.bitmaps if not b.usable]
+    for bitmap in invalid:
+        log.warning("%s: removing bitmap %s before the commit: it is %s", base.path, bitmap.name,
+                    "disabled" if bitmap.consistent else "inconsistent")
+        remove_bitmap(base.path, bitmap.name)
+    kept = tuple(b for b in base.bitmaps if b not in invalid)
+    return replace(base, bitmaps=kept), frozenset(b.name for b in invalid)
+
+
+def _carry_bitmaps(into: ImageInfo, nearest: ImageInfo, merged: list[ImageInfo],
+                   broken: frozenset[str] = frozenset()) -> None:
     """qemu-img commit and rebase move data, not bitmaps (oVirt's cold merge
     fixes them up the same way): each checkpoint bitmap of ``nearest`` (the
     merged layer closest to the active one) goes into ``into`` -- added
     there with its granularity if missing -- merged with its copies in the
     ``merged`` layers (top down) while their run is unbroken. A bitmap that
     ``nearest`` lacks belongs to a checkpoint already broken above: adding
-    it would vouch for writes it never saw."""
+    it would vouch for writes it never saw; so would one whose copy in
+    ``into`` was ``broken`` (dropped as invalid)."""
     if into.format != "qcow2":
         return  # a raw image holds no bitmaps: its checkpoints end here
     present = {b.name for b in into.bitmaps}
     for bitmap in nearest.bitmaps:
-        if not bitmap.consistent:
+        if not bitmap.consistent or bitmap.name in broken:
             continue
         if bitmap.name not in present:
             add_bitmap(into.path, bitmap.name, bitmap.granularity)

@@ -4,7 +4,9 @@ from a checkpoint taken before it must copy exactly the guest's writes since
 (domjobinfo's "File processed") and hold their patterns."""
 
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 import rig
@@ -171,4 +173,52 @@ def test_an_operation_on_a_disk_with_a_broken_checkpoint(make_vm, config, workdi
     disk.assert_guest_data()
     backup = f"{workdir}/inc.qcow2"
     assert rig.incremental_backup(vm, "good", backup) in INCREMENTAL[2]
+    rig.assert_backup_holds(backup, since)
+
+
+def spoil_bitmaps(image):
+    """A disabled bitmap, and one a writer died holding (in-use, inconsistent)."""
+    rig.run("qemu-img", "bitmap", "--add", image, "off", "--disable")
+    rig.run("qemu-img", "bitmap", "--add", image, "stale")
+    writer = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 60000", image])
+    time.sleep(1)  # opened read-write: every bitmap marked in-use
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+
+
+def file_bitmaps(image):
+    from vdsm_blockops.images import read_chain
+
+    return {b.name: set(b.flags) for b in read_chain(image, "qcow2")[0].bitmaps}
+
+
+def test_commits_and_unusable_bitmaps_in_the_base(make_vm, config, workdir):
+    """With the VM running, a commit into a base holding unusable bitmaps
+    succeeds and says they stay (QEMU gives no write access to the base);
+    with the VM off they are removed first and the checkpoint's bitmaps
+    carried: its next backup is exact."""
+    vm, disk = chain_vm(make_vm)
+    A, B, C, D = disk.layers
+    vm.dom.destroy()
+    spoil_bitmaps(B)
+    assert file_bitmaps(B) == {"off": {"in-use"}, "stale": {"in-use", "auto"}}
+    vm.dom.create()
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--top", C, "--base", A, "--strategy", "commit",
+                           config=config)
+    assert rc == 0 and out["result_image"] == B, (out, err)
+    assert "off, stale are inconsistent or disabled and stay" in err
+    checkpoint(vm)
+    since: list[Write] = []
+    write_since(disk, since, 0x61, 50)
+    vm.dom.destroy()
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", A, "--strategy", "commit", config=config)
+    assert rc == 0 and out["chain_after"] == [B, A], (out, err)
+    assert "removing bitmap off" in err and "removing bitmap stale" in err
+    assert file_bitmaps(B) == {"cp1": {"auto"}}
+    assert_checkpoints_clean(vm, config)
+    vm.dom.create()
+    write_since(disk, since, 0x62, 60)
+    disk.assert_guest_data()
+    backup = f"{workdir}/inc.qcow2"
+    assert rig.incremental_backup(vm, "cp1", backup) in INCREMENTAL[2]
     rig.assert_backup_holds(backup, since)
