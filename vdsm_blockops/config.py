@@ -7,6 +7,12 @@ Keys (all optional)::
     storage_roots: [/var/lib/libvirt/images, /srv/vm]   # relocate targets
     poll_interval_s: 0.5
     pivot_retries: 10
+    # block volumes (qcow2 or raw on a device, e.g. an LV): how to grow one
+    # before a job writes past its end, and how much room to leave for the
+    # guest's writes during a job (also the step of each extension)
+    volume_extend_command: [lvextend, -L, "{size_bytes}b", "{path}"]
+    volume_create_command: [lvcreate, -n, "{name}", -L, "{size_bytes}b", vg0]
+    volume_margin_mib: 1024
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ class Config:
     storage_roots: tuple[str, ...] = field(default_factory=tuple)
     poll_interval_s: float = 0.5
     pivot_retries: int = 10
+    volume_extend_command: tuple[str, ...] = ()
+    volume_create_command: tuple[str, ...] = ()
+    volume_margin_mib: int = 1024
 
 
 def load_config(path: str | None = None) -> Config:
@@ -122,6 +131,20 @@ def _check(path: str, key: str, value: object) -> object:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.01 <= value <= 60:
             raise bad("a number of seconds between 0.01 and 60")
         return float(value)
+    if key in ("volume_extend_command", "volume_create_command"):
+        if value is None:
+            return ()
+        needs = ("{path}", "{size_bytes}") if key == "volume_extend_command" else \
+            ("{name}", "{size_bytes}")
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, str) and v for v in value) or \
+                not all(any(n in v for v in value) for n in needs):
+            raise bad(f"a command as a list of words naming {' and '.join(needs)}")
+        return tuple(value)
+    if key == "volume_margin_mib":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
+            raise bad("a whole number of MiB between 0 and 1048576")
+        return value
     if key == "pivot_retries":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
             raise bad("a whole number between 0 and 1000")

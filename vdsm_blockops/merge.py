@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import errors, volumes
 from .chain import Disk
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .identity import ImageSet, image_key, same_images
@@ -105,6 +105,7 @@ class Merge:
         self.req = req
         self.online = True
         self.images: dict[str, dict[str, ImageInfo]] = {}  # per disk, as planned
+        self.volumes: dict[str, dict[str, Any]] = {}  # per disk: room in a block volume target
         self.bandwidth = check_bandwidth(req.bandwidth_mib_s)
         check_timeout(req.timeout_s)
         if req.disk == "all" and (req.base is not None or req.top is not None):
@@ -137,7 +138,34 @@ class Merge:
                           allocation={i.path: i.actual_size for i in images}, users=users)
         relative = relative_all_along(images, plan, top_pos, base_pos) \
             if req.keep_relative is None else req.keep_relative
+        room = self._room(ctx, plan)
+        if room is not None:
+            volumes.refuse_if_short(room, ctx.config.volume_extend_command)
+            self.volumes[disk.target] = room.to_json()
         return replace(plan, keep_relative=relative)
+
+    def _room(self, ctx: Context, plan: MergePlan) -> volumes.Room | None:
+        """The room the layer written into needs when it is a qcow2 on a
+        device: a commit writes the segment into RESULT, a pull the layers
+        between TOP and BASE into TOP."""
+        images, chain = self.images[plan.disk], plan.chain_before
+        top_pos = chain.index(plan.top)
+        if plan.strategy is Strategy.PULL:
+            target = images[plan.top]
+            incoming = chain[top_pos + 1:chain.index(plan.base) if plan.base else len(chain)]
+        elif plan.strategy is Strategy.COMMIT and plan.result is not None:
+            target = images[plan.result]
+            incoming = chain[top_pos:chain.index(plan.result)]
+        else:
+            return None
+        return volumes.room_for(target, [images[p] for p in incoming],
+                                ctx.config.volume_margin_mib)
+
+    def _make_room(self, ctx: Context, plan: MergePlan) -> None:
+        room = self.volumes.get(plan.disk)
+        if room is not None and room["needed"] > room["size"]:
+            room["extended_to"] = volumes.extend(room["path"], room["needed"],
+                                                 ctx.config.volume_extend_command)
 
     def check_plans(self, plans: list[MergePlan]) -> None:
         if not self.req.wait and sum(p.strategy is Strategy.PULL for p in plans) > 1:
@@ -163,7 +191,8 @@ class Merge:
             retired=[Retired(r.path, r.valid) for r in plan.retired],
             bytes_to_copy=plan.bytes_to_copy, alternatives=plan.alternatives,
             libvirt_call=plan.libvirt_call if self.online else self._qemu_img_call(plan),
-            keep_relative=plan.keep_relative, verified=verified, online=self.online)
+            keep_relative=plan.keep_relative, verified=verified, online=self.online,
+            volume=self.volumes.get(plan.disk))
 
     @staticmethod
     def _qemu_img_call(plan: MergePlan) -> str:
@@ -195,6 +224,7 @@ class Merge:
 
     def execute(self, ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,
                 record: OperationRecord) -> MergeReport:
+        self._make_room(ctx, plan)
         if not self.online:
             # No phases: each would rewrite the persistent definition (the
             # only copy of a shut-off domain's record), and recover reads

@@ -63,7 +63,7 @@ class Retired(View):
 @dataclass
 class MergeReport(Report):
     OPERATION = "merge"
-    OPTIONAL = ("deleted", "record", "duration_s")
+    OPTIONAL = ("deleted", "record", "duration_s", "volume")
     domain: str
     disk: str
     strategy: Strategy
@@ -85,6 +85,9 @@ class MergeReport(Report):
     deleted: list[str] | None = None
     record: str | None = None
     duration_s: float | None = None
+    # a qcow2 on a block device written into: its size, where its data ends,
+    # the room needed, and the size it was extended to
+    volume: dict[str, Any] | None = None
 
 
 @dataclass

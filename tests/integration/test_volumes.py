@@ -1,0 +1,84 @@
+"""Block volumes: qcow2 written straight onto devices (LVs on an oVirt block
+domain; loop devices over sparse files stand in here, grown by
+tests/volume-tool as lvextend would). Guest data compared after every job."""
+
+import os
+
+import pytest
+import rig
+from rig import LayerSpec, Write
+
+VOLUME_TOOL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "volume-tool")
+MIB = rig.MIB
+
+
+def with_volume_keys(config, extend=True, margin_mib=4):
+    with open(config, "a") as handle:
+        handle.write(f"volume_margin_mib: {margin_mib}\n")
+        if extend:
+            handle.write(f'volume_extend_command: [{VOLUME_TOOL}, extend, "{{path}}", '
+                         '"{size_bytes}"]\n')
+    return config
+
+
+@pytest.fixture
+def volumes(workdir):
+    made = []
+
+    def volume(name, size_mib):
+        dev = rig.loop_device(workdir, name, size_mib)
+        made.append(dev)
+        return dev
+
+    yield volume
+    for dev in made:
+        rig.remove_loop_device(dev)
+
+
+def device_size(dev):
+    with open(dev, "rb") as handle:
+        return handle.seek(0, os.SEEK_END)
+
+
+@pytest.fixture
+def base_on_volume(make_vm, volumes):
+    """A (raw file) <- B (qcow2 on an 8 MiB volume) <- C (16 MiB of data) <- D."""
+    vm = make_vm()
+    B = volumes("B", 8)
+    disk = vm.add_layers("vda", [
+        (f"{vm.dir}/A.raw", None, LayerSpec("A", [Write(0xA1, 0, 8)], fmt="raw")),
+        (B, f"{vm.dir}/A.raw", LayerSpec("B", [Write(0xB1, 4, 1)])),
+        (f"{vm.dir}/C.qcow2", B, LayerSpec("C", [Write(0xC1, 10, 16)])),
+        (f"{vm.dir}/D.qcow2", f"{vm.dir}/C.qcow2", LayerSpec("D", [Write(0xD1, 30, 1)]))])
+    vm.start()
+    return vm, disk
+
+
+def test_commit_into_a_small_volume_extends_it_first(base_on_volume, config):
+    vm, disk = base_on_volume
+    A, B, C, D = disk.layers
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--top", C, "--base", A, "--strategy", "commit",
+                           config=with_volume_keys(config))
+    assert rc == 0, (out, err)
+    volume = out["volume"]
+    assert volume["path"] == B and volume["size"] == 8 * MIB
+    assert volume["needed"] >= volume["end"] + 16 * MIB + 4 * MIB
+    assert volume["extended_to"] == volume["needed"] == device_size(B)
+    assert disk.live_chain() == [D, B, A]
+    disk.assert_guest_data()
+    rc, out, _ = rig.cli("verify", vm.name, config=config)
+    assert rc == 0, out
+    vm.restart()
+    disk.assert_guest_data()
+
+
+def test_commit_into_a_small_volume_without_an_extend_command_is_refused(base_on_volume, config):
+    vm, disk = base_on_volume
+    A, B, C, D = disk.layers
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--top", C, "--base", A, "--strategy", "commit",
+                           config=with_volume_keys(config, extend=False))
+    assert rc == 2, (out, err)
+    message = out["error"]["message"]
+    assert B in message and f"{8 * MIB} bytes" in message and "volume_extend_command" in message
+    assert device_size(B) == 8 * MIB and disk.live_chain() == [D, C, B, A]
+    disk.assert_guest_data()

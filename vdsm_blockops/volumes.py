@@ -1,0 +1,125 @@
+"""Block volumes: qcow2 (or raw) written straight onto a device, as every
+volume of an oVirt block storage domain is an LV. A file grows as qcow2
+allocates; a device does not: before a job writes into a qcow2 on one, the
+room it may need is measured and the device extended by the node's
+configured command -- or the job is refused before anything changed.
+
+What a job may write into a layer: the data of the layers merged into it
+(``qemu-img measure`` of just those layers, backing cut below them, plus
+their bitmaps), placed after what the layer already uses (qcow2 never
+reuses space below its end on a device: ``qemu-img check``'s image end
+offset), capped by a fully allocated image; plus a margin for the guest's
+writes while the job runs, which is also the step of each extension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import errors
+from .identity import device_size, is_block_device
+from .images import ImageInfo, Runner, run_command
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Room:
+    """A job's need for room in one volume, against the device's size."""
+
+    path: str
+    size: int  # the device's size now
+    end: int  # where the qcow2's used space ends
+    needed: int  # what the job may grow it to, margin included
+
+    @property
+    def short(self) -> bool:
+        return self.needed > self.size
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def qcow2_end(path: str) -> int:
+    """Where a qcow2's used space ends (clusters are never placed in holes
+    below it on a device). ``qemu-img check`` exits 3 for leaked clusters
+    -- wasted space, harmless, and its answer still right."""
+    import subprocess
+
+    proc = subprocess.run(["qemu-img", "check", "-U", "--output=json", "-f", "qcow2", path],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode not in (0, 3):
+        raise errors.OperationFailed(f"qemu-img check {path} failed: "
+                                     f"{proc.stderr.strip() or proc.returncode}")
+    return int(json.loads(proc.stdout)["image-end-offset"])
+
+
+def _node(layers: Sequence[ImageInfo]) -> dict[str, Any] | None:
+    """``layers`` (top first) as one blockdev tree whose bottom has no
+    backing: measuring it counts just their data."""
+    if not layers:
+        return None
+    top = layers[0]
+    node: dict[str, Any] = {
+        "driver": top.format,
+        "file": {"driver": "host_device" if is_block_device(top.path) else "file",
+                 "filename": top.path},
+    }
+    if top.format == "qcow2":
+        node["backing"] = _node(layers[1:])
+    return node
+
+
+def measure(layers: Sequence[ImageInfo], virtual_size: int, run: Runner = run_command) -> int:
+    """Bytes a qcow2 needs to hold ``layers``' data and bitmaps, at most a
+    fully allocated one of ``virtual_size`` with those bitmaps."""
+    if not layers:
+        return 0
+    data = json.loads(run(["qemu-img", "measure", "-U", "--output=json", "-O", "qcow2",
+                           "json:" + json.dumps(_node(layers))]))
+    full = json.loads(run(["qemu-img", "measure", "--output=json", "-O", "qcow2",
+                           "--size", str(virtual_size)]))
+    bitmaps = int(data.get("bitmaps", 0))
+    return min(int(data["required"]), int(full["fully-allocated"])) + bitmaps
+
+
+def room_for(target: ImageInfo, incoming: Sequence[ImageInfo], margin_mib: int,
+             run: Runner = run_command) -> Room | None:
+    """The room a job writing ``incoming``'s data into ``target`` needs,
+    or None when ``target`` is no qcow2 on a device (files grow; a raw
+    device already holds every block of the disk)."""
+    if target.format != "qcow2" or not is_block_device(target.path):
+        return None
+    end = qcow2_end(target.path)
+    needed = end + measure(incoming, target.virtual_size, run) + margin_mib * MIB
+    return Room(path=target.path, size=device_size(target.path), end=end,
+                needed=-(-needed // MIB) * MIB)  # whole MiB: devices grow by extents
+
+
+def refuse_if_short(room: Room | None, extend_command: Sequence[str]) -> None:
+    """Exit 2, nothing changed, when a device is too small and nothing may
+    extend it."""
+    if room is not None and room.short and not extend_command:
+        raise errors.BadRequest(
+            f"{room.path} is a block volume of {room.size} bytes and the job may need "
+            f"{room.needed} bytes ({room.needed - room.size} more); extend it (on LVM: "
+            f"lvextend -L {room.needed}b {room.path}) or configure volume_extend_command")
+
+
+def extend(path: str, size: int, command: Sequence[str], run: Runner = run_command) -> int:
+    """Run the node's extend command for ``path`` to ``size`` bytes; the
+    size is read back from the device, which must now be big enough."""
+    before = device_size(path)
+    argv = [word.replace("{path}", path).replace("{size_bytes}", str(size)) for word in command]
+    log.info("extending %s from %d to %d bytes: %s", path, before, size, " ".join(argv))
+    run(argv)
+    after = device_size(path)
+    if after < size:
+        raise errors.OperationFailed(f"{path} is {after} bytes after {argv[0]} asked for {size}")
+    return after
