@@ -12,6 +12,7 @@ which reads as one sentence::
      │    └── UnsafeRequest            e.g. commit into a layer another VM uses
      ├── OperationFailed               exit 1   libvirt/QEMU said no mid-way
      │    ├── JobFailed                a block job ended FAILED or CANCELED
+     │    ├── VolumeNotExtended        a block volume could not be extended
      │    ├── VerificationFailed       result does not match the plan/metadata
      │    └── StateError               our own records went wrong
      ├── ConnectionLost                exit 1   libvirtd went away for good
@@ -102,6 +103,13 @@ class JobFailed(OperationFailed):
 
 class VerificationFailed(OperationFailed):
     code = "verification-failed"
+
+
+class VolumeNotExtended(OperationFailed):
+    """A block volume could not be made big enough (the extend command
+    failed, or the device stayed too small)."""
+
+    code = "volume-not-extended"
 
 
 class StateError(OperationFailed):

@@ -20,10 +20,10 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import errors
-from .model import BlockJobEvent, JobInfo, JobStatus, Observer
+from .model import DiskEvent, JobInfo, JobStatus, Observer, ThresholdEvent
 
 if TYPE_CHECKING:  # the pure parts (and their tests) run without libvirt
     from .context import Context
@@ -48,6 +48,14 @@ _FROM_STATUS = {
     JobStatus.CANCELED: Outcome.CANCELED,
     JobStatus.READY: Outcome.READY,
 }
+
+class Guard(Protocol):
+    """Looks after the room a running job writes into (volumes.VolumeGuard)."""
+
+    def on_threshold(self, event: ThresholdEvent) -> None: ...
+    def tick(self) -> None: ...
+    def disarm(self) -> None: ...
+
 
 class _PollAgain(Exception):
     """A poll that should be repeated at once (reconnected, passing error)."""
@@ -74,7 +82,7 @@ class JobWatch:
         self.disk = disk
         self.poll_interval_s = poll_interval_s
         self.clock = clock
-        self._events: queue.Queue[BlockJobEvent] = domain.conn.events.subscribe(domain.uuid, disk)
+        self._events: queue.Queue[DiskEvent] = domain.conn.events.subscribe(domain.uuid, disk)
         self.last_info: JobInfo | None = None
         self._errors = 0  # consecutive failed polls
 
@@ -87,7 +95,7 @@ class JobWatch:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _next_event(self, wait_s: float) -> BlockJobEvent | None:
+    def _next_event(self, wait_s: float) -> DiskEvent | None:
         try:
             return self._events.get(timeout=max(wait_s, 0.0))
         except queue.Empty:
@@ -129,11 +137,13 @@ class JobWatch:
         timeout_s: float | None = None,
         observer: Observer | None = None,
         ready_check: Callable[[], bool] | None = None,
+        guard: Guard | None = None,
     ) -> Outcome:
         """Wait for the job's end (or READY when ``until_ready``).
 
         ``ready_check`` is the fallback for a missed READY event: it reads
-        ``<mirror ready='yes'>`` from the live XML.
+        ``<mirror ready='yes'>`` from the live XML. ``guard`` hears the
+        disk's threshold events and looks at every poll.
         Raises ``JobTimeout`` when ``timeout_s`` passes first.
         """
         give_up_at = self.clock() + timeout_s if timeout_s else None
@@ -149,6 +159,10 @@ class JobWatch:
             if give_up_at is not None:
                 wait_s = min(wait_s, give_up_at - now)
             event = self._next_event(wait_s)
+            if isinstance(event, ThresholdEvent):
+                if guard is not None:
+                    guard.on_threshold(event)
+                continue
             if event is not None:
                 outcome = _FROM_STATUS.get(JobStatus(event.status)) \
                     if event.status in tuple(JobStatus) else None
@@ -169,12 +183,15 @@ class JobWatch:
                 # Gone. The terminal event may still be on its way from
                 # the loop thread: give it a moment before saying VANISHED.
                 event = self._next_event(0.2)
-                if event is not None and event.status in tuple(JobStatus):
+                if event is not None and not isinstance(event, ThresholdEvent) and \
+                        event.status in tuple(JobStatus):
                     outcome = _FROM_STATUS[JobStatus(event.status)]
                     if outcome is not Outcome.READY:
                         return outcome
                 return Outcome.VANISHED
             self.last_info = info
+            if guard is not None:
+                guard.tick()
             if observer is not None:
                 observer(self.disk, info)
             if until_ready and ready_check is not None and ready_check():
@@ -202,7 +219,7 @@ class JobRunner:
         return bool(disk.mirror and disk.mirror.is_ready)
 
     def run(self, start: Callable[[], None], *, two_phase: bool, pivot: bool,
-            timeout_s: float | None, wait: bool) -> Outcome | None:
+            timeout_s: float | None, wait: bool, guard: Guard | None = None) -> Outcome | None:
         """Start the job and wait. Returns COMPLETED / VANISHED (caller
         checks the XML), CANCELED for a two-phase job deliberately ended
         without pivot, or None with ``wait=False``. Raises JobFailed,
@@ -214,7 +231,7 @@ class JobRunner:
             self.store.advance(self.record, Phase.STARTED)
             if not wait:
                 return None
-            return self._wait(watch, two_phase, pivot, timeout_s)
+            return self._wait(watch, two_phase, pivot, timeout_s, guard)
 
     def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None) -> Outcome:
         """Wait on the job already running on the disk, as ``run`` would."""
@@ -222,14 +239,22 @@ class JobRunner:
             return self._wait(watch, two_phase, pivot, timeout_s)
 
     def _wait(self, watch: JobWatch, two_phase: bool, pivot: bool,
-              timeout_s: float | None) -> Outcome:
+              timeout_s: float | None, guard: Guard | None = None) -> Outcome:
         try:
             outcome = watch.wait(until_ready=two_phase, timeout_s=timeout_s,
                                  observer=self.ctx.observer,
-                                 ready_check=self.mirror_ready if two_phase else None)
+                                 ready_check=self.mirror_ready if two_phase else None,
+                                 guard=guard)
         except errors.JobTimeout:
-            self._abort_after_timeout()
+            self._abort_job()
             raise
+        except errors.VolumeNotExtended as exc:  # the guard could not make room
+            self._abort_job()
+            raise errors.JobFailed(f"{self.domain.name} {self.disk}: {exc}; the block job was "
+                                   "aborted, the chain is as before") from exc
+        finally:
+            if guard is not None:
+                guard.disarm()
         if outcome in (Outcome.FAILED, Outcome.CANCELED):
             raise errors.JobFailed(
                 f"the block job on {self.domain.name} {self.disk} ended {outcome.value}")
@@ -265,11 +290,11 @@ class JobRunner:
                          self.disk, attempt + 1)
                 self.ctx.sleep(0.5)
 
-    def _abort_after_timeout(self) -> None:
+    def _abort_job(self) -> None:
         try:
             self.domain.abort_job(self.disk, pivot=False)
         except errors.BlockOpsError as exc:
-            log.warning("abort after timeout on %s %s: %s", self.domain.name, self.disk, exc)
+            log.warning("abort of the block job on %s %s: %s", self.domain.name, self.disk, exc)
 
 
 def running_pull(domain: Domain, exclude: str) -> str | None:

@@ -161,6 +161,18 @@ class Merge:
         return volumes.room_for(target, [images[p] for p in incoming],
                                 ctx.config.volume_margin_mib)
 
+    def _guard(self, ctx: Context, domain: Domain, plan: MergePlan) -> volumes.VolumeGuard | None:
+        """A threshold on the block volume the job writes into, armed
+        before the job starts (its first writes may cross it)."""
+        room = self.volumes.get(plan.disk)
+        if room is None or not ctx.config.volume_extend_command:
+            return None
+        guard = volumes.VolumeGuard(domain, libvirt_ref(domain, plan.disk, room["path"]) or plan.disk,
+                                    room["path"], ctx.config.volume_extend_command,
+                                    max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
+        guard.arm()
+        return guard
+
     def _make_room(self, ctx: Context, plan: MergePlan) -> None:
         room = self.volumes.get(plan.disk)
         if room is not None and room["needed"] > room["size"]:
@@ -236,6 +248,7 @@ class Merge:
         if plan.strategy is Strategy.COMMIT:
             self._warn_invalid_bitmaps(plan)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
+        guard = self._guard(ctx, domain, plan) if self.req.wait else None
 
         def start() -> None:
             if plan.strategy is Strategy.PULL:
@@ -253,10 +266,12 @@ class Merge:
             # only while starting (and are refused if a pull runs).
             with exclusive_pull(ctx, domain, plan.disk, wait=req.wait):
                 outcome = runner.run(start, two_phase=False, pivot=True,
-                                     timeout_s=req.timeout_s, wait=req.wait)
+                                     timeout_s=req.timeout_s, wait=req.wait, guard=guard)
         else:
             outcome = runner.run(start, two_phase=plan.two_phase, pivot=True,
-                                 timeout_s=req.timeout_s, wait=req.wait)
+                                 timeout_s=req.timeout_s, wait=req.wait, guard=guard)
+        if guard is not None:
+            self.volumes[plan.disk]["extensions_during_job"] = guard.extensions
         if outcome is None:  # --no-wait: jobs/recover follow up
             report = self.report(domain, plan)
             report.record = record.id

@@ -99,8 +99,22 @@ class BlockJobEvent:
             return str(self.status)
 
 
+@dataclass(frozen=True)
+class ThresholdEvent:
+    """BLOCK_THRESHOLD: QEMU wrote past the offset set on one layer of a
+    disk (``dev``: ``vda`` or ``vda[3]``); one-shot, set again to re-arm."""
+
+    domain_uuid: str
+    disk: str
+    dev: str
+    excess: int
+
+
+DiskEvent = BlockJobEvent | ThresholdEvent
+
+
 class EventHub:
-    """Fans BLOCK_JOB_2 events out to per-(domain, disk) queues.
+    """Fans BLOCK_JOB_2 and BLOCK_THRESHOLD events out to per-(domain, disk) queues.
 
     Callbacks run on libvirt's loop thread: they only put into queues. The
     hub outlives connections, so a waiter keeps its queue across a
@@ -109,15 +123,15 @@ class EventHub:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queues: dict[tuple[str, str], list[queue.Queue[BlockJobEvent]]] = {}
+        self._queues: dict[tuple[str, str], list[queue.Queue[DiskEvent]]] = {}
 
-    def subscribe(self, domain_uuid: str, disk: str) -> queue.Queue[BlockJobEvent]:
-        q: queue.Queue[BlockJobEvent] = queue.Queue()
+    def subscribe(self, domain_uuid: str, disk: str) -> queue.Queue[DiskEvent]:
+        q: queue.Queue[DiskEvent] = queue.Queue()
         with self._lock:
             self._queues.setdefault((domain_uuid, disk), []).append(q)
         return q
 
-    def unsubscribe(self, domain_uuid: str, disk: str, q: queue.Queue[BlockJobEvent]) -> None:
+    def unsubscribe(self, domain_uuid: str, disk: str, q: queue.Queue[DiskEvent]) -> None:
         with self._lock:
             subs = self._queues.get((domain_uuid, disk), [])
             if q in subs:
@@ -125,7 +139,7 @@ class EventHub:
             if not subs:
                 self._queues.pop((domain_uuid, disk), None)
 
-    def publish(self, event: BlockJobEvent) -> None:
+    def publish(self, event: DiskEvent) -> None:
         with self._lock:
             subs = list(self._queues.get((event.domain_uuid, event.disk), []))
         for q in subs:

@@ -18,11 +18,15 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .identity import device_size, is_block_device
 from .images import ImageInfo, Runner, run_command
+
+if TYPE_CHECKING:
+    from .model import ThresholdEvent
+    from .virt import Domain
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +122,50 @@ def extend(path: str, size: int, command: Sequence[str], run: Runner = run_comma
     before = device_size(path)
     argv = [word.replace("{path}", path).replace("{size_bytes}", str(size)) for word in command]
     log.info("extending %s from %d to %d bytes: %s", path, before, size, " ".join(argv))
-    run(argv)
+    try:
+        run(argv)
+    except errors.OperationFailed as exc:
+        raise errors.VolumeNotExtended(f"extending {path} to {size} bytes failed: {exc}") from exc
     after = device_size(path)
     if after < size:
-        raise errors.OperationFailed(f"{path} is {after} bytes after {argv[0]} asked for {size}")
+        raise errors.VolumeNotExtended(f"{path} is {after} bytes after {argv[0]} asked for {size}")
     return after
+
+
+class VolumeGuard:
+    """Keeps a qcow2 on a device ahead of a running job and the guest, as
+    VDSM does: a block threshold a step below the device's end; when
+    QEMU writes past it (BLOCK_THRESHOLD, one-shot), the device grows by a
+    step and the threshold is set again. A VM that QEMU paused on ENOSPC
+    all the same (a burst faster than the event) is extended and resumed."""
+
+    def __init__(self, domain: Domain, dev: str, path: str, command: Sequence[str],
+                 step: int) -> None:
+        self.domain, self.dev, self.path = domain, dev, path
+        self.command, self.step = tuple(command), step
+        self.extensions = 0
+
+    def arm(self) -> None:
+        self.domain.set_block_threshold(self.dev, max(device_size(self.path) - self.step, 1))
+
+    def disarm(self) -> None:
+        try:
+            self.domain.set_block_threshold(self.dev, 0)  # 0: no threshold
+        except errors.BlockOpsError:
+            pass  # the layer may be gone with the job (active commit, pull)
+
+    def _grow(self) -> None:
+        extend(self.path, device_size(self.path) + self.step, self.command)
+        self.extensions += 1
+        self.arm()
+
+    def on_threshold(self, event: ThresholdEvent) -> None:
+        log.info("%s: QEMU wrote %d bytes past the threshold on %s", self.path, event.excess,
+                 event.dev)
+        self._grow()
+
+    def tick(self) -> None:
+        if self.domain.paused_on_io_error():
+            log.warning("%s: the VM paused on a write error; extending and resuming", self.path)
+            self._grow()
+            self.domain.resume()

@@ -3,10 +3,13 @@ domain; loop devices over sparse files stand in here, grown by
 tests/volume-tool as lvextend would). Guest data compared after every job."""
 
 import os
+import time
 
+import libvirt
 import pytest
 import rig
 from rig import LayerSpec, Write
+from test_merge import finish, wait_for_job
 
 VOLUME_TOOL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "volume-tool")
 MIB = rig.MIB
@@ -81,4 +84,54 @@ def test_commit_into_a_small_volume_without_an_extend_command_is_refused(base_on
     message = out["error"]["message"]
     assert B in message and f"{8 * MIB} bytes" in message and "volume_extend_command" in message
     assert device_size(B) == 8 * MIB and disk.live_chain() == [D, C, B, A]
+    disk.assert_guest_data()
+
+
+def assert_never_paused(vm, err):
+    state, reason = vm.dom.state()
+    assert state == libvirt.VIR_DOMAIN_RUNNING, (state, reason)
+    assert "paused on a write error" not in err
+
+
+@pytest.mark.parametrize("strategy", ["commit", "pull"])
+def test_guest_writes_during_the_job_cross_the_threshold(make_vm, config, volumes, strategy):
+    """The layer the job writes into is a qcow2 on a small volume: sized
+    before the job with a 20 MiB margin (also the threshold's distance from
+    the end, and the step of each extension: more than QEMU's mirror writes
+    in one burst, 16 MiB by default -- a 4 MiB step lost that race), then
+    12 MiB of guest writes while the job runs cross its threshold; the
+    volume grows during the job and the VM never pauses."""
+    vm = make_vm()
+    target = volumes("T", 8)
+    if strategy == "commit":  # active commit of C and D into B, the volume
+        layers = [("A.raw", None, "raw", [Write(0xA1, 0, 8)]), (target, "A.raw", "qcow2", []),
+                  ("C.qcow2", target, "qcow2", [Write(0xC1, 10, 16)]), ("D.qcow2", "C.qcow2", "qcow2", [])]
+    else:  # pull of B into D, the volume
+        layers = [("A.raw", None, "raw", [Write(0xA1, 0, 8)]),
+                  ("B.qcow2", "A.raw", "qcow2", [Write(0xB1, 10, 16)]), (target, "B.qcow2", "qcow2", [])]
+
+    def where(name):
+        return name if name is None or name.startswith("/") else f"{vm.dir}/{name}"
+
+    disk = vm.add_layers("vda", [(where(p), where(b), LayerSpec(p.split(".")[0], w, fmt=f))
+                                 for p, b, f, w in layers])
+    vm.start()
+    A = disk.layers[0]
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", A, "--strategy", strategy,
+                              "--bandwidth", "4", config=with_volume_keys(config, margin_mib=20))
+    wait_for_job(vm)
+    for n in range(12):  # a busy guest, not a burst faster than an extension
+        disk.guest_write(0x40 + n, 30 + n, 1)
+        time.sleep(0.2)
+    rc, out, err = finish(proc)
+    assert rc == 0, (out, err)
+    volume = out["volume"]
+    assert volume["path"] == target and volume["extensions_during_job"] >= 1, volume
+    assert device_size(target) > volume["extended_to"]
+    assert_never_paused(vm, err)
+    assert disk.live_chain() == ([target, A] if strategy == "commit" else [target, A])
+    disk.assert_guest_data()
+    rc, out, _ = rig.cli("verify", vm.name, config=config)
+    assert rc == 0, out
+    vm.restart()
     disk.assert_guest_data()

@@ -100,6 +100,10 @@ def test_config(tmp_path):
     ("state_dir: 5\n", "state_dir"),
     ("state_dir: relative/dir\n", "state_dir"),
     ("connect: ''\n", "connect"),
+    ("volume_extend_command: lvextend\n", "volume_extend_command"),
+    ('volume_extend_command: [lvextend, "{path}"]\n', "volume_extend_command"),
+    ('volume_create_command: [lvcreate, "{size_bytes}"]\n', "volume_create_command"),
+    ("volume_margin_mib: -1\n", "volume_margin_mib"),
 ])
 def test_config_keys_are_type_and_range_checked(tmp_path, text, named):
     path = tmp_path / "config.yaml"
@@ -115,6 +119,11 @@ def test_config_good_values(tmp_path):
     config = load_config(str(path))
     assert config.storage_roots == ("/srv/vm", "/var/lib/libvirt/images")
     assert config.pivot_retries == 3 and config.poll_interval_s == 1.0
+    path.write_text('volume_extend_command: [lvextend, -L, "{size_bytes}b", "{path}"]\n'
+                    "volume_margin_mib: 0\n")
+    config = load_config(str(path))
+    assert config.volume_extend_command == ("lvextend", "-L", "{size_bytes}b", "{path}")
+    assert config.volume_margin_mib == 0 and config.volume_create_command == ()
 
 
 SIMPLE_OR_NOT = [

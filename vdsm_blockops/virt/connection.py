@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import libvirt
 
 from .. import errors
-from ..model import JOB_TYPE_NAMES, BlockJobEvent, EventHub
+from ..model import JOB_TYPE_NAMES, BlockJobEvent, EventHub, ThresholdEvent
 from .domain import Domain
 from .errors import libvirt_errors
 
@@ -84,6 +84,8 @@ class Connection:
                 self._on_block_job,
                 None,
             ),
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_THRESHOLD, self._on_threshold, None),
             # Any define, undefine, start or stop: a look at the node's
             # chains taken before is stale (see users.NodeUsers).
             conn.domainEventRegisterAny(
@@ -112,6 +114,11 @@ class Connection:
                 status=status,
             )
         )
+
+    def _on_threshold(self, _conn: object, dom: libvirt.virDomain, dev: str, _path: str,
+                      _threshold: int, excess: int, _opaque: object) -> None:
+        self.events.publish(ThresholdEvent(domain_uuid=dom.UUIDString(), disk=dev.split("[")[0],
+                                           dev=dev, excess=excess))
 
     @property
     def alive(self) -> bool:

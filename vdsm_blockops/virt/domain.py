@@ -146,6 +146,22 @@ class Domain:
         with libvirt_errors(f"{action} of the block job on {self.name} {disk}"):
             self._live().blockJobAbort(disk, flags)
 
+    def set_block_threshold(self, dev: str, offset: int) -> None:
+        """One BLOCK_THRESHOLD event when QEMU writes past ``offset`` of
+        ``dev`` (``vda`` or a layer below it, ``vda[3]``)."""
+        with libvirt_errors(f"block threshold on {self.name} {dev}"):
+            self._live().setBlockThreshold(dev, offset, 0)
+
+    def paused_on_io_error(self) -> bool:
+        """Paused by QEMU after a write failed (ENOSPC on a full volume)."""
+        with libvirt_errors(f"state of {self.name}"):
+            state, reason = self._live().state(0)
+        return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR)
+
+    def resume(self) -> None:
+        with libvirt_errors(f"resume of {self.name}"):
+            self._live().resume()
+
     def set_speed(self, disk: str, bandwidth_mib_s: int) -> None:
         with libvirt_errors(f"set speed on {self.name} {disk}"):
             self._live().blockJobSetSpeed(disk, bandwidth_mib_s, 0)
