@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from . import errors
 from .chain import Disk, Layer
-from .identity import clean_path, is_block_device
+from .identity import clean_path, device_size, is_block_device
 from .images import ImageInfo, chain_problems, missing_images, read_chain
 from .reports import ChainReport, DiskView, JobRow, JobsReport, LayerView
 
@@ -69,6 +69,16 @@ def planned_disk(disk: Disk) -> tuple[Disk, list[ImageInfo]]:
     return disk, images
 
 
+def volume_view(image: ImageInfo) -> dict[str, int]:
+    """A block-device layer's room: a qcow2 ends where its used space
+    does (``qemu-img check``; read while QEMU may write: a moment's view)."""
+    from .volumes import qcow2_end
+
+    size = device_size(image.path)
+    end = qcow2_end(image.path) if image.format == "qcow2" else min(size, image.virtual_size)
+    return {"size": size, "end": end, "free": max(size - end, 0)}
+
+
 def describe_disk(disk: Disk, running_checkpoints: dict[str, bool] | None = None) -> DiskView:
     """``running_checkpoints``: the disk's libvirt checkpoints while the VM
     runs -- QEMU holds their bitmaps in the active layer in memory and
@@ -90,7 +100,8 @@ def describe_disk(disk: Disk, running_checkpoints: dict[str, bool] | None = None
             path=layer.path, format=layer.format, type=layer.source_type, index=layer.index,
             allocation=info.actual_size if info else None,
             virtual_size=info.virtual_size if info else None,
-            backing_in_metadata=info.backing_path if info else None, bitmaps=bitmaps))
+            backing_in_metadata=info.backing_path if info else None, bitmaps=bitmaps,
+            volume=volume_view(info) if info and is_block_device(info.path) else None))
     mirror = None
     if disk.mirror is not None:
         mirror = {"job": disk.mirror.job, "path": disk.mirror.path,

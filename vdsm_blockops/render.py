@@ -61,6 +61,10 @@ def _(report: ChainReport) -> list[str]:
             role = " (active)" if pos == 0 else ""
             out.append(f"    {idx:>5} {layer.path}  {layer.format or '?'}  "
                        f"{size(layer.allocation)}{role}")
+            if layer.volume:
+                v = layer.volume
+                out.append(f"          block volume: {size(v['size'])}, used to {size(v['end'])}, "
+                           f"{size(v['free'])} free")
             for bitmap in layer.bitmaps:
                 flags = ",".join(bitmap["flags"]) or "disabled"
                 grain = f"{size(bitmap['granularity'])} granularity, " if bitmap["granularity"] else ""

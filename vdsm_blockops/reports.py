@@ -156,6 +156,7 @@ class MultiReport(Report):
 
 @dataclass
 class LayerView(View):
+    OPTIONAL = ("volume",)
     path: str
     format: str | None
     type: str
@@ -167,6 +168,10 @@ class LayerView(View):
     # records them; for a running VM's active layer, its libvirt checkpoints
     # (QEMU stores their bitmaps in the file only when it closes it).
     bitmaps: list[JSON] = field(default_factory=list)
+    # a layer on a block device: {size, end, free} -- the device's bytes,
+    # where a qcow2's used space ends (a raw one uses the whole disk), and
+    # the room left for it to grow
+    volume: JSON | None = None
 
 
 @dataclass
