@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import qemuimg
 from .copying import copy_proven
+from .identity import is_block_device
 from .images import (
     ImageInfo,
     add_bitmap,
@@ -102,6 +103,15 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
         if carry:  # convert carried the active layer's bitmaps; merge in their copies below
             _carry_bitmaps(replace(active, path=plan.dest), active,
                            [images[p] for p in plan.chain_before[1:]])
+        qemuimg.fsync(plan.dest)
+    elif is_block_device(plan.dest):
+        # shallow onto a device, formatted over the old backing: qemu-img
+        # writes the active layer's own clusters (files cannot be copied
+        # onto a device: its stale bytes would show through their holes)
+        below = plan.chain_before[1] if len(plan.chain_before) > 1 else None
+        qemuimg.convert(active.path, active.format, plan.dest, "qcow2",
+                        _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s, dest_is_new=False,
+                        bitmaps=active.format == "qcow2", backing=below)
         qemuimg.fsync(plan.dest)
     else:
         # Every layer is read-only while the VM is off: copy them all as

@@ -23,11 +23,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from . import errors, flatten
+from . import errors, flatten, volumes
 from .chain import Disk, check_reference, disk_xml
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
-from .identity import ImageSet, clean_path, image_key, same_images
+from .identity import ImageSet, clean_path, image_key, is_block_device, same_images
 from .images import ImageInfo, create_overlay
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import ImageFormat, Method, Mode, Operation
@@ -124,6 +124,7 @@ class Relocate:
         self.req = req
         self.online = True
         self.images: dict[str, dict[str, ImageInfo]] = {}  # per disk, as planned
+        self.volumes: dict[str, dict[str, Any]] = {}  # per disk: DEST a block device, its room
         self.mode: Mode = _enum(Mode, req.mode, "mode")
         self.method: Method = _enum(Method, req.method, "method")
         self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
@@ -203,16 +204,52 @@ class Relocate:
         elif self.mode is Mode.SHALLOW:
             plan.chain_after = [dest] + chain[1:]
             plan.bytes_to_copy = alloc[chain[0]]
-        plan.method = self._method_for(domain, disk, chain, alloc)
+        on_device = is_block_device(dest)
+        plan.method = Method.MIRROR if on_device else self._method_for(domain, disk, chain, alloc)
+        if on_device:
+            self._plan_device(ctx, plan, images)
         for path in plan.chain_after:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
                 check_place(ctx, path, self.req.reuse_external, sources)
+        if on_device:
+            return plan
         space = os.statvfs(os.path.dirname(dest))
         free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
         if plan.bytes_to_copy > free:
             raise errors.BadRequest(f"not enough space at {os.path.dirname(dest)}: "
                                     f"{plan.bytes_to_copy} bytes to copy, {free} free")
         return plan
+
+    def _plan_device(self, ctx: Context, plan: RelocatePlan, images: list[ImageInfo]) -> None:
+        """DEST is a pre-created block device (an LV): the copy must fit,
+        after an extension where the node has a command for it; the tool
+        writes the image onto it (``_prepare_device``) and mirrors into it."""
+        if plan.copies:
+            raise errors.BadRequest(f"{plan.disk}: chain mode copies every layer as a file; onto a "
+                                    "block device use --mode full or --mode shallow")
+        if self.method not in (Method.AUTO, Method.MIRROR):
+            raise errors.BadRequest(f"{plan.disk}: onto a block device only --method mirror "
+                                    f"copies, not {self.method.value}")
+        copied = images if plan.mode is Mode.FULL else images[:1]
+        room = volumes.destination_room(plan.dest, plan.format.value, copied,
+                                        images[0].virtual_size, ctx.config.volume_margin_mib)
+        volumes.refuse_if_short(room, ctx.config.volume_extend_command)
+        self.volumes[plan.disk] = room.to_json()
+
+    def _prepare_device(self, ctx: Context, plan: RelocatePlan, images: dict[str, ImageInfo]) -> None:
+        room = self.volumes[plan.disk]
+        active = images[plan.chain_before[0]]
+        if room["needed"] > room["size"]:
+            room["extended_to"] = volumes.extend(room["path"], room["needed"],
+                                                 ctx.config.volume_extend_command)
+            if plan.format is ImageFormat.RAW and room["extended_to"] != active.virtual_size:
+                raise errors.VolumeNotExtended(
+                    f"{plan.dest} is {room['extended_to']} bytes after the extension and the disk "
+                    f"{active.virtual_size}: a raw copy must be the disk's size")
+        below = plan.chain_before[1] if plan.mode is not Mode.FULL and len(plan.chain_before) > 1 \
+            else None
+        volumes.format_destination(plan.dest, plan.format.value, active.virtual_size,
+                                   images[below] if below else None)
 
     def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
                     alloc: dict[str, int]) -> Method:
@@ -268,13 +305,16 @@ class Relocate:
             pivot=self.req.pivot, chain_before=plan.chain_before,
             chain_after=chain_now if chain_now is not None else plan.chain_before,
             copy_chain=plan.chain_after, bytes_to_copy=plan.bytes_to_copy, retired=[],
-            verified=verified, finished=verified, online=self.online)
+            verified=verified, finished=verified, online=self.online,
+            volume=self.volumes.get(plan.disk))
 
     def execute(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
                 record: OperationRecord) -> RelocateReport:
         req = self.req
         creator = FileCreator(store, record)
         images = self.images[plan.disk]  # as planned: the layers are the same files
+        if plan.disk in self.volumes:
+            self._prepare_device(ctx, plan, images)
         if not self.online:  # no phases, as for an offline merge
             from . import offline  # shut-off domains only: spares live verbs the import
 

@@ -93,7 +93,7 @@ class MergeReport(Report):
 @dataclass
 class RelocateReport(Report):
     OPERATION = "relocate"
-    OPTIONAL = ("persistent_definition_fixed", "deleted", "record", "duration_s")
+    OPTIONAL = ("persistent_definition_fixed", "deleted", "record", "duration_s", "volume")
     domain: str
     disk: str
     mode: Mode
@@ -115,6 +115,7 @@ class RelocateReport(Report):
     deleted: list[str] | None = None
     record: str | None = None
     duration_s: float | None = None
+    volume: dict[str, Any] | None = None  # DEST a block device: its size, the room needed
 
 
 @dataclass

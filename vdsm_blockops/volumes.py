@@ -169,3 +169,35 @@ class VolumeGuard:
             log.warning("%s: the VM paused on a write error; extending and resuming", self.path)
             self._grow()
             self.domain.resume()
+
+
+def destination_room(dest: str, fmt: str, copied: Sequence[ImageInfo], virtual_size: int,
+                     margin_mib: int, run: Runner = run_command) -> Room:
+    """A relocation onto a pre-created device (an LV made for it): what
+    it must hold. qcow2: ``copied``'s data measured, plus the margin for
+    the guest's writes while the mirror runs. raw: the disk, exactly -- a
+    bigger device would show the guest a bigger disk after the pivot (libvirt
+    ``<slices>`` are not used here), so it is refused before anything."""
+    size = device_size(dest)
+    if fmt == "raw":
+        if size > virtual_size:
+            raise errors.BadRequest(
+                f"{dest} is a block device of {size} bytes and the disk has {virtual_size}: a raw "
+                "copy onto it would show the guest a bigger disk; use --format qcow2, or a "
+                f"device of {virtual_size} bytes")
+        return Room(path=dest, size=size, end=0, needed=virtual_size)
+    needed = measure(copied, virtual_size, run) + margin_mib * MIB
+    return Room(path=dest, size=size, end=0, needed=-(-needed // MIB) * MIB)
+
+
+def format_destination(dest: str, fmt: str, virtual_size: int, backing: ImageInfo | None,
+                       run: Runner = run_command) -> None:
+    """A device given as DEST holds no image yet (an LV comes empty, or
+    with an old volume's bytes): qcow2 is written onto it, over
+    ``backing`` for a shallow copy; a raw device is the image itself."""
+    if fmt != "qcow2":
+        return
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        argv += ["-b", backing.path, "-F", backing.format]
+    run(argv + [dest, str(virtual_size)])

@@ -10,6 +10,7 @@ import pytest
 import rig
 from rig import LayerSpec, Write
 from test_merge import finish, wait_for_job
+from test_relocate import chain_vm
 
 VOLUME_TOOL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "volume-tool")
 MIB = rig.MIB
@@ -145,5 +146,84 @@ def test_guest_writes_during_the_job_cross_the_threshold(make_vm, config, volume
     disk.assert_guest_data()
     rc, out, _ = rig.cli("verify", vm.name, config=config)
     assert rc == 0, out
+    vm.restart()
+    disk.assert_guest_data()
+
+
+# ------------------------------------------------ relocation onto devices
+ONTO_DEVICE = {
+    # case: (mode, format, device MiB, layers of the source DEST backs onto)
+    "full-qcow2": ("full", "qcow2", 16, 0),  # extended: 20 MiB of data
+    "full-raw": ("full", "raw", 64, 0),  # the disk's size: no room to find
+    "shallow-qcow2": ("shallow", "qcow2", 4, 3),  # extended: 6 MiB in the active layer
+}
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["live", "cold"])
+@pytest.mark.parametrize("case", list(ONTO_DEVICE))
+def test_relocation_onto_a_device(make_vm, config, volumes, case, running):
+    """A pre-created volume as DEST (--reuse-external): the tool extends it
+    where the copy needs more, writes the image onto it and copies; the
+    persistent definition names the device (type='block')."""
+    vm, disk = chain_vm(make_vm)
+    mode, fmt, mib, kept = ONTO_DEVICE[case]
+    dest = volumes("DST", mib)
+    if not running:
+        vm.dom.destroy()
+    rc, out, err = rig.cli("relocate", vm.name, "vda", dest, "--mode", mode, "--format", fmt,
+                           "--reuse-external", config=with_volume_keys(config))
+    assert rc == 0, (out, err)
+    assert out["volume"]["path"] == dest and out["online"] is running
+    if fmt == "qcow2":
+        assert out["volume"]["extended_to"] == device_size(dest) > mib * MIB
+    else:
+        assert "extended_to" not in out["volume"] and device_size(dest) == 64 * MIB
+    assert disk.chain() == [dest] + disk.layers[::-1][1:1 + kept]
+    assert f"<source dev='{dest}'" in vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    rc, report, _ = rig.cli("verify", vm.name, config=config)
+    assert rc == 0, report
+    if running:
+        disk.guest_write(0x5A, 33, 1)
+        disk.assert_guest_data()
+        vm.restart()
+    else:
+        vm.dom.create()
+    disk.assert_guest_data()
+
+
+def test_relocation_onto_devices_that_cannot_fit_is_refused(make_vm, config, volumes):
+    vm, disk = chain_vm(make_vm)
+    small, big = volumes("SMALL", 8), volumes("BIG", 128)
+    rc, out, _ = rig.cli("relocate", vm.name, "vda", small, "--mode", "full", "--reuse-external",
+                         config=with_volume_keys(config, extend=False))
+    assert rc == 2 and f"{small} is a block volume of {8 * MIB} bytes" in out["error"]["message"]
+    rc, out, _ = rig.cli("relocate", vm.name, "vda", big, "--mode", "full", "--format", "raw",
+                         "--reuse-external", config=with_volume_keys(config))
+    assert rc == 2 and "bigger disk" in out["error"]["message"], out
+    rc, out, _ = rig.cli("relocate", vm.name, "vda", big, "--mode", "chain", "--reuse-external",
+                         config=config)
+    assert rc == 2 and "--mode full or --mode shallow" in out["error"]["message"], out
+    assert device_size(small) == 8 * MIB and disk.live_chain() == disk.layers[::-1]
+    disk.assert_guest_data()
+
+
+@pytest.mark.parametrize("mode", ["chain", "full", "shallow"])
+def test_relocation_from_a_device(make_vm, config, volumes, workdir, mode):
+    """The active layer a qcow2 on a device, moved to files in each mode."""
+    vm = make_vm()
+    D = volumes("D", 16)
+    disk = vm.add_layers("vda", [
+        (f"{vm.dir}/A.raw", None, LayerSpec("A", [Write(0xA1, 0, 8)], fmt="raw")),
+        (f"{vm.dir}/B.qcow2", f"{vm.dir}/A.raw", LayerSpec("B", [Write(0xB1, 4, 2)])),
+        (D, f"{vm.dir}/B.qcow2", LayerSpec("D", [Write(0xD1, 20, 3)]))])
+    vm.start()
+    os.makedirs(f"{workdir}/dst")
+    dest = f"{workdir}/dst/D.qcow2"
+    rc, out, err = rig.cli("relocate", vm.name, "vda", dest, "--mode", mode, config=config)
+    assert rc == 0, (out, err)
+    assert disk.live_chain()[0] == dest and "volume" not in out
+    assert f"<source file='{dest}'" in vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    disk.guest_write(0x5B, 40, 1)
+    disk.assert_guest_data()
     vm.restart()
     disk.assert_guest_data()
