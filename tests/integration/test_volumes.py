@@ -65,26 +65,32 @@ def volume_of(vm, config, path):
     return layer.get("volume")
 
 
-def test_commit_into_a_small_volume_extends_it_first(base_on_volume, config):
+@pytest.mark.parametrize("running", [True, False], ids=["live", "cold"])
+def test_commit_into_a_small_volume_extends_it_first(base_on_volume, config, running):
     vm, disk = base_on_volume
     A, B, C, D = disk.layers
     before = volume_of(vm, config, B)
     assert before["size"] == 8 * MIB and 1 * MIB < before["end"] < 2 * MIB
     assert before["free"] == before["size"] - before["end"] and volume_of(vm, config, C) is None
+    if not running:
+        vm.dom.destroy()
     rc, out, err = rig.cli("merge", vm.name, "vda", "--top", C, "--base", A, "--strategy", "commit",
                            config=with_volume_keys(config))
-    assert rc == 0, (out, err)
+    assert rc == 0 and out["online"] is running, (out, err)
     volume = out["volume"]
     assert volume["path"] == B and volume["size"] == 8 * MIB
     assert volume["needed"] >= volume["end"] + 16 * MIB + 4 * MIB
     assert volume["extended_to"] == volume["needed"] == device_size(B)
     after = volume_of(vm, config, B)
     assert after["size"] == device_size(B) and after["end"] >= before["end"] + 16 * MIB
-    assert disk.live_chain() == [D, B, A]
+    assert disk.chain() == [D, B, A]
     disk.assert_guest_data()
     rc, out, _ = rig.cli("verify", vm.name, config=config)
     assert rc == 0, out
-    vm.restart()
+    if running:
+        vm.restart()
+    else:
+        vm.dom.create()
     disk.assert_guest_data()
 
 
