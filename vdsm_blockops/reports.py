@@ -121,7 +121,7 @@ class RelocateReport(Report):
 @dataclass
 class SnapshotReport(Report):
     OPERATION = "snapshot"
-    OPTIONAL = ("duration_s",)
+    OPTIONAL = ("duration_s", "volume")
     domain: str
     disk: str
     overlay: str
@@ -131,6 +131,7 @@ class SnapshotReport(Report):
     verified: bool = True
     online: bool = True
     duration_s: float | None = None
+    volume: dict[str, Any] | None = None  # OVERLAY a block device: its size, the room needed
 
 
 @dataclass

@@ -8,10 +8,10 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import errors, volumes
 from .chain import Disk, check_reference, source_kind, xml_attr
 from .context import Context, check_disk_supported, operation_domain
-from .identity import ImageSet, clean_path, image_key
+from .identity import ImageSet, clean_path, image_key, is_block_device
 from .model import Operation
 from .node import planned_disk
 from .operation import run_operation
@@ -87,6 +87,7 @@ class Snapshot:
     def __init__(self, req: SnapshotRequest) -> None:
         self.req = req
         self.online = True
+        self.volume: dict[str, Any] | None = None  # OVERLAY a block device: its room
         if req.disk == "all":
             raise errors.BadRequest("a snapshot names one OVERLAY: give one disk, not 'all'")
         check_reference(req.overlay, "OVERLAY")
@@ -100,9 +101,14 @@ class Snapshot:
 
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> SnapshotPlan:
         check_disk_supported(disk)
-        disk = planned_disk(disk)[0]
+        disk, images = planned_disk(disk)
         overlay = clean_path(self.req.overlay)
         check_place(ctx, overlay, self.req.reuse_external, ImageSet(disk.paths))
+        if is_block_device(overlay):  # a pre-created volume: the tool writes the overlay onto it
+            room = volumes.overlay_room(overlay, images[0].virtual_size,
+                                        ctx.config.volume_margin_mib)
+            volumes.refuse_if_short(room, ctx.config.volume_extend_command)
+            self.volume = room.to_json()
         return SnapshotPlan(disk=disk.target, overlay=overlay, chain_before=norm(disk.paths),
                             chain_after=[overlay] + norm(disk.paths))
 
@@ -122,14 +128,28 @@ class Snapshot:
                verified: bool = True) -> SnapshotReport:
         return SnapshotReport(domain=domain.name, disk=plan.disk, overlay=plan.overlay,
                               chain_before=plan.chain_before, chain_after=plan.chain_after,
-                              verified=verified and not dry_run, online=self.online)
+                              verified=verified and not dry_run, online=self.online,
+                              volume=self.volume)
+
+    def _prepare_volume(self, ctx: Context, domain: Domain, plan: SnapshotPlan) -> None:
+        """Extend OVERLAY's device where it is short, and write the empty
+        overlay onto it (over the active image), for libvirt to reuse."""
+        room = self.volume
+        assert room is not None
+        if room["needed"] > room["size"]:
+            room["extended_to"] = volumes.extend(plan.overlay, room["needed"],
+                                                 ctx.config.volume_extend_command)
+        active = planned_disk(domain.spec().disk(plan.disk))[1][0]
+        volumes.format_destination(plan.overlay, "qcow2", active.virtual_size, active)
 
     def execute(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,
                 record: OperationRecord) -> SnapshotReport:
+        if self.volume is not None:
+            self._prepare_volume(ctx, domain, plan)
         if self.online:
             store.advance(record, Phase.STARTED)
             domain.snapshot(snapshot_xml(domain, {plan.disk: plan.overlay}),
-                            reuse_external=self.req.reuse_external)
+                            reuse_external=self.req.reuse_external or self.volume is not None)
         else:  # qemu-img create, then the definition on the new overlay
             active = planned_disk(domain.spec().disk(plan.disk))[1][0]
             from . import offline  # shut-off domains only: spares live verbs the import

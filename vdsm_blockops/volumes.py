@@ -190,6 +190,16 @@ def destination_room(dest: str, fmt: str, copied: Sequence[ImageInfo], virtual_s
     return Room(path=dest, size=size, end=0, needed=-(-needed // MIB) * MIB)
 
 
+def overlay_room(overlay: str, virtual_size: int, margin_mib: int,
+                 run: Runner = run_command) -> Room:
+    """A snapshot overlay on a pre-created device starts empty: it needs
+    an empty qcow2's metadata and the margin for the guest's writes."""
+    empty = json.loads(run(["qemu-img", "measure", "--output=json", "-O", "qcow2",
+                            "--size", str(virtual_size)]))
+    needed = int(empty["required"]) + margin_mib * MIB
+    return Room(path=overlay, size=device_size(overlay), end=0, needed=-(-needed // MIB) * MIB)
+
+
 def format_destination(dest: str, fmt: str, virtual_size: int, backing: ImageInfo | None,
                        run: Runner = run_command) -> None:
     """A device given as DEST holds no image yet (an LV comes empty, or

@@ -233,3 +233,28 @@ def test_relocation_from_a_device(make_vm, config, volumes, workdir, mode):
     disk.assert_guest_data()
     vm.restart()
     disk.assert_guest_data()
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["live", "cold"])
+def test_snapshot_onto_a_device(make_vm, config, volumes, running):
+    """OVERLAY a pre-created volume too small for the margin: extended,
+    the overlay written onto it, the VM (restarted) writes into it."""
+    vm, disk = chain_vm(make_vm)
+    overlay = volumes("E", 2)
+    if not running:
+        vm.dom.destroy()
+    rc, out, err = rig.cli("snapshot", vm.name, "vda", overlay, "--reuse-external",
+                           config=with_volume_keys(config))
+    assert rc == 0, (out, err)
+    assert out["volume"]["extended_to"] == device_size(overlay) >= 4 * MIB
+    assert disk.chain() == [overlay] + disk.layers[::-1]
+    assert f"<source dev='{overlay}'" in vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    if running:
+        vm.restart()
+    else:
+        vm.dom.create()
+    disk.guest_write(0x5C, 44, 1)
+    disk.assert_guest_data()
+    assert volume_of(vm, config, overlay)["end"] > 1 * MIB
+    rc, out, _ = rig.cli("verify", vm.name, config=config)
+    assert rc == 0, out
