@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from . import errors, flatten, volumes
+from . import errors, flatten, volume_chain, volumes
 from .chain import Disk, check_reference, disk_xml
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
@@ -125,6 +125,7 @@ class Relocate:
         self.online = True
         self.images: dict[str, dict[str, ImageInfo]] = {}  # per disk, as planned
         self.volumes: dict[str, dict[str, Any]] = {}  # per disk: DEST a block device, its room
+        self.volume_sizes: dict[str, dict[str, int]] = {}  # per disk: chain mode onto volumes
         self.mode: Mode = _enum(Mode, req.mode, "mode")
         self.method: Method = _enum(Method, req.method, "method")
         self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
@@ -190,6 +191,8 @@ class Relocate:
         plan = RelocatePlan(disk=disk.target, mode=self.mode, method=self.method,
                             format=self.format, dest=dest, chain_before=chain, chain_after=[dest],
                             persistent=domain.is_persistent(), bytes_to_copy=sum(alloc.values()))
+        if self.mode is Mode.CHAIN and self.req.disk != "all" and os.path.isdir(dest):
+            return self._plan_volume_chain(ctx, plan)
         if self.mode is Mode.CHAIN and len(chain) > 1:
             folder = os.path.dirname(dest)
             plan.copies = [(src, os.path.join(folder, os.path.basename(src))) for src in chain[1:]]
@@ -218,6 +221,20 @@ class Relocate:
         if plan.bytes_to_copy > free:
             raise errors.BadRequest(f"not enough space at {os.path.dirname(dest)}: "
                                     f"{plan.bytes_to_copy} bytes to copy, {free} free")
+        return plan
+
+    def _plan_volume_chain(self, ctx: Context, plan: RelocatePlan) -> RelocatePlan:
+        """DEST a directory (``/dev/<vg>``): one new block volume per layer."""
+        if self.method not in (Method.AUTO, Method.MIRROR):
+            raise errors.BadRequest(f"{plan.disk}: onto block volumes only --method mirror "
+                                    f"copies, not {self.method.value}")
+        if self.req.reuse_external:
+            raise errors.BadRequest(f"{plan.disk}: chain mode onto block volumes creates them; "
+                                    "--reuse-external does not apply")
+        plan.method = Method.MIRROR
+        self.volume_sizes[plan.disk] = volume_chain.plan_volumes(
+            plan, self.images[plan.disk], plan.dest, ctx.config.volume_create_command,
+            ctx.config.volume_margin_mib)
         return plan
 
     def _plan_device(self, ctx: Context, plan: RelocatePlan, images: list[ImageInfo]) -> None:
@@ -249,7 +266,7 @@ class Relocate:
         below = plan.chain_before[1] if plan.mode is not Mode.FULL and len(plan.chain_before) > 1 \
             else None
         volumes.format_destination(plan.dest, plan.format.value, active.virtual_size,
-                                   images[below] if below else None)
+                                   below, images[below].format if below else "qcow2")
 
     def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
                     alloc: dict[str, int]) -> Method:
@@ -315,6 +332,15 @@ class Relocate:
         images = self.images[plan.disk]  # as planned: the layers are the same files
         if plan.disk in self.volumes:
             self._prepare_device(ctx, plan, images)
+        on_volumes = plan.disk in self.volume_sizes
+        if on_volumes:
+            volume_chain.copy_onto_volumes(plan, images, self.volume_sizes[plan.disk],
+                                           ctx.config.volume_create_command,
+                                           with_active=not self.online)
+            if not self.online:  # every layer copied: the definition names the volumes
+                point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
+                return self.finish(ctx, domain, plan, store, record)
+            store.advance(record, Phase.PREPARED)
         if not self.online:  # no phases, as for an offline merge
             from . import offline  # shut-off domains only: spares live verbs the import
 
@@ -328,7 +354,9 @@ class Relocate:
                                   reuse_external=req.reuse_external, sync_writes=req.sync_writes,
                                   timeout_s=req.timeout_s, rate_mib_s=self.bandwidth)
         else:
-            if plan.copies and not req.reuse_external:
+            if on_volumes:
+                pass  # prepared above
+            elif plan.copies and not req.reuse_external:
                 prepare_chain_copy(plan, images, creator)
                 store.advance(record, Phase.PREPARED)
             elif plan.mode is Mode.FULL and not req.reuse_external:
@@ -338,7 +366,7 @@ class Relocate:
                 lambda: domain.copy(
                     plan.disk, disk_xml(plan.dest, plan.format.value),
                     shallow=plan.mode is not Mode.FULL and len(plan.chain_before) > 1,
-                    reuse_external=req.reuse_external or bool(record.created_files),
+                    reuse_external=req.reuse_external or bool(record.created_files) or on_volumes,
                     transient=plan.persistent, sync_writes=req.sync_writes,
                     bandwidth_mib_s=self.bandwidth),
                 two_phase=True, pivot=req.pivot, timeout_s=req.timeout_s, wait=req.wait)

@@ -140,7 +140,8 @@ class Snapshot:
             room["extended_to"] = volumes.extend(plan.overlay, room["needed"],
                                                  ctx.config.volume_extend_command)
         active = planned_disk(domain.spec().disk(plan.disk))[1][0]
-        volumes.format_destination(plan.overlay, "qcow2", active.virtual_size, active)
+        volumes.format_destination(plan.overlay, "qcow2", active.virtual_size, active.path,
+                                   active.format)
 
     def execute(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,
                 record: OperationRecord) -> SnapshotReport:

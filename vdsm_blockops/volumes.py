@@ -200,8 +200,8 @@ def overlay_room(overlay: str, virtual_size: int, margin_mib: int,
     return Room(path=overlay, size=device_size(overlay), end=0, needed=-(-needed // MIB) * MIB)
 
 
-def format_destination(dest: str, fmt: str, virtual_size: int, backing: ImageInfo | None,
-                       run: Runner = run_command) -> None:
+def format_destination(dest: str, fmt: str, virtual_size: int, backing: str | None = None,
+                       backing_format: str = "qcow2", run: Runner = run_command) -> None:
     """A device given as DEST holds no image yet (an LV comes empty, or
     with an old volume's bytes): qcow2 is written onto it, over
     ``backing`` for a shallow copy; a raw device is the image itself."""
@@ -209,5 +209,5 @@ def format_destination(dest: str, fmt: str, virtual_size: int, backing: ImageInf
         return
     argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if backing is not None:
-        argv += ["-b", backing.path, "-F", backing.format]
+        argv += ["-b", backing, "-F", backing_format]
     run(argv + [dest, str(virtual_size)])

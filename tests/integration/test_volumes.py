@@ -209,6 +209,9 @@ def test_relocation_onto_devices_that_cannot_fit_is_refused(make_vm, config, vol
     rc, out, _ = rig.cli("relocate", vm.name, "vda", big, "--mode", "chain", "--reuse-external",
                          config=config)
     assert rc == 2 and "--mode full or --mode shallow" in out["error"]["message"], out
+    rc, out, _ = rig.cli("relocate", vm.name, "vda", os.path.dirname(small), "--mode", "chain",
+                         config=config)
+    assert rc == 2 and "needs volume_create_command" in out["error"]["message"], out
     assert device_size(small) == 8 * MIB and disk.live_chain() == disk.layers[::-1]
     disk.assert_guest_data()
 
@@ -258,3 +261,47 @@ def test_snapshot_onto_a_device(make_vm, config, volumes, running):
     assert volume_of(vm, config, overlay)["end"] > 1 * MIB
     rc, out, _ = rig.cli("verify", vm.name, config=config)
     assert rc == 0, out
+
+
+def with_create_command(config, folder):
+    with open(config, "a") as handle:
+        handle.write(f'volume_create_command: [{VOLUME_TOOL}, create, {folder}, "{{name}}", '
+                     '"{size_bytes}"]\n')
+    return config
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["live", "cold"])
+def test_chain_mode_onto_block_volumes(make_vm, config, workdir, running):
+    """DEST a directory of device nodes: one volume per layer, created by
+    the configured command (tests/volume-tool: a loop device linked into
+    the directory, as LVM links LVs into /dev/<vg>), each layer written by
+    qemu-img and proven, relinked by device paths."""
+    vm, disk = chain_vm(make_vm)
+    vg = f"{workdir}/vg"
+    os.makedirs(vg)
+    config = with_create_command(with_volume_keys(config), vg)
+    if not running:
+        vm.dom.destroy()
+    try:
+        rc, out, err = rig.cli("relocate", vm.name, "vda", vg, "--mode", "chain", config=config)
+        assert rc == 0, (out, err)
+        new = [f"{vg}/{os.path.basename(p)}" for p in disk.layers[::-1]]
+        assert out["chain_after"] == new and disk.chain() == new
+        assert all(rig.is_device(p) for p in new)
+        assert f"<source dev='{new[0]}'" in vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        rc, report, _ = rig.cli("verify", vm.name, config=config)
+        assert rc == 0, report
+        if running:
+            disk.guest_write(0x5D, 45, 1)
+            disk.assert_guest_data()
+            vm.restart()
+        else:
+            vm.dom.create()
+        disk.assert_guest_data()
+        rc, out, _ = rig.cli("relocate", vm.name, "vda", vg, "--mode", "chain", config=config)
+        assert rc == 2 and "exist" in out["error"]["message"], out
+    finally:
+        vm.destroy()
+        for name in os.listdir(vg):
+            if not name.startswith("."):
+                rig.remove_loop_device(os.path.realpath(f"{vg}/{name}"))

@@ -1,0 +1,103 @@
+"""Chain-mode relocation onto block volumes: DEST names a directory of
+device nodes (``/dev/<vg>``) and every layer gets a volume of its own,
+created by the node's ``volume_create_command`` under the layer's name,
+sized by ``qemu-img measure``, and relinked with device paths.
+
+A file cannot be copied onto a device byte for byte (where the file has a
+hole the device keeps stale bytes), so qemu-img writes each layer: a qcow2
+layer onto a qcow2 written over its backing's new volume (``convert -n
+-B``: only the layer's own clusters, zero clusters included); a raw one as
+it is. Each copy is proven -- the new layer over its new backing shows the
+guest the same disk as the old one (``qemu-img compare``) -- before
+anything names it. The active layer gets an empty overlay on the copies
+for the shallow mirror; with the VM off, it is copied like the others.
+Volumes made before a failure stay (no command to remove them is known);
+nothing names them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import errors, qemuimg, volumes
+from .identity import is_block_device
+from .images import ImageInfo, run_command
+
+if TYPE_CHECKING:
+    from .relocate import RelocatePlan
+
+
+def plan_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], folder: str,
+                 create_command: Sequence[str], margin_mib: int) -> dict[str, int]:
+    """Point ``plan`` at one new volume per layer in ``folder`` (same names
+    as the layers); returns each new volume's size in bytes."""
+    if not create_command:
+        raise errors.BadRequest(f"{folder} is a directory: chain mode onto block volumes creates "
+                                "one per layer and needs volume_create_command in the config")
+    chain = plan.chain_before
+    new = {src: os.path.join(folder, os.path.basename(src)) for src in chain}
+    if len(set(new.values())) != len(chain):
+        raise errors.BadRequest(f"{plan.disk}: layers share a name; one volume each is impossible")
+    taken = [path for path in new.values() if os.path.lexists(path)]
+    if taken:
+        raise errors.BadRequest(f"{plan.disk}: {', '.join(taken)} exist(s) already")
+    plan.dest = new[chain[0]]
+    plan.copies = [(src, new[src]) for src in chain[1:]]
+    plan.chain_after = [new[src] for src in chain]
+    sizes = {}
+    for pos, src in enumerate(chain):
+        image = images[src]
+        if image.format == "raw":
+            sizes[new[src]] = image.virtual_size
+            continue
+        # the active layer's data moves by the mirror (VM running) or by
+        # qemu-img (VM off); the guest's writes meanwhile need the margin
+        extra = margin_mib * volumes.MIB if pos == 0 else 0
+        needed = volumes.measure([image], image.virtual_size) + extra
+        sizes[new[src]] = -(-needed // volumes.MIB) * volumes.MIB
+    return sizes
+
+
+def create_volume(path: str, size: int, command: Sequence[str]) -> None:
+    argv = [word.replace("{name}", os.path.basename(path)).replace("{size_bytes}", str(size))
+            for word in command]
+    try:
+        run_command(argv)
+    except errors.OperationFailed as exc:
+        raise errors.VolumeNotExtended(f"creating volume {path} failed: {exc}") from exc
+    if not is_block_device(path):
+        raise errors.VolumeNotExtended(f"{argv[0]} ran, but {path} is no block device")
+
+
+def copy_onto_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], sizes: dict[str, int],
+                      command: Sequence[str], with_active: bool) -> None:
+    """Create the volumes and write the layers onto them, bottom up, each
+    proven; the active layer copied too (``with_active``: the VM is off) or
+    an empty overlay for the mirror."""
+    new_of = dict(plan.copies) | {plan.chain_before[0]: plan.dest}
+    for src in reversed(plan.chain_before):
+        image, new = images[src], new_of[src]
+        create_volume(new, sizes[new], command)
+        below = new_of.get(image.backing_path) if image.backing_path else None
+        volumes.format_destination(new, image.format, image.virtual_size, below,
+                                   images[image.backing_path].format if image.backing_path else "")
+        if src == plan.chain_before[0] and not with_active:
+            continue
+        qemuimg.convert(src, image.format, new, image.format, dest_is_new=False,
+                        bitmaps=image.format == "qcow2", backing=below)
+        qemuimg.fsync(new)
+        _prove(src, image.format, new)
+
+
+def _prove(src: str, fmt: str, new: str) -> None:
+    """The new layer over its new backing shows the guest what the old one
+    showed over the old chain."""
+    import subprocess
+
+    proc = subprocess.run(["qemu-img", "compare", "-U", "-f", fmt, "-F", fmt, src, new],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise errors.OperationFailed(f"copy check failed: {new} differs from {src}: "
+                                     f"{(proc.stdout + proc.stderr).strip()}")
