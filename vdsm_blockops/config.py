@@ -136,11 +136,13 @@ def _check(path: str, key: str, value: object) -> object:
             return ()
         needs = ("{path}", "{size_bytes}") if key == "volume_extend_command" else \
             ("{name}", "{size_bytes}")
-        if not isinstance(value, list) or not value or \
-                not all(isinstance(v, str) and v for v in value) or \
-                not all(any(n in v for v in value) for n in needs):
+        # a bare number in the list (an option's value) is a word too
+        words = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                 for v in value] if isinstance(value, list) else []
+        if not words or not all(isinstance(v, str) and v for v in words) or \
+                not all(any(n in v for v in words) for n in needs):
             raise bad(f"a command as a list of words naming {' and '.join(needs)}")
-        return tuple(value)
+        return tuple(words)
     if key == "volume_margin_mib":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
             raise bad("a whole number of MiB between 0 and 1048576")

@@ -16,11 +16,13 @@ VOLUME_TOOL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "volume-t
 MIB = rig.MIB
 
 
-def with_volume_keys(config, extend=True, margin_mib=4):
+def with_volume_keys(config, extend=True, margin_mib=4, limit_mib=None):
+    """``limit_mib``: extensions past it fail, as on a full volume group."""
     with open(config, "a") as handle:
         handle.write(f"volume_margin_mib: {margin_mib}\n")
+        verb = f"extend-upto, {limit_mib * MIB}" if limit_mib else "extend"
         if extend:
-            handle.write(f'volume_extend_command: [{VOLUME_TOOL}, extend, "{{path}}", '
+            handle.write(f'volume_extend_command: [{VOLUME_TOOL}, {verb}, "{{path}}", '
                          '"{size_bytes}"]\n')
     return config
 
@@ -112,14 +114,9 @@ def assert_never_paused(vm, err):
     assert "paused on a write error" not in err
 
 
-@pytest.mark.parametrize("strategy", ["commit", "pull"])
-def test_guest_writes_during_the_job_cross_the_threshold(make_vm, config, volumes, strategy):
-    """The layer the job writes into is a qcow2 on a small volume: sized
-    before the job with a 20 MiB margin (also the threshold's distance from
-    the end, and the step of each extension: more than QEMU's mirror writes
-    in one burst, 16 MiB by default -- a 4 MiB step lost that race), then
-    12 MiB of guest writes while the job runs cross its threshold; the
-    volume grows during the job and the VM never pauses."""
+def busy_guest_merge(make_vm, volumes, strategy, config):
+    """A merge into a small volume (8 MiB) with 12 MiB of guest writes
+    while it runs; returns (vm, disk, volume, finished process)."""
     vm = make_vm()
     target = volumes("T", 8)
     if strategy == "commit":  # active commit of C and D into B, the volume
@@ -135,20 +132,35 @@ def test_guest_writes_during_the_job_cross_the_threshold(make_vm, config, volume
     disk = vm.add_layers("vda", [(where(p), where(b), LayerSpec(p.split(".")[0], w, fmt=f))
                                  for p, b, f, w in layers])
     vm.start()
-    A = disk.layers[0]
-    proc = rig.cli_background("merge", vm.name, "vda", "--base", A, "--strategy", strategy,
-                              "--bandwidth", "4", config=with_volume_keys(config, margin_mib=20))
-    wait_for_job(vm)
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", disk.layers[0], "--strategy",
+                              strategy, "--bandwidth", "4", config=config)
+    try:
+        wait_for_job(vm)
+    except AssertionError:
+        raise AssertionError(finish(proc)) from None
     for n in range(12):  # a busy guest, not a burst faster than an extension
         disk.guest_write(0x40 + n, 30 + n, 1)
         time.sleep(0.2)
-    rc, out, err = finish(proc)
+    return vm, disk, target, finish(proc)
+
+
+@pytest.mark.parametrize("strategy", ["commit", "pull"])
+def test_guest_writes_during_the_job_cross_the_threshold(make_vm, config, volumes, strategy):
+    """The layer the job writes into is a qcow2 on a small volume: sized
+    before the job with a 20 MiB margin (also the threshold's distance from
+    the end, and the step of each extension: more than QEMU's mirror writes
+    in one burst, 16 MiB by default -- a 4 MiB step lost that race), then
+    12 MiB of guest writes while the job runs cross its threshold; the
+    volume grows during the job and the VM never pauses."""
+    vm, disk, target, (rc, out, err) = busy_guest_merge(
+        make_vm, volumes, strategy, with_volume_keys(config, margin_mib=20))
+    A = disk.layers[0]
     assert rc == 0, (out, err)
     volume = out["volume"]
     assert volume["path"] == target and volume["extensions_during_job"] >= 1, volume
     assert device_size(target) > volume["extended_to"]
     assert_never_paused(vm, err)
-    assert disk.live_chain() == ([target, A] if strategy == "commit" else [target, A])
+    assert disk.live_chain() == [target, A]
     disk.assert_guest_data()
     rc, out, _ = rig.cli("verify", vm.name, config=config)
     assert rc == 0, out
@@ -305,3 +317,17 @@ def test_chain_mode_onto_block_volumes(make_vm, config, workdir, running):
         for name in os.listdir(vg):
             if not name.startswith("."):
                 rig.remove_loop_device(os.path.realpath(f"{vg}/{name}"))
+
+
+def test_an_extension_that_fails_during_the_job_aborts_it(make_vm, config, volumes):
+    """The volume group fills up: the extension at the threshold fails, the
+    job is aborted (exit 1) and the chain and the guest's data are as
+    before the merge, verify clean."""
+    vm, disk, target, (rc, out, err) = busy_guest_merge(
+        make_vm, volumes, "commit", with_volume_keys(config, margin_mib=20, limit_mib=40))
+    assert rc == 1 and "Insufficient free space" in out["error"]["message"], (out, err)
+    assert "aborted, the chain is as before" in out["error"]["message"]
+    assert disk.live_chain() == disk.layers[::-1]
+    disk.assert_guest_data()
+    rc, report, _ = rig.cli("verify", vm.name, config=config)
+    assert rc == 0, report

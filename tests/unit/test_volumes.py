@@ -57,3 +57,46 @@ def test_extend_runs_the_command_and_reads_the_size_back(tmp_path):
     assert seen == [["tool", "8192", str(volume)]]
     with pytest.raises(VolumeNotExtended, match="4096 bytes after tool asked for 65536"):
         volumes.extend(str(volume), 65536, ("tool", "4096", "{path}"), run=grow)
+
+
+class PausingDomain:
+    """Just what a VolumeGuard asks of a domain; paused on a write error
+    until resumed (QEMU's werror=enospc with no guest OS here to cause it)."""
+
+    def __init__(self):
+        self.paused = True
+        self.thresholds = []
+
+    def set_block_threshold(self, dev, offset):
+        self.thresholds.append((dev, offset))
+
+    def paused_on_io_error(self):
+        return self.paused
+
+    def resume(self):
+        self.paused = False
+
+
+def test_the_guard_extends_and_resumes_a_vm_paused_on_enospc(tmp_path, monkeypatch):
+    volume = tmp_path / "vol"
+    volume.write_bytes(b"\0" * (8 << 20))
+    grown = []
+
+    def grow(path, size, command, run=None):
+        grown.append(size)
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+        return size
+
+    monkeypatch.setattr(volumes, "extend", grow)
+    domain = PausingDomain()
+    guard = volumes.VolumeGuard(domain, "vda[2]", str(volume), ("tool",), step=4 << 20)
+    guard.arm()
+    assert domain.thresholds == [("vda[2]", 4 << 20)]  # a step below the end
+    guard.tick()
+    assert grown == [12 << 20] and not domain.paused and guard.extensions == 1
+    assert domain.thresholds[-1] == ("vda[2]", 8 << 20)  # re-armed
+    guard.tick()  # running: nothing to do
+    assert grown == [12 << 20]
+    guard.disarm()
+    assert domain.thresholds[-1] == ("vda[2]", 0)
