@@ -49,6 +49,7 @@ _FROM_STATUS = {
     JobStatus.READY: Outcome.READY,
 }
 
+
 class Guard(Protocol):
     """Looks after the room a running job writes into (volumes.VolumeGuard)."""
 

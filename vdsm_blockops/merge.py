@@ -173,12 +173,6 @@ class Merge:
         guard.arm()
         return guard
 
-    def _make_room(self, ctx: Context, plan: MergePlan) -> None:
-        room = self.volumes.get(plan.disk)
-        if room is not None and room["needed"] > room["size"]:
-            room["extended_to"] = volumes.extend(room["path"], room["needed"],
-                                                 ctx.config.volume_extend_command)
-
     def check_plans(self, plans: list[MergePlan]) -> None:
         if not self.req.wait and sum(p.strategy is Strategy.PULL for p in plans) > 1:
             raise errors.BadRequest(
@@ -236,7 +230,8 @@ class Merge:
 
     def execute(self, ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,
                 record: OperationRecord) -> MergeReport:
-        self._make_room(ctx, plan)
+        if plan.disk in self.volumes:
+            volumes.make_room(self.volumes[plan.disk], ctx.config.volume_extend_command)
         if not self.online:
             # No phases: each would rewrite the persistent definition (the
             # only copy of a shut-off domain's record), and recover reads

@@ -254,15 +254,16 @@ class Relocate:
         self.volumes[plan.disk] = room.to_json()
 
     def _prepare_device(self, ctx: Context, plan: RelocatePlan, images: dict[str, ImageInfo]) -> None:
+        """Extend DEST where it is short (a raw one to the disk's size
+        exactly: LVM may round it past), then write the image onto it."""
         room = self.volumes[plan.disk]
         active = images[plan.chain_before[0]]
-        if room["needed"] > room["size"]:
-            room["extended_to"] = volumes.extend(room["path"], room["needed"],
-                                                 ctx.config.volume_extend_command)
-            if plan.format is ImageFormat.RAW and room["extended_to"] != active.virtual_size:
-                raise errors.VolumeNotExtended(
-                    f"{plan.dest} is {room['extended_to']} bytes after the extension and the disk "
-                    f"{active.virtual_size}: a raw copy must be the disk's size")
+        volumes.make_room(room, ctx.config.volume_extend_command)
+        grown = room.get("extended_to", active.virtual_size)
+        if plan.format is ImageFormat.RAW and grown != active.virtual_size:
+            raise errors.VolumeNotExtended(
+                f"{plan.dest} is {grown} bytes after the extension and the disk "
+                f"{active.virtual_size}: a raw copy must be the disk's size")
         below = plan.chain_before[1] if plan.mode is not Mode.FULL and len(plan.chain_before) > 1 \
             else None
         volumes.format_destination(plan.dest, plan.format.value, active.virtual_size,

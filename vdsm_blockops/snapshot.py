@@ -134,11 +134,8 @@ class Snapshot:
     def _prepare_volume(self, ctx: Context, domain: Domain, plan: SnapshotPlan) -> None:
         """Extend OVERLAY's device where it is short, and write the empty
         overlay onto it (over the active image), for libvirt to reuse."""
-        room = self.volume
-        assert room is not None
-        if room["needed"] > room["size"]:
-            room["extended_to"] = volumes.extend(plan.overlay, room["needed"],
-                                                 ctx.config.volume_extend_command)
+        if self.volume is not None:
+            volumes.make_room(self.volume, ctx.config.volume_extend_command)
         active = planned_disk(domain.spec().disk(plan.disk))[1][0]
         volumes.format_destination(plan.overlay, "qcow2", active.virtual_size, active.path,
                                    active.format)

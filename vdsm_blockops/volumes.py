@@ -132,6 +132,13 @@ def extend(path: str, size: int, command: Sequence[str], run: Runner = run_comma
     return after
 
 
+def make_room(room: dict[str, Any], command: Sequence[str]) -> None:
+    """Extend a planned room's volume (``room`` as the report carries it)
+    where it is short, noting ``extended_to``."""
+    if room["needed"] > room["size"]:
+        room["extended_to"] = extend(room["path"], room["needed"], command)
+
+
 class VolumeGuard:
     """Keeps a qcow2 on a device ahead of a running job and the guest, as
     VDSM does: a block threshold a step below the device's end; when

@@ -46,16 +46,23 @@ def write_since(disk, writes, pattern, offset_mib):
     writes.append(Write(pattern, offset_mib, 1))
 
 
-@pytest.mark.parametrize("case", list(LIVE_CASES))
-def test_live_operations_keep_a_checkpoint(make_vm, config, workdir, case):
-    vm, disk = chain_vm(make_vm)
-    A, B, C, D = disk.layers
+def checkpoint_then_snapshot(vm, disk, config, workdir):
+    """cp1, a guest write, a snapshot E, a guest write: cp1's bitmap now
+    lives in D and E. Returns the writes since cp1."""
     checkpoint(vm)
     since: list[Write] = []
     write_since(disk, since, 0x91, 50)
     rc, _, err = rig.cli("snapshot", vm.name, "vda", f"{workdir}/E.qcow2", config=config)
     assert rc == 0, err
     write_since(disk, since, 0x92, 60)
+    return since
+
+
+@pytest.mark.parametrize("case", list(LIVE_CASES))
+def test_live_operations_keep_a_checkpoint(make_vm, config, workdir, case):
+    vm, disk = chain_vm(make_vm)
+    A, B, C, D = disk.layers
+    since = checkpoint_then_snapshot(vm, disk, config, workdir)
     os.makedirs(f"{workdir}/pool2")
     args = [a.format(A=A, B=B, C=C, dest=f"{workdir}/pool2/moved.qcow2") for a in LIVE_CASES[case]]
     rc, out, err = rig.cli(args[0], vm.name, *args[1:], config=config)
@@ -83,12 +90,7 @@ def test_cold_operations_keep_a_checkpoint_across_a_snapshot(make_vm, config, wo
     checkpoint is still incremental and holds both writes."""
     vm, disk = chain_vm(make_vm)
     B = disk.layers[1]
-    checkpoint(vm)
-    since: list[Write] = []
-    write_since(disk, since, 0x91, 50)
-    rc, out, err = rig.cli("snapshot", vm.name, "vda", f"{workdir}/E.qcow2", config=config)
-    assert rc == 0, err
-    write_since(disk, since, 0x92, 60)
+    since = checkpoint_then_snapshot(vm, disk, config, workdir)
     vm.dom.destroy()  # QEMU stores the bitmaps as it closes the images
     args = [a.format(dest=f"{workdir}/moved.qcow2", B=B) for a in COLD_CASES[case]]
     rc, out, err = rig.cli(args[0], vm.name, *args[1:], config=config)

@@ -168,6 +168,20 @@ def test_guest_writes_during_the_job_cross_the_threshold(make_vm, config, volume
     disk.assert_guest_data()
 
 
+def check_then_restart(vm, disk, config, running, pattern):
+    """verify clean, the guest's data right after one more write, and again
+    once the VM (re)starts from its persistent definition."""
+    rc, report, _ = rig.cli("verify", vm.name, config=config)
+    assert rc == 0, report
+    if running:
+        disk.guest_write(pattern, 33, 1)
+        disk.assert_guest_data()
+        vm.restart()
+    else:
+        vm.dom.create()
+    disk.assert_guest_data()
+
+
 # ------------------------------------------------ relocation onto devices
 ONTO_DEVICE = {
     # case: (mode, format, device MiB, layers of the source DEST backs onto)
@@ -198,15 +212,7 @@ def test_relocation_onto_a_device(make_vm, config, volumes, case, running):
         assert "extended_to" not in out["volume"] and device_size(dest) == 64 * MIB
     assert disk.chain() == [dest] + disk.layers[::-1][1:1 + kept]
     assert f"<source dev='{dest}'" in vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    rc, report, _ = rig.cli("verify", vm.name, config=config)
-    assert rc == 0, report
-    if running:
-        disk.guest_write(0x5A, 33, 1)
-        disk.assert_guest_data()
-        vm.restart()
-    else:
-        vm.dom.create()
-    disk.assert_guest_data()
+    check_then_restart(vm, disk, config, running, 0x5A)
 
 
 def test_relocation_onto_devices_that_cannot_fit_is_refused(make_vm, config, volumes):
@@ -301,15 +307,7 @@ def test_chain_mode_onto_block_volumes(make_vm, config, workdir, running):
         assert out["chain_after"] == new and disk.chain() == new
         assert all(rig.is_device(p) for p in new)
         assert f"<source dev='{new[0]}'" in vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-        rc, report, _ = rig.cli("verify", vm.name, config=config)
-        assert rc == 0, report
-        if running:
-            disk.guest_write(0x5D, 45, 1)
-            disk.assert_guest_data()
-            vm.restart()
-        else:
-            vm.dom.create()
-        disk.assert_guest_data()
+        check_then_restart(vm, disk, config, running, 0x5D)
         rc, out, _ = rig.cli("relocate", vm.name, "vda", vg, "--mode", "chain", config=config)
         assert rc == 2 and "exist" in out["error"]["message"], out
     finally:
