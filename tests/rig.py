@@ -304,7 +304,9 @@ def remove_domain(dom: libvirt.virDomain) -> None:
         if dom.isActive():
             dom.destroy()
         if dom.isPersistent():
-            dom.undefine()
+            # a domain with checkpoints or snapshots is not undefined without these
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     except libvirt.libvirtError:
         pass
 

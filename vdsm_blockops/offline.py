@@ -30,6 +30,7 @@ from .images import (
     create_overlay,
     enable_bitmap,
     merge_bitmap,
+    read_chain,
     remove_bitmap,
     set_backing,
 )
@@ -190,9 +191,16 @@ def _carry_bitmaps(into: ImageInfo, nearest: ImageInfo, merged: list[ImageInfo],
 
 def snapshot(domain: Domain, disk: str, overlay: str, active: ImageInfo, reuse_external: bool,
              creator: FileCreator) -> None:
-    """A new overlay on the active image, then the definition on it."""
+    """A new overlay on the active image, then the definition on it. The
+    active image's checkpoint bitmaps get an empty copy in the overlay, as
+    libvirt gives a live snapshot's: the checkpoint's run goes on up to
+    the new active layer (without it the next backup would be full)."""
     if not reuse_external:
         creator.reserve(overlay)
         create_overlay(overlay, active.path, active.format, active.virtual_size)
         fsync_dir(os.path.dirname(overlay))
+    present = {b.name for b in read_chain(overlay, "qcow2")[0].bitmaps}
+    for bitmap in active.bitmaps:
+        if bitmap.usable and bitmap.name not in present:
+            add_bitmap(overlay, bitmap.name, bitmap.granularity)
     point_persistent_definition(domain, disk, overlay, "qcow2")

@@ -76,6 +76,9 @@ def test_live_operations_keep_a_checkpoint(make_vm, config, workdir, case):
 
 
 COLD_CASES = {
+    "snapshot": ("snapshot", "vda", "{dest}"),
+    "chain-relocation": ("relocate", "vda", "{dest}", "--mode", "chain"),
+    "shallow-relocation": ("relocate", "vda", "{dest}", "--mode", "shallow"),
     "full-relocation": ("relocate", "vda", "{dest}", "--mode", "full"),
     "commit": ("merge", "vda", "--base", "{B}", "--strategy", "commit"),
     "pull": ("merge", "vda", "--base", "{B}", "--strategy", "pull"),
@@ -85,14 +88,16 @@ COLD_CASES = {
 @pytest.mark.parametrize("case", list(COLD_CASES))
 def test_cold_operations_keep_a_checkpoint_across_a_snapshot(make_vm, config, workdir, case):
     """A checkpoint older than a snapshot has its bitmap in two layers;
-    qemu-img moves data, not bitmaps: the copies are carried and merged, so
-    after a cold relocation, commit or pull the next backup from the
-    checkpoint is still incremental and holds both writes."""
+    qemu-img moves data, not bitmaps: the copies are carried and merged
+    (and a cold snapshot's overlay gets its own), so after each cold
+    operation the next backup from the checkpoint is still incremental and
+    holds both writes."""
     vm, disk = chain_vm(make_vm)
     B = disk.layers[1]
     since = checkpoint_then_snapshot(vm, disk, config, workdir)
     vm.dom.destroy()  # QEMU stores the bitmaps as it closes the images
-    args = [a.format(dest=f"{workdir}/moved.qcow2", B=B) for a in COLD_CASES[case]]
+    os.makedirs(f"{workdir}/pool2")
+    args = [a.format(dest=f"{workdir}/pool2/moved.qcow2", B=B) for a in COLD_CASES[case]]
     rc, out, err = rig.cli(args[0], vm.name, *args[1:], config=config)
     assert rc == 0, (out, err)
     assert out["online"] is False
