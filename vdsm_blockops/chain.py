@@ -91,6 +91,7 @@ class Mirror:
     ready: str | None  # None (still copying), 'yes', 'abort', 'pivot'
     path: str
     format: str | None
+    index: int | None = None  # ``vda[N]`` names the copy's target (a block threshold on it)
 
     @property
     def is_ready(self) -> bool:
@@ -270,6 +271,7 @@ def _parse_disk(disk_elem: etree._Element) -> Disk:
             ready=mirror_elem.get("ready"),
             path=m_path,
             format=fmt.get("type") if fmt is not None else mirror_elem.get("format"),
+            index=_index(mirror_elem),
         )
     alias = disk_elem.find("alias")
     source_elem = disk_elem.find("source")

@@ -53,6 +53,7 @@ _FROM_STATUS = {
 class Guard(Protocol):
     """Looks after the room a running job writes into (volumes.VolumeGuard)."""
 
+    def arm(self) -> None: ...
     def on_threshold(self, event: ThresholdEvent) -> None: ...
     def tick(self) -> None: ...
     def disarm(self) -> None: ...
@@ -232,6 +233,8 @@ class JobRunner:
             self.store.advance(self.record, Phase.STARTED)
             if not wait:
                 return None
+            if guard is not None:  # the job's target has its libvirt name now
+                guard.arm()
             return self._wait(watch, two_phase, pivot, timeout_s, guard)
 
     def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None) -> Outcome:

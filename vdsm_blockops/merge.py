@@ -162,16 +162,14 @@ class Merge:
                                 ctx.config.volume_margin_mib)
 
     def _guard(self, ctx: Context, domain: Domain, plan: MergePlan) -> volumes.VolumeGuard | None:
-        """A threshold on the block volume the job writes into, armed
-        before the job starts (its first writes may cross it)."""
+        """A threshold on the block volume the job writes into."""
         room = self.volumes.get(plan.disk)
         if room is None or not ctx.config.volume_extend_command:
             return None
-        guard = volumes.VolumeGuard(domain, libvirt_ref(domain, plan.disk, room["path"]) or plan.disk,
-                                    room["path"], ctx.config.volume_extend_command,
-                                    max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
-        guard.arm()
-        return guard
+        return volumes.VolumeGuard(
+            domain, lambda: libvirt_ref(domain, plan.disk, room["path"]) or plan.disk,
+            room["path"], ctx.config.volume_extend_command,
+            max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
 
     def check_plans(self, plans: list[MergePlan]) -> None:
         if not self.req.wait and sum(p.strategy is Strategy.PULL for p in plans) > 1:

@@ -269,6 +269,23 @@ class Relocate:
         volumes.format_destination(plan.dest, plan.format.value, active.virtual_size,
                                    below, images[below].format if below else "qcow2")
 
+    def _mirror_guard(self, ctx: Context, domain: Domain,
+                      plan: RelocatePlan) -> volumes.VolumeGuard | None:
+        """DEST a block device: a threshold on the copy's target (libvirt
+        names it ``vda[N]`` by the ``<mirror>``'s index once the job runs)."""
+        room = self.volumes.get(plan.disk)
+        if room is None or not ctx.config.volume_extend_command or plan.format is ImageFormat.RAW:
+            return None
+
+        def locate() -> str:
+            mirror = domain.spec().disk(plan.disk).mirror
+            if mirror is None or mirror.index is None:
+                raise errors.OperationFailed("the copy's target has no index in the live XML")
+            return f"{plan.disk}[{mirror.index}]"
+
+        return volumes.VolumeGuard(domain, locate, plan.dest, ctx.config.volume_extend_command,
+                                   max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
+
     def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
                     alloc: dict[str, int]) -> Method:
         """``auto``: flatten a full copy when the read-only layers hold more
@@ -363,6 +380,7 @@ class Relocate:
             elif plan.mode is Mode.FULL and not req.reuse_external:
                 prepare_full_copy(plan, images, creator)
                 store.advance(record, Phase.PREPARED)
+            guard = self._mirror_guard(ctx, domain, plan)
             outcome = runner.run(
                 lambda: domain.copy(
                     plan.disk, disk_xml(plan.dest, plan.format.value),
@@ -370,7 +388,10 @@ class Relocate:
                     reuse_external=req.reuse_external or bool(record.created_files) or on_volumes,
                     transient=plan.persistent, sync_writes=req.sync_writes,
                     bandwidth_mib_s=self.bandwidth),
-                two_phase=True, pivot=req.pivot, timeout_s=req.timeout_s, wait=req.wait)
+                two_phase=True, pivot=req.pivot, timeout_s=req.timeout_s, wait=req.wait,
+                guard=guard)
+            if guard is not None:
+                self.volumes[plan.disk]["extensions_during_job"] = guard.extensions
         if outcome is None:
             report = self.report(domain, plan)
             report.record = record.id

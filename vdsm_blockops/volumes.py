@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -146,16 +146,26 @@ class VolumeGuard:
     step and the threshold is set again. A VM that QEMU paused on ENOSPC
     all the same (a burst faster than the event) is extended and resumed."""
 
-    def __init__(self, domain: Domain, dev: str, path: str, command: Sequence[str],
-                 step: int) -> None:
-        self.domain, self.dev, self.path = domain, dev, path
+    def __init__(self, domain: Domain, locate: Callable[[], str], path: str,
+                 command: Sequence[str], step: int) -> None:
+        self.domain, self.locate, self.path = domain, locate, path
         self.command, self.step = tuple(command), step
+        self.dev = ""  # libvirt's name of the layer (``vda[N]``), once the job runs
         self.extensions = 0
 
     def arm(self) -> None:
-        self.domain.set_block_threshold(self.dev, max(device_size(self.path) - self.step, 1))
+        """Set the threshold; where libvirt refuses, the job goes on with
+        the room measured before it (and a pause on ENOSPC still heals)."""
+        try:
+            self.dev = self.dev or self.locate()
+            self.domain.set_block_threshold(self.dev, max(device_size(self.path) - self.step, 1))
+        except errors.BlockOpsError as exc:
+            log.warning("%s: no block threshold (%s); relying on the room made before the job",
+                        self.path, exc)
 
     def disarm(self) -> None:
+        if not self.dev:
+            return
         try:
             self.domain.set_block_threshold(self.dev, 0)  # 0: no threshold
         except errors.BlockOpsError:

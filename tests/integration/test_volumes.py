@@ -329,3 +329,26 @@ def test_an_extension_that_fails_during_the_job_aborts_it(make_vm, config, volum
     disk.assert_guest_data()
     rc, report, _ = rig.cli("verify", vm.name, config=config)
     assert rc == 0, report
+
+
+def test_a_busy_guest_during_a_mirror_onto_a_device(make_vm, config, volumes):
+    """Full relocation onto a small volume: sized for the data plus a
+    20 MiB margin; 12 MiB of guest writes during the mirror cross the
+    threshold set on the copy's target (``vda[N]`` of the <mirror>): the
+    volume grows during the job, the VM never pauses."""
+    vm, disk = chain_vm(make_vm)
+    dest = volumes("DST", 8)
+    proc = rig.cli_background("relocate", vm.name, "vda", dest, "--mode", "full", "--method",
+                              "mirror", "--reuse-external", "--bandwidth", "4",
+                              config=with_volume_keys(config, margin_mib=20))
+    wait_for_job(vm)
+    for n in range(12):
+        disk.guest_write(0x60 + n, 30 + n, 1)
+        time.sleep(0.2)
+    rc, out, err = finish(proc)
+    assert rc == 0, (out, err)
+    volume = out["volume"]
+    assert volume["extensions_during_job"] >= 1 and device_size(dest) > volume["extended_to"], volume
+    assert_never_paused(vm, err)
+    assert disk.live_chain() == [dest]
+    check_then_restart(vm, disk, config, True, 0x6F)

@@ -90,7 +90,7 @@ def test_the_guard_extends_and_resumes_a_vm_paused_on_enospc(tmp_path, monkeypat
 
     monkeypatch.setattr(volumes, "extend", grow)
     domain = PausingDomain()
-    guard = volumes.VolumeGuard(domain, "vda[2]", str(volume), ("tool",), step=4 << 20)
+    guard = volumes.VolumeGuard(domain, lambda: "vda[2]", str(volume), ("tool",), step=4 << 20)
     guard.arm()
     assert domain.thresholds == [("vda[2]", 4 << 20)]  # a step below the end
     guard.tick()
