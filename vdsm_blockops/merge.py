@@ -135,7 +135,7 @@ class Merge:
         users = chain_users(ctx.conn, [disk.paths[end - 1]], exclude=(domain.uuid, disk.target),
                             cache_dir=ctx.state.path) if may_commit else {}
         plan = plan_merge(disk, top_pos=top_pos, base_pos=base_pos, strategy=req.strategy,
-                          allocation={i.path: i.actual_size for i in images}, users=users)
+                          allocation={i.path: volumes.allocation(i) for i in images}, users=users)
         relative = relative_all_along(images, plan, top_pos, base_pos) \
             if req.keep_relative is None else req.keep_relative
         room = self._room(ctx, plan)

@@ -187,7 +187,7 @@ class Relocate:
         if dest in sources:
             raise errors.BadRequest(f"destination {dest} is an image of the source chain")
         chain = norm(disk.paths)
-        alloc = {i.path: i.actual_size for i in images}
+        alloc = {i.path: volumes.allocation(i) for i in images}
         plan = RelocatePlan(disk=disk.target, mode=self.mode, method=self.method,
                             format=self.format, dest=dest, chain_before=chain, chain_after=[dest],
                             persistent=domain.is_persistent(), bytes_to_copy=sum(alloc.values()))

@@ -80,6 +80,15 @@ def _node(layers: Sequence[ImageInfo]) -> dict[str, Any] | None:
     return node
 
 
+def allocation(image: ImageInfo) -> int:
+    """The bytes an image holds, the planner's cost measure: for a qcow2 on
+    a device where its used space ends (the device's size says only how
+    big the LV was made), else what ``ImageInfo`` has."""
+    if image.format == "qcow2" and is_block_device(image.path):
+        return qcow2_end(image.path)
+    return image.actual_size
+
+
 def measure(layers: Sequence[ImageInfo], virtual_size: int, run: Runner = run_command) -> int:
     """Bytes a qcow2 needs to hold ``layers``' data and bitmaps, at most a
     fully allocated one of ``virtual_size`` with those bitmaps."""

@@ -106,6 +106,10 @@ def test_commit_into_a_small_volume_without_an_extend_command_is_refused(base_on
     assert B in message and f"{8 * MIB} bytes" in message and "volume_extend_command" in message
     assert device_size(B) == 8 * MIB and disk.live_chain() == [D, C, B, A]
     disk.assert_guest_data()
+    # the planner counts what B holds (its qcow2's end), not the volume's size
+    rc, out, _ = rig.cli("merge", vm.name, "vda", "--base", A, "--strategy", "pull", "--dry-run",
+                         config=config)
+    assert rc == 0 and 17 * MIB < out["bytes_to_copy"] < 19 * MIB, out
 
 
 def assert_never_paused(vm, err):
