@@ -110,6 +110,13 @@ verified:
   description: Whether the result was checked against libvirt and the images.
   returned: success
   type: bool
+volume:
+  description:
+    - For a target (merge), destination (relocate) or overlay (snapshot) that is a block device
+      (qcow2 on an LV) - its size, where its data ends, the bytes the job may need, the size it
+      was extended to and the extensions made during the job.
+  returned: when the layer written into is a block device
+  type: dict
 results:
   description: One report per disk when I(disk=all).
   returned: when disk is all

@@ -50,6 +50,13 @@ chain_after:
   returned: success
   type: list
   elements: str
+volume:
+  description:
+    - For a target (merge), destination (relocate) or overlay (snapshot) that is a block device
+      (qcow2 on an LV) - its size, where its data ends, the bytes the job may need, the size it
+      was extended to and the extensions made during the job.
+  returned: when the layer written into is a block device
+  type: dict
 """
 
 
