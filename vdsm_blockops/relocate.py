@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from . import errors, flatten, volume_chain, volumes
+from . import errors, flatten, onto_devices, volumes
 from .chain import Disk, check_reference, disk_xml
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
 from .copying import prepare_chain_copy, prepare_full_copy
@@ -208,9 +208,10 @@ class Relocate:
             plan.chain_after = [dest] + chain[1:]
             plan.bytes_to_copy = alloc[chain[0]]
         on_device = is_block_device(dest)
-        plan.method = Method.MIRROR if on_device else self._method_for(domain, disk, chain, alloc)
+        if not on_device:
+            plan.method = self._method_for(domain, disk, chain, alloc)
         if on_device:
-            self._plan_device(ctx, plan, images)
+            self.volumes[disk.target] = onto_devices.plan_device(ctx, plan, images, self.method)
         for path in plan.chain_after:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
                 check_place(ctx, path, self.req.reuse_external, sources)
@@ -225,66 +226,14 @@ class Relocate:
 
     def _plan_volume_chain(self, ctx: Context, plan: RelocatePlan) -> RelocatePlan:
         """DEST a directory (``/dev/<vg>``): one new block volume per layer."""
-        if self.method not in (Method.AUTO, Method.MIRROR):
-            raise errors.BadRequest(f"{plan.disk}: onto block volumes only --method mirror "
-                                    f"copies, not {self.method.value}")
+        onto_devices.only_mirror(plan, self.method)
         if self.req.reuse_external:
             raise errors.BadRequest(f"{plan.disk}: chain mode onto block volumes creates them; "
                                     "--reuse-external does not apply")
-        plan.method = Method.MIRROR
-        self.volume_sizes[plan.disk] = volume_chain.plan_volumes(
+        self.volume_sizes[plan.disk] = onto_devices.plan_volumes(
             plan, self.images[plan.disk], plan.dest, ctx.config.volume_create_command,
             ctx.config.volume_margin_mib)
         return plan
-
-    def _plan_device(self, ctx: Context, plan: RelocatePlan, images: list[ImageInfo]) -> None:
-        """DEST is a pre-created block device (an LV): the copy must fit,
-        after an extension where the node has a command for it; the tool
-        writes the image onto it (``_prepare_device``) and mirrors into it."""
-        if plan.copies:
-            raise errors.BadRequest(f"{plan.disk}: chain mode copies every layer as a file; onto a "
-                                    "block device use --mode full or --mode shallow")
-        if self.method not in (Method.AUTO, Method.MIRROR):
-            raise errors.BadRequest(f"{plan.disk}: onto a block device only --method mirror "
-                                    f"copies, not {self.method.value}")
-        copied = images if plan.mode is Mode.FULL else images[:1]
-        room = volumes.destination_room(plan.dest, plan.format.value, copied,
-                                        images[0].virtual_size, ctx.config.volume_margin_mib)
-        volumes.refuse_if_short(room, ctx.config.volume_extend_command)
-        self.volumes[plan.disk] = room.to_json()
-
-    def _prepare_device(self, ctx: Context, plan: RelocatePlan, images: dict[str, ImageInfo]) -> None:
-        """Extend DEST where it is short (a raw one to the disk's size
-        exactly: LVM may round it past), then write the image onto it."""
-        room = self.volumes[plan.disk]
-        active = images[plan.chain_before[0]]
-        volumes.make_room(room, ctx.config.volume_extend_command)
-        grown = room.get("extended_to", active.virtual_size)
-        if plan.format is ImageFormat.RAW and grown != active.virtual_size:
-            raise errors.VolumeNotExtended(
-                f"{plan.dest} is {grown} bytes after the extension and the disk "
-                f"{active.virtual_size}: a raw copy must be the disk's size")
-        below = plan.chain_before[1] if plan.mode is not Mode.FULL and len(plan.chain_before) > 1 \
-            else None
-        volumes.format_destination(plan.dest, plan.format.value, active.virtual_size,
-                                   below, images[below].format if below else "qcow2")
-
-    def _mirror_guard(self, ctx: Context, domain: Domain,
-                      plan: RelocatePlan) -> volumes.VolumeGuard | None:
-        """DEST a block device: a threshold on the copy's target (libvirt
-        names it ``vda[N]`` by the ``<mirror>``'s index once the job runs)."""
-        room = self.volumes.get(plan.disk)
-        if room is None or not ctx.config.volume_extend_command or plan.format is ImageFormat.RAW:
-            return None
-
-        def locate() -> str:
-            mirror = domain.spec().disk(plan.disk).mirror
-            if mirror is None or mirror.index is None:
-                raise errors.OperationFailed("the copy's target has no index in the live XML")
-            return f"{plan.disk}[{mirror.index}]"
-
-        return volumes.VolumeGuard(domain, locate, plan.dest, ctx.config.volume_extend_command,
-                                   max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
 
     def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
                     alloc: dict[str, int]) -> Method:
@@ -349,10 +298,10 @@ class Relocate:
         creator = FileCreator(store, record)
         images = self.images[plan.disk]  # as planned: the layers are the same files
         if plan.disk in self.volumes:
-            self._prepare_device(ctx, plan, images)
+            onto_devices.prepare_device(ctx, plan, images, self.volumes[plan.disk])
         on_volumes = plan.disk in self.volume_sizes
         if on_volumes:
-            volume_chain.copy_onto_volumes(plan, images, self.volume_sizes[plan.disk],
+            onto_devices.copy_onto_volumes(plan, images, self.volume_sizes[plan.disk],
                                            ctx.config.volume_create_command,
                                            with_active=not self.online)
             if not self.online:  # every layer copied: the definition names the volumes
@@ -380,7 +329,8 @@ class Relocate:
             elif plan.mode is Mode.FULL and not req.reuse_external:
                 prepare_full_copy(plan, images, creator)
                 store.advance(record, Phase.PREPARED)
-            guard = self._mirror_guard(ctx, domain, plan)
+            guard = onto_devices.mirror_guard(ctx, domain, plan) if plan.disk in self.volumes \
+                else None
             outcome = runner.run(
                 lambda: domain.copy(
                     plan.disk, disk_xml(plan.dest, plan.format.value),

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 
 
+def whole_mib(size: int) -> int:
+    """Rounded up to a MiB: devices grow by extents, never by bytes."""
+    return -(-size // MIB) * MIB
+
+
 @dataclass(frozen=True)
 class Room:
     """A job's need for room in one volume, against the device's size."""
@@ -111,8 +116,7 @@ def room_for(target: ImageInfo, incoming: Sequence[ImageInfo], margin_mib: int,
         return None
     end = qcow2_end(target.path)
     needed = end + measure(incoming, target.virtual_size, run) + margin_mib * MIB
-    return Room(path=target.path, size=device_size(target.path), end=end,
-                needed=-(-needed // MIB) * MIB)  # whole MiB: devices grow by extents
+    return Room(path=target.path, size=device_size(target.path), end=end, needed=whole_mib(needed))
 
 
 def refuse_if_short(room: Room | None, extend_command: Sequence[str]) -> None:
@@ -213,7 +217,7 @@ def destination_room(dest: str, fmt: str, copied: Sequence[ImageInfo], virtual_s
                 f"device of {virtual_size} bytes")
         return Room(path=dest, size=size, end=0, needed=virtual_size)
     needed = measure(copied, virtual_size, run) + margin_mib * MIB
-    return Room(path=dest, size=size, end=0, needed=-(-needed // MIB) * MIB)
+    return Room(path=dest, size=size, end=0, needed=whole_mib(needed))
 
 
 def overlay_room(overlay: str, virtual_size: int, margin_mib: int,
@@ -223,7 +227,7 @@ def overlay_room(overlay: str, virtual_size: int, margin_mib: int,
     empty = json.loads(run(["qemu-img", "measure", "--output=json", "-O", "qcow2",
                             "--size", str(virtual_size)]))
     needed = int(empty["required"]) + margin_mib * MIB
-    return Room(path=overlay, size=device_size(overlay), end=0, needed=-(-needed // MIB) * MIB)
+    return Room(path=overlay, size=device_size(overlay), end=0, needed=whole_mib(needed))
 
 
 def format_destination(dest: str, fmt: str, virtual_size: int, backing: str | None = None,

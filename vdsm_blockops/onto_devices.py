@@ -19,14 +19,74 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import errors, qemuimg, volumes
 from .identity import is_block_device
 from .images import ImageInfo, run_command
+from .model import ImageFormat, Method, Mode
 
 if TYPE_CHECKING:
+    from .context import Context
     from .relocate import RelocatePlan
+    from .virt import Domain
+
+
+def only_mirror(plan: RelocatePlan, method: Method) -> None:
+    """Onto devices the mirror copies (flatten and snapshot-stream write
+    files their own way)."""
+    if method not in (Method.AUTO, Method.MIRROR):
+        raise errors.BadRequest(f"{plan.disk}: onto block devices only --method mirror copies, "
+                                f"not {method.value}")
+    plan.method = Method.MIRROR
+
+
+def plan_device(ctx: Context, plan: RelocatePlan, images: list[ImageInfo],
+                method: Method) -> dict[str, Any]:
+    """DEST a pre-created device: the room the copy needs (refused, exit 2,
+    when it is short and nothing may extend it), as the report carries it."""
+    if plan.copies:
+        raise errors.BadRequest(f"{plan.disk}: chain mode copies every layer as a file; onto a "
+                                "block device use --mode full or --mode shallow")
+    only_mirror(plan, method)
+    copied = images if plan.mode is Mode.FULL else images[:1]
+    room = volumes.destination_room(plan.dest, plan.format.value, copied, images[0].virtual_size,
+                                    ctx.config.volume_margin_mib)
+    volumes.refuse_if_short(room, ctx.config.volume_extend_command)
+    return room.to_json()
+
+
+def prepare_device(ctx: Context, plan: RelocatePlan, images: dict[str, ImageInfo],
+                   room: dict[str, Any]) -> None:
+    """Extend DEST where it is short (a raw one to the disk's size exactly:
+    LVM may round past it), then write the image onto it."""
+    active = images[plan.chain_before[0]]
+    volumes.make_room(room, ctx.config.volume_extend_command)
+    grown = room.get("extended_to", active.virtual_size)
+    if plan.format is ImageFormat.RAW and grown != active.virtual_size:
+        raise errors.VolumeNotExtended(
+            f"{plan.dest} is {grown} bytes after the extension and the disk "
+            f"{active.virtual_size}: a raw copy must be the disk's size")
+    below = plan.chain_before[1] if plan.mode is not Mode.FULL and len(plan.chain_before) > 1 \
+        else None
+    volumes.format_destination(plan.dest, plan.format.value, active.virtual_size,
+                               below, images[below].format if below else "qcow2")
+
+
+def mirror_guard(ctx: Context, domain: Domain, plan: RelocatePlan) -> volumes.VolumeGuard | None:
+    """A threshold on the copy's target (libvirt names it ``vda[N]`` by the
+    ``<mirror>``'s index once the job runs); a raw target needs none."""
+    if not ctx.config.volume_extend_command or plan.format is ImageFormat.RAW:
+        return None
+
+    def locate() -> str:
+        mirror = domain.spec().disk(plan.disk).mirror
+        if mirror is None or mirror.index is None:
+            raise errors.OperationFailed("the copy's target has no index in the live XML")
+        return f"{plan.disk}[{mirror.index}]"
+
+    return volumes.VolumeGuard(domain, locate, plan.dest, ctx.config.volume_extend_command,
+                               max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
 
 
 def plan_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], folder: str,
@@ -56,19 +116,16 @@ def plan_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], folder: str,
         # qemu-img (VM off); the guest's writes meanwhile need the margin
         extra = margin_mib * volumes.MIB if pos == 0 else 0
         needed = volumes.measure([image], image.virtual_size) + extra
-        sizes[new[src]] = -(-needed // volumes.MIB) * volumes.MIB
+        sizes[new[src]] = volumes.whole_mib(needed)
     return sizes
 
 
 def create_volume(path: str, size: int, command: Sequence[str]) -> None:
     argv = [word.replace("{name}", os.path.basename(path)).replace("{size_bytes}", str(size))
             for word in command]
-    try:
-        run_command(argv)
-    except errors.OperationFailed as exc:
-        raise errors.VolumeNotExtended(f"creating volume {path} failed: {exc}") from exc
+    run_command(argv)
     if not is_block_device(path):
-        raise errors.VolumeNotExtended(f"{argv[0]} ran, but {path} is no block device")
+        raise errors.OperationFailed(f"{argv[0]} ran, but {path} is no block device")
 
 
 def copy_onto_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], sizes: dict[str, int],
