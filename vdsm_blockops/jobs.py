@@ -237,10 +237,13 @@ class JobRunner:
                 guard.arm()
             return self._wait(watch, two_phase, pivot, timeout_s, guard)
 
-    def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None) -> Outcome:
+    def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None,
+               guard: Guard | None = None) -> Outcome:
         """Wait on the job already running on the disk, as ``run`` would."""
         with self._watch() as watch:
-            return self._wait(watch, two_phase, pivot, timeout_s)
+            if guard is not None:
+                guard.arm()
+            return self._wait(watch, two_phase, pivot, timeout_s, guard)
 
     def _wait(self, watch: JobWatch, two_phase: bool, pivot: bool,
               timeout_s: float | None, guard: Guard | None = None) -> Outcome:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import errors, volumes
 from .chain import Disk
 from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
-from .identity import ImageSet, image_key, same_images
+from .identity import ImageSet, image_key, is_block_device, same_images
 from .images import ImageInfo
 from .jobs import JobRunner, Outcome, exclusive_pull
 from .model import Operation, Strategy
@@ -80,6 +80,24 @@ def libvirt_ref(domain: Domain, target: str, path: str | None) -> str | None:
         if layer.index is not None and image_key(layer.path) == key:
             return f"{target}[{layer.index}]"
     return path
+
+
+def merge_guard(ctx: Context, domain: Domain, plan: MergePlan) -> volumes.VolumeGuard | None:
+    """A threshold on the layer a live merge writes into (a commit's
+    RESULT, a pull's TOP) when it is a qcow2 on a device and the node can
+    extend it -- for the merge, and for recover following it. A raw device
+    never: extended, it would show the guest a bigger disk next boot."""
+    target = plan.top if plan.strategy is Strategy.PULL else plan.result
+    if not (ctx.config.volume_extend_command and target and is_block_device(target)):
+        return None
+    key = image_key(target)
+    layer = next((layer for layer in domain.spec().disk(plan.disk).chain
+                   if layer.path and image_key(layer.path) == key), None)
+    if layer is None or layer.format != "qcow2":
+        return None
+    return volumes.VolumeGuard(domain, lambda: libvirt_ref(domain, plan.disk, target) or plan.disk,
+                               target, ctx.config.volume_extend_command,
+                               max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
 
 
 def already_done(ctx: Context, req: MergeRequest) -> str | None:
@@ -161,16 +179,6 @@ class Merge:
         return volumes.room_for(target, [images[p] for p in incoming],
                                 ctx.config.volume_margin_mib)
 
-    def _guard(self, ctx: Context, domain: Domain, plan: MergePlan) -> volumes.VolumeGuard | None:
-        """A threshold on the block volume the job writes into."""
-        room = self.volumes.get(plan.disk)
-        if room is None or not ctx.config.volume_extend_command:
-            return None
-        return volumes.VolumeGuard(
-            domain, lambda: libvirt_ref(domain, plan.disk, room["path"]) or plan.disk,
-            room["path"], ctx.config.volume_extend_command,
-            max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
-
     def check_plans(self, plans: list[MergePlan]) -> None:
         if not self.req.wait and sum(p.strategy is Strategy.PULL for p in plans) > 1:
             raise errors.BadRequest(
@@ -241,7 +249,7 @@ class Merge:
         if plan.strategy is Strategy.COMMIT:
             self._warn_invalid_bitmaps(plan)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
-        guard = self._guard(ctx, domain, plan) if self.req.wait else None
+        guard = merge_guard(ctx, domain, plan) if self.req.wait else None
 
         def start() -> None:
             if plan.strategy is Strategy.PULL:
@@ -263,7 +271,7 @@ class Merge:
         else:
             outcome = runner.run(start, two_phase=plan.two_phase, pivot=True,
                                  timeout_s=req.timeout_s, wait=req.wait, guard=guard)
-        if guard is not None:
+        if guard is not None and plan.disk in self.volumes:
             self.volumes[plan.disk]["extensions_during_job"] = guard.extensions
         if outcome is None:  # --no-wait: jobs/recover follow up
             report = self.report(domain, plan)

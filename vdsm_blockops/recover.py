@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import errors
+from . import errors, onto_devices
 from .context import Context
-from .identity import same_images
-from .jobs import JobRunner, JobWatch, Outcome, exclusive_pull
-from .merge import Merge, MergeRequest
+from .identity import is_block_device, same_images
+from .jobs import Guard, JobRunner, JobWatch, Outcome, exclusive_pull
+from .merge import Merge, MergeRequest, merge_guard
 from .model import Method
 from .node import current_chain
 from .operation import settle
@@ -116,14 +117,17 @@ def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: Opera
 
 
 def _follow(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,
-            two_phase: bool, pivot: bool, timeout_s: float | None) -> Outcome | None:
-    """Wait on the record's job if it still runs; None when there is none,
-    FAILED when it ended badly (settle then rolls back)."""
+            two_phase: bool, pivot: bool, timeout_s: float | None,
+            guard: Callable[[], Guard | None] = lambda: None) -> Outcome | None:
+    """Wait on the record's job if it still runs, watching the block volume
+    it writes into as the interrupted command did (``guard``); None when
+    there is none, FAILED when it ended badly (settle then rolls back)."""
     if not domain.is_active() or domain.block_job_info(record.disk) is None:
         return None
     runner = JobRunner(ctx, domain, record.disk, store, record)
     try:
-        return runner.follow(two_phase=two_phase, pivot=pivot, timeout_s=timeout_s)
+        return runner.follow(two_phase=two_phase, pivot=pivot, timeout_s=timeout_s,
+                             guard=guard())
     except errors.JobFailed as exc:
         log.info("%s %s: the job ended without success: %s", domain.name, record.disk, exc)
         return Outcome.FAILED
@@ -132,7 +136,8 @@ def _follow(ctx: Context, domain: Domain, store: RecordStore, record: OperationR
 def _recover_merge(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,
                    timeout_s: float | None) -> str:
     plan = MergePlan.from_json(record.plan)
-    _follow(ctx, domain, store, record, plan.two_phase, True, timeout_s)
+    _follow(ctx, domain, store, record, plan.two_phase, True, timeout_s,
+            guard=lambda: merge_guard(ctx, domain, plan))
     op = Merge(MergeRequest(**record.request))
     return settle(domain, store, record,
                   finish=lambda: op.finish(ctx, domain, plan, store, record)).value
@@ -152,7 +157,9 @@ def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: 
     op = Relocate(RelocateRequest(**record.request))
     pivot = op.req.pivot
     snapshot_stream = plan.method is Method.SNAPSHOT_STREAM
-    outcome = _follow(ctx, domain, store, record, not snapshot_stream, pivot, timeout_s)
+    outcome = _follow(ctx, domain, store, record, not snapshot_stream, pivot, timeout_s,
+                      guard=lambda: onto_devices.mirror_guard(ctx, domain, plan)
+                      if plan.method is Method.MIRROR and is_block_device(plan.dest) else None)
     if outcome is Outcome.CANCELED:
         # --no-pivot: the job converged, DEST is the finished copy and the
         # VM stays on its source.

@@ -118,9 +118,11 @@ def assert_never_paused(vm, err):
     assert "paused on a write error" not in err
 
 
-def busy_guest_merge(make_vm, volumes, strategy, config):
+def busy_guest_merge(make_vm, volumes, strategy, config, interrupted=False):
     """A merge into a small volume (8 MiB) with 12 MiB of guest writes
-    while it runs; returns (vm, disk, volume, finished process)."""
+    while it runs -- ``interrupted``: the command killed as the job starts
+    and ``recover`` following the job instead; returns (vm, disk, volume,
+    the finished process's rc, JSON and stderr)."""
     vm = make_vm()
     target = volumes("T", 8)
     if strategy == "commit":  # active commit of C and D into B, the volume
@@ -142,6 +144,10 @@ def busy_guest_merge(make_vm, volumes, strategy, config):
         wait_for_job(vm)
     except AssertionError:
         raise AssertionError(finish(proc)) from None
+    if interrupted:
+        proc.kill()
+        proc.wait()
+        proc = rig.cli_background("recover", vm.name, "--timeout", "120", "-v", config=config)
     for n in range(12):  # a busy guest, not a burst faster than an extension
         disk.guest_write(0x40 + n, 30 + n, 1)
         time.sleep(0.2)
@@ -356,3 +362,16 @@ def test_a_busy_guest_during_a_mirror_onto_a_device(make_vm, config, volumes):
     assert_never_paused(vm, err)
     assert disk.live_chain() == [dest]
     check_then_restart(vm, disk, config, True, 0x6F)
+
+
+def test_recover_watches_the_volume_of_an_interrupted_merge(make_vm, config, volumes):
+    """The merge command dies as its job starts; recover follows the job
+    with the same threshold on the volume: the busy guest's writes get
+    room, the job ends, the VM never pauses."""
+    vm, disk, target, (rc, out, err) = busy_guest_merge(
+        make_vm, volumes, "commit", with_volume_keys(config, margin_mib=20), interrupted=True)
+    assert rc == 0 and [r["result"] for r in out["records"]] == ["finished"], (out, err)
+    assert "past the threshold" in err and "extending" in err, err
+    assert_never_paused(vm, err)
+    assert disk.live_chain() == [target, disk.layers[0]]
+    check_then_restart(vm, disk, config, True, 0x6E)
