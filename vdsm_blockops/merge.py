@@ -152,20 +152,23 @@ class Merge:
         may_commit = end - top_pos > 1 and req.strategy != "pull"
         users = chain_users(ctx.conn, [disk.paths[end - 1]], exclude=(domain.uuid, disk.target),
                             cache_dir=ctx.state.path) if may_commit else {}
+        allocation = {i.path: volumes.allocation(i) for i in images}
         plan = plan_merge(disk, top_pos=top_pos, base_pos=base_pos, strategy=req.strategy,
-                          allocation={i.path: volumes.allocation(i) for i in images}, users=users)
+                          allocation=allocation, users=users)
         relative = relative_all_along(images, plan, top_pos, base_pos) \
             if req.keep_relative is None else req.keep_relative
-        room = self._room(ctx, plan)
+        room = self._room(ctx, plan, allocation)
         if room is not None:
             volumes.refuse_if_short(room, ctx.config.volume_extend_command)
             self.volumes[disk.target] = room.to_json()
         return replace(plan, keep_relative=relative)
 
-    def _room(self, ctx: Context, plan: MergePlan) -> volumes.Room | None:
+    def _room(self, ctx: Context, plan: MergePlan,
+              allocation: dict[str, int]) -> volumes.Room | None:
         """The room the layer written into needs when it is a qcow2 on a
         device: a commit writes the segment into RESULT, a pull the layers
-        between TOP and BASE into TOP."""
+        between TOP and BASE into TOP. ``allocation`` has where its data
+        ends already (one ``qemu-img check``, not two)."""
         images, chain = self.images[plan.disk], plan.chain_before
         top_pos = chain.index(plan.top)
         if plan.strategy is Strategy.PULL:
@@ -177,7 +180,7 @@ class Merge:
         else:
             return None
         return volumes.room_for(target, [images[p] for p in incoming],
-                                ctx.config.volume_margin_mib)
+                                ctx.config.volume_margin_mib, end=allocation[target.path])
 
     def check_plans(self, plans: list[MergePlan]) -> None:
         if not self.req.wait and sum(p.strategy is Strategy.PULL for p in plans) > 1:

@@ -1,4 +1,12 @@
-"""Chain-mode relocation onto block volumes: DEST names a directory of
+"""Relocation onto block devices.
+
+A full or shallow copy onto one pre-created device (an LV, given with
+``--reuse-external``): the copy must fit, after an extension where the node
+has a command for it; the tool writes the image onto the device, and the
+mirror (or, VM off, qemu-img) fills it, watched by a block threshold on the
+copy's target.
+
+Chain mode onto block volumes: DEST names a directory of
 device nodes (``/dev/<vg>``) and every layer gets a volume of its own,
 created by the node's ``volume_create_command`` under the layer's name,
 sized by ``qemu-img measure``, and relinked with device paths.

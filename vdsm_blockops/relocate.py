@@ -208,10 +208,10 @@ class Relocate:
             plan.chain_after = [dest] + chain[1:]
             plan.bytes_to_copy = alloc[chain[0]]
         on_device = is_block_device(dest)
-        if not on_device:
-            plan.method = self._method_for(domain, disk, chain, alloc)
         if on_device:
             self.volumes[disk.target] = onto_devices.plan_device(ctx, plan, images, self.method)
+        else:
+            plan.method = self._method_for(domain, disk, chain, alloc)
         for path in plan.chain_after:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
                 check_place(ctx, path, self.req.reuse_external, sources)

@@ -131,11 +131,11 @@ class Snapshot:
                               verified=verified and not dry_run, online=self.online,
                               volume=self.volume)
 
-    def _prepare_volume(self, ctx: Context, domain: Domain, plan: SnapshotPlan) -> None:
+    def _prepare_volume(self, ctx: Context, domain: Domain, plan: SnapshotPlan,
+                        room: dict[str, Any]) -> None:
         """Extend OVERLAY's device where it is short, and write the empty
         overlay onto it (over the active image), for libvirt to reuse."""
-        if self.volume is not None:
-            volumes.make_room(self.volume, ctx.config.volume_extend_command)
+        volumes.make_room(room, ctx.config.volume_extend_command)
         active = planned_disk(domain.spec().disk(plan.disk))[1][0]
         volumes.format_destination(plan.overlay, "qcow2", active.virtual_size, active.path,
                                    active.format)
@@ -143,7 +143,7 @@ class Snapshot:
     def execute(self, ctx: Context, domain: Domain, plan: SnapshotPlan, store: RecordStore,
                 record: OperationRecord) -> SnapshotReport:
         if self.volume is not None:
-            self._prepare_volume(ctx, domain, plan)
+            self._prepare_volume(ctx, domain, plan, self.volume)
         if self.online:
             store.advance(record, Phase.STARTED)
             domain.snapshot(snapshot_xml(domain, {plan.disk: plan.overlay}),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .identity import device_size, is_block_device
-from .images import ImageInfo, Runner, run_command
+from .images import ImageInfo, Runner, create_image, create_overlay, run_command
 
 if TYPE_CHECKING:
     from .model import ThresholdEvent
@@ -108,13 +108,14 @@ def measure(layers: Sequence[ImageInfo], virtual_size: int, run: Runner = run_co
 
 
 def room_for(target: ImageInfo, incoming: Sequence[ImageInfo], margin_mib: int,
-             run: Runner = run_command) -> Room | None:
+             end: int | None = None, run: Runner = run_command) -> Room | None:
     """The room a job writing ``incoming``'s data into ``target`` needs,
     or None when ``target`` is no qcow2 on a device (files grow; a raw
-    device already holds every block of the disk)."""
+    device already holds every block of the disk). ``end``: where its data
+    ends, when the caller has it already (``allocation``)."""
     if target.format != "qcow2" or not is_block_device(target.path):
         return None
-    end = qcow2_end(target.path)
+    end = qcow2_end(target.path) if end is None else end
     needed = end + measure(incoming, target.virtual_size, run) + margin_mib * MIB
     return Room(path=target.path, size=device_size(target.path), end=end, needed=whole_mib(needed))
 
@@ -231,13 +232,13 @@ def overlay_room(overlay: str, virtual_size: int, margin_mib: int,
 
 
 def format_destination(dest: str, fmt: str, virtual_size: int, backing: str | None = None,
-                       backing_format: str = "qcow2", run: Runner = run_command) -> None:
+                       backing_format: str = "qcow2") -> None:
     """A device given as DEST holds no image yet (an LV comes empty, or
     with an old volume's bytes): qcow2 is written onto it, over
     ``backing`` for a shallow copy; a raw device is the image itself."""
     if fmt != "qcow2":
         return
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing is not None:
-        argv += ["-b", backing, "-F", backing_format]
-    run(argv + [dest, str(virtual_size)])
+    if backing is None:
+        create_image(dest, "qcow2", virtual_size)
+    else:
+        create_overlay(dest, backing, backing_format, virtual_size)
