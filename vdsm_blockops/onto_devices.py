@@ -82,9 +82,12 @@ def prepare_device(ctx: Context, plan: RelocatePlan, images: dict[str, ImageInfo
 
 
 def mirror_guard(ctx: Context, domain: Domain, plan: RelocatePlan) -> volumes.VolumeGuard | None:
-    """A threshold on the copy's target (libvirt names it ``vda[N]`` by the
-    ``<mirror>``'s index once the job runs); a raw target needs none."""
-    if not ctx.config.volume_extend_command or plan.format is ImageFormat.RAW:
+    """A threshold on the copy's target when it is a qcow2 on a device
+    (libvirt names it ``vda[N]`` by the ``<mirror>``'s index once the job
+    runs) -- for the relocation, and for recover following it. A raw
+    target never: extended, it would show the guest a bigger disk."""
+    if not (ctx.config.volume_extend_command and plan.format is ImageFormat.QCOW2
+            and is_block_device(plan.dest)):
         return None
 
     def locate() -> str:

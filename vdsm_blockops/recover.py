@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from . import errors, onto_devices
 from .context import Context
-from .identity import is_block_device, same_images
+from .identity import same_images
 from .jobs import Guard, JobRunner, JobWatch, Outcome, exclusive_pull
 from .merge import Merge, MergeRequest, merge_guard
 from .model import Method
@@ -158,8 +158,7 @@ def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: 
     pivot = op.req.pivot
     snapshot_stream = plan.method is Method.SNAPSHOT_STREAM
     outcome = _follow(ctx, domain, store, record, not snapshot_stream, pivot, timeout_s,
-                      guard=lambda: onto_devices.mirror_guard(ctx, domain, plan)
-                      if plan.method is Method.MIRROR and is_block_device(plan.dest) else None)
+                      guard=lambda: onto_devices.mirror_guard(ctx, domain, plan))
     if outcome is Outcome.CANCELED:
         # --no-pivot: the job converged, DEST is the finished copy and the
         # VM stays on its source.

@@ -329,8 +329,7 @@ class Relocate:
             elif plan.mode is Mode.FULL and not req.reuse_external:
                 prepare_full_copy(plan, images, creator)
                 store.advance(record, Phase.PREPARED)
-            guard = onto_devices.mirror_guard(ctx, domain, plan) if plan.disk in self.volumes \
-                else None
+            guard = onto_devices.mirror_guard(ctx, domain, plan)
             outcome = runner.run(
                 lambda: domain.copy(
                     plan.disk, disk_xml(plan.dest, plan.format.value),
@@ -340,7 +339,7 @@ class Relocate:
                     bandwidth_mib_s=self.bandwidth),
                 two_phase=True, pivot=req.pivot, timeout_s=req.timeout_s, wait=req.wait,
                 guard=guard)
-            if guard is not None:
+            if guard is not None and plan.disk in self.volumes:
                 self.volumes[plan.disk]["extensions_during_job"] = guard.extensions
         if outcome is None:
             report = self.report(domain, plan)
