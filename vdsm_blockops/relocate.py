@@ -214,7 +214,8 @@ class Relocate:
             plan.method = self._method_for(domain, disk, chain, alloc)
         for path in plan.chain_after:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
-                check_place(ctx, path, self.req.reuse_external, sources)
+                check_place(ctx, path, self.req.reuse_external, sources,
+                            (domain.uuid, disk.target))
         if on_device:
             return plan
         space = os.statvfs(os.path.dirname(dest))

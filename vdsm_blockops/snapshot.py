@@ -103,7 +103,8 @@ class Snapshot:
         check_disk_supported(disk)
         disk, images = planned_disk(disk)
         overlay = clean_path(self.req.overlay)
-        check_place(ctx, overlay, self.req.reuse_external, ImageSet(disk.paths))
+        check_place(ctx, overlay, self.req.reuse_external, ImageSet(disk.paths),
+                    (domain.uuid, disk.target))
         if is_block_device(overlay):  # a pre-created volume: the tool writes the overlay onto it
             room = volumes.overlay_room(overlay, images[0].virtual_size,
                                         ctx.config.volume_margin_mib)

@@ -44,10 +44,14 @@ class FileCreator:
         self.store.add_created(self.record, path)
 
 
-def check_place(ctx: Context, path: str, reuse: bool, sources: ImageSet) -> None:
+def check_place(ctx: Context, path: str, reuse: bool, sources: ImageSet,
+                owner: tuple[str, str]) -> None:
     """May ``path`` become a new image? Decided on identities: an existing
-    DEST that is a source layer under another name is refused, and storage
-    roots contain what resolves inside them."""
+    DEST that is a source layer under another name is refused, so is one
+    (--reuse-external) that any other chain on the node uses -- another
+    VM's LV, running or only defined, would be overwritten -- and storage
+    roots contain what resolves inside them. ``owner``: (domain uuid, disk)
+    of the chain operated on."""
     if path in sources:
         raise errors.BadRequest(f"destination {path} is an image of the source chain")
     folder = os.path.dirname(path)
@@ -60,6 +64,11 @@ def check_place(ctx: Context, path: str, reuse: bool, sources: ImageSet) -> None
         raise errors.BadRequest(f"destination {path} exists (pass --reuse-external to use it)")
     if reuse and not exists:
         raise errors.BadRequest(f"--reuse-external, but {path} does not exist")
+    if reuse:
+        users = chain_users(ctx.conn, [path], exclude=owner, cache_dir=ctx.state.path).get(path)
+        if users:
+            raise errors.BadRequest(f"--reuse-external, but {path} is an image of "
+                                    f"{', '.join(users)}: it would be overwritten")
     roots = ctx.config.storage_roots
     if roots and not any(under_root(path, root) for root in roots):
         raise errors.BadRequest(

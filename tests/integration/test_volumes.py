@@ -240,6 +240,16 @@ def test_relocation_onto_devices_that_cannot_fit_is_refused(make_vm, config, vol
     rc, out, _ = rig.cli("relocate", vm.name, "vda", os.path.dirname(small), "--mode", "chain",
                          config=config)
     assert rc == 2 and "needs volume_create_command" in out["error"]["message"], out
+    # another VM's volume (only defined: no QEMU lock guards it) is never written over
+    used = volumes("USED", 64)
+    other = make_vm()
+    other.add_layers("vda", [(used, None, LayerSpec("X", [Write(0x77, 0, 1)]))])
+    other.define()
+    for verb, args in (("relocate", ("--mode", "full")), ("snapshot", ())):
+        rc, out, _ = rig.cli(verb, vm.name, "vda", used, *args, "--reuse-external",
+                             config=config)
+        assert rc == 2 and f"{used} is an image of domain {other.name}" in out["error"]["message"], out
+    other.disks["vda"].assert_guest_data(active=used)
     assert device_size(small) == 8 * MIB and disk.live_chain() == disk.layers[::-1]
     disk.assert_guest_data()
 
