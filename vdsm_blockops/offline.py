@@ -199,7 +199,9 @@ def snapshot(domain: Domain, disk: str, overlay: str, active: ImageInfo, reuse_e
         creator.reserve(overlay)
         create_overlay(overlay, active.path, active.format, active.virtual_size)
         fsync_dir(os.path.dirname(overlay))
-    present = {b.name for b in read_chain(overlay, "qcow2")[0].bitmaps}
+    # one just made holds none; one the caller made may (its header says)
+    present = {b.name for b in read_chain(overlay, "qcow2")[0].bitmaps} if reuse_external \
+        else set()
     for bitmap in active.bitmaps:
         if bitmap.usable and bitmap.name not in present:
             add_bitmap(overlay, bitmap.name, bitmap.granularity)
