@@ -139,12 +139,23 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
 def _not_recording(image: ImageInfo) -> Iterator[None]:
     """qemu-img's writes into ``image`` would mark its recording bitmaps
     dirty (a pull measured 10 MiB in the next backup for 2 MiB of guest
-    writes): they are disabled meanwhile. If we die in between they stay
-    disabled, which ``verify`` reports: the next backup is a full one."""
+    writes): they are disabled meanwhile, and enabled again however
+    qemu-img ends -- a failed commit's partial writes are qemu-img's too,
+    under data the layers above still cover. If we are killed in between
+    they stay disabled, which ``verify`` reports: the next backup is a
+    full one."""
     recording = [b.name for b in image.bitmaps if b.usable]
     for name in recording:
         enable_bitmap(image.path, name, False)
-    yield
+    try:
+        yield
+    except BaseException:
+        for name in recording:
+            try:
+                enable_bitmap(image.path, name, True)
+            except Exception as exc:  # the failure being raised matters more
+                log.warning("%s: bitmap %s stays disabled: %s", image.path, name, exc)
+        raise
     for name in recording:
         enable_bitmap(image.path, name, True)
 

@@ -159,3 +159,26 @@ def test_checkpoint_rules():
     assert "inconsistent" in checkpoint_problem("cp1", _with_bitmaps([("cp1", auto)], [("cp1", stale)]), True)
     assert "libvirt finds" in checkpoint_problem("cp1", _with_bitmaps([], [("cp1", auto)]), True,
                                                  usable_in_qemu=False)
+
+
+def test_bitmaps_disabled_for_qemu_img_record_again_when_it_fails(tmp_path):
+    """A cold commit or pull disables the target's recording bitmaps while
+    qemu-img writes into it; they record again whether it succeeds or not
+    (a failed commit's writes are qemu-img's, under data still covered)."""
+    import pytest
+
+    from vdsm_blockops.images import read_chain
+    from vdsm_blockops.offline import _not_recording
+
+    image = str(tmp_path / "base.qcow2")
+    _qemu_img("create", "-f", "qcow2", image, "1M")
+    _qemu_img("bitmap", "--add", image, "cp1")
+
+    def recording() -> bool:
+        return read_chain(image, "qcow2")[0].bitmaps[0].usable
+
+    with pytest.raises(RuntimeError):
+        with _not_recording(read_chain(image, "qcow2")[0]):
+            assert not recording()
+            raise RuntimeError("qemu-img commit failed")
+    assert recording()
