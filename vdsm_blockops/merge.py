@@ -95,9 +95,8 @@ def merge_guard(ctx: Context, domain: Domain, plan: MergePlan) -> volumes.Volume
                    if layer.path and image_key(layer.path) == key), None)
     if layer is None or layer.format != "qcow2":
         return None
-    return volumes.VolumeGuard(domain, lambda: libvirt_ref(domain, plan.disk, target) or plan.disk,
-                               target, ctx.config.volume_extend_command,
-                               max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
+    return volumes.VolumeGuard.configured(
+        ctx.config, domain, lambda: libvirt_ref(domain, plan.disk, target) or plan.disk, target)
 
 
 def already_done(ctx: Context, req: MergeRequest) -> str | None:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def _progress(ctx: Context, disk: str, job: str) -> qemuimg.Progress | None:
     return qemuimg.Progress(disk, job, ctx.observer) if ctx.observer is not None else None
 

@@ -96,8 +96,7 @@ def mirror_guard(ctx: Context, domain: Domain, plan: RelocatePlan) -> volumes.Vo
             raise errors.OperationFailed("the copy's target has no index in the live XML")
         return f"{plan.disk}[{mirror.index}]"
 
-    return volumes.VolumeGuard(domain, locate, plan.dest, ctx.config.volume_extend_command,
-                               max(ctx.config.volume_margin_mib, 1) * volumes.MIB)
+    return volumes.VolumeGuard.configured(ctx.config, domain, locate, plan.dest)
 
 
 def plan_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], folder: str,
@@ -132,8 +131,7 @@ def plan_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], folder: str,
 
 
 def create_volume(path: str, size: int, command: Sequence[str]) -> None:
-    argv = [word.replace("{name}", os.path.basename(path)).replace("{size_bytes}", str(size))
-            for word in command]
+    argv = volumes.node_command(command, name=os.path.basename(path), size_bytes=size)
     run_command(argv)
     if not is_block_device(path):
         raise errors.OperationFailed(f"{argv[0]} ran, but {path} is no block device")

@@ -25,6 +25,7 @@ from .identity import device_size, is_block_device
 from .images import ImageInfo, Runner, create_image, create_overlay, run_command
 
 if TYPE_CHECKING:
+    from .config import Config
     from .model import ThresholdEvent
     from .virt import Domain
 
@@ -94,6 +95,23 @@ def allocation(image: ImageInfo) -> int:
     return image.actual_size
 
 
+def node_command(template: Sequence[str], **values: object) -> list[str]:
+    """A configured command (``volume_extend_command``,
+    ``volume_create_command``) with its ``{placeholders}`` filled in."""
+    argv = list(template)
+    for key, value in values.items():
+        argv = [word.replace("{" + key + "}", str(value)) for word in argv]
+    return argv
+
+
+def _measure_empty(virtual_size: int, run: Runner) -> dict[str, Any]:
+    """``qemu-img measure`` of a new qcow2 of ``virtual_size``: ``required``
+    (empty) and ``fully-allocated``."""
+    result: dict[str, Any] = json.loads(run(["qemu-img", "measure", "--output=json", "-O", "qcow2",
+                                             "--size", str(virtual_size)]))
+    return result
+
+
 def measure(layers: Sequence[ImageInfo], virtual_size: int, run: Runner = run_command) -> int:
     """Bytes a qcow2 needs to hold ``layers``' data and bitmaps, at most a
     fully allocated one of ``virtual_size`` with those bitmaps."""
@@ -101,8 +119,7 @@ def measure(layers: Sequence[ImageInfo], virtual_size: int, run: Runner = run_co
         return 0
     data = json.loads(run(["qemu-img", "measure", "-U", "--output=json", "-O", "qcow2",
                            "json:" + json.dumps(_node(layers))]))
-    full = json.loads(run(["qemu-img", "measure", "--output=json", "-O", "qcow2",
-                           "--size", str(virtual_size)]))
+    full = _measure_empty(virtual_size, run)
     bitmaps = int(data.get("bitmaps", 0))
     return min(int(data["required"]), int(full["fully-allocated"])) + bitmaps
 
@@ -134,7 +151,7 @@ def extend(path: str, size: int, command: Sequence[str], run: Runner = run_comma
     """Run the node's extend command for ``path`` to ``size`` bytes; the
     size is read back from the device, which must now be big enough."""
     before = device_size(path)
-    argv = [word.replace("{path}", path).replace("{size_bytes}", str(size)) for word in command]
+    argv = node_command(command, path=path, size_bytes=size)
     log.info("extending %s from %d to %d bytes: %s", path, before, size, " ".join(argv))
     try:
         run(argv)
@@ -166,6 +183,14 @@ class VolumeGuard:
         self.command, self.step = tuple(command), step
         self.dev = ""  # libvirt's name of the layer (``vda[N]``), once the job runs
         self.extensions = 0
+
+    @classmethod
+    def configured(cls, config: Config, domain: Domain, locate: Callable[[], str],
+                   path: str) -> VolumeGuard:
+        """A guard extending by the node's command, a margin at a time (at
+        least a MiB: a step of 0 would never get ahead of the writes)."""
+        return cls(domain, locate, path, config.volume_extend_command,
+                   max(config.volume_margin_mib, 1) * MIB)
 
     def arm(self) -> None:
         """Set the threshold; where libvirt refuses, the job goes on with
@@ -225,9 +250,7 @@ def overlay_room(overlay: str, virtual_size: int, margin_mib: int,
                  run: Runner = run_command) -> Room:
     """A snapshot overlay on a pre-created device starts empty: it needs
     an empty qcow2's metadata and the margin for the guest's writes."""
-    empty = json.loads(run(["qemu-img", "measure", "--output=json", "-O", "qcow2",
-                            "--size", str(virtual_size)]))
-    needed = int(empty["required"]) + margin_mib * MIB
+    needed = int(_measure_empty(virtual_size, run)["required"]) + margin_mib * MIB
     return Room(path=overlay, size=device_size(overlay), end=0, needed=whole_mib(needed))
 
 

@@ -59,6 +59,12 @@ def test_extend_runs_the_command_and_reads_the_size_back(tmp_path):
         volumes.extend(str(volume), 65536, ("tool", "4096", "{path}"), run=grow)
 
 
+def test_node_commands_get_their_placeholders_filled_in_each_word():
+    assert volumes.node_command(("lvcreate", "-n", "{name}", "-L", "{size_bytes}b", "vg0"),
+                                name="vda-B.qcow2", size_bytes=1 << 30) == \
+        ["lvcreate", "-n", "vda-B.qcow2", "-L", "1073741824b", "vg0"]
+
+
 class PausingDomain:
     """Just what a VolumeGuard asks of a domain; paused on a write error
     until resumed (QEMU's werror=enospc with no guest OS here to cause it)."""
