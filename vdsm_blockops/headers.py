@@ -118,7 +118,9 @@ def read_qcow2_header(fd: int, with_bitmaps: bool = False) -> Qcow2Header | None
     plain = version in (2, 3) and crypt_method == 0 and not incompatible & ~KNOWN_INCOMPATIBLE
     name = None
     if backing_offset and 0 < backing_size <= 1023:  # QEMU's limit for the name
-        name = os.pread(fd, backing_size, backing_offset).decode("utf-8", "replace")
+        # QEMU copies the name with strndup: a NUL byte ends it there.
+        raw_name = os.pread(fd, backing_size, backing_offset).split(b"\0", 1)[0]
+        name = raw_name.decode("utf-8", "replace") or None
     fmt = None
     offset = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
     for _ in range(64):

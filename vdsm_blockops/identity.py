@@ -1,42 +1,91 @@
-"""An image is a file or a device, not a path string.
+"""An image is a file or a device, not a path string -- and it has a lifetime.
 
 The same image is reached through many names on a real node: symlinked
 folders (oVirt's ``/rhev/data-center/<pool>/<sd>`` -> ``mnt/<server>/<sd>``),
 bind mounts, and libvirt's un-normalised relative backing paths
 (``/…/images/img1/../tmpl/T``). Every safety decision -- who else uses a
 layer, may a file be deleted, is an image invalidated, is DEST inside the
-source chain or a storage root -- compares *identities*: ``(st_dev,
-st_ino)`` of the file a path resolves to, or the device number of a block
-device. Paths are only for display, and are cleaned once where they enter
+source chain or a storage root -- compares *identities* (``ImageKey``).
+Paths are only for display, and are cleaned once where they enter
 (``clean_path``).
+
+A number alone is no identity: ext4 hands a freed inode number to the next
+file created nearby (seen here many times per test run: a retired layer
+deleted by hand, and the next VM's new image "was invalidated"), and
+``lvremove`` + ``lvcreate`` hands a device minor on (after a reboot minors
+are renumbered anyway). So a key also carries what tells the same file
+from a later one with the same number (``ImageKey.life``):
+
+* files: the kernel's file handle (``name_to_handle_at``), which every
+  exportable file system -- ext4, XFS, btrfs, tmpfs, NFS -- builds from
+  the inode number *and* its generation (measured here: the same inode
+  number re-used on ext4 and on tmpfs comes back with another handle).
+  Where a file system has no handles, the inode generation
+  (``FS_IOC_GETVERSION``: ext4 answers, tmpfs says ENOTTY), then the birth
+  time from ``statx``; a file system with none of the three keeps the bare
+  number (``life`` empty) -- the old behaviour, said here so no one relies
+  on more there;
+* block devices: what names the volume rather than the minor --
+  device-mapper's UUID (``LVM-<vg uuid><lv uuid>`` for an LV), a loop
+  device's backing file (by its own file key), a disk's WWID, a partition
+  as its disk's identity plus its number, else the kernel's ``diskseq``
+  (new at every attach) with the device number.
+
+A handle also lets a record about a file find out whether the file still
+exists anywhere (renamed or hard-linked included: ``file_exists``), so
+records of files that are gone can be dropped.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import struct
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+# A key read from a record written before keys had a lifetime: it can only
+# be compared by number (``ImageKey.matches``).
+LEGACY = "?"
 
 
 class ImageKey(NamedTuple):
     """What makes two names one image. ``kind`` is ``file`` (dev, ino),
-    ``block`` (the device number, ino 0) or ``path`` for a name that does
-    not resolve (yet): then the cleaned path itself is the key."""
+    ``block`` (a device: ``life`` names the volume, dev/ino are 0) or
+    ``path`` for a name that does not resolve (yet): then the cleaned path
+    itself is the key. ``life`` tells this file from a later one that got
+    the same number (module docstring)."""
 
     kind: str
     dev: int
     ino: int
+    life: str = ""
     path: str = ""
 
     def to_json(self) -> list[object]:
-        return [self.kind, self.dev, self.ino] if self.kind != "path" else ["path", self.path]
+        if self.kind == "path":
+            return ["path", self.path]
+        return [self.kind, self.dev, self.ino, self.life]
 
     @classmethod
     def from_json(cls, body: object) -> ImageKey | None:
-        if isinstance(body, list) and len(body) == 3 and body[0] in ("file", "block"):
-            return cls(str(body[0]), int(body[1]), int(body[2]))
-        return None
+        if not isinstance(body, list) or len(body) not in (3, 4) or body[0] not in ("file", "block"):
+            return None
+        try:
+            life = str(body[3]) if len(body) == 4 else LEGACY
+            return cls(str(body[0]), int(body[1]), int(body[2]), life)
+        except (TypeError, ValueError):
+            return None
+
+    def matches(self, current: ImageKey) -> bool:
+        """Whether ``current`` (a key taken now) is the image this recorded
+        key names. A legacy key (no lifetime) can only compare numbers."""
+        if self.life == LEGACY:
+            if self.kind == "block":
+                return current.kind == "block" and current.dev == self.dev
+            return current[:3] == self[:3]
+        return current == self
 
 
 def clean_path(path: str) -> str:
@@ -66,18 +115,183 @@ def clean_path(path: str) -> str:
     return "/" + "/".join(parts)
 
 
-def key_of_stat(st: os.stat_result) -> ImageKey:
+def key_of_stat(st: os.stat_result, path: str) -> ImageKey:
+    """The key of the image ``path`` names, whose ``os.stat`` is ``st``."""
     if stat.S_ISBLK(st.st_mode):
-        return ImageKey("block", st.st_rdev, 0)
-    return ImageKey("file", st.st_dev, st.st_ino)
+        return ImageKey("block", 0, 0, _volume_identity(st.st_rdev))
+    return ImageKey("file", st.st_dev, st.st_ino, _file_life(path, st))
 
 
 def image_key(path: str) -> ImageKey:
     """The identity of the image ``path`` names (symlinks followed)."""
     try:
-        return key_of_stat(os.stat(path))
+        return key_of_stat(os.stat(path), path)
     except (OSError, ValueError):  # missing, unreachable, or a NUL in the name
-        return ImageKey("path", 0, 0, clean_path(path))
+        return ImageKey("path", 0, 0, "", clean_path(path))
+
+
+# -- files: handle, generation, birth time
+
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+_MAX_HANDLE = 128
+_FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+_STATX_BTIME = 0x800
+_libc: Any = None
+
+
+def _c() -> Any:
+    """libc through ctypes, loaded on first use (the hook pays for it only
+    when it has a file to key)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        class FileHandle(ctypes.Structure):
+            _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                        ("f_handle", ctypes.c_ubyte * _MAX_HANDLE)]
+
+        lib = ctypes.CDLL(None, use_errno=True)
+        _libc = (ctypes, lib, FileHandle)
+    return _libc
+
+
+def _file_handle(path: str) -> tuple[int, bytes] | None:
+    ctypes, lib, FileHandle = _c()
+    handle, mount_id = FileHandle(), ctypes.c_int()
+    handle.handle_bytes = _MAX_HANDLE
+    if lib.name_to_handle_at(_AT_FDCWD, os.fsencode(path), ctypes.byref(handle),
+                             ctypes.byref(mount_id), _AT_SYMLINK_FOLLOW) != 0:
+        return None  # EOPNOTSUPP: no handles on this file system
+    return handle.handle_type, bytes(handle.f_handle[:handle.handle_bytes])
+
+
+def _generation(path: str, st: os.stat_result) -> int | None:
+    if not stat.S_ISREG(st.st_mode):
+        return None  # never open a FIFO or a device to ask
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8))
+        return int(struct.unpack("I", raw[:4])[0])  # the kernel writes an int
+    except OSError:  # ENOTTY: tmpfs, NFS
+        return None
+    finally:
+        os.close(fd)
+
+
+def _birth_time(path: str) -> int | None:
+    ctypes, lib, _ = _c()
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if lib.statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_BTIME, buf) != 0:
+        return None
+    mask = struct.unpack_from("I", buf.raw, 0)[0]
+    if not mask & _STATX_BTIME:
+        return None
+    seconds, nanos = struct.unpack_from("qI", buf.raw, 80)  # stx_btime
+    return int(seconds) * 1_000_000_000 + int(nanos)
+
+
+def _file_life(path: str, st: os.stat_result) -> str:
+    handle = _file_handle(path)
+    if handle is not None:
+        return f"fh:{handle[0]}:{handle[1].hex()}"
+    generation = _generation(path, st)
+    if generation is not None:
+        return f"gen:{generation}"
+    born = _birth_time(path)
+    return f"btime:{born}" if born is not None else ""
+
+
+def file_exists(key: ImageKey) -> bool | None:
+    """Whether the file ``key`` names still exists anywhere on its file
+    system (under any name, renamed or hard-linked), asked by its handle;
+    None where that cannot be told (no handle in the key, the file system
+    is not mounted here, no privilege)."""
+    if key.kind != "file" or not key.life.startswith("fh:"):
+        return None
+    _, kind, hexed = key.life.split(":", 2)
+    mount = _mount_point(key.dev)
+    if mount is None:
+        return None
+    ctypes, lib, FileHandle = _c()
+    raw = bytes.fromhex(hexed)
+    handle = FileHandle()
+    handle.handle_bytes, handle.handle_type = len(raw), int(kind)
+    ctypes.memmove(handle.f_handle, raw, len(raw))
+    try:
+        mount_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fd = lib.open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_PATH | os.O_CLOEXEC)
+        if fd >= 0:
+            os.close(fd)
+            return True
+        return False if ctypes.get_errno() == errno.ESTALE else None
+    finally:
+        os.close(mount_fd)
+
+
+def _mount_point(dev: int) -> str | None:
+    """Where the file system with device number ``dev`` is mounted here."""
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == wanted and os.stat(
+                        _unescape(fields[4])).st_dev == dev:
+                    return _unescape(fields[4])
+    except OSError:
+        return None
+    return None
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes a space, tab, newline or backslash as ``\\ooo``."""
+    return field.replace("\\040", " ").replace("\\011", "\t").replace(
+        "\\012", "\n").replace("\\134", "\\")
+
+
+# -- block devices: the volume, not the minor
+
+def _sysfs(dev_dir: str, name: str) -> str:
+    try:
+        with open(os.path.join(dev_dir, name), encoding="utf-8", errors="replace") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def _volume_identity(rdev: int) -> str:
+    major, minor = os.major(rdev), os.minor(rdev)
+    dev_dir = f"/sys/dev/block/{major}:{minor}"
+    dm_uuid = _sysfs(dev_dir, "dm/uuid")
+    if dm_uuid:
+        return f"dm:{dm_uuid}"
+    if _sysfs(dev_dir, "partition"):
+        disk = os.path.dirname(os.path.realpath(dev_dir))
+        try:
+            parent = os.stat(f"/dev/{os.path.basename(disk)}").st_rdev
+        except OSError:
+            parent = None
+        if parent is not None:
+            return f"{_volume_identity(parent)}/part{_sysfs(dev_dir, 'partition')}"
+    backing = _sysfs(dev_dir, "loop/backing_file")
+    if backing and not backing.endswith("(deleted)"):
+        file_key = image_key(backing)
+        if file_key.kind == "file":
+            return f"loop:{file_key.dev}:{file_key.ino}:{file_key.life}@{_sysfs(dev_dir, 'loop/offset')}"
+    wwid = _sysfs(dev_dir, "wwid") or _sysfs(dev_dir, "device/wwid")
+    if wwid:
+        return f"wwid:{wwid}"
+    seq = _sysfs(dev_dir, "diskseq")
+    return f"dev:{major}:{minor}" + (f":seq{seq}" if seq else "")
 
 
 def existing_key(path: str) -> ImageKey | None:

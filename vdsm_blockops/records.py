@@ -107,7 +107,7 @@ class OperationRecord:
     def still_ours(self, entry: dict[str, Any]) -> bool:
         """Whether ``entry``'s path still names the file we created."""
         key = ImageKey.from_json(entry.get("id"))
-        return key is not None and image_key(entry["path"]) == key
+        return key is not None and key.matches(image_key(entry["path"]))
 
 
 def parse_records(metadata_xml: str | None) -> dict[str, OperationRecord]:

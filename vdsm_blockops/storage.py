@@ -107,7 +107,7 @@ def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -
         os.unlink(path)
         deleted.append(path)
         keys.append(key)
-    ctx.state.forget(deleted, keys)
+    ctx.state.forget(keys)
     return deleted
 
 

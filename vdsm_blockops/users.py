@@ -32,7 +32,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .headers import NotAnImage, is_protocol, read_backing
+from .headers import is_protocol, read_backing
 from .identity import ImageKey, clean_path, image_key, key_of_stat
 from .state import write_json_atomic
 
@@ -64,7 +64,7 @@ def header_chain(path: str, fmt: str | None) -> tuple[list[str], bool]:
     while fmt in ("qcow2", None) and len(chain) < 1000:
         try:
             backing, fmt = read_backing(chain[-1])
-        except (OSError, NotAnImage):
+        except (OSError, ValueError):  # missing, not an image, a damaged header
             return chain, False
         if backing is None or is_protocol(backing):
             return chain, True
@@ -130,7 +130,7 @@ def look_at_node(conn: Connection, cache_dir: str | None) -> NodeUsers:
                 continue
             for image, st in cache.chain(path, fmt):
                 walked[image] = _stamp(st)
-                key = key_of_stat(st) if st is not None else image_key(image)
+                key = key_of_stat(st, image) if st is not None else image_key(image)
                 uses.append((key, ChainUser(uuid, name, target, "persistent")))
     cache.save()
     return NodeUsers(conn, uses, walked)

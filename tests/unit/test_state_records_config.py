@@ -4,6 +4,7 @@ import pytest
 
 from vdsm_blockops.config import Config, load_config
 from vdsm_blockops.errors import BadRequest, Conflict, StateError
+from vdsm_blockops.identity import image_key
 from vdsm_blockops.records import OperationRecord, Phase, RecordStore, parse_records, render_records
 from vdsm_blockops.state import StateDir
 
@@ -11,10 +12,13 @@ from vdsm_blockops.state import StateDir
 def test_registry_roundtrip(tmp_path):
     state = StateDir(str(tmp_path / "s"))
     assert state.invalidated() == {}
-    state.invalidate(["/i/C", "/i//D"], domain="vm", disk="vda", operation="merge x")
-    assert set(state.invalidated()) == {"/i/C", "/i/D"}
-    state.forget(["/i/C"])
-    assert set(state.invalidated()) == {"/i/D"}
+    (tmp_path / "C").write_bytes(b"c")
+    (tmp_path / "D").write_bytes(b"d")
+    state.invalidate([f"{tmp_path}/C", f"{tmp_path}//D", f"{tmp_path}/missing"],
+                     domain="vm", disk="vda", operation="merge x")
+    assert {e["path"] for e in state.invalidated().values()} == {f"{tmp_path}/C", f"{tmp_path}/D"}
+    state.forget([image_key(f"{tmp_path}/C")])
+    assert {e["path"] for e in state.invalidated().values()} == {f"{tmp_path}/D"}
 
 
 def _hold(path, ready, release):

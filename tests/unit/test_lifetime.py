@@ -1,0 +1,164 @@
+"""Identity has a lifetime: a re-used inode number is another image, a
+record about a file ends with it, and node state does not grow with the
+node's history."""
+
+import json
+import multiprocessing
+import os
+
+import pytest
+
+from vdsm_blockops.identity import LEGACY, ImageKey, file_exists, image_key
+from vdsm_blockops.records import OperationRecord
+from vdsm_blockops.state import StateDir
+
+
+def reuse_inode(folder, old_ino, prefix="new"):
+    """A new file in ``folder`` that got ``old_ino`` (ext4 hands a freed
+    number to the next file: measured here, the first try; tmpfs counts
+    up, so there a number comes back only after it wraps)."""
+    for n in range(200):
+        path = os.path.join(folder, f"{prefix}-{n}")
+        with open(path, "wb") as handle:
+            handle.write(b"a new, unrelated image")
+        if os.stat(path).st_ino == old_ino:
+            return path
+    pytest.fail(f"no file in {folder} got inode {old_ino} again: the test proves nothing here")
+
+
+@pytest.fixture(params=["ext4", "tmpfs"])
+def folder(request, tmp_path):
+    if request.param == "tmpfs":
+        path = os.path.join("/dev/shm", f"lifetime-{os.getpid()}-{tmp_path.name}")
+        os.makedirs(path)
+        yield path
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    else:
+        yield str(tmp_path)
+
+
+def retire(state, path):
+    state.invalidate([path], domain="web01", disk="vda", operation="merge 1")
+
+
+def test_a_reused_inode_number_is_a_new_image(tmp_path):
+    folder = str(tmp_path)
+    state = StateDir(str(tmp_path / "state"))
+    retired = os.path.join(folder, "C.qcow2")
+    with open(retired, "wb") as handle:
+        handle.write(b"retired layer")
+    old = image_key(retired)
+    retire(state, retired)
+    assert state.invalid_lookup().why(retired) is not None
+    os.unlink(retired)  # the operator deletes it by hand
+    new = reuse_inode(folder, old.ino)
+    assert image_key(new)[:3] == old[:3]  # the same number...
+    assert image_key(new) != old  # ...is not the same file
+    assert state.invalid_lookup().why(new) is None
+    # the entry of the file that is gone goes with the next write
+    assert file_exists(old) is False
+    state.forget([])
+    assert state.invalidated() == {}
+
+
+def test_a_new_file_at_a_retired_path_is_a_new_image(folder, tmp_path):
+    state = StateDir(str(tmp_path / "state"))
+    retired = os.path.join(folder, "C.qcow2")
+    with open(retired, "wb") as handle:
+        handle.write(b"old")
+    retire(state, retired)
+    os.unlink(retired)
+    with open(retired, "wb") as handle:
+        handle.write(b"new")
+    assert state.invalid_lookup().why(retired) is None
+
+
+def test_a_retired_file_renamed_or_linked_is_still_refused(folder, tmp_path):
+    state = StateDir(str(tmp_path / "state"))
+    retired = os.path.join(folder, "C.qcow2")
+    with open(retired, "wb") as handle:
+        handle.write(b"old")
+    key = image_key(retired)
+    retire(state, retired)
+    os.link(retired, os.path.join(folder, "hard"))
+    os.rename(retired, os.path.join(folder, "renamed"))
+    lookup = state.invalid_lookup()
+    assert lookup.why(os.path.join(folder, "hard")) is not None
+    assert lookup.why(os.path.join(folder, "renamed")) is not None
+    assert file_exists(key) is True
+    state.forget([])  # pruning keeps an entry whose file lives under another name
+    assert state.invalid_lookup().why(os.path.join(folder, "renamed")) is not None
+
+
+def test_entries_of_an_earlier_version_are_taken_over_or_dropped(tmp_path):
+    state = StateDir(str(tmp_path / "state"))
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    kept.write_bytes(b"k")
+    gone.write_bytes(b"g")
+    old_ids = {p: ["file", os.stat(p).st_dev, os.stat(p).st_ino] for p in (kept, gone)}
+    os.makedirs(state.path)
+    with open(state.registry_path, "w") as handle:  # keyed by path, no lifetime
+        json.dump({str(p): {"domain": "vm", "id": old_ids[p]} for p in (kept, gone)}, handle)
+    os.unlink(gone)
+    reused = reuse_inode(str(tmp_path), old_ids[gone][2])
+    lookup = state.invalid_lookup()
+    assert lookup.why(str(kept)) is not None
+    assert lookup.why(reused) is None
+    state.forget([])
+    (entry,) = state.invalidated().values()
+    assert entry["path"] == str(kept) and ImageKey.from_json(entry["id"]) == image_key(str(kept))
+
+
+def test_a_created_file_is_ours_only_while_it_is_the_same_file(tmp_path):
+    folder = str(tmp_path)
+    path = os.path.join(folder, "dest.qcow2")
+    with open(path, "wb") as handle:
+        handle.write(b"ours")
+    key = image_key(path)
+    record = OperationRecord(operation="relocate", disk="vda", request={}, plan={},
+                             created_files=[{"path": path, "id": key.to_json()}])
+    assert record.still_ours(record.created_files[0])
+    os.unlink(path)
+    os.rename(reuse_inode(folder, key.ino), path)  # the admin's new file, at our path, on our number
+    assert not record.still_ours(record.created_files[0])
+    legacy = dict(record.created_files[0], id=record.created_files[0]["id"][:3])
+    assert ImageKey.from_json(legacy["id"]).life == LEGACY
+    assert record.still_ours(legacy)  # an old record can only compare numbers
+
+
+def test_lock_files_go_with_their_lock(tmp_path):
+    state = StateDir(str(tmp_path / "state"))
+    with state.disk_lock("u1", "vda", "merge"), state.domain_lock("u1"):
+        assert sorted(os.listdir(os.path.join(state.path, "locks"))) == ["u1-records.lock",
+                                                                          "u1-vda.lock"]
+    with state.stream_lock("u1"):
+        pass
+    assert os.listdir(os.path.join(state.path, "locks")) == []
+
+
+def _count(path, rounds, counter):
+    state = StateDir(path)
+    for _ in range(rounds):
+        with state.domain_lock("u"):
+            with open(counter) as handle:
+                value = int(handle.read())
+            with open(counter, "w") as handle:
+                handle.write(str(value + 1))
+
+
+def test_removed_lock_files_still_exclude_each_other(tmp_path):
+    """Takers that waited on a file its holder removed start again on the
+    new one: no two are ever inside at once (else increments get lost)."""
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_count, args=(str(tmp_path / "state"), 200, str(counter)))
+             for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert counter.read_text() == "800"
