@@ -92,9 +92,8 @@ def check_no_job(domain: Domain, disk: Disk) -> None:
     other = RecordStore(domain).load().get(disk.target)  # a read: no lock needed
     if other is not None:
         raise errors.Conflict(
-            f"disk {disk.target} of {domain.name} is busy: {other.operation} {other.id} "
-            f"(pid {other.pid}, phase {other.phase.value}); if that process is gone, run "
-            f"'vdsm-blockops recover {domain.name}'", record=other.id)
+            f"disk {disk.target} of {domain.name} is busy: {other.describe()}; if that process "
+            f"is gone, run 'vdsm-blockops recover {domain.name}'", record=other.id)
     info = domain.block_job_info(disk.target) if domain.is_active() else None
     if info is not None or disk.mirror is not None:
         kind = info.job_type if info else disk.mirror.job if disk.mirror else "block"

@@ -48,6 +48,10 @@ def check_start(xml: bytes, state: StateDir) -> None:
     no disk may use an invalidated or missing image."""
     spec = parse_domain(xml)
     for target, record in sorted(records_in_domain_xml(spec.metadata).items()):
+        if record.unreadable:
+            raise Refusal(
+                f"start refused: disk {target} has an unfinished {record.describe()}; "
+                f"run the vdsm-blockops version that wrote it: 'vdsm-blockops recover {spec.name}'")
         if not record.online:
             raise Refusal(
                 f"start refused: disk {target} has an unfinished {record.operation} of the shut-off "
@@ -87,8 +91,8 @@ def check_no_operation(xml: bytes, what: str) -> None:
     if records:
         disk, record = sorted(records.items())[0]
         raise Refusal(
-            f"{what} refused: disk {disk} has an unfinished {record.operation} "
-            f"({record.id}, phase {record.phase.value}); run 'vdsm-blockops recover {spec.name}'")
+            f"{what} refused: disk {disk} has an unfinished {record.describe()}; "
+            f"run 'vdsm-blockops recover {spec.name}'")
 
 
 def queue_recovery(state: StateDir, domain: str) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from . import errors
 from .chain import Disk
 from .context import Context, as_failure, check_no_job
-from .identity import same_images
+from .identity import ImageKey, image_key, same_images
 from .model import Operation
 from .node import current_chain
 from .records import OperationRecord, Phase, RecordStore
@@ -79,19 +79,32 @@ def run_operation(ctx: Context, op: DiskOperation[PlanT], target: str, dry_run: 
     for disk in disks:
         check_no_job(domain, disk)
     plans = [op.plan(ctx, domain, disk) for disk in disks]
+    # The identities the plans were made on, taken now: a file replaced
+    # at the same path before the lock is another chain.
+    planned_on = {plan.disk: [image_key(p) for p in plan.chain_before] for plan in plans}
     op.check_plans(plans)
     if dry_run:
         results: list[Report | BaseException] = [op.report(domain, p, dry_run=True) for p in plans]
     else:
-        results = run_per_disk(plans, lambda plan: _run_disk(ctx, op, domain, plan))
+        results = run_per_disk(plans, lambda plan: _run_disk(ctx, op, domain, plan,
+                                                             planned_on[plan.disk]))
     return combine(op.kind, domain, target, results, ctx.clock() - started)
 
 
-def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: PlanT) -> Report:
+def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: PlanT,
+              planned_on: list[ImageKey]) -> Report:
     nothing_to_do = op.idle(domain, plan)
     if nothing_to_do is not None:
         return nothing_to_do
     with ctx.state.disk_lock(domain.uuid, plan.disk, f"{op.kind.value} of {domain.name} {plan.disk}"):
+        # Another command may have changed the chain between our plan and
+        # our lock (it held the lock then): a plan made on the old chain
+        # would undo its work.
+        now = current_chain(domain, plan.disk)
+        if [image_key(p) for p in now] != planned_on:
+            raise errors.Conflict(
+                f"the chain of {plan.disk} changed while the {op.kind.value} was planned "
+                f"(now {now}): nothing was changed; run the command again")
         store = RecordStore(domain, ctx.state)
         record = OperationRecord(operation=op.kind.value, disk=plan.disk,
                                  request=op.request_json(), plan=op.plan_json(plan),

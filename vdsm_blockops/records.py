@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lxml import etree
@@ -68,9 +68,15 @@ TRANSITIONS: dict[Phase, set[Phase]] = {
 }
 
 
+# Version 2 added ``format`` itself; records without it are version 1 and
+# read the same way. A record of a newer format is kept but not acted on.
+RECORD_FORMAT = 2
+OPERATIONS = ("merge", "relocate", "snapshot")
+
+
 @dataclass
 class OperationRecord:
-    operation: str  # merge | relocate
+    operation: str  # merge | relocate | snapshot
     disk: str
     request: dict[str, Any]
     plan: dict[str, Any]
@@ -86,20 +92,66 @@ class OperationRecord:
     # False: the domain was shut off and the operation runs with qemu-img;
     # the hook refuses to start the domain until the record is gone.
     online: bool = True
+    format: int = RECORD_FORMAT
+    # Fields another version wrote that this one does not know: kept, and
+    # written back as they were.
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Why this version cannot act on the record (another version's phase,
+    # format or operation, a field missing): it is then never dropped nor
+    # rewritten -- ``raw`` goes back as it came -- and it blocks the disk.
+    unreadable: str = ""
+    raw: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        body = asdict(self)
+        body = {**self.extra, **asdict(self)}
+        for local in ("extra", "unreadable", "raw"):
+            del body[local]
         body["phase"] = self.phase.value
         return body
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> OperationRecord:
-        body = dict(body)
-        body["phase"] = Phase(body.get("phase", Phase.PLANNED.value))
-        # Records of earlier versions listed bare paths, some never created:
-        # without an identity they are never deleted.
-        body["created_files"] = [f for f in body.get("created_files", []) if isinstance(f, dict)]
-        return cls(**body)
+    def from_json(cls, body: object, disk: str = "", raw: str = "") -> OperationRecord:
+        """The record ``body`` describes; never raises: a body this version
+        cannot act on comes back ``unreadable`` (with ``disk`` and ``raw``
+        from the element that held it)."""
+        known = {f.name for f in fields(cls)} - {"extra", "unreadable", "raw"}
+        try:
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            body = dict(body)
+            missing = [name for name in ("operation", "disk", "request", "plan") if name not in body]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            if body["operation"] not in OPERATIONS:
+                raise ValueError(f"unknown operation {body['operation']!r}")
+            if int(body.get("format", 1)) > RECORD_FORMAT:
+                raise ValueError(f"record format {body['format']} is newer than this version's "
+                                 f"({RECORD_FORMAT})")
+            phase = body.get("phase", Phase.PLANNED.value)
+            if phase not in {p.value for p in Phase}:
+                raise ValueError(f"unknown phase {phase!r}")
+            body["phase"] = Phase(phase)
+            body["format"] = int(body.get("format", 1))
+            # Records of earlier versions listed bare paths, some never
+            # created: without an identity they are never deleted.
+            body["created_files"] = [f for f in body.get("created_files", []) if isinstance(f, dict)]
+            extra = {k: v for k, v in body.items() if k not in known}
+            record = cls(**{k: v for k, v in body.items() if k in known}, extra=extra)
+            if not isinstance(record.request, dict) or not isinstance(record.plan, dict):
+                raise ValueError("request or plan is not an object")
+            return record
+        except (ValueError, TypeError) as exc:
+            got = body if isinstance(body, dict) else {}
+            return cls(operation=str(got.get("operation", "operation")),
+                       disk=str(got.get("disk") or disk), request={}, plan={},
+                       id=str(got.get("id", "?")), pid=0, unreadable=str(exc), raw=raw)
+
+    def describe(self) -> str:
+        """How messages name the record."""
+        if self.unreadable:
+            return (f"{self.operation} (record {self.id}, which this version cannot read: "
+                    f"{self.unreadable})")
+        return f"{self.operation} (record {self.id}, pid {self.pid}, phase {self.phase.value})"
 
     def created_paths(self) -> list[str]:
         return [f["path"] for f in self.created_files]
@@ -120,10 +172,13 @@ def parse_records(metadata_xml: str | None) -> dict[str, OperationRecord]:
         if not isinstance(elem.tag, str) or etree.QName(elem).localname != "operation":
             continue
         try:
-            record = OperationRecord.from_json(json.loads(elem.text or "{}"))
-        except (ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable operation record: %s", exc)
-            continue
+            body: object = json.loads(elem.text or "{}")
+        except ValueError as exc:
+            body = f"not JSON: {exc}"
+        record = OperationRecord.from_json(body, disk=elem.get("disk", ""), raw=elem.text or "")
+        if record.unreadable:
+            log.warning("operation record %s of disk %s cannot be read by this version (%s): "
+                        "kept, and the disk stays blocked", record.id, record.disk, record.unreadable)
         records[record.disk] = record
     return records
 
@@ -138,6 +193,10 @@ def render_records(records: dict[str, OperationRecord]) -> str | None:
     root = etree.Element("operations")
     for disk in sorted(records):
         record = records[disk]
+        if record.unreadable:  # another version's: back exactly as it came
+            elem = etree.SubElement(root, "operation", disk=disk, id=record.id)
+            elem.text = record.raw
+            continue
         elem = etree.SubElement(root, "operation", disk=disk, id=record.id,
                                 phase=record.phase.value)
         elem.text = json.dumps(record.to_json(), sort_keys=True)
@@ -181,9 +240,7 @@ class RecordStore:
             if other is not None:
                 raise Conflict(
                     f"disk {record.disk} of {self.domain.name} has an unfinished "
-                    f"{other.operation} (record {other.id}, phase "
-                    f"{other.phase.value}); run 'vdsm-blockops recover "
-                    f"{self.domain.name}'",
+                    f"{other.describe()}; run 'vdsm-blockops recover {self.domain.name}'",
                     record=other.id,
                 )
             records[record.disk] = record

@@ -49,7 +49,15 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
     outcomes = []
     for domain in domains:
         store = RecordStore(domain, ctx.state)
-        for target, record in sorted(store.load().items()):
+        try:
+            records = store.load()
+        except (errors.BlockOpsError, OSError, ValueError) as exc:  # one domain never stops the rest
+            log.warning("recover %s: cannot read its records: %s", domain.name, exc)
+            outcomes.append(RecordOutcome(domain=domain.name, disk=disk or "?", record="?",
+                                          operation="?", phase="?", result="failed",
+                                          message=f"cannot read the records: {exc}"))
+            continue
+        for target, record in sorted(records.items()):
             if disk in (None, target):
                 outcomes.append(_recover_one(ctx, domain, store, record, timeout_s))
     failed = [o for o in outcomes if not o.settled]
@@ -77,6 +85,10 @@ def recover_queued(ctx: Context, timeout_s: float | None = None) -> RecoverRepor
             report = RecoverReport(domain=name, records=[])  # gone: nothing left to do
         except errors.BlockOpsError as exc:
             report = RecoverReport(domain=name, records=[], error=exc.to_json())
+        except Exception as exc:  # one entry never stops the queue
+            log.exception("recover of queued %s: internal error", name)
+            report = RecoverReport(domain=name, records=[], error={
+                "code": "failed", "message": f"internal error: {type(exc).__name__}: {exc}"})
         outcomes += report.records
         if not report.ok:
             failed.append(name)
@@ -98,6 +110,13 @@ def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: Opera
                  timeout_s: float | None) -> RecordOutcome:
     outcome = RecordOutcome(domain=domain.name, disk=record.disk, record=record.id,
                             operation=record.operation, phase=record.phase.value, result="")
+    if record.unreadable:
+        outcome.phase, outcome.result = "?", "unreadable"
+        outcome.message = (f"record {record.id} of {domain.name} {record.disk} was written by "
+                           f"another version of vdsm-blockops ({record.unreadable}); left in "
+                           "place, the disk stays blocked: recover it with that version")
+        log.warning("recover %s", outcome.message)
+        return outcome
     try:
         with ctx.state.disk_lock(domain.uuid, record.disk, f"recover of {domain.name} {record.disk}"):
             if record.operation == "merge":
@@ -111,6 +130,9 @@ def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: Opera
     except (errors.BlockOpsError, OSError) as exc:
         log.warning("recover %s %s: %s", domain.name, record.disk, exc)
         outcome.result, outcome.message = "failed", str(exc)
+    except Exception as exc:  # a record this code mis-reads must not stop the others
+        log.exception("recover %s %s: internal error", domain.name, record.disk)
+        outcome.result, outcome.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
     else:
         log.info("recover %s %s %s: %s", domain.name, record.disk, record.id, outcome.result)
     return outcome

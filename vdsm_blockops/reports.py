@@ -253,7 +253,7 @@ class RecordOutcome(View):
 
     @property
     def settled(self) -> bool:
-        return self.result not in ("failed", "busy")
+        return self.result not in ("failed", "busy", "unreadable")
 
 
 @dataclass

@@ -117,8 +117,7 @@ def verify(domain: Domain, target: str | None, state: StateDir,
     problems = domain_problems(domain, target, state)
     for disk, record in RecordStore(domain).load().items():
         if target in (None, "all", disk):
-            problems.append(f"{disk}: unfinished {record.operation} (record {record.id}, "
-                            f"phase {record.phase.value})")
+            problems.append(f"{disk}: unfinished {record.describe()}")
     running = domain.is_active()
     checkpoints_of = domain.checkpoints()
     broken = []

@@ -20,9 +20,12 @@ def merge(vm, config, *args):
 
 
 def registry(config):
+    """The invalidated images' entries, by the path each was entered under
+    (the registry itself is keyed by identity)."""
     state = open(config).read().split("state_dir: ")[1].split("\n")[0]
     path = os.path.join(state, "invalidated.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    entries = json.load(open(path)) if os.path.exists(path) else {}
+    return {entry["path"]: entry for entry in entries.values()}
 
 
 def wait_for_job(vm, target="vda", timeout_s=30):

@@ -249,3 +249,17 @@ def test_a_broken_package_lets_starts_proceed_and_says_so(tmp_path, chain):
                           capture_output=True)
     assert proc.returncode == 0 and b"package unusable" in proc.stderr
     assert b"NOT guarding vm1 prepare begin" in proc.stderr
+
+
+def test_a_record_of_another_version_refuses_the_start(state, chain):
+    """A record this version cannot read may be an offline operation in
+    its middle: the VM must not start on it."""
+    body = ('{"operation": "merge", "disk": "vda", "request": {}, "plan": {}, '
+            '"phase": "half-pivoted", "online": true, "id": "r9"}')
+    meta = (f"<metadata><blockops:operations xmlns:blockops='{METADATA_NS}'>"
+            f"<operation disk='vda' id='r9'>{body}</operation>"
+            "</blockops:operations></metadata>")
+    rc, err = hook(state, "prepare", "begin", domain_xml(chain[-1], meta))
+    assert rc == 1 and "cannot read" in err and "half-pivoted" in err
+    rc, err = hook(state, "migrate", "begin", domain_xml(chain[-1], meta))
+    assert rc == 1 and "r9" in err

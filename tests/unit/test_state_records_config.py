@@ -160,3 +160,47 @@ def test_the_simple_config_form_reads_as_yaml_does(text):
         assert simple == (yaml.safe_load(text) or {})
     usual = SIMPLE_OR_NOT.index(text) < SIMPLE_OR_NOT.index("pivot_retries: 010\n")
     assert (simple is not None) == usual
+
+
+def _stored(dom, *bodies):
+    """Records as another version of the tool may have written them."""
+    import json as _json
+    from xml.sax.saxutils import escape
+
+    dom.xml = "<operations>" + "".join(
+        f"<operation disk='{disk}' id='x{n}'>{escape(_json.dumps(body) if not isinstance(body, str) else body)}</operation>"
+        for n, (disk, body) in enumerate(bodies)) + "</operations>"
+
+
+def test_records_of_other_versions_are_kept_never_dropped():
+    dom = FakeMetadataDomain()
+    newer_field = {"operation": "merge", "disk": "vda", "request": {}, "plan": {},
+                   "phase": "started", "id": "r1", "future_field": {"k": [1, 2]}}
+    unknown_phase = {"operation": "relocate", "disk": "vdb", "request": {}, "plan": {},
+                     "phase": "half-pivoted", "id": "r2"}
+    missing_plan = {"operation": "merge", "disk": "vdc", "request": {}, "id": "r3"}
+    newer_format = {"operation": "merge", "disk": "vdd", "request": {}, "plan": {},
+                    "format": 99, "id": "r4"}
+    _stored(dom, ("vda", newer_field), ("vdb", unknown_phase), ("vdc", missing_plan),
+            ("vdd", newer_format), ("vde", "{not json"))
+    store = RecordStore(dom)
+    records = store.load()
+    assert sorted(records) == ["vda", "vdb", "vdc", "vdd", "vde"]
+    assert not records["vda"].unreadable and records["vda"].extra == {"future_field": {"k": [1, 2]}}
+    for disk, why in (("vdb", "unknown phase"), ("vdc", "no plan"), ("vdd", "newer"),
+                      ("vde", "not a JSON object")):
+        assert why in records[disk].unreadable, records[disk].unreadable
+        with pytest.raises(Conflict, match="cannot read"):  # the disk stays blocked
+            store.begin(OperationRecord(operation="merge", disk=disk, request={}, plan={}))
+    # Another disk's record is written: every record survives, byte for byte
+    # where this version cannot read it, the unknown field carried along.
+    before = {d: r.raw for d, r in records.items() if r.unreadable}
+    mine = OperationRecord(operation="merge", disk="vdf", request={}, plan={})
+    store.begin(mine)
+    store.advance(records["vda"], Phase.COMPLETED)
+    store.finish(mine)
+    again = store.load()
+    assert sorted(again) == ["vda", "vdb", "vdc", "vdd", "vde"]
+    assert {d: r.raw for d, r in again.items() if r.unreadable} == before
+    assert again["vda"].extra == {"future_field": {"k": [1, 2]}}
+    assert again["vda"].phase is Phase.COMPLETED
