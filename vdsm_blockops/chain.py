@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from lxml import etree
 
@@ -77,6 +78,12 @@ class Layer:
     format: str | None
     source_type: str = "file"  # file | block | network | volume ...
     index: int | None = None  # libvirt's backingStore index (live XML only)
+    # A storage-pool volume (<disk type='volume'>): its pool and name. Until
+    # resolved (``DomainSpec.with_volumes``) ``path`` is the volume's name
+    # and ``source_type`` 'volume'; resolved, the file or device it is.
+    pool: str | None = None
+    volume: str | None = None
+    encrypted: bool = False  # <encryption> in its <source> (or the disk's, the old place)
 
     @property
     def is_local(self) -> bool:
@@ -195,6 +202,26 @@ class DomainSpec:
             f"domain {self.name} has no disk {target!r} (disks: {known})"
         )
 
+    def with_volumes(self, resolve: Callable[[str, str], str | None]) -> DomainSpec:
+        """This spec with every storage-pool volume named by the file or
+        device it is (``resolve(pool, volume)``; None: cannot be told, and
+        the layer stays a 'volume', which no operation takes)."""
+        disks = []
+        for disk in self.disks:
+            chain = []
+            for layer in disk.chain:
+                if layer.source_type == "volume" and layer.pool:
+                    found = resolve(layer.pool, layer.path)
+                    if found:
+                        layer = replace(layer, path=clean_path(found), volume=layer.path,
+                                        source_type="block" if is_block_device(found) else "file")
+                chain.append(layer)
+            disks.append(replace(disk, chain=tuple(chain)))
+        return replace(self, disks=tuple(disks))
+
+    def has(self, target: str) -> bool:
+        return any(d.target == target for d in self.disks)
+
     def select(self, target: str) -> list[Disk]:
         """``target`` or, for ``all``, every disk with an image chain."""
         if target == "all":
@@ -215,6 +242,10 @@ def _source(elem: etree._Element) -> tuple[str, str]:
             # (``img1/../tmpl/T``): clean local paths once, here.
             return source_type, clean_path(name) if attr in ("file", "dev") else name
     return source_type, ""
+
+
+def _encrypted(elem: etree._Element) -> bool:
+    return elem.find("source/encryption") is not None
 
 
 def _index(elem: etree._Element) -> int | None:
@@ -243,6 +274,8 @@ def _parse_disk(disk_elem: etree._Element) -> Disk:
                 format=driver.get("type") if driver is not None else None,
                 source_type=source_type,
                 index=int(idx) if idx and idx.isdigit() else None,
+                pool=src.get("pool") if src is not None and source_type == "volume" else None,
+                encrypted=_encrypted(disk_elem) or disk_elem.find("encryption") is not None,
             )
         )
         node = disk_elem.find("backingStore")
@@ -258,6 +291,7 @@ def _parse_disk(disk_elem: etree._Element) -> Disk:
                     format=fmt.get("type") if fmt is not None else None,
                     source_type=b_type,
                     index=_index(node),
+                    encrypted=_encrypted(node),
                 )
             )
             node = node.find("backingStore")

@@ -4,18 +4,20 @@ the checks every request goes through before anything changes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import errors
 from .chain import Disk
 from .config import Config
+from .identity import ImageSet
 from .model import Observer
 from .records import RecordStore
 from .state import StateDir
 
 if TYPE_CHECKING:
+    from .images import ImageInfo
     from .virt import Connection, Domain
 
 # 2^52 B/s is libvirt's own ceiling; in MiB/s that is 2^32.
@@ -109,3 +111,40 @@ def as_failure(exc: BaseException) -> errors.BlockOpsError:
     if isinstance(exc, errors.BlockOpsError):
         return exc
     return errors.OperationFailed(f"{type(exc).__name__}: {exc}")
+
+
+def refuse_unsupported_images(disk: Disk, images: list[ImageInfo], *, creates_images: bool,
+                              offline: bool, copies_layers: bool = False,
+                              deletes: Sequence[str] = ()) -> None:
+    """Every disk kind is handled or refused by name, before anything
+    changes (exit 2):
+
+    * LUKS-encrypted layers: an image this tool creates (a copy's target,
+      an overlay) would not be encrypted -- the guest's data would land on
+      disk in plaintext -- and qemu-img would need the secret;
+    * qcow2 layers with an external data file: their guest data is in that
+      file, which a layer copy, a deletion or a cold qemu-img run would
+      leave behind or not see.
+    """
+    encrypted = [layer.path for layer in disk.chain if layer.encrypted] + \
+        [i.path for i in images if i.encrypted]
+    if encrypted and (creates_images or offline):
+        why = ("the image this operation creates would hold the guest's data in plaintext"
+               if creates_images else "qemu-img would need its secret")
+        raise errors.BadRequest(f"{disk.target}: {encrypted[0]} is encrypted (LUKS): {why}; "
+                                "encrypted disks are refused")
+    with_data = {i.path: i.data_file for i in images if i.data_file}
+    if not with_data:
+        return
+    path, data = next(iter(with_data.items()))
+    if copies_layers or offline:
+        raise errors.BadRequest(
+            f"{disk.target}: {path} keeps its data in the external data file {data}, which "
+            f"{'a copy of the layers' if copies_layers else 'a cold operation'} would not carry; "
+            "relocate it with --mode full while the VM runs")
+    doomed = ImageSet(deletes)
+    for holder, data in with_data.items():
+        if holder in doomed:
+            raise errors.BadRequest(
+                f"{disk.target}: {holder} keeps its data in the external data file {data}; "
+                "deleting the layer would leave that behind: delete neither (drop the option)")

@@ -27,6 +27,7 @@ from typing import BinaryIO
 from .chain import parse_domain
 from .config import load_config
 from .headers import NotAnImage, walk_chain
+from .pools import NAMED_POOLS, PoolFiles
 from .records import records_in_domain_xml
 from .state import StateDir
 
@@ -58,8 +59,19 @@ def check_start(xml: bytes, state: StateDir) -> None:
                 f"domain ({record.id}, pid {record.pid}); wait for it, or run "
                 f"'vdsm-blockops recover {spec.name}' if that process is gone")
     invalid = state.invalid_lookup()
+    pools = PoolFiles()
+    spec = spec.with_volumes(pools.resolve)
     for disk in spec.disks:
         active = disk.active
+        if active is not None and active.source_type == "volume" and invalid:
+            # Unresolved: fail closed only where it could be a file or a
+            # device the registry names (a file or block pool, or a pool
+            # whose definition cannot be read); network pools never hold
+            # an image the tool touched.
+            pool = pools.pool(active.pool or "")
+            if pool is None or pool[0] in NAMED_POOLS:
+                raise Refusal(f"disk {disk.target}: volume {active.path} of pool {active.pool} "
+                              "cannot be resolved to a file, and the node has invalidated images")
         if active is None or not active.is_local:
             continue
         if not os.path.lexists(active.path):

@@ -51,6 +51,8 @@ class ImageInfo:
     backing_path: str | None  # resolved absolute path
     backing_format: str | None
     bitmaps: tuple[Bitmap, ...] = ()  # persistent dirty bitmaps (qcow2)
+    encrypted: bool = False  # LUKS (qcow2 encrypt.format=luks, or a luks image)
+    data_file: str | None = None  # a qcow2's external data file (its guest data)
 
     def bitmap(self, name: str) -> Bitmap | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -98,6 +100,7 @@ def read_backing_chain(
             actual_size = device_size(own)
             if item.get("format") == "raw":
                 actual_size = min(actual_size, virtual_size) or actual_size
+        specific = item.get("format-specific", {}).get("data", {})
         infos.append(
             ImageInfo(
                 path=own,
@@ -112,11 +115,19 @@ def read_backing_chain(
                 ),
                 backing_format=item.get("backing-filename-format"),
                 bitmaps=tuple(Bitmap(b["name"], int(b["granularity"]), tuple(b.get("flags", [])))
-                              for b in item.get("format-specific", {}).get("data", {})
-                              .get("bitmaps", [])),
+                              for b in specific.get("bitmaps", [])),
+                encrypted=bool(item.get("encrypted")) or item.get("format") == "luks",
+                data_file=_data_file(own, specific.get("data-file")),
             )
         )
     return infos
+
+
+def _data_file(holder: str, name: str | None) -> str | None:
+    """A data file's name as QEMU reads it: relative to the image's folder."""
+    if not name:
+        return None
+    return name if is_protocol(name) else resolve_backing(holder, name)
 
 
 def read_chain(path: str, fmt: str | None) -> list[ImageInfo]:

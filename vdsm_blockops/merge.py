@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors, volumes
 from .chain import Disk
-from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
+from .context import (
+    Context,
+    check_bandwidth,
+    check_disk_supported,
+    check_timeout,
+    operation_domain,
+    refuse_unsupported_images,
+)
 from .identity import ImageSet, image_key, is_block_device, same_images
 from .images import ImageInfo
 from .jobs import JobRunner, Outcome, exclusive_pull
@@ -154,6 +161,9 @@ class Merge:
         allocation = {i.path: volumes.allocation(i) for i in images}
         plan = plan_merge(disk, top_pos=top_pos, base_pos=base_pos, strategy=req.strategy,
                           allocation=allocation, users=users)
+        refuse_unsupported_images(disk, images, creates_images=False, offline=not self.online,
+                                  deletes=[r.path for r in plan.retired] if req.delete_retired
+                                  else ())
         relative = relative_all_along(images, plan, top_pos, base_pos) \
             if req.keep_relative is None else req.keep_relative
         room = self._room(ctx, plan, allocation)

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors, flatten, onto_devices, volumes
 from .chain import Disk, check_reference, disk_xml
-from .context import Context, check_bandwidth, check_disk_supported, check_timeout, operation_domain
+from .context import (
+    Context,
+    check_bandwidth,
+    check_disk_supported,
+    check_timeout,
+    operation_domain,
+    refuse_unsupported_images,
+)
 from .copying import prepare_chain_copy, prepare_full_copy
 from .identity import ImageSet, clean_path, image_key, is_block_device, same_images
 from .images import ImageInfo, create_overlay
@@ -181,6 +188,9 @@ class Relocate:
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> RelocatePlan:
         check_disk_supported(disk)
         disk, images = planned_disk(disk)
+        refuse_unsupported_images(disk, images, creates_images=True, offline=not self.online,
+                                  copies_layers=self.mode is Mode.CHAIN,
+                                  deletes=disk.paths if self.req.delete_source else ())
         self.images[disk.target] = {i.path: i for i in images}
         dest = self._dest_for(disk)
         sources = ImageSet(disk.paths)

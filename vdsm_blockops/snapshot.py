@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors, volumes
 from .chain import Disk, check_reference, source_kind, xml_attr
-from .context import Context, check_disk_supported, operation_domain
+from .context import Context, check_disk_supported, operation_domain, refuse_unsupported_images
 from .identity import ImageSet, clean_path, image_key, is_block_device
 from .model import Operation
 from .node import planned_disk
@@ -102,6 +102,7 @@ class Snapshot:
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> SnapshotPlan:
         check_disk_supported(disk)
         disk, images = planned_disk(disk)
+        refuse_unsupported_images(disk, images, creates_images=True, offline=not self.online)
         overlay = clean_path(self.req.overlay)
         check_place(ctx, overlay, self.req.reuse_external, ImageSet(disk.paths),
                     (domain.uuid, disk.target))

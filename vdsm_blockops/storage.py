@@ -131,8 +131,12 @@ def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str
             continue
         source = disk_elem.find("source")
         old = (source.get("dev") or source.get("file")) if source is not None else None
-        if old and image_key(old) == image_key(path) and \
-                (disk_elem.get("type") == "block") == is_block_device(path):
+        kind_agrees = (disk_elem.get("type") == "block") == is_block_device(path)
+        if source is not None and disk_elem.get("type") == "volume":
+            # A pool volume stays one while it is still the image.
+            old = domain.conn.volume_path(source.get("pool", ""), source.get("volume", ""))
+            kind_agrees = True
+        if old and image_key(old) == image_key(path) and kind_agrees:
             stale = disk_elem.findall("backingStore") if headers_changed else []
             for backing in stale:
                 disk_elem.remove(backing)

@@ -71,12 +71,21 @@ def chain_problems_now(domain: Domain, target: str, expected: list[str]) -> list
     if disk.mirror is not None:
         problems.append(f"{target}: a {disk.mirror.job} job is still attached")
     problems += disk_found
-    if running and domain.is_persistent():
-        stored = domain.spec(inactive=True).disk(target)
-        if stored.active is None or image_key(stored.active.path) != image_key(expected[0]):
-            problems.append(f"{target}: persistent definition uses "
-                            f"{stored.active.path if stored.active else None}, not {expected[0]}")
+    stored = persistent_disk(domain, target) if running else None
+    if stored is not None and (stored.active is None
+                               or image_key(stored.active.path) != image_key(expected[0])):
+        problems.append(f"{target}: persistent definition uses "
+                        f"{stored.active.path if stored.active else None}, not {expected[0]}")
     return problems
+
+
+def persistent_disk(domain: Domain, target: str) -> Disk | None:
+    """``target`` in the persistent definition; None when the domain has
+    none or the disk exists only live (hot-plugged)."""
+    if not domain.is_persistent():
+        return None
+    spec = domain.spec(inactive=True)
+    return spec.disk(target) if spec.has(target) else None
 
 
 def require_chain(domain: Domain, target: str, expected: list[str]) -> None:
@@ -91,9 +100,14 @@ def domain_problems(domain: Domain, target: str | None, state: StateDir | None) 
     problems: list[str] = []
     live = domain.spec() if domain.is_active() else None
     persistent = domain.spec(inactive=True) if domain.is_persistent() else None
-    for definition, spec in (("live", live), ("persistent", persistent)):
-        if spec is None:
-            continue
+    # A disk may exist on one side only: hot-plugged (live), or attached
+    # with --config while the VM runs (persistent). Each side is checked
+    # where the disk exists; a disk on neither is unknown.
+    sides = [(name, spec) for name, spec in (("live", live), ("persistent", persistent))
+             if spec is not None and (target in (None, "all") or spec.has(target))]
+    if not sides and live is not None:
+        live.disk(str(target))  # raises UnknownDisk
+    for definition, spec in sides:
         for disk in spec.select(target or "all"):
             if disk.chain:
                 problems += disk_problems(disk, state, definition)

@@ -10,7 +10,7 @@ import subprocess
 import libvirt
 import pytest
 import rig
-from rig import LayerSpec, Write
+from rig import LayerSpec
 
 
 def test_new_images_on_retired_numbers_and_paths_boot(make_vm, config, installed_hook):
@@ -18,27 +18,28 @@ def test_new_images_on_retired_numbers_and_paths_boot(make_vm, config, installed
     disk = vm.add_chain("vda", rig.four_layers())
     vm.start()
     A, B, C, D = disk.layers
-    retired_numbers = {os.stat(p).st_ino for p in (B, C, D)}
+    retired_numbers = {os.stat(p).st_ino for p in (C, D)}
     rc, out, err = rig.cli("merge", vm.name, "vda", "--base", A, "--strategy", "commit",
                            config=config)
     assert rc == 0, err
-    assert {r["path"] for r in out["retired"] if not r["valid"]} >= {C, D}
-    # The operator deletes two retired layers by hand and keeps B under
-    # another name (and a hard link).
+    assert {r["path"] for r in out["retired"] if not r["valid"]} == {C, D}
+    new = make_vm()  # its folder first: a folder takes an inode number too
+    # The operator deletes one retired layer by hand and keeps the other
+    # under another name (and a hard link).
     os.unlink(C)
-    os.unlink(D)
-    kept = os.path.join(vm.dir, "old-B.qcow2")
-    os.rename(B, kept)
-    os.link(kept, os.path.join(vm.dir, "B-link.qcow2"))
+    kept = os.path.join(vm.dir, "old-D.qcow2")
+    os.rename(D, kept)
+    os.link(kept, os.path.join(vm.dir, "D-link.qcow2"))
     # A new VM whose images are made where the retired ones were: at their
-    # paths, and in their folder (ext4 hands the freed numbers on).
-    new = make_vm()
+    # paths, and in their folder (ext4 hands the freed numbers on to the
+    # next files made there).
     spare = os.path.join(vm.dir, "vdz-N0.qcow2")
-    new_disk = new.add_layers("vda", [
-        (spare, None, LayerSpec("N0", [Write(0x31, 0, 2)])),
-        (C, spare, LayerSpec("N1", [Write(0x32, 1, 1)])),
-        (D, C, LayerSpec("N2", [Write(0x33, 2, 1)])),
-    ])
+    for path, backing, pattern in ((spare, None, 0x31), (C, spare, 0x32), (D, C, 0x33)):
+        rig.run("qemu-img", "create", "-q", "-f", "qcow2", *(["-b", backing, "-F", "qcow2"]
+                                                             if backing else []), path, "64M")
+        rig.run("qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {pattern - 0x31}M 1M", path)
+    new_disk = new.add_layers("vda", [(spare, None, LayerSpec("N0")), (C, spare, LayerSpec("N1")),
+                                      (D, C, LayerSpec("N2"))], reference_from=D)
     reused = [p for p in new_disk.layers if os.stat(p).st_ino in retired_numbers]
     assert reused, "no new image got a retired inode number: this run proves nothing"
     new.start()  # the hook lets it boot
@@ -47,7 +48,7 @@ def test_new_images_on_retired_numbers_and_paths_boot(make_vm, config, installed
     rc, out, err = rig.cli("verify", new.name, config=config)
     assert rc == 0 and out["ok"], out
     # The retired file itself is refused under any of its names.
-    for name in (kept, os.path.join(vm.dir, "B-link.qcow2")):
+    for name in (kept, os.path.join(vm.dir, "D-link.qcow2")):
         stale = make_vm()
         stale.disks["vda"] = rig.Disk(stale, "vda", 0, [name], disk.reference)
         with pytest.raises(libvirt.libvirtError) as refused:

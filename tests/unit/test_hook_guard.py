@@ -263,3 +263,32 @@ def test_a_record_of_another_version_refuses_the_start(state, chain):
     assert rc == 1 and "cannot read" in err and "half-pivoted" in err
     rc, err = hook(state, "migrate", "begin", domain_xml(chain[-1], meta))
     assert rc == 1 and "r9" in err
+
+
+def volume_xml(pool, volume):
+    return (f"<domain><name>vm1</name><uuid>u</uuid><devices>"
+            f"<disk type='volume' device='disk'><driver type='qcow2'/>"
+            f"<source pool='{pool}' volume='{volume}'/><target dev='vda'/></disk>"
+            f"</devices></domain>").encode()
+
+
+def test_pool_volumes_are_resolved_from_libvirts_pool_files(state, chain, tmp_path, monkeypatch):
+    from vdsm_blockops import pools
+
+    folder = tmp_path / "storage"
+    folder.mkdir()
+    (folder / "images.xml").write_text(
+        f"<pool type='dir'><name>images</name><target><path>{os.path.dirname(chain[0])}"
+        "</path></target></pool>")
+    (folder / "ceph.xml").write_text("<pool type='rbd'><name>ceph</name><source/></pool>")
+    monkeypatch.setattr(pools, "POOL_FOLDERS", (str(folder),))
+    assert hook(state, "prepare", "begin", volume_xml("images", "C.qcow2")) == (0, "")
+    state.invalidate([chain[0]], domain="vm0", disk="vda", operation="merge 5")
+    rc, err = hook(state, "prepare", "begin", volume_xml("images", "C.qcow2"))
+    assert rc == 1 and "invalidated by merge 5" in err and chain[0] in err
+    # A volume of a pool that cannot be read may be that image: refused
+    # while the registry names any; a network pool's volume boots.
+    rc, err = hook(state, "prepare", "begin", volume_xml("gone", "C.qcow2"))
+    assert rc == 1 and "cannot be resolved" in err
+    assert hook(state, "prepare", "begin", volume_xml("ceph", "rbd/vm1"))[0] == 0
+    assert hook(state, "prepare", "begin", volume_xml("images", "../../etc/passwd"))[0] == 1

@@ -185,6 +185,15 @@ class Connection:
                     ) from None
         return Domain(self, dom)
 
+    def volume_path(self, pool: str, volume: str) -> str | None:
+        """The local file or device of a storage-pool volume; None when
+        libvirt does not know it or it is no local path (a network pool)."""
+        try:
+            path = str(self.raw.storagePoolLookupByName(pool).storageVolLookupByName(volume).path())
+        except libvirt.libvirtError:
+            return None
+        return path if path.startswith("/") else None
+
     def domains(self, active_only: bool = False) -> list[Domain]:
         flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
         with libvirt_errors("listing domains"):

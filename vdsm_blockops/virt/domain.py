@@ -100,7 +100,9 @@ class Domain:
             return str(self._live().XMLDesc(XML_INACTIVE if inactive else 0))
 
     def spec(self, inactive: bool = False) -> DomainSpec:
-        return parse_domain(self.xml(inactive))
+        """The disks as files and devices: a storage-pool volume is named
+        by what it is (every identity decision needs the file)."""
+        return parse_domain(self.xml(inactive)).with_volumes(self.conn.volume_path)
 
     # -- block jobs
     def block_job_info(self, disk: str) -> JobInfo | None:
