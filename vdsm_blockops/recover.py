@@ -46,6 +46,8 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
     """Settle every unfinished record of one domain (or of all), or only
     the record of ``disk``."""
     domains = [ctx.conn.domain(domain_name)] if domain_name else ctx.conn.domains()
+    if domain_name is None:
+        ctx.state.sweep_locks()
     outcomes = []
     for domain in domains:
         store = RecordStore(domain, ctx.state)
@@ -72,6 +74,7 @@ def recover_queued(ctx: Context, timeout_s: float | None = None) -> RecoverRepor
     ``failed/`` with the reason (beside ``queue/``, which the path unit
     watches: a bad entry must not re-trigger it forever); the timer retries
     it, and a success removes it."""
+    ctx.state.sweep_locks()
     queue = os.path.join(ctx.state.path, "queue")
     failed_dir = os.path.join(ctx.state.path, "failed")
     entries = [(folder, name) for folder in (queue, failed_dir) if os.path.isdir(folder)

@@ -147,6 +147,27 @@ class StateDir:
                 os.unlink(path)  # still held: no one else is inside
             handle.close()
 
+    def sweep_locks(self) -> int:
+        """Remove the lock files no one holds (left by a killed process, or
+        by versions that kept one per domain and disk ever seen); returns
+        how many. Each is taken first, as any taker would, so a lock in use
+        is never touched."""
+        folder = os.path.join(self.path, "locks")
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return 0
+        swept = 0
+        for name in names:
+            if not name.endswith(".lock") or name == "registry.lock":
+                continue
+            try:
+                with self._lock_file(name, wait=False):
+                    swept += 1  # removed on release
+            except OSError:  # held (BlockingIOError), or gone meanwhile
+                continue
+        return swept
+
     @contextlib.contextmanager
     def domain_lock(self, domain_uuid: str) -> Iterator[None]:
         """Held around every read-modify-write of one domain's records, so

@@ -115,6 +115,8 @@ def test_recover_with_the_vm_off_after_a_pivoted_active_commit(make_vm, config):
         if "ready='yes'" in vm.dom.XMLDesc(0):
             break
         time.sleep(0.05)
+    else:
+        raise AssertionError("the active commit never became ready")
     rig.run("virsh", "-c", rig.TEST_URI, "blockjob", vm.name, "vda", "--pivot")
     vm.dom.destroy()
     rc, out, err = rig.cli("recover", vm.name, config=config)

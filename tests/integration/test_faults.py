@@ -70,6 +70,8 @@ def restart_libvirtd():
         if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode:
             break
         time.sleep(0.1)
+    else:
+        raise AssertionError("libvirtd did not stop")
     subprocess.run(["/usr/sbin/libvirtd", "-d"], check=True)
     for _ in range(100):
         if subprocess.run(["virsh", "-c", rig.TEST_URI, "version"], capture_output=True).returncode == 0:
@@ -124,6 +126,8 @@ def test_vm_shut_down_between_ready_and_pivot(make_vm, config):
         if "ready='yes'" in vm.dom.XMLDesc(0):
             break
         time.sleep(0.05)
+    else:
+        pytest.fail("the active commit never became ready: nothing here would be tested")
     vm.dom.destroy()
     vm.dom.create()
     settle(vm, disk, config)

@@ -200,7 +200,7 @@ def test_dry_run_changes_nothing(vm4, config):
     before = {p: os.stat(p).st_mtime_ns for p in disk.layers}
     rc, out, _ = merge(vm4, config, "vda", "--base", A, "--dry-run")
     assert rc == 0 and out["dry_run"] and not out["changed"]
-    assert out["chain_after"] == [B, A] if out["strategy"] == "commit" else [D, A]
+    assert out["chain_after"] == ([B, A] if out["strategy"] == "commit" else [D, A])
     assert disk.live_chain() == [D, C, B, A]
     assert {p: os.stat(p).st_mtime_ns for p in disk.layers} == before
     disk.assert_guest_data()

@@ -81,7 +81,10 @@ def test_flatten_with_guest_writes_in_every_phase(make_vm, config, workdir):
     assert rc == 0 and out["method"] == "flatten"
     proc = rig.cli_background("relocate", vm.name, "vda", dest, "--mode", "full", "--bandwidth", "1",
                               config=config)
+    deadline = time.monotonic() + 60
     while not os.path.exists(dest):
+        assert proc.poll() is None, f"the relocation ended before DEST appeared: {proc.communicate()}"
+        assert time.monotonic() < deadline, "DEST never appeared"
         time.sleep(0.02)
     disk.guest_write(0x71, 2, 1)  # qemu-img is flattening A, B, C
     disk.guest_write(0x00, 4, 1)  # zeros over B's data: must not show B's data in DEST

@@ -36,6 +36,8 @@ class FakeDomain:
         self.active = True
         self.info_script = collections.deque()   # exceptions/None to raise/return first
         self.pivot_refusals = 0   # how many pivots to refuse with "not ready"
+        # whether the mirror is ready at each pivot, in turn (flipping under writes)
+        self.ready_at_pivot = collections.deque()
         self.calls = []
         self.metadata = None
 
@@ -67,6 +69,8 @@ class FakeDomain:
         self.calls.append("pivot" if pivot else "abort")
         if pivot and self.pivot_refusals:
             self.pivot_refusals -= 1
+            raise errors.PivotNotReady("block copy still active: not ready for pivot yet")
+        if pivot and self.ready_at_pivot and not self.ready_at_pivot.popleft():
             raise errors.PivotNotReady("block copy still active: not ready for pivot yet")
         self.job = None
 

@@ -1,6 +1,7 @@
 """The hook, fed XML on stdin as libvirt does."""
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import time
 
 import pytest
 
-from vdsm_blockops.chain import METADATA_NS
+from vdsm_blockops.chain import METADATA_NS, parse_domain
+from vdsm_blockops.errors import BadRequest
 from vdsm_blockops.hook import run
 from vdsm_blockops.records import OperationRecord, render_records
 from vdsm_blockops.state import StateDir
@@ -98,11 +100,20 @@ def test_hostile_xml_is_not_expanded_and_does_not_hang(state, xml):
     rc, err = hook(state, "prepare", "begin", xml)
     assert rc == 0  # not evidence of danger: logged, VM goes on (libvirt parses it too)
     assert time.monotonic() - started < 1
+    # What the hook parsed: refused, or read without expanding anything.
+    try:
+        spec = parse_domain(xml)
+    except BadRequest:
+        return
+    assert len(spec.name) < 100 and "root:" not in spec.name
+    assert all("root:" not in p for d in spec.disks for p in d.paths)
 
 
-def test_oversized_xml_is_not_parsed(state):
-    rc, _ = hook(state, "prepare", "begin", b"<domain>" + b" " * (5 * 1024 * 1024))
+def test_oversized_xml_is_not_parsed(state, caplog):
+    with caplog.at_level(logging.ERROR, logger="vdsm_blockops.hook"):
+        rc, _ = hook(state, "prepare", "begin", b"<domain>" + b" " * (5 * 1024 * 1024))
     assert rc == 0
+    assert "larger than" in caplog.text and "not parsed" in caplog.text
 
 
 def test_lifecycle_events_queue_recovery(state, chain):

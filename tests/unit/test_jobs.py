@@ -1,7 +1,5 @@
 """The job waiter and runner against a stateful fake domain."""
 
-import itertools
-
 import pytest
 from fake_domain import FakeDomain
 
@@ -147,17 +145,20 @@ def test_pivot_refused_forever_is_bounded(tmp_path):
 
 
 def test_job_flipping_between_ready_and_not_ready(tmp_path):
-    """QEMU may leave READY under heavy writes: the pivot is retried."""
+    """QEMU may leave READY under heavy writes: a pivot refused while the
+    mirror is not ready is tried again until it lands in a ready moment."""
     dom = FakeDomain(two_phase=True)
-    flips = itertools.cycle([True, False])
-    dom.pivot_refusals = 3
-
-    def go():
-        dom.start()
-        dom.emit(JobStatus.READY)
-    dom.info_script.extend([lambda d: setattr(d, "ready", next(flips)) for _ in range(6)])
+    dom.ready_at_pivot.extend([False, True, False, False, True])
     run, store, record = runner(dom, retries=5, tmp_path=tmp_path)
-    assert run.run(go, two_phase=True, pivot=True, timeout_s=5, wait=True) is Outcome.COMPLETED
+    assert run.run(start_ready(dom), two_phase=True, pivot=True, timeout_s=5, wait=True) \
+        is Outcome.COMPLETED
+    assert dom.calls.count("pivot") == 2 and list(dom.ready_at_pivot) == [False, False, True]
+    dom = FakeDomain(two_phase=True)
+    dom.ready_at_pivot.extend([False] * 6)
+    run, store, record = runner(dom, retries=5, tmp_path=tmp_path)
+    with pytest.raises(errors.JobFailed, match="never became ready"):
+        run.run(start_ready(dom), two_phase=True, pivot=True, timeout_s=5, wait=True)
+    assert dom.calls.count("pivot") == 6 and not dom.ready_at_pivot
 
 
 def test_timeout_aborts_the_job(tmp_path):

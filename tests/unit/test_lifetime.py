@@ -162,3 +162,15 @@ def test_removed_lock_files_still_exclude_each_other(tmp_path):
         proc.join(60)
         assert proc.exitcode == 0
     assert counter.read_text() == "800"
+
+
+def test_recover_sweeps_lock_files_no_one_holds(tmp_path):
+    state = StateDir(str(tmp_path / "state"))
+    folder = os.path.join(state.path, "locks")
+    os.makedirs(folder)
+    for n in range(5):  # as earlier versions left them, one per disk ever seen
+        open(os.path.join(folder, f"uuid{n}-vda.lock"), "w").close()
+    with state.disk_lock("busy", "vda", "merge of busy vda"):
+        assert state.sweep_locks() == 5
+        assert os.listdir(folder) == ["busy-vda.lock"]  # a held lock is left alone
+    assert os.listdir(folder) == []

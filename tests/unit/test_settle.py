@@ -177,9 +177,11 @@ def test_a_failure_after_a_change_rolls_back_and_is_exit_1(tmp_path, chain, erro
     domain = ChainDomain([c, b, a])
     dest = str(tmp_path / "dest.qcow2")
     ctx = Context(conn=None, config=Config(state_dir=str(tmp_path / "state")))
+    before = {p: (image_key(p), open(p, "rb").read()) for p in chain}
     with pytest.raises(errors.OperationFailed) as caught:
         run_operation(ctx, FailingOp(domain, dest, error), "vda", dry_run=False)
     assert caught.value.exit_code == 1
     assert not os.path.exists(dest)                    # created, then rolled back
     assert RecordStore(domain).load() == {}            # settled: no record left
-    assert image_key(a).kind == "file"                 # the chain is untouched
+    # the chain is untouched: the same files, byte for byte
+    assert {p: (image_key(p), open(p, "rb").read()) for p in chain} == before
