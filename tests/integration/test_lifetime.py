@@ -121,8 +121,9 @@ def test_a_plan_made_on_a_chain_another_command_changed_is_refused(vm4, config, 
 
     disk = vm4.disks["vda"]
     A, B, C, D = disk.layers
-    dest = os.path.join(workdir, "moved")
-    os.makedirs(dest)
+    folder = os.path.join(workdir, "moved")
+    os.makedirs(folder)
+    dest = os.path.join(folder, "vda.qcow2")
     planned = Relocate.check_plans
 
     def meanwhile(self, plans):
@@ -139,7 +140,7 @@ def test_a_plan_made_on_a_chain_another_command_changed_is_refused(vm4, config, 
                      RelocateRequest(domain=vm4.name, disk="vda", dest=dest, mode="chain"))
     finally:
         conn.close()
-    assert disk.live_chain() == [A]
-    assert os.listdir(dest) == []
+    assert disk.live_chain() == [B, A]  # the commit's result: nothing undone
+    assert os.listdir(folder) == []
     disk.guest_write(0x6B, 6, 1)
     disk.assert_guest_data()
