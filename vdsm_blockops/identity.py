@@ -123,11 +123,19 @@ def key_of_stat(st: os.stat_result, path: str) -> ImageKey:
 
 
 def image_key(path: str) -> ImageKey:
-    """The identity of the image ``path`` names (symlinks followed)."""
+    """The identity of the image ``path`` names (symlinks followed). The
+    number and the lifetime are read by two calls: a name that another file
+    took meanwhile is read again, so a key never mixes two files."""
     try:
-        return key_of_stat(os.stat(path), path)
+        for _ in range(3):
+            st = os.stat(path)
+            key = key_of_stat(st, path)
+            again = os.stat(path)
+            if (again.st_dev, again.st_ino, again.st_rdev) == (st.st_dev, st.st_ino, st.st_rdev):
+                return key
     except (OSError, ValueError):  # missing, unreachable, or a NUL in the name
-        return ImageKey("path", 0, 0, "", clean_path(path))
+        pass
+    return ImageKey("path", 0, 0, "", clean_path(path))
 
 
 # -- files: handle, generation, birth time
