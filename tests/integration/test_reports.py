@@ -90,9 +90,11 @@ def test_every_verb_reports_the_same_json(make_vm, config, workdir):
     run("jobs", "jobs", vm2.name)
     run("speed", "speed", vm2.name, "vda", "0")
     run("abort-pivot", "abort", vm2.name, "vda", "--pivot")
+    # Unthrottle vm3's pull so recover need not wait (it may have ended already).
     throttle = subprocess.run(["virsh", "-c", rig.TEST_URI, "blockjob", vm3.name, "vda",
                                "--bandwidth", "0"], capture_output=True, text=True)
-    assert throttle.returncode == 0, throttle.stderr
+    assert throttle.returncode == 0 or "does not have an active block job" in throttle.stderr, \
+        throttle.stderr
     run("recover", "recover", vm3.name, "--timeout", "120")
     run("recover-nothing", "recover", vm3.name)
     run("hook-install", "hook", "install", "--hooks-dir", f"{workdir}/hooks")
