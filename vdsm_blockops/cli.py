@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, NoReturn
 from . import __version__, commands, errors
 from .config import require_local_uri
 from .model import ImageFormat, Method, Mode, Strategy, choices
-from .reports import Report
+from .reports import Report, TextReport
 
 log = logging.getLogger("vdsm_blockops")
 
@@ -186,6 +186,21 @@ class Verb(NamedTuple):
     local: bool = True
 
 
+# The two verbs that print the parser itself live beside it.
+def _cmd_completion(args: argparse.Namespace, env: commands.Env) -> Report:
+    import shtab
+
+    return TextReport(operation="completion", text=shtab.complete(build_parser(),
+                                                                  shell=args.shell))
+
+
+def _cmd_manpage(args: argparse.Namespace, env: commands.Env) -> Report:
+    from argparse_manpage.manpage import Manpage
+
+    return TextReport(operation="manpage", text=str(Manpage(build_parser())))
+
+
+
 VERBS = [
     Verb("chain", "show each disk's backing chain", commands.cmd_chain, _chain_args),
     Verb("jobs", "list active block jobs on the node or one domain", commands.cmd_jobs, _jobs_args,
@@ -207,9 +222,9 @@ VERBS = [
          commands.cmd_units, _units_args, local=False),
     Verb("verify", "check a domain's chains against the images' metadata", commands.cmd_verify,
          _verify_args),
-    Verb("completion", "print a shell completion script", commands.cmd_completion,
+    Verb("completion", "print a shell completion script", _cmd_completion,
          _completion_args, local=False),
-    Verb("manpage", "print the manual page (roff)", commands.cmd_manpage, None, local=False),
+    Verb("manpage", "print the manual page (roff)", _cmd_manpage, None, local=False),
 ]
 
 

@@ -8,7 +8,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from .config import load_config
-from .reports import Report, TextReport
+from .reports import Report
 
 if TYPE_CHECKING:
     from .context import Context
@@ -106,18 +106,6 @@ def cmd_verify(args: argparse.Namespace, env: Env) -> Report:
                   checkpoints=args.checkpoints)
 
 
-def cmd_completion(args: argparse.Namespace, env: Env) -> Report:
-    import shtab
-
-    return TextReport(operation="completion", text=shtab.complete(_parser(), shell=args.shell))
-
-
-def cmd_manpage(args: argparse.Namespace, env: Env) -> Report:
-    from argparse_manpage.manpage import Manpage
-
-    return TextReport(operation="manpage", text=str(Manpage(_parser())))
-
-
 class Env:
     """What a verb needs, opened lazily (hook/help need no libvirt)."""
 
@@ -153,10 +141,3 @@ class Env:
             close()
         if self._conn is not None:
             self._conn.close()
-
-
-# ----------------------------------------------------------------- main
-def _parser() -> argparse.ArgumentParser:
-    from .cli import build_parser
-
-    return build_parser()

@@ -31,7 +31,7 @@ from .state import fsync_dir
 if TYPE_CHECKING:
     from .context import Context
     from .records import OperationRecord, RecordStore
-    from .relocate import RelocatePlan
+    from .relocate_plan import RelocatePlan
     from .storage import FileCreator
     from .virt import Domain
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from . import qemuimg
+from . import prepared, qemuimg
 from .copying import copy_proven
 from .identity import is_block_device
 from .images import (
@@ -41,7 +41,7 @@ from .storage import FileCreator, point_persistent_definition
 if TYPE_CHECKING:
     from .context import Context
     from .planner import MergePlan
-    from .relocate import RelocatePlan
+    from .relocate_plan import RelocatePlan
     from .virt import Domain
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,12 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
 
 
 def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str, ImageInfo],
-             creator: FileCreator, reuse_external: bool, rate_mib_s: int = 0) -> None:
-    """Copy (chain, shallow: the files, proven byte for byte; full: qemu-img
-    convert, flushed), relink, then point the persistent definition at DEST."""
+             creator: FileCreator, reuse_external: bool,
+             targets: list[prepared.Prepared] | None, rate_mib_s: int = 0) -> None:
+    """Copy (chain, shallow: the files, each chunk compared as written; full: qemu-img
+    convert, flushed), relink, then point the persistent definition at DEST.
+    ``targets``: the prepared files of --reuse-external, checked (a
+    prepared device is formatted by the tool instead)."""
     active = images[plan.chain_before[0]]
     if plan.mode is Mode.FULL:
         if not reuse_external:
@@ -119,8 +122,14 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
         # Every layer is read-only while the VM is off: copy them all as
         # files (chain) or only the active one (shallow), then relink.
         copies = [(active.path, plan.dest)] + (plan.copies if plan.mode is Mode.CHAIN else [])
-        if not reuse_external:
-            copy_proven(copies, creator)
+        if targets is not None:
+            # Prepared images, checked to back onto the right ones: each
+            # gets its layer's data, proven; their own backing names stay.
+            prepared.fill(copies, {p: i.format for p, i in images.items()},
+                          prepared.backings(targets), rate_mib_s)
+            point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
+            return
+        copy_proven(copies, creator)
         new_of = dict(copies)
         for src, new in copies:
             image = images[src]

@@ -36,7 +36,7 @@ from .model import ImageFormat, Method, Mode
 
 if TYPE_CHECKING:
     from .context import Context
-    from .relocate import RelocatePlan
+    from .relocate_plan import RelocatePlan
     from .virt import Domain
 
 
@@ -103,10 +103,12 @@ def plan_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], folder: str,
                  create_command: Sequence[str], margin_mib: int) -> dict[str, int]:
     """Point ``plan`` at one new volume per layer in ``folder`` (same names
     as the layers); returns each new volume's size in bytes."""
-    if not create_command:
-        raise errors.BadRequest(f"{folder} is a directory: chain mode onto block volumes creates "
-                                "one per layer and needs volume_create_command in the config")
     chain = plan.chain_before
+    if not create_command:
+        raise errors.BadRequest(
+            f"{folder} is a directory: DEST names the new active image (give a file path such "
+            f"as {os.path.join(folder, os.path.basename(chain[0]))}); chain mode onto block "
+            "volumes, one per layer, needs volume_create_command in the config")
     new = {src: os.path.join(folder, os.path.basename(src)) for src in chain}
     if len(set(new.values())) != len(chain):
         raise errors.BadRequest(f"{plan.disk}: layers share a name; one volume each is impossible")

@@ -82,12 +82,29 @@ def fill(copies: Sequence[tuple[str, str]], formats: dict[str, str],
     compare`` reads both chains whole -- the guest's view from that layer
     down -- so each layer is proven on the ones below it."""
     for source, target in reversed(list(copies)):
-        qemuimg.convert(source, formats[source], target, "qcow2", rate_mib_s=rate_mib_s,
-                        dest_is_new=False, backing=backing_of.get(target))
+        fmt = formats[source]  # a layer's copy keeps its format
+        qemuimg.convert(source, fmt, target, fmt, rate_mib_s=rate_mib_s, dest_is_new=False,
+                        backing=backing_of.get(target))
         qemuimg.fsync(target)
         try:
-            run_command(["qemu-img", "compare", "-U", "-f", formats[source], "-F", "qcow2",
-                         source, target])
+            run_command(["qemu-img", "compare", "-U", "-f", fmt, "-F", fmt, source, target])
         except errors.BlockOpsError as exc:
             raise errors.OperationFailed(
                 f"the prepared {target} does not read as {source} after the copy: {exc}") from None
+
+
+def layered(copies: Sequence[tuple[str, str]], below: str | None,
+            sizes: dict[str, int], formats: dict[str, str]) -> list[Prepared]:
+    """What prepared copies of layers must be: ``copies`` (source,
+    prepared) from the top down, each backing onto the next one's prepared
+    image, the last onto ``below`` (the old chain's image for a shallow
+    copy; None: the bottom of the chain)."""
+    targets = []
+    for pos, (source, target) in enumerate(copies):
+        backing = copies[pos + 1][1] if pos + 1 < len(copies) else below
+        targets.append(Prepared(target, formats[source], sizes[source], backing, empty=True))
+    return targets
+
+
+def backings(targets: Sequence[Prepared]) -> dict[str, str | None]:
+    return {t.path: t.backing for t in targets}

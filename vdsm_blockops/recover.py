@@ -30,7 +30,8 @@ from .node import current_chain
 from .operation import settle
 from .planner import MergePlan
 from .records import OperationRecord, RecordStore
-from .relocate import Relocate, RelocatePlan, RelocateRequest
+from .relocate import Relocate
+from .relocate_plan import RelocatePlan, RelocateRequest
 from .reports import RecordOutcome, RecoverReport
 from .snapshot import Snapshot, SnapshotPlan, SnapshotRequest
 from .verification import require_chain

@@ -20,10 +20,10 @@ Modes:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from . import errors, flatten, onto_devices, volumes
+from . import errors, flatten, onto_devices, prepared, volumes
 from .chain import Disk, check_reference, disk_xml
 from .context import (
     Context,
@@ -41,6 +41,8 @@ from .model import ImageFormat, Method, Mode, Operation
 from .node import current_chain, image_chain, planned_disk
 from .operation import run_operation
 from .records import OperationRecord, Phase, RecordStore
+from .relocate_plan import RelocatePlan
+from .relocate_plan import RelocateRequest as RelocateRequest  # the entry point's request
 from .reports import RelocateReport, Report, Retired
 from .snapshot import snapshot_xml
 from .storage import FileCreator, check_place, delete_unused, point_persistent_definition
@@ -48,52 +50,6 @@ from .verification import norm, require_chain
 
 if TYPE_CHECKING:
     from .virt import Domain
-
-
-@dataclass(frozen=True)
-class RelocateRequest:
-    domain: str
-    disk: str
-    dest: str
-    mode: str = "chain"
-    method: str = "auto"
-    format: str = "qcow2"
-    reuse_external: bool = False
-    sync_writes: bool = False
-    pivot: bool = True
-    delete_source: bool = False
-    bandwidth_mib_s: int = 0
-    timeout_s: float | None = None
-    wait: bool = True
-    dry_run: bool = False
-
-
-@dataclass
-class RelocatePlan:
-    disk: str
-    mode: Mode
-    method: Method
-    format: ImageFormat
-    dest: str
-    chain_before: list[str]
-    chain_after: list[str]  # when pivoted
-    copies: list[tuple[str, str]] = field(default_factory=list)  # (source layer, new path)
-    bytes_to_copy: int = 0
-    persistent: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        body = asdict(self)
-        body.update(mode=self.mode.value, method=self.method.value, format=self.format.value)
-        return body
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> RelocatePlan:
-        """The plan an operation record holds."""
-        values = {k: v for k, v in body.items() if k in {f.name for f in fields(cls)}}
-        values.update(mode=Mode(values["mode"]), method=Method(values["method"]),
-                      format=ImageFormat(values["format"]),
-                      copies=[(src, new) for src, new in values.get("copies", [])])
-        return cls(**values)
 
 
 def already_done(ctx: Context, req: RelocateRequest) -> str | None:
@@ -133,6 +89,7 @@ class Relocate:
         self.images: dict[str, dict[str, ImageInfo]] = {}  # per disk, as planned
         self.volumes: dict[str, dict[str, Any]] = {}  # per disk: DEST a block device, its room
         self.volume_sizes: dict[str, dict[str, int]] = {}  # per disk: chain mode onto volumes
+        self.prepared: dict[str, list[prepared.Prepared]] = {}  # per disk: --reuse-external files
         self.mode: Mode = _enum(Mode, req.mode, "mode")
         self.method: Method = _enum(Method, req.method, "method")
         self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
@@ -202,7 +159,10 @@ class Relocate:
                             format=self.format, dest=dest, chain_before=chain, chain_after=[dest],
                             persistent=domain.is_persistent(), bytes_to_copy=sum(alloc.values()))
         if self.mode is Mode.CHAIN and self.req.disk != "all" and os.path.isdir(dest):
-            return self._plan_volume_chain(ctx, plan)
+            self._plan_volume_chain(ctx, plan)
+            for path in plan.chain_after:  # the checks a file DEST gets, for each new volume
+                check_place(ctx, path, False, sources, (domain.uuid, disk.target))
+            return plan
         if self.mode is Mode.CHAIN and len(chain) > 1:
             folder = os.path.dirname(dest)
             plan.copies = [(src, os.path.join(folder, os.path.basename(src))) for src in chain[1:]]
@@ -226,6 +186,9 @@ class Relocate:
             if not (self.mode is Mode.SHALLOW and path in chain[1:]):
                 check_place(ctx, path, self.req.reuse_external, sources,
                             (domain.uuid, disk.target))
+        if self.req.reuse_external and not on_device:  # a device is formatted by the tool
+            self.prepared[disk.target] = self._prepared_targets(plan, images)
+            prepared.check(self.prepared[disk.target], "DEST")
         if on_device:
             return plan
         space = os.statvfs(os.path.dirname(dest))
@@ -235,7 +198,25 @@ class Relocate:
                                     f"{plan.bytes_to_copy} bytes to copy, {free} free")
         return plan
 
-    def _plan_volume_chain(self, ctx: Context, plan: RelocatePlan) -> RelocatePlan:
+    def _prepared_targets(self, plan: RelocatePlan,
+                          images: list[ImageInfo]) -> list[prepared.Prepared]:
+        """What the prepared DEST (and, chain mode, its prepared layers)
+        must be: the shape of the copy, empty, backing by identity."""
+        info = {i.path: i for i in images}
+        active = info[plan.chain_before[0]]
+        if plan.method is Method.SNAPSHOT_STREAM:  # DEST becomes a snapshot overlay first
+            return [prepared.Prepared(plan.dest, "qcow2", active.virtual_size, active.path,
+                                      empty=True)]
+        if plan.mode is Mode.FULL:
+            return [prepared.Prepared(plan.dest, plan.format.value, active.virtual_size, None,
+                                      empty=True)]
+        copies = [(active.path, plan.dest)] + plan.copies
+        below = plan.chain_before[1] if plan.mode is Mode.SHALLOW and len(plan.chain_before) > 1 \
+            else None
+        return prepared.layered(copies, below, {p: i.virtual_size for p, i in info.items()},
+                                {p: i.format for p, i in info.items()})
+
+    def _plan_volume_chain(self, ctx: Context, plan: RelocatePlan) -> None:
         """DEST a directory (``/dev/<vg>``): one new block volume per layer."""
         onto_devices.only_mirror(plan, self.method)
         if self.req.reuse_external:
@@ -244,7 +225,6 @@ class Relocate:
         self.volume_sizes[plan.disk] = onto_devices.plan_volumes(
             plan, self.images[plan.disk], plan.dest, ctx.config.volume_create_command,
             ctx.config.volume_margin_mib)
-        return plan
 
     def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
                     alloc: dict[str, int]) -> Method:
@@ -322,7 +302,8 @@ class Relocate:
         if not self.online:  # no phases, as for an offline merge
             from . import offline  # shut-off domains only: spares live verbs the import
 
-            offline.relocate(ctx, domain, plan, images, creator, req.reuse_external, self.bandwidth)
+            offline.relocate(ctx, domain, plan, images, creator, req.reuse_external,
+                             self.prepared.get(plan.disk), self.bandwidth)
             return self.finish(ctx, domain, plan, store, record)
         runner = JobRunner(ctx, domain, plan.disk, store, record)
         if plan.method is Method.SNAPSHOT_STREAM:
@@ -336,6 +317,12 @@ class Relocate:
                 pass  # prepared above
             elif plan.copies and not req.reuse_external:
                 prepare_chain_copy(plan, images, creator)
+                store.advance(record, Phase.PREPARED)
+            elif plan.copies and plan.disk in self.prepared:
+                # Prepared layers: each read-only layer's data goes into its
+                # counterpart, proven, before the mirror relinks the VM.
+                prepared.fill(plan.copies, {p: i.format for p, i in images.items()},
+                              prepared.backings(self.prepared[plan.disk]), self.bandwidth)
                 store.advance(record, Phase.PREPARED)
             elif plan.mode is Mode.FULL and not req.reuse_external:
                 prepare_full_copy(plan, images, creator)

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from . import errors, volumes
+from . import errors, prepared, volumes
 from .chain import Disk, check_reference, source_kind, xml_attr
 from .context import Context, check_disk_supported, operation_domain, refuse_unsupported_images
 from .identity import ImageSet, clean_path, image_key, is_block_device
@@ -111,6 +111,9 @@ class Snapshot:
                                         ctx.config.volume_margin_mib)
             volumes.refuse_if_short(room, ctx.config.volume_extend_command)
             self.volume = room.to_json()
+        elif self.req.reuse_external:  # a prepared file: an empty overlay on the active image
+            prepared.check([prepared.Prepared(overlay, "qcow2", images[0].virtual_size,
+                                              disk.paths[0], empty=True)], "OVERLAY")
         return SnapshotPlan(disk=disk.target, overlay=overlay, chain_before=norm(disk.paths),
                             chain_after=[overlay] + norm(disk.paths))
 

@@ -223,6 +223,20 @@ def test_refusals_change_nothing(make_vm, config, workdir):
         assert words in out["error"]["message"], (args, out)
     rc, out, _ = rig.cli("relocate", vm.name, "vda", f"{workdir}/y.qcow2", config=roots_config)
     assert rc == 2 and "storage roots" in out["error"]["message"]
+    # A directory DEST (chain mode onto block volumes) gets the same checks,
+    # before any volume is created.
+    dir_config = f"{workdir}/dir.yaml"
+    with open(dir_config, "w") as handle:
+        handle.write(open(roots_config).read()
+                     + f'volume_create_command: [/usr/bin/touch, "{workdir}/ran-{{name}}"]\n')
+    os.makedirs(f"{workdir}/vg")
+    rc, out, _ = rig.cli("relocate", vm.name, "vda", f"{workdir}/vg", "--mode", "chain",
+                         config=dir_config)
+    assert rc == 2 and "storage roots" in out["error"]["message"], out
+    assert not [n for n in os.listdir(workdir) if n.startswith("ran-")]
+    rc, out, _ = rig.cli("relocate", vm.name, "vda", f"{workdir}/vg", "--mode", "chain",
+                         config=config)
+    assert rc == 2 and f"{workdir}/vg/{os.path.basename(D)}" in out["error"]["message"], out
     small = f"{workdir}/tiny"
     os.makedirs(small, mode=0o755)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small], check=True)

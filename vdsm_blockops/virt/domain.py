@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import libvirt
 
 from ..chain import DomainSpec, parse_domain
-from ..model import JOB_TYPE_NAMES, JobInfo, JobStatus
+from ..model import JOB_TYPE_NAMES, EventHub, JobInfo, JobStatus
 from .errors import libvirt_errors, translate
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +40,25 @@ MIB = 1024 * 1024
 
 
 
+class Host(Protocol):
+    """What a domain needs of its connection (``connection.Connection``;
+    named here so the two modules import one way only)."""
+
+    generation: int
+    events: EventHub
+
+    @property
+    def raw(self) -> libvirt.virConnect: ...
+    @property
+    def alive(self) -> bool: ...
+    def reconnect(self, give_up_at: float | None = None, pause_s: float = 0.5) -> None: ...
+    def volume_path(self, pool: str, volume: str) -> str | None: ...
+
+
 class Domain:
     """The libvirt calls this project needs on one domain, and no others."""
 
-    def __init__(self, conn: Connection, dom: libvirt.virDomain):
+    def __init__(self, conn: Host, dom: libvirt.virDomain):
         self.conn = conn
         self._dom = dom
         self._generation = conn.generation
