@@ -35,6 +35,6 @@ setup(
                  "wheel"],  # wheel: the packaging test builds one without build isolation
         "bench": ["matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["vdsm-blockops=vdsm_blockops.cli:run"]},
+    entry_points={"console_scripts": ["vdsm-blockops=vdsm_blockops.shells.cli:run"]},
     package_data={"vdsm_blockops": ["py.typed"]},
 )

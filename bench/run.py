@@ -128,7 +128,7 @@ def dd_limit(b: Bench, vm: rig.VM) -> tuple[float, None]:
 
 
 def _defined_active(vm: rig.VM, disk: rig.Disk) -> str:
-    from vdsm_blockops.chain import parse_domain
+    from vdsm_blockops.core.chain import parse_domain
 
     return parse_domain(vm.dom.XMLDesc(0)).disk(disk.target).paths[0]
 
@@ -476,8 +476,8 @@ def many_jobs(b: Bench) -> None:
 
 
 def pure_parts(b: Bench) -> None:
-    from vdsm_blockops.chain import parse_domain
-    from vdsm_blockops.planner import plan_merge
+    from vdsm_blockops.core.chain import parse_domain
+    from vdsm_blockops.core.planner import plan_merge
 
     for depth in (1, 10, 100, 500):
         inner = "<backingStore/>"
@@ -500,7 +500,7 @@ def pure_parts(b: Bench) -> None:
 
 
 def hook_time(b: Bench) -> None:
-    from vdsm_blockops import hookctl
+    from vdsm_blockops.shells import hookctl
 
     vm_dir = tempfile.mkdtemp(dir=b.root)
     hooks = os.path.join(vm_dir, "hooks")

@@ -84,7 +84,7 @@ class Disk:
         self.vm.hmp(f'qemu-io -d {self.alias}/virtio-backend "flush"')
 
     def live_chain(self) -> list[str]:
-        from vdsm_blockops.chain import parse_domain
+        from vdsm_blockops.core.chain import parse_domain
 
         return parse_domain(self.vm.dom.XMLDesc(0)).disk(self.target).paths
 
@@ -93,7 +93,7 @@ class Disk:
         persistent definition's active image and its backing files)."""
         if self.vm.dom.isActive():
             return self.live_chain()
-        from vdsm_blockops.chain import parse_domain
+        from vdsm_blockops.core.chain import parse_domain
 
         active = parse_domain(self.vm.dom.XMLDesc(0)).disk(self.target).paths[0]
         images = json.loads(run("qemu-img", "info", "-U", "--backing-chain", "--output=json", active))

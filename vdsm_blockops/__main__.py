@@ -1,3 +1,3 @@
-from .cli import run
+from .shells.cli import run
 
 run()

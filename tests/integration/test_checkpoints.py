@@ -194,7 +194,7 @@ def spoil_bitmaps(image):
 
 
 def file_bitmaps(image):
-    from vdsm_blockops.images import read_chain
+    from vdsm_blockops.engine.images import read_chain
 
     return {b.name: set(b.flags) for b in read_chain(image, "qcow2")[0].bitmaps}
 

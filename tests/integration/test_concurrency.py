@@ -21,8 +21,8 @@ def two_disk_vm(make_vm):
 
 
 def records(vm):
-    from vdsm_blockops.chain import METADATA_NS
-    from vdsm_blockops.records import parse_records
+    from vdsm_blockops.core.chain import METADATA_NS
+    from vdsm_blockops.engine.records import parse_records
 
     try:
         return parse_records(vm.dom.metadata(2, METADATA_NS, 0))  # 2: METADATA_ELEMENT

@@ -10,8 +10,8 @@ import libvirt
 import pytest
 import rig
 
-from vdsm_blockops.chain import parse_domain
-from vdsm_blockops.records import records_in_domain_xml
+from vdsm_blockops.core.chain import parse_domain
+from vdsm_blockops.engine.records import records_in_domain_xml
 
 
 def records_of(vm):

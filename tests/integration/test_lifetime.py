@@ -113,10 +113,10 @@ def test_a_plan_made_on_a_chain_another_command_changed_is_refused(vm4, config, 
     lock, another command commits the chain into A. Run on its old plan,
     the relocation would copy the retired layers and pivot the VM back onto
     them: it must stop with a conflict, nothing changed."""
-    from vdsm_blockops import errors
-    from vdsm_blockops.config import load_config
-    from vdsm_blockops.context import Context
-    from vdsm_blockops.relocate import Relocate, RelocateRequest, relocate
+    from vdsm_blockops.core import errors
+    from vdsm_blockops.core.config import load_config
+    from vdsm_blockops.engine.context import Context
+    from vdsm_blockops.ops.relocate import Relocate, RelocateRequest, relocate
     from vdsm_blockops.virt import open_connection
 
     disk = vm4.disks["vda"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import collections
 
-from vdsm_blockops import errors
-from vdsm_blockops.chain import parse_domain
-from vdsm_blockops.model import BlockJobEvent, EventHub, JobInfo, JobStatus
+from vdsm_blockops.core import errors
+from vdsm_blockops.core.chain import parse_domain
+from vdsm_blockops.core.model import BlockJobEvent, EventHub, JobInfo, JobStatus
 
 
 class FakeConnection:

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from vdsm_blockops.chain import parse_domain, parse_xml
-from vdsm_blockops.errors import BadRequest, UnknownDisk, UnknownImage
+from vdsm_blockops.core.chain import parse_domain, parse_xml
+from vdsm_blockops.core.errors import BadRequest, UnknownDisk, UnknownImage
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 
@@ -106,7 +106,7 @@ def test_very_long_chain_parses():
     ("<disk type='file' device='disk'><target dev='vda'/></disk>", "no image"),
 ])
 def test_disks_block_jobs_cannot_handle_are_refused(xml, words):
-    from vdsm_blockops.context import check_disk_supported
+    from vdsm_blockops.engine.context import check_disk_supported
 
     disk = parse_domain(f"<domain><name>x</name><devices>{xml}</devices></domain>").disks[0]
     with pytest.raises(BadRequest, match=words):
@@ -114,7 +114,7 @@ def test_disks_block_jobs_cannot_handle_are_refused(xml, words):
 
 
 def test_xml_attr_round_trips_any_path():
-    from vdsm_blockops.chain import parse_xml, xml_attr
+    from vdsm_blockops.core.chain import parse_xml, xml_attr
 
     for value in ["/srv/vm/a b.qcow2", "/x/it's \"quoted\" & <odd>", "/tab\there\nnewline\r"]:
         assert parse_xml(f"<source file={xml_attr(value)}/>").get("file") == value

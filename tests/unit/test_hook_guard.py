@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from vdsm_blockops.chain import METADATA_NS, parse_domain
-from vdsm_blockops.errors import BadRequest
-from vdsm_blockops.hook import run
-from vdsm_blockops.records import OperationRecord, render_records
-from vdsm_blockops.state import StateDir
+from vdsm_blockops.core.chain import METADATA_NS, parse_domain
+from vdsm_blockops.core.errors import BadRequest
+from vdsm_blockops.engine.records import OperationRecord, render_records
+from vdsm_blockops.engine.state import StateDir
+from vdsm_blockops.shells.hook import run
 
 
 def make_chain(folder):
@@ -110,7 +110,7 @@ def test_hostile_xml_is_not_expanded_and_does_not_hang(state, xml):
 
 
 def test_oversized_xml_is_not_parsed(state, caplog):
-    with caplog.at_level(logging.ERROR, logger="vdsm_blockops.hook"):
+    with caplog.at_level(logging.ERROR, logger="vdsm_blockops.shells.hook"):
         rc, _ = hook(state, "prepare", "begin", b"<domain>" + b" " * (5 * 1024 * 1024))
     assert rc == 0
     assert "larger than" in caplog.text and "not parsed" in caplog.text
@@ -128,7 +128,7 @@ def test_other_operations_pass(state, chain):
 
 
 def test_installed_hook_answers_fast(tmp_path, chain):
-    from vdsm_blockops import hookctl
+    from vdsm_blockops.shells import hookctl
 
     config = tmp_path / "config.yaml"
     config.write_text(f"state_dir: {tmp_path}/state\n")
@@ -216,7 +216,7 @@ def test_relative_names_that_start_like_a_protocol_are_files(state, tmp_path):
 
 
 def test_protocol_detection_follows_qemu():
-    from vdsm_blockops.headers import is_protocol
+    from vdsm_blockops.core.headers import is_protocol
 
     assert is_protocol("nbd:localhost:10809") and is_protocol("json:{}")
     assert is_protocol("http://host/x.qcow2")
@@ -231,7 +231,7 @@ def test_missing_cdrom_follows_libvirts_startup_policy(state, tmp_path, policy, 
 
 
 def test_image_checks_have_a_hard_deadline(state):
-    from vdsm_blockops.hook import within_deadline
+    from vdsm_blockops.shells.hook import within_deadline
 
     started = time.monotonic()
     assert within_deadline(lambda: time.sleep(30), 0.5) is None  # the start proceeds
@@ -240,7 +240,7 @@ def test_image_checks_have_a_hard_deadline(state):
 
 def test_a_broken_package_lets_starts_proceed_and_says_so(tmp_path, chain):
     """The documented choice: fail open, loudly (stderr and syslog)."""
-    from vdsm_blockops import hookctl
+    from vdsm_blockops.shells import hookctl
 
     config = tmp_path / "odd name.yaml"
     config.write_text(f"state_dir: {tmp_path}/state\n")
@@ -254,7 +254,7 @@ def test_a_broken_package_lets_starts_proceed_and_says_so(tmp_path, chain):
     proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
                           capture_output=True)
     assert proc.returncode == 0 and b"NOT guarding vm1 prepare begin" in proc.stderr
-    script.write_text(text.replace("from vdsm_blockops.hook import main",
+    script.write_text(text.replace("from vdsm_blockops.shells.hook import main",
                                    "from vdsm_blockops.no_such_module import main"))
     proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
                           capture_output=True)
@@ -284,7 +284,7 @@ def volume_xml(pool, volume):
 
 
 def test_pool_volumes_are_resolved_from_libvirts_pool_files(state, chain, tmp_path, monkeypatch):
-    from vdsm_blockops import pools
+    from vdsm_blockops.engine import pools
 
     folder = tmp_path / "storage"
     folder.mkdir()

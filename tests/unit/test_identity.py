@@ -6,10 +6,9 @@ import os
 
 import pytest
 
-from vdsm_blockops.chain import Disk, Layer, check_reference, parse_domain
-from vdsm_blockops.copying import copy_image_file
-from vdsm_blockops.errors import OperationFailed, UnknownImage, UnsafeRequest
-from vdsm_blockops.identity import (
+from vdsm_blockops.core.chain import Disk, Layer, check_reference, parse_domain
+from vdsm_blockops.core.errors import OperationFailed, UnknownImage, UnsafeRequest
+from vdsm_blockops.core.identity import (
     ImageKey,
     ImageSet,
     clean_path,
@@ -18,9 +17,10 @@ from vdsm_blockops.identity import (
     same_image,
     under_root,
 )
-from vdsm_blockops.planner import plan_merge
-from vdsm_blockops.records import OperationRecord
-from vdsm_blockops.state import StateDir
+from vdsm_blockops.core.planner import plan_merge
+from vdsm_blockops.engine.copying import copy_image_file
+from vdsm_blockops.engine.records import OperationRecord
+from vdsm_blockops.engine.state import StateDir
 
 
 @pytest.fixture
@@ -191,8 +191,8 @@ def test_a_source_written_during_its_copy_fails_it(tmp_path, monkeypatch):
 
 
 def test_failures_after_a_change_are_never_exit_2():
-    from vdsm_blockops import errors
-    from vdsm_blockops.context import as_failure
+    from vdsm_blockops.core import errors
+    from vdsm_blockops.engine.context import as_failure
 
     gone = as_failure(errors.BadRequest("domain is not running"))
     assert type(gone) is errors.OperationFailed and gone.exit_code == 1
@@ -202,7 +202,7 @@ def test_failures_after_a_change_are_never_exit_2():
 
 
 def test_chains_compare_by_identity(ovirt):
-    from vdsm_blockops.identity import same_images
+    from vdsm_blockops.core.identity import same_images
 
     pool = f"{ovirt}/pool/sd1/images"
     mnt = f"{ovirt}/mnt/srv:_export/sd1/images"

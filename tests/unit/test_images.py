@@ -1,7 +1,7 @@
 import json
 
-from vdsm_blockops.chain import Disk, Layer
-from vdsm_blockops.images import chain_problems, read_backing_chain
+from vdsm_blockops.core.chain import Disk, Layer
+from vdsm_blockops.engine.images import chain_problems, read_backing_chain
 
 QEMU_IMG = json.dumps([
     {"filename": "/i/D", "format": "qcow2", "virtual-size": 64, "actual-size": 5,
@@ -47,7 +47,7 @@ def test_persistent_definition_compares_its_prefix():
 def test_copy_image_file_keeps_data_and_holes(tmp_path):
     import os
 
-    from vdsm_blockops.copying import copy_image_file
+    from vdsm_blockops.engine.copying import copy_image_file
 
     src = tmp_path / "src.raw"
     with open(src, "wb") as handle:
@@ -111,8 +111,8 @@ def test_chains_read_from_headers_equal_qemu_img_info(tmp_path):
     """The header reader answers exactly as ``qemu-img info`` does, and
     leaves to qemu-img what it cannot judge (a probed format, a data file,
     an undeclared or wrong format)."""
-    from vdsm_blockops.errors import OperationFailed
-    from vdsm_blockops.images import _chain_from_headers, read_chain
+    from vdsm_blockops.core.errors import OperationFailed
+    from vdsm_blockops.engine.images import _chain_from_headers, read_chain
 
     for top, fmt, native in _chains_to_read(tmp_path):
         headers = _chain_from_headers(top, fmt)
@@ -131,8 +131,8 @@ def test_chains_read_from_headers_equal_qemu_img_info(tmp_path):
 
 
 def _with_bitmaps(*layers):
-    from vdsm_blockops.headers import Bitmap
-    from vdsm_blockops.images import ImageInfo
+    from vdsm_blockops.core.headers import Bitmap
+    from vdsm_blockops.engine.images import ImageInfo
 
     return [ImageInfo(f"/i/{n}", "qcow2", 1, 1, None, None, None,
                       tuple(Bitmap(name, 65536, flags) for name, flags in bitmaps))
@@ -143,7 +143,7 @@ def test_checkpoint_rules():
     """libvirt's rules for a checkpoint a backup can start from: its bitmap
     in the active layer, an unbroken run down the chain, every copy
     recording and none inconsistent."""
-    from vdsm_blockops.verification import checkpoint_problem
+    from vdsm_blockops.engine.verification import checkpoint_problem
 
     auto, off, stale = ("auto",), (), ("in-use", "auto")
     good = _with_bitmaps([("cp1", auto)], [("cp1", auto)], [])
@@ -167,8 +167,8 @@ def test_bitmaps_disabled_for_qemu_img_record_again_when_it_fails(tmp_path):
     (a failed commit's writes are qemu-img's, under data still covered)."""
     import pytest
 
-    from vdsm_blockops.images import read_chain
-    from vdsm_blockops.offline import _not_recording
+    from vdsm_blockops.engine.images import read_chain
+    from vdsm_blockops.ops.offline import _not_recording
 
     image = str(tmp_path / "base.qcow2")
     _qemu_img("create", "-f", "qcow2", image, "1M")

@@ -3,12 +3,12 @@
 import pytest
 from fake_domain import FakeDomain
 
-from vdsm_blockops import errors
-from vdsm_blockops.config import Config
-from vdsm_blockops.context import Context
-from vdsm_blockops.jobs import JobRunner, JobWatch, Outcome
-from vdsm_blockops.model import JobStatus
-from vdsm_blockops.records import OperationRecord, Phase, RecordStore
+from vdsm_blockops.core import errors
+from vdsm_blockops.core.config import Config
+from vdsm_blockops.core.model import JobStatus
+from vdsm_blockops.engine.context import Context
+from vdsm_blockops.engine.jobs import JobRunner, JobWatch, Outcome
+from vdsm_blockops.engine.records import OperationRecord, Phase, RecordStore
 
 
 class FakeClock:

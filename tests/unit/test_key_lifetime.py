@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from vdsm_blockops.identity import LEGACY, ImageKey, file_exists, image_key
-from vdsm_blockops.records import OperationRecord
-from vdsm_blockops.state import StateDir
+from vdsm_blockops.core.identity import LEGACY, ImageKey, file_exists, image_key
+from vdsm_blockops.engine.records import OperationRecord
+from vdsm_blockops.engine.state import StateDir
 
 
 def reuse_inode(folder, old_ino, prefix="new"):

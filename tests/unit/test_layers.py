@@ -66,7 +66,7 @@ def test_the_check_sees_a_circle():
     """The graph builder finds lazy and type-only imports (else the test
     above could never fail)."""
     known = module_names()
-    lazy = imports_of("vdsm_blockops.commands", known["vdsm_blockops.commands"], known)
-    assert "vdsm_blockops.merge" in lazy  # imported inside cmd_merge only
-    typed = imports_of("vdsm_blockops.copying", known["vdsm_blockops.copying"], known)
-    assert "vdsm_blockops.relocate_plan" in typed  # under TYPE_CHECKING only
+    lazy = imports_of("vdsm_blockops.shells.commands", known["vdsm_blockops.shells.commands"], known)
+    assert "vdsm_blockops.ops.merge" in lazy  # imported inside cmd_merge only
+    typed = imports_of("vdsm_blockops.engine.copying", known["vdsm_blockops.engine.copying"], known)
+    assert "vdsm_blockops.core.relocate_plan" in typed  # under TYPE_CHECKING only

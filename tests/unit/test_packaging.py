@@ -21,7 +21,7 @@ def test_wheel_gives_working_hook_and_units_verbs(tmp_path):
     assert any(name.endswith("LICENSE") for name in zipfile.ZipFile(wheel).namelist())
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import vdsm_blockops; "
             "assert vdsm_blockops.__file__.startswith(sys.argv[1]), vdsm_blockops.__file__; "
-            "from vdsm_blockops.cli import main; sys.exit(main(sys.argv[2:]))")
+            "from vdsm_blockops.shells.cli import main; sys.exit(main(sys.argv[2:]))")
     for verb in (["hook", "install", "--hooks-dir", str(tmp_path / "hooks")],
                  ["units", "install", "--unit-dir", str(tmp_path / "units")]):
         proc = subprocess.run([sys.executable, "-c", code, str(site), *verb, "--json"],

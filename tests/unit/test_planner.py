@@ -1,8 +1,8 @@
 import pytest
 
-from vdsm_blockops.chain import Disk, Layer
-from vdsm_blockops.errors import BadRequest, UnsafeRequest
-from vdsm_blockops.planner import plan_merge
+from vdsm_blockops.core.chain import Disk, Layer
+from vdsm_blockops.core.errors import BadRequest, UnsafeRequest
+from vdsm_blockops.core.planner import plan_merge
 
 M = 1024 * 1024
 CHAIN = ["/i/D", "/i/C", "/i/B", "/i/A"]  # A <- B <- C <- D

@@ -8,16 +8,16 @@ import subprocess
 
 import pytest
 
-from vdsm_blockops import errors
-from vdsm_blockops.chain import parse_domain
-from vdsm_blockops.config import Config
-from vdsm_blockops.context import Context
-from vdsm_blockops.identity import image_key
-from vdsm_blockops.model import Operation
-from vdsm_blockops.operation import Settlement, run_operation, settle
-from vdsm_blockops.records import OperationRecord, RecordStore
-from vdsm_blockops.reports import Report
-from vdsm_blockops.state import StateDir
+from vdsm_blockops.core import errors
+from vdsm_blockops.core.chain import parse_domain
+from vdsm_blockops.core.config import Config
+from vdsm_blockops.core.identity import image_key
+from vdsm_blockops.core.model import Operation
+from vdsm_blockops.core.reports import Report
+from vdsm_blockops.engine.context import Context
+from vdsm_blockops.engine.operation import Settlement, run_operation, settle
+from vdsm_blockops.engine.records import OperationRecord, RecordStore
+from vdsm_blockops.engine.state import StateDir
 
 
 def qcow2(path, backing=None):
@@ -162,7 +162,7 @@ class FailingOp:
         return Report()
 
     def execute(self, ctx, domain, plan, store, record):
-        from vdsm_blockops.storage import FileCreator
+        from vdsm_blockops.engine.storage import FileCreator
         FileCreator(store, record).reserve(self.dest)
         raise self.error
 

@@ -2,11 +2,11 @@ import multiprocessing
 
 import pytest
 
-from vdsm_blockops.config import Config, load_config
-from vdsm_blockops.errors import BadRequest, Conflict, StateError
-from vdsm_blockops.identity import image_key
-from vdsm_blockops.records import OperationRecord, Phase, RecordStore, parse_records, render_records
-from vdsm_blockops.state import StateDir
+from vdsm_blockops.core.config import Config, load_config
+from vdsm_blockops.core.errors import BadRequest, Conflict, StateError
+from vdsm_blockops.core.identity import image_key
+from vdsm_blockops.engine.records import OperationRecord, Phase, RecordStore, parse_records, render_records
+from vdsm_blockops.engine.state import StateDir
 
 
 def test_registry_roundtrip(tmp_path):
@@ -153,7 +153,7 @@ def test_the_simple_config_form_reads_as_yaml_does(text):
     PyYAML wherever it answers, and answers for the usual files."""
     import yaml
 
-    from vdsm_blockops.config import parse_simple
+    from vdsm_blockops.core.config import parse_simple
 
     simple = parse_simple(text)
     if simple is not None:

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from vdsm_blockops import errors, units
-from vdsm_blockops.config import Config, require_local_uri
-from vdsm_blockops.context import Context
-from vdsm_blockops.recover import recover_queued
+from vdsm_blockops.core import errors
+from vdsm_blockops.core.config import Config, require_local_uri
+from vdsm_blockops.engine.context import Context
+from vdsm_blockops.ops.recover import recover_queued
+from vdsm_blockops.shells import units
 
 
 def test_units_are_written_for_this_installation_and_verify(tmp_path):

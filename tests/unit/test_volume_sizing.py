@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from vdsm_blockops import volumes
-from vdsm_blockops.errors import BadRequest, VolumeNotExtended
-from vdsm_blockops.images import ImageInfo
+from vdsm_blockops.core.errors import BadRequest, VolumeNotExtended
+from vdsm_blockops.engine import volumes
+from vdsm_blockops.engine.images import ImageInfo
 
 
 def image(path, fmt="qcow2"):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import libvirt
 
-from .. import errors
-from ..model import JOB_TYPE_NAMES, BlockJobEvent, EventHub, ThresholdEvent
+from ..core import errors
+from ..core.model import JOB_TYPE_NAMES, BlockJobEvent, EventHub, ThresholdEvent
 from .domain import Domain
 from .errors import libvirt_errors
 

@@ -7,8 +7,8 @@ from typing import Protocol
 
 import libvirt
 
-from ..chain import DomainSpec, parse_domain
-from ..model import JOB_TYPE_NAMES, EventHub, JobInfo, JobStatus
+from ..core.chain import DomainSpec, parse_domain
+from ..core.model import JOB_TYPE_NAMES, EventHub, JobInfo, JobStatus
 from .errors import libvirt_errors, translate
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Domain:
         ``size`` of a disk whose bitmap is missing or broken anywhere in the
         live chain. A shut-off domain has no QEMU to ask: True, the files
         decide. One listing for every disk of the domain."""
-        from ..chain import parse_xml
+        from ..core.chain import parse_xml
 
         running = self.is_active()
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN | (

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import libvirt
 
-from .. import errors
+from ..core import errors
 
 
 def translate(exc: libvirt.libvirtError, doing: str) -> errors.BlockOpsError:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import traceback
 
 try:
-    from vdsm_blockops import errors as _errors
-    from vdsm_blockops.config import load_config, require_local_uri
+    from vdsm_blockops.core import errors as _errors
+    from vdsm_blockops.core.config import load_config, require_local_uri
     HAS_LIBRARY = True
     IMPORT_ERROR = None
 except ImportError:  # pragma: no cover - reported through fail_json
@@ -30,7 +30,7 @@ def require_library(module):
 
 
 def context(module):
-    from vdsm_blockops.context import Context
+    from vdsm_blockops.engine.context import Context
     from vdsm_blockops.virt import open_connection
 
     config = load_config(module.params.get("config"))

@@ -60,7 +60,7 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.node import describe_chains, list_jobs
+    from vdsm_blockops.engine.node import describe_chains, list_jobs
 
     ctx = run(module, lambda: context(module))
     name = module.params["domain"]

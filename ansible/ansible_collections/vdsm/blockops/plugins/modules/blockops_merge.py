@@ -133,7 +133,7 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.merge import MergeRequest, already_done, merge
+    from vdsm_blockops.ops.merge import MergeRequest, already_done, merge
 
     p = module.params
     if p["disk"] == "all" and (p["base"] is not None or p["top"] is not None):

@@ -153,7 +153,7 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.relocate import RelocateRequest, already_done, relocate
+    from vdsm_blockops.ops.relocate import RelocateRequest, already_done, relocate
 
     p = module.params
     if p["method"] in ("snapshot-stream", "flatten") and p["mode"] != "full":

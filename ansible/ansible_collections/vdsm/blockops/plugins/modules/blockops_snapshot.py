@@ -77,7 +77,7 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.snapshot import SnapshotRequest, already_done, snapshot
+    from vdsm_blockops.ops.snapshot import SnapshotRequest, already_done, snapshot
 
     p = module.params
     ctx = run(module, lambda: context(module))

@@ -1,0 +1,149 @@
+"""Read-only views of the node: each disk's whole chain and the block jobs.
+(Who else uses an image: ``users.py``.)"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from ..core import errors
+from ..core.chain import Disk, Layer
+from ..core.identity import clean_path, device_size, is_block_device
+from ..core.reports import ChainReport, DiskView, JobRow, JobsReport, LayerView
+from .images import ImageInfo, chain_problems, missing_images, read_chain
+
+if TYPE_CHECKING:
+    from ..virt import Connection, Domain
+
+MIB = 1024 * 1024
+
+
+def image_chain(disk: Disk) -> list[ImageInfo]:
+    """The images' own chain below the disk's active image ([] if not local)."""
+    active = disk.active
+    if active is None or not active.is_local or not os.path.exists(active.path):
+        return []
+    return read_chain(active.path, active.format)
+
+
+def resolved_paths(disk: Disk) -> list[str]:
+    """The whole chain of ``disk``: libvirt's when it spelled it out (a
+    running domain), else the images' own metadata from the active image
+    down (a persistent definition names only the active image)."""
+    if disk.chain_complete:
+        return [p for p in disk.paths if p]
+    try:
+        return [i.path for i in image_chain(disk)] or disk.paths
+    except errors.BlockOpsError:
+        return disk.paths
+
+
+def current_chain(domain: Domain, target: str) -> list[str]:
+    """The chain ``target`` runs on now, or would start with if shut off."""
+    return resolved_paths(domain.spec().disk(target))
+
+
+def with_image_chain(disk: Disk, images: list[ImageInfo]) -> Disk:
+    """``disk`` with its whole chain: a definition that names only the
+    active image (a domain that is not running) gets the layers below from
+    the images' own metadata -- without libvirt's indexes."""
+    if disk.chain_complete or len(images) <= len(disk.chain):
+        return disk
+    below = tuple(Layer(path=i.path, format=i.format,
+                        source_type="block" if is_block_device(i.path) else "file")
+                  for i in images[len(disk.chain):])
+    return replace(disk, chain=disk.chain + below)
+
+
+def planned_disk(disk: Disk) -> tuple[Disk, list[ImageInfo]]:
+    """``disk`` with its whole chain, and the images' own view of it, for
+    planning an operation: refused (nothing changed) when libvirt and the
+    images disagree."""
+    images = image_chain(disk)
+    disk = with_image_chain(disk, images)
+    if [clean_path(p) for p in disk.paths] != [i.path for i in images]:
+        raise errors.BadRequest(
+            f"{disk.target}: libvirt's chain {disk.paths} does not match the images' "
+            f"metadata {[i.path for i in images]}; run 'vdsm-blockops verify'")
+    return disk, images
+
+
+def volume_view(image: ImageInfo) -> dict[str, int]:
+    """A block-device layer's room: a qcow2 ends where its used space
+    does (``qemu-img check``; read while QEMU may write: a moment's view)."""
+    from .volumes import qcow2_end
+
+    size = device_size(image.path)
+    end = qcow2_end(image.path) if image.format == "qcow2" else min(size, image.virtual_size)
+    return {"size": size, "end": end, "free": max(size - end, 0)}
+
+
+def describe_disk(disk: Disk, running_checkpoints: dict[str, bool] | None = None) -> DiskView:
+    """``running_checkpoints``: the disk's libvirt checkpoints while the VM
+    runs -- QEMU holds their bitmaps in the active layer in memory and
+    stores them in the file only when it closes it (seen here: a new
+    checkpoint's bitmap is missing from the file until the VM stops); the
+    active layer shows those libvirt finds usable there."""
+    images = image_chain(disk)
+    by_path = {i.path: i for i in images}
+    problems = missing_images(disk) or (chain_problems(disk, images) if images else [])
+    layers = []
+    for pos, layer in enumerate(with_image_chain(disk, images).chain):
+        info = by_path.get(clean_path(layer.path)) if layer.path else None
+        bitmaps = [b._asdict() | {"flags": list(b.flags)} for b in info.bitmaps] if info else []
+        if pos == 0 and running_checkpoints is not None:
+            recorded = {b["name"]: b["granularity"] for b in bitmaps}
+            bitmaps = [{"name": name, "granularity": recorded.get(name), "flags": ["auto"]}
+                       for name, usable in running_checkpoints.items() if usable]
+        layers.append(LayerView(
+            path=layer.path, format=layer.format, type=layer.source_type, index=layer.index,
+            allocation=info.actual_size if info else None,
+            virtual_size=info.virtual_size if info else None,
+            backing_in_metadata=info.backing_path if info else None, bitmaps=bitmaps,
+            volume=volume_view(info) if info and is_block_device(info.path) else None))
+    mirror = None
+    if disk.mirror is not None:
+        mirror = {"job": disk.mirror.job, "path": disk.mirror.path,
+                  "format": disk.mirror.format, "ready": disk.mirror.is_ready}
+    return DiskView(
+        disk=disk.target, device=disk.device, chain=layers,
+        # libvirt spells out a running domain's chain; otherwise it comes
+        # from the images' headers and libvirt's vda[N] indexes do not exist.
+        chain_from="libvirt" if disk.chain_complete else "image metadata",
+        mirror=mirror, metadata_agrees=not problems, problems=problems)
+
+
+def describe_chains(domain: Domain, target: str | None = None) -> ChainReport:
+    spec = domain.spec()
+    disks = spec.disks if target in (None, "all") else (spec.disk(target or ""),)
+    checkpoints = domain.checkpoints() if domain.is_active() else None
+    return ChainReport(domain=spec.name, uuid=spec.uuid, active=checkpoints is not None,
+                       disks=[describe_disk(d, checkpoints.get(d.target, {})
+                                            if checkpoints is not None else None)
+                              for d in disks])
+
+
+def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
+    domains = [conn.domain(domain_name)] if domain_name else conn.domains(active_only=True)
+    rows = []
+    for domain in domains:
+        if not domain.is_active():
+            continue
+        spec = domain.spec()
+        for disk in spec.disks:
+            if not disk.chain:
+                continue
+            try:
+                info = domain.block_job_info(disk.target)
+            except errors.OperationFailed:
+                continue  # e.g. a cdrom without medium
+            if info is None:
+                continue
+            rows.append(JobRow(
+                domain=spec.name, disk=disk.target, type=info.job_type, cur=info.cur,
+                end=info.end, percent=info.percent,
+                bandwidth_mib_s=round(info.bandwidth_bytes_s / MIB, 3),
+                ready=bool(disk.mirror and disk.mirror.is_ready),
+                mirror=disk.mirror.path if disk.mirror else None))
+    return JobsReport(jobs=rows)

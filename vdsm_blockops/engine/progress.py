@@ -1,0 +1,81 @@
+"""Progress of waited jobs: a bar per disk on a terminal, plain lines
+otherwise. Observers are called from the waiting threads."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, TextIO
+
+from ..core.model import JobInfo
+
+
+class LineProgress:
+    """One readable line when a disk's progress moved by ``step`` percent."""
+
+    def __init__(self, stream: TextIO = sys.stderr, step: float = 10.0) -> None:
+        self.stream = stream
+        self.step = step
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, disk: str, info: JobInfo) -> None:
+        percent = info.percent
+        if percent is None:
+            return
+        with self._lock:
+            last = self._last.get(disk)
+            if last is not None and percent - last < self.step and percent < 100:
+                return
+            if last == percent:
+                return
+            self._last[disk] = percent
+        self.stream.write(f"{disk}: {info.job_type} {percent:5.1f}%\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress:
+    """tqdm bars, one per disk (tqdm only imported on a terminal)."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.stream = stream
+        self._bars: dict[str, Any] = {}  # tqdm bars (untyped)
+        self._lock = threading.Lock()
+
+    def __call__(self, disk: str, info: JobInfo) -> None:
+        percent = info.percent
+        if percent is None:
+            return
+        with self._lock:
+            bar = self._bars.get(disk)
+            if bar is None:
+                bar = self._tqdm(total=100.0, desc=f"{disk} {info.job_type}", unit="%",
+                                 position=len(self._bars), file=self.stream, leave=True,
+                                 bar_format="{desc}: {percentage:5.1f}%|{bar}| {elapsed}")
+                self._bars[disk] = bar
+            bar.n = percent
+            bar.refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            for bar in self._bars.values():
+                bar.n = bar.total if bar.n > 99 else bar.n
+                bar.close()
+            self._bars.clear()
+
+
+def make_progress(enabled: bool,
+                  stream: TextIO = sys.stderr) -> LineProgress | BarProgress | None:
+    if not enabled:
+        return None
+    if stream.isatty():
+        return BarProgress(stream)
+    return LineProgress(stream)
+
+

@@ -1,0 +1,389 @@
+"""Live disk relocation: move a disk's data elsewhere while the VM runs.
+
+Modes:
+* ``chain``   every layer moves into DEST's folder and the chain keeps its
+  shape. The read-only layers are immutable while the VM runs, so they are
+  copied as files (fast, proven against their sources) and relinked; the
+  active layer is mirrored by a shallow blockCopy onto a pre-created overlay
+  (SHALLOW + REUSE_EXT), then pivoted.
+* ``full``    DEST is one standalone image with all the data: blockCopy
+  (``mirror``); or ``flatten``, at file speed: the read-only layers (immutable
+  while the VM runs and the disk lock is held) flattened into DEST by
+  qemu-img, then only the active layer mirrored onto DEST itself and
+  pivoted (``flatten.py``) -- chosen by ``auto`` when the read-only layers
+  hold most of the data; or
+  with ``--method snapshot-stream`` a disk-only snapshot into DEST and a
+  pull of the whole chain into it (the seed's "live block copy").
+* ``shallow`` only the active layer moves; DEST backs onto the old chain.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ..core import errors
+from ..core.chain import Disk, check_reference, disk_xml
+from ..core.identity import ImageSet, clean_path, image_key, is_block_device, same_images
+from ..core.model import ImageFormat, Method, Mode, Operation
+from ..core.relocate_plan import RelocatePlan
+from ..core.relocate_plan import RelocateRequest as RelocateRequest  # the entry point's request
+from ..core.reports import RelocateReport, Report, Retired
+from ..engine import prepared, volumes
+from ..engine.context import (
+    Context,
+    check_bandwidth,
+    check_disk_supported,
+    check_timeout,
+    operation_domain,
+    refuse_unsupported_images,
+)
+from ..engine.copying import prepare_chain_copy, prepare_full_copy
+from ..engine.images import ImageInfo, create_overlay
+from ..engine.jobs import JobRunner, Outcome, exclusive_pull
+from ..engine.node import current_chain, image_chain, planned_disk
+from ..engine.operation import run_operation
+from ..engine.records import OperationRecord, Phase, RecordStore
+from ..engine.storage import FileCreator, check_place, delete_unused, point_persistent_definition
+from ..engine.verification import norm, require_chain
+from . import flatten, onto_devices
+from .snapshot import snapshot_xml
+
+if TYPE_CHECKING:
+    from ..virt import Domain
+
+
+def already_done(ctx: Context, req: RelocateRequest) -> str | None:
+    """Why a re-run has nothing to do (the disk, or every disk for ``all``,
+    already runs on DEST -- decided by identity), or None."""
+    if not req.pivot:
+        return None
+    disks = ctx.conn.domain(req.domain).spec().select(req.disk)
+    if req.disk == "all":
+        folder = image_key(req.dest)
+        done = bool(disks) and all(image_key(os.path.dirname(d.paths[0])) == folder for d in disks)
+    else:
+        done = bool(disks) and image_key(disks[0].paths[0]) == image_key(req.dest)
+    return f"{req.domain} {req.disk} already runs on {req.dest}" if done else None
+
+
+def relocate(ctx: Context, req: RelocateRequest) -> Report:
+    return run_operation(ctx, Relocate(req), req.disk, req.dry_run)
+
+
+def _enum(kind: type[Mode] | type[Method] | type[ImageFormat], value: str, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in kind)
+        raise errors.BadRequest(f"unknown {what} {value!r} (choose from {allowed})") from None
+
+
+class Relocate:
+    """A relocation, as the operation skeleton drives it."""
+
+    kind = Operation.RELOCATE
+
+    def __init__(self, req: RelocateRequest) -> None:
+        self.req = req
+        self.online = True
+        self.images: dict[str, dict[str, ImageInfo]] = {}  # per disk, as planned
+        self.volumes: dict[str, dict[str, Any]] = {}  # per disk: DEST a block device, its room
+        self.volume_sizes: dict[str, dict[str, int]] = {}  # per disk: chain mode onto volumes
+        self.prepared: dict[str, list[prepared.Prepared]] = {}  # per disk: --reuse-external files
+        self.mode: Mode = _enum(Mode, req.mode, "mode")
+        self.method: Method = _enum(Method, req.method, "method")
+        self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
+        if self.format is ImageFormat.RAW and self.mode is not Mode.FULL:
+            raise errors.BadRequest(
+                f"a raw destination holds no backing chain: use --mode full, not {req.mode}")
+        if self.method is Method.SNAPSHOT_STREAM:
+            if self.mode is not Mode.FULL:
+                raise errors.BadRequest("--method snapshot-stream only makes a full copy: use --mode full")
+            if self.format is not ImageFormat.QCOW2:
+                raise errors.BadRequest("--method snapshot-stream needs a qcow2 destination "
+                                        "(it is a snapshot overlay)")
+            if not req.pivot:
+                raise errors.BadRequest("--method snapshot-stream moves the VM at once; "
+                                        "--no-pivot needs --method mirror")
+        if self.method is Method.FLATTEN:
+            if self.mode is not Mode.FULL:
+                raise errors.BadRequest("--method flatten makes a full copy: use --mode full")
+            refused = "--no-pivot" if not req.pivot else "--no-wait" if not req.wait else None
+            if refused:
+                raise errors.BadRequest(f"--method flatten ends on DEST in one go; "
+                                        f"{refused} needs --method mirror")
+        check_reference(req.dest, "DEST")
+        if not os.path.isabs(req.dest):
+            raise errors.BadRequest(f"DEST must be an absolute path, not {req.dest!r}")
+        self.bandwidth = check_bandwidth(req.bandwidth_mib_s)
+        check_timeout(req.timeout_s)
+
+    def domain(self, ctx: Context) -> Domain:
+        domain = operation_domain(ctx, self.req.domain)
+        self.online = domain.is_active()
+        if not self.online:
+            refused = ("--no-pivot" if not self.req.pivot else
+                       "--method snapshot-stream" if self.method is Method.SNAPSHOT_STREAM else
+                       "--no-wait" if not self.req.wait else None)
+            if refused:
+                raise errors.BadRequest(
+                    f"domain {domain.name} is shut off: it is copied by qemu-img and files, "
+                    f"and {refused} needs a running VM")
+        return domain
+
+    def _dest_for(self, disk: Disk) -> str:
+        """DEST names the new active image; with ``all`` it is a folder."""
+        if self.req.disk != "all":
+            return clean_path(self.req.dest)
+        if not os.path.isdir(self.req.dest):
+            raise errors.BadRequest(f"with DISK 'all', DEST must be an existing folder: {self.req.dest}")
+        name = os.path.basename(disk.paths[0])
+        if self.format is ImageFormat.RAW:
+            name = os.path.splitext(name)[0] + ".raw"
+        return os.path.join(clean_path(self.req.dest), name)
+
+    def plan(self, ctx: Context, domain: Domain, disk: Disk) -> RelocatePlan:
+        check_disk_supported(disk)
+        disk, images = planned_disk(disk)
+        refuse_unsupported_images(disk, images, creates_images=True, offline=not self.online,
+                                  copies_layers=self.mode is Mode.CHAIN,
+                                  deletes=disk.paths if self.req.delete_source else ())
+        self.images[disk.target] = {i.path: i for i in images}
+        dest = self._dest_for(disk)
+        sources = ImageSet(disk.paths)
+        if dest in sources:
+            raise errors.BadRequest(f"destination {dest} is an image of the source chain")
+        chain = norm(disk.paths)
+        alloc = {i.path: volumes.allocation(i) for i in images}
+        plan = RelocatePlan(disk=disk.target, mode=self.mode, method=self.method,
+                            format=self.format, dest=dest, chain_before=chain, chain_after=[dest],
+                            persistent=domain.is_persistent(), bytes_to_copy=sum(alloc.values()))
+        if self.mode is Mode.CHAIN and self.req.disk != "all" and os.path.isdir(dest):
+            self._plan_volume_chain(ctx, plan)
+            for path in plan.chain_after:  # the checks a file DEST gets, for each new volume
+                check_place(ctx, path, False, sources, (domain.uuid, disk.target))
+            return plan
+        if self.mode is Mode.CHAIN and len(chain) > 1:
+            folder = os.path.dirname(dest)
+            plan.copies = [(src, os.path.join(folder, os.path.basename(src))) for src in chain[1:]]
+            plan.chain_after = [dest] + [new for _, new in plan.copies]
+            if any(path in sources for path in plan.chain_after):
+                raise errors.BadRequest(
+                    f"{disk.target}: chain mode moves every layer into {folder}, where "
+                    "layers of the source chain already are; choose another folder")
+            if len(set(plan.chain_after)) != len(plan.chain_after):
+                raise errors.BadRequest(f"{disk.target}: layers share a file name; chain mode "
+                                        "would put two of them at one path")
+        elif self.mode is Mode.SHALLOW:
+            plan.chain_after = [dest] + chain[1:]
+            plan.bytes_to_copy = alloc[chain[0]]
+        on_device = is_block_device(dest)
+        if on_device:
+            self.volumes[disk.target] = onto_devices.plan_device(ctx, plan, images, self.method)
+        else:
+            plan.method = self._method_for(domain, disk, chain, alloc)
+        for path in plan.chain_after:
+            if not (self.mode is Mode.SHALLOW and path in chain[1:]):
+                check_place(ctx, path, self.req.reuse_external, sources,
+                            (domain.uuid, disk.target))
+        if self.req.reuse_external and not on_device:  # a device is formatted by the tool
+            self.prepared[disk.target] = self._prepared_targets(plan, images)
+            prepared.check(self.prepared[disk.target], "DEST")
+        if on_device:
+            return plan
+        space = os.statvfs(os.path.dirname(dest))
+        free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
+        if plan.bytes_to_copy > free:
+            raise errors.BadRequest(f"not enough space at {os.path.dirname(dest)}: "
+                                    f"{plan.bytes_to_copy} bytes to copy, {free} free")
+        return plan
+
+    def _prepared_targets(self, plan: RelocatePlan,
+                          images: list[ImageInfo]) -> list[prepared.Prepared]:
+        """What the prepared DEST (and, chain mode, its prepared layers)
+        must be: the shape of the copy, empty, backing by identity."""
+        info = {i.path: i for i in images}
+        active = info[plan.chain_before[0]]
+        if plan.method is Method.SNAPSHOT_STREAM:  # DEST becomes a snapshot overlay first
+            return [prepared.Prepared(plan.dest, "qcow2", active.virtual_size, active.path,
+                                      empty=True)]
+        if plan.mode is Mode.FULL:
+            return [prepared.Prepared(plan.dest, plan.format.value, active.virtual_size, None,
+                                      empty=True)]
+        copies = [(active.path, plan.dest)] + plan.copies
+        below = plan.chain_before[1] if plan.mode is Mode.SHALLOW and len(plan.chain_before) > 1 \
+            else None
+        return prepared.layered(copies, below, {p: i.virtual_size for p, i in info.items()},
+                                {p: i.format for p, i in info.items()})
+
+    def _plan_volume_chain(self, ctx: Context, plan: RelocatePlan) -> None:
+        """DEST a directory (``/dev/<vg>``): one new block volume per layer."""
+        onto_devices.only_mirror(plan, self.method)
+        if self.req.reuse_external:
+            raise errors.BadRequest(f"{plan.disk}: chain mode onto block volumes creates them; "
+                                    "--reuse-external does not apply")
+        self.volume_sizes[plan.disk] = onto_devices.plan_volumes(
+            plan, self.images[plan.disk], plan.dest, ctx.config.volume_create_command,
+            ctx.config.volume_margin_mib)
+
+    def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
+                    alloc: dict[str, int]) -> Method:
+        """``auto``: flatten a full copy when the read-only layers hold more
+        than the active one (qemu-img copies them at file speed; QEMU's
+        mirror runs at a few hundred MiB/s), else mirror. Never flatten a
+        disk a checkpoint tracks: qemu-img would not carry the bitmaps of
+        the layers it flattens, while libvirt's mirror keeps the checkpoint
+        usable (measured), and the next backup would silently be full."""
+        if self.method not in (Method.AUTO, Method.FLATTEN):
+            return self.method
+        if not (self.mode is Mode.FULL and len(chain) > 1 and self.online):
+            if self.method is Method.FLATTEN:
+                raise errors.BadRequest(f"{disk.target}: --method flatten needs a running VM and "
+                                        "a chain of more than one layer")
+            return Method.MIRROR
+        checkpoints = domain.checkpoints().get(disk.target, {})
+        if self.method is Method.FLATTEN:
+            if checkpoints:
+                raise errors.BadRequest(
+                    f"{disk.target} is tracked by checkpoint(s) {', '.join(checkpoints)}: "
+                    "--method flatten would drop their bitmaps; use --method mirror")
+            return Method.FLATTEN
+        below = sum(alloc.get(path, 0) for path in chain[1:])
+        if self.req.pivot and self.req.wait and below > alloc.get(chain[0], 0) and not checkpoints:
+            return Method.FLATTEN
+        return Method.MIRROR
+
+    def check_plans(self, plans: list[RelocatePlan]) -> None:
+        dests = []
+        for plan in plans:
+            sources = ImageSet(plan.chain_before)
+            dests += [image_key(p) for p in plan.chain_after if p not in sources]
+        if len(set(dests)) != len(dests):
+            raise errors.BadRequest("two disks would be relocated onto the same file")
+
+    def request_json(self) -> dict[str, Any]:
+        return asdict(self.req)
+
+    def plan_json(self, plan: RelocatePlan) -> dict[str, Any]:
+        return plan.to_json()
+
+    def idle(self, domain: Domain, plan: RelocatePlan) -> None:
+        return None
+
+    def report(self, domain: Domain, plan: RelocatePlan, *, dry_run: bool = False,
+               chain_now: list[str] | None = None, verified: bool = False) -> RelocateReport:
+        if dry_run:
+            chain_now = plan.chain_after if self.req.pivot else plan.chain_before
+        return RelocateReport(
+            domain=domain.name, disk=plan.disk, mode=plan.mode, method=plan.method,
+            format=plan.format, dest=plan.dest, dry_run=dry_run, changed=not dry_run,
+            pivot=self.req.pivot, chain_before=plan.chain_before,
+            chain_after=chain_now if chain_now is not None else plan.chain_before,
+            copy_chain=plan.chain_after, bytes_to_copy=plan.bytes_to_copy, retired=[],
+            verified=verified, finished=verified, online=self.online,
+            volume=self.volumes.get(plan.disk))
+
+    def execute(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
+                record: OperationRecord) -> RelocateReport:
+        req = self.req
+        creator = FileCreator(store, record)
+        images = self.images[plan.disk]  # as planned: the layers are the same files
+        if plan.disk in self.volumes:
+            onto_devices.prepare_device(ctx, plan, images, self.volumes[plan.disk])
+        on_volumes = plan.disk in self.volume_sizes
+        if on_volumes:
+            onto_devices.copy_onto_volumes(plan, images, self.volume_sizes[plan.disk],
+                                           ctx.config.volume_create_command,
+                                           with_active=not self.online)
+            if not self.online:  # every layer copied: the definition names the volumes
+                point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
+                return self.finish(ctx, domain, plan, store, record)
+            store.advance(record, Phase.PREPARED)
+        if not self.online:  # no phases, as for an offline merge
+            from . import offline  # shut-off domains only: spares live verbs the import
+
+            offline.relocate(ctx, domain, plan, images, creator, req.reuse_external,
+                             self.prepared.get(plan.disk), self.bandwidth)
+            return self.finish(ctx, domain, plan, store, record)
+        runner = JobRunner(ctx, domain, plan.disk, store, record)
+        if plan.method is Method.SNAPSHOT_STREAM:
+            outcome = self._snapshot_stream(ctx, domain, plan, runner, store, record, creator)
+        elif plan.method is Method.FLATTEN:
+            outcome = flatten.run(ctx, domain, plan, images, runner, store, record, creator,
+                                  reuse_external=req.reuse_external, sync_writes=req.sync_writes,
+                                  timeout_s=req.timeout_s, rate_mib_s=self.bandwidth)
+        else:
+            if on_volumes:
+                pass  # prepared above
+            elif plan.copies and not req.reuse_external:
+                prepare_chain_copy(plan, images, creator)
+                store.advance(record, Phase.PREPARED)
+            elif plan.copies and plan.disk in self.prepared:
+                # Prepared layers: each read-only layer's data goes into its
+                # counterpart, proven, before the mirror relinks the VM.
+                prepared.fill(plan.copies, {p: i.format for p, i in images.items()},
+                              prepared.backings(self.prepared[plan.disk]), self.bandwidth)
+                store.advance(record, Phase.PREPARED)
+            elif plan.mode is Mode.FULL and not req.reuse_external:
+                prepare_full_copy(plan, images, creator)
+                store.advance(record, Phase.PREPARED)
+            guard = onto_devices.mirror_guard(ctx, domain, plan)
+            outcome = runner.run(
+                lambda: domain.copy(
+                    plan.disk, disk_xml(plan.dest, plan.format.value),
+                    shallow=plan.mode is not Mode.FULL and len(plan.chain_before) > 1,
+                    reuse_external=req.reuse_external or bool(record.created_files) or on_volumes,
+                    transient=plan.persistent, sync_writes=req.sync_writes,
+                    bandwidth_mib_s=self.bandwidth),
+                two_phase=True, pivot=req.pivot, timeout_s=req.timeout_s, wait=req.wait,
+                guard=guard)
+            if guard is not None and plan.disk in self.volumes:
+                self.volumes[plan.disk]["extensions_during_job"] = guard.extensions
+        if outcome is None:
+            report = self.report(domain, plan)
+            report.record = record.id
+            return report
+        if outcome is Outcome.CANCELED:  # --no-pivot: DEST is a consistent copy
+            require_chain(domain, plan.disk, plan.chain_before)
+            store.finish(record)
+            return self.report(domain, plan, chain_now=plan.chain_before, verified=True)
+        store.advance(record, Phase.COMPLETED)
+        return self.finish(ctx, domain, plan, store, record)
+
+    def _snapshot_stream(self, ctx: Context, domain: Domain, plan: RelocatePlan, runner: JobRunner,
+                         store: RecordStore, record: OperationRecord,
+                         creator: FileCreator) -> Outcome | None:
+        """The seed's live block copy: snapshot into DEST, then pull it all in."""
+        req = self.req
+        if not req.reuse_external:
+            disk = domain.spec().disk(plan.disk)
+            creator.reserve(plan.dest)
+            create_overlay(plan.dest, disk.chain[0].path, disk.chain[0].format or "qcow2",
+                           image_chain(disk)[0].virtual_size)
+        domain.snapshot(snapshot_xml(domain, {plan.disk: plan.dest}), reuse_external=True)
+        store.advance(record, Phase.PREPARED)
+        with exclusive_pull(ctx, domain, plan.disk, wait=req.wait):
+            outcome = runner.run(lambda: domain.pull(plan.disk, None, self.bandwidth),
+                                 two_phase=False, pivot=False, timeout_s=req.timeout_s,
+                                 wait=req.wait)
+        if outcome is not None and not same_images(domain.spec().disk(plan.disk).paths, [plan.dest]):
+            raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")
+        return outcome
+
+    def finish(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
+               record: OperationRecord) -> RelocateReport:
+        """After the pivot: the persistent definition on DEST, the chain
+        verified, the source deleted when asked."""
+        fixed = point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
+        require_chain(domain, plan.disk, plan.chain_after)
+        report = self.report(domain, plan, chain_now=current_chain(domain, plan.disk),
+                             verified=True)
+        report.persistent_definition_fixed = fixed
+        kept = ImageSet(plan.chain_after)
+        report.retired = [Retired(p, True) for p in plan.chain_before if p not in kept]
+        if record.request.get("delete_source"):
+            report.deleted = delete_unused(ctx, domain, plan.disk, [r.path for r in report.retired])
+        store.finish(record)
+        return report

@@ -1,0 +1,143 @@
+"""The verbs of the command: each builds a request from its arguments,
+makes one library call and returns the report (``cli.py`` parses, emits
+and maps errors to exit codes)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from ..core.config import load_config
+from ..core.reports import Report
+
+if TYPE_CHECKING:
+    from ..core.model import Observer
+    from ..engine.context import Context
+    from ..virt import Connection
+
+
+def cmd_chain(args: argparse.Namespace, env: Env) -> Report:
+    from ..engine.node import describe_chains
+
+    return describe_chains(env.conn.domain(args.domain), args.disk)
+
+
+def cmd_jobs(args: argparse.Namespace, env: Env) -> Report:
+    from ..engine.node import list_jobs
+
+    return list_jobs(env.conn, args.domain)
+
+
+def cmd_merge(args: argparse.Namespace, env: Env) -> Report:
+    from ..ops.merge import MergeRequest, merge
+
+    req = MergeRequest(
+        domain=args.domain, disk=args.disk, base=args.base, top=args.top,
+        strategy=args.strategy, bandwidth_mib_s=args.bandwidth, timeout_s=args.timeout,
+        wait=not args.no_wait, dry_run=args.dry_run, keep_relative=args.keep_relative,
+        delete_retired=args.delete_retired,
+    )
+    return merge(env.context(progress=not args.no_wait and not args.dry_run), req)
+
+
+def cmd_relocate(args: argparse.Namespace, env: Env) -> Report:
+    from ..ops.relocate import RelocateRequest, relocate
+
+    req = RelocateRequest(
+        domain=args.domain, disk=args.disk, dest=args.dest, mode=args.mode, method=args.method,
+        format=args.format, reuse_external=args.reuse_external, sync_writes=args.sync_writes,
+        pivot=not args.no_pivot, delete_source=args.delete_source,
+        bandwidth_mib_s=args.bandwidth, timeout_s=args.timeout, wait=not args.no_wait,
+        dry_run=args.dry_run,
+    )
+    return relocate(env.context(progress=not args.no_wait and not args.dry_run), req)
+
+
+def cmd_snapshot(args: argparse.Namespace, env: Env) -> Report:
+    from ..ops.snapshot import SnapshotRequest, snapshot
+
+    return snapshot(env.context(), SnapshotRequest(domain=args.domain, disk=args.disk,
+                                                   overlay=args.overlay,
+                                                   reuse_external=args.reuse_external))
+
+
+def cmd_abort(args: argparse.Namespace, env: Env) -> Report:
+    from ..ops.control import abort
+
+    return abort(env.context(), args.domain, args.disk, args.pivot)
+
+
+def cmd_speed(args: argparse.Namespace, env: Env) -> Report:
+    from ..ops.control import speed
+
+    return speed(env.context(), args.domain, args.disk, args.bandwidth)
+
+
+def cmd_recover(args: argparse.Namespace, env: Env) -> Report:
+    from ..ops.recover import recover, recover_queued
+
+    if args.queued:
+        return recover_queued(env.context(), timeout_s=args.timeout)
+    return recover(env.context(), args.domain, timeout_s=args.timeout)
+
+
+def cmd_hook(args: argparse.Namespace, env: Env) -> Report:
+    from . import hookctl
+
+    hooks_dir = args.hooks_dir or hookctl.HOOKS_DIR
+    if args.action == "install":
+        return hookctl.install(hooks_dir, config_path=args.config, reload=args.reload)
+    return hookctl.uninstall(hooks_dir, reload=args.reload)
+
+
+def cmd_units(args: argparse.Namespace, env: Env) -> Report:
+    from . import units
+
+    unit_dir = args.unit_dir or units.UNIT_DIR
+    if args.action == "install":
+        return units.install(env.config, args.config, unit_dir, enable=args.enable)
+    return units.uninstall(unit_dir, disable=args.enable)
+
+
+def cmd_verify(args: argparse.Namespace, env: Env) -> Report:
+    from ..engine.verification import verify
+
+    return verify(env.conn.domain(args.domain), args.disk, env.context().state,
+                  checkpoints=args.checkpoints)
+
+
+class Env:
+    """What a verb needs, opened lazily (hook/help need no libvirt)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.config = load_config(args.config)
+        self._conn: Connection | None = None
+        self._progress: Observer | None = None
+        self.json = bool(args.json)
+
+    @property
+    def uri(self) -> str:
+        return str(self.args.connect or self.config.connect)
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            from ..virt import open_connection
+
+            self._conn = open_connection(self.uri)
+        return self._conn
+
+    def context(self, progress: bool = False) -> Context:
+        from ..engine.context import Context
+        from ..engine.progress import make_progress
+
+        self._progress = make_progress(progress and not self.json)
+        return Context(conn=self.conn, config=self.config, observer=self._progress)
+
+    def close(self) -> None:
+        close = getattr(self._progress, "close", None)
+        if close is not None:
+            close()
+        if self._conn is not None:
+            self._conn.close()
