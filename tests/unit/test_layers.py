@@ -70,3 +70,23 @@ def test_the_check_sees_a_circle():
     assert "vdsm_blockops.ops.merge" in lazy  # imported inside cmd_merge only
     typed = imports_of("vdsm_blockops.engine.copying", known["vdsm_blockops.engine.copying"], known)
     assert "vdsm_blockops.core.relocate_plan" in typed  # under TYPE_CHECKING only
+
+
+LAYERS = ["core", "virt", "engine", "ops", "shells"]  # bottom up
+
+
+def test_imports_run_down_the_layers():
+    """core (the model) imports nothing above it, virt only core, engine
+    no operation or shell, the operations no shell."""
+    known = module_names()
+    upward = []
+    for name, path in known.items():
+        parts = name.split(".")
+        if len(parts) < 3 or parts[1] not in LAYERS:
+            continue
+        for other in imports_of(name, path, known):
+            layer = other.split(".")[1] if other.count(".") else None
+            if layer in LAYERS and LAYERS.index(layer) > LAYERS.index(parts[1]):
+                upward.append(f"{name} -> {other}")
+    assert upward == []
+    assert set(LAYERS) <= {name.split(".")[1] for name in known if name.count(".") >= 1}
