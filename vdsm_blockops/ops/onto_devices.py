@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import errors
 from ..core.identity import is_block_device
-from ..core.model import ImageFormat, Method, Mode
+from ..core.model import ImageFormat, Mode
 from ..engine import qemuimg, volumes
 from ..engine.images import ImageInfo, run_command
 
@@ -41,23 +41,9 @@ if TYPE_CHECKING:
     from ..virt import Domain
 
 
-def only_mirror(plan: RelocatePlan, method: Method) -> None:
-    """Onto devices the mirror copies (flatten and snapshot-stream write
-    files their own way)."""
-    if method not in (Method.AUTO, Method.MIRROR):
-        raise errors.BadRequest(f"{plan.disk}: onto block devices only --method mirror copies, "
-                                f"not {method.value}")
-    plan.method = Method.MIRROR
-
-
-def plan_device(ctx: Context, plan: RelocatePlan, images: list[ImageInfo],
-                method: Method) -> dict[str, Any]:
+def device_room(ctx: Context, plan: RelocatePlan, images: list[ImageInfo]) -> dict[str, Any]:
     """DEST a pre-created device: the room the copy needs (refused, exit 2,
     when it is short and nothing may extend it), as the report carries it."""
-    if plan.copies:
-        raise errors.BadRequest(f"{plan.disk}: chain mode copies every layer as a file; onto a "
-                                "block device use --mode full or --mode shallow")
-    only_mirror(plan, method)
     copied = images if plan.mode is Mode.FULL else images[:1]
     room = volumes.destination_room(plan.dest, plan.format.value, copied, images[0].virtual_size,
                                     ctx.config.volume_margin_mib)
@@ -100,38 +86,31 @@ def mirror_guard(ctx: Context, domain: Domain, plan: RelocatePlan) -> volumes.Vo
     return volumes.VolumeGuard.configured(ctx.config, domain, locate, plan.dest)
 
 
-def plan_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], folder: str,
+def volume_sizes(plan: RelocatePlan, images: dict[str, ImageInfo],
                  create_command: Sequence[str], margin_mib: int) -> dict[str, int]:
-    """Point ``plan`` at one new volume per layer in ``folder`` (same names
-    as the layers); returns each new volume's size in bytes."""
-    chain = plan.chain_before
+    """The size of each new volume of a chain onto block volumes (the
+    planner named them after the layers, in DEST's folder)."""
+    folder = os.path.dirname(plan.dest)
     if not create_command:
         raise errors.BadRequest(
             f"{folder} is a directory: DEST names the new active image (give a file path such "
-            f"as {os.path.join(folder, os.path.basename(chain[0]))}); chain mode onto block "
-            "volumes, one per layer, needs volume_create_command in the config")
-    new = {src: os.path.join(folder, os.path.basename(src)) for src in chain}
-    if len(set(new.values())) != len(chain):
-        raise errors.BadRequest(f"{plan.disk}: layers share a name; one volume each is impossible")
-    taken = [path for path in new.values() if os.path.lexists(path)]
+            f"as {plan.dest}); chain mode onto block volumes, one per layer, needs "
+            "volume_create_command in the config")
+    taken = [path for path in plan.chain_after if os.path.lexists(path)]
     if taken:
         raise errors.BadRequest(f"{plan.disk}: {', '.join(taken)} exist(s) already")
-    plan.dest = new[chain[0]]
-    plan.copies = [(src, new[src]) for src in chain[1:]]
-    plan.chain_after = [new[src] for src in chain]
     sizes = {}
-    for pos, src in enumerate(chain):
+    for pos, (src, new) in enumerate(zip(plan.chain_before, plan.chain_after, strict=True)):
         image = images[src]
         if image.format == "raw":
-            sizes[new[src]] = image.virtual_size
+            sizes[new] = image.virtual_size
             continue
         # the active layer's data moves by the mirror (VM running) or by
         # qemu-img (VM off); the guest's writes meanwhile need the margin
         extra = margin_mib * volumes.MIB if pos == 0 else 0
         needed = volumes.measure([image], image.virtual_size) + extra
-        sizes[new[src]] = volumes.whole_mib(needed)
+        sizes[new] = volumes.whole_mib(needed)
     return sizes
-
 
 def create_volume(path: str, size: int, command: Sequence[str]) -> None:
     argv = volumes.node_command(command, name=os.path.basename(path), size_bytes=size)

@@ -27,7 +27,7 @@ from ..core import errors
 from ..core.chain import Disk, check_reference, disk_xml
 from ..core.identity import ImageSet, clean_path, image_key, is_block_device, same_images
 from ..core.model import ImageFormat, Method, Mode, Operation
-from ..core.relocate_plan import RelocatePlan
+from ..core.relocate_plan import RelocateFacts, RelocatePlan, plan_relocation
 from ..core.relocate_plan import RelocateRequest as RelocateRequest  # the entry point's request
 from ..core.reports import RelocateReport, Report, Retired
 from ..engine import prepared, volumes
@@ -156,49 +156,55 @@ class Relocate:
         if dest in sources:
             raise errors.BadRequest(f"destination {dest} is an image of the source chain")
         chain = norm(disk.paths)
-        alloc = {i.path: volumes.allocation(i) for i in images}
-        plan = RelocatePlan(disk=disk.target, mode=self.mode, method=self.method,
-                            format=self.format, dest=dest, chain_before=chain, chain_after=[dest],
-                            persistent=domain.is_persistent(), bytes_to_copy=sum(alloc.values()))
-        if self.mode is Mode.CHAIN and self.req.disk != "all" and os.path.isdir(dest):
-            self._plan_volume_chain(ctx, plan)
-            for path in plan.chain_after:  # the checks a file DEST gets, for each new volume
-                check_place(ctx, path, False, sources, (domain.uuid, disk.target))
-            return plan
-        if self.mode is Mode.CHAIN and len(chain) > 1:
-            folder = os.path.dirname(dest)
-            plan.copies = [(src, os.path.join(folder, os.path.basename(src))) for src in chain[1:]]
-            plan.chain_after = [dest] + [new for _, new in plan.copies]
-            if any(path in sources for path in plan.chain_after):
-                raise errors.BadRequest(
-                    f"{disk.target}: chain mode moves every layer into {folder}, where "
-                    "layers of the source chain already are; choose another folder")
-            if len(set(plan.chain_after)) != len(plan.chain_after):
-                raise errors.BadRequest(f"{disk.target}: layers share a file name; chain mode "
-                                        "would put two of them at one path")
-        elif self.mode is Mode.SHALLOW:
-            plan.chain_after = [dest] + chain[1:]
-            plan.bytes_to_copy = alloc[chain[0]]
-        on_device = is_block_device(dest)
-        if on_device:
-            self.volumes[disk.target] = onto_devices.plan_device(ctx, plan, images, self.method)
-        else:
-            plan.method = self._method_for(domain, disk, chain, alloc)
-        for path in plan.chain_after:
-            if not (self.mode is Mode.SHALLOW and path in chain[1:]):
-                check_place(ctx, path, self.req.reuse_external, sources,
-                            (domain.uuid, disk.target))
-        if self.req.reuse_external and not on_device:  # a device is formatted by the tool
-            self.prepared[disk.target] = self._prepared_targets(plan, images)
-            prepared.check(self.prepared[disk.target], "DEST")
-        if on_device:
-            return plan
-        space = os.statvfs(os.path.dirname(dest))
+        # Only a full copy of a running chain may be flattened: only then
+        # do its checkpoints matter to the plan (one libvirt call less).
+        weighs_flatten = (self.mode is Mode.FULL and self.online and len(chain) > 1
+                          and self.method in (Method.AUTO, Method.FLATTEN))
+        facts = RelocateFacts(
+            disk=disk.target, chain=chain,
+            allocation={i.path: volumes.allocation(i) for i in images}, dest=dest,
+            dest_is_folder=self.mode is Mode.CHAIN and self.req.disk != "all"
+            and os.path.isdir(dest),
+            dest_is_device=is_block_device(dest), online=self.online,
+            persistent=domain.is_persistent(),
+            checkpoints=tuple(domain.checkpoints().get(disk.target, {})) if weighs_flatten else ())
+        plan = plan_relocation(self.req, self.mode, self.method, self.format, facts)
+        self._check(ctx, domain, plan, facts, images, sources)
+        return plan
+
+    def _check(self, ctx: Context, domain: Domain, plan: RelocatePlan, facts: RelocateFacts,
+               images: list[ImageInfo], sources: ImageSet) -> None:
+        """What the plan needs of the node, before anything changes: the new
+        places (by identity), room on devices and file systems, prepared
+        targets."""
+        owner = (domain.uuid, plan.disk)
+        if facts.dest_is_folder:  # one new block volume per layer
+            self.volume_sizes[plan.disk] = onto_devices.volume_sizes(
+                plan, self.images[plan.disk], ctx.config.volume_create_command,
+                ctx.config.volume_margin_mib)
+            for path in plan.chain_after:  # the checks a file DEST gets
+                check_place(ctx, path, False, sources, owner)
+            return
+        new_paths = [p for p in plan.chain_after
+                     if not (plan.mode is Mode.SHALLOW and p in plan.chain_before[1:])]
+        if plan.copies and any(path in sources for path in new_paths):
+            raise errors.BadRequest(
+                f"{plan.disk}: chain mode moves every layer into {os.path.dirname(plan.dest)}, "
+                "where layers of the source chain already are; choose another folder")
+        if facts.dest_is_device:
+            self.volumes[plan.disk] = onto_devices.device_room(ctx, plan, images)
+        for path in new_paths:
+            check_place(ctx, path, self.req.reuse_external, sources, owner)
+        if facts.dest_is_device:
+            return  # the tool formats a prepared device itself
+        if self.req.reuse_external:
+            self.prepared[plan.disk] = self._prepared_targets(plan, images)
+            prepared.check(self.prepared[plan.disk], "DEST")
+        space = os.statvfs(os.path.dirname(plan.dest))
         free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
         if plan.bytes_to_copy > free:
-            raise errors.BadRequest(f"not enough space at {os.path.dirname(dest)}: "
+            raise errors.BadRequest(f"not enough space at {os.path.dirname(plan.dest)}: "
                                     f"{plan.bytes_to_copy} bytes to copy, {free} free")
-        return plan
 
     def _prepared_targets(self, plan: RelocatePlan,
                           images: list[ImageInfo]) -> list[prepared.Prepared]:
@@ -217,43 +223,6 @@ class Relocate:
             else None
         return prepared.layered(copies, below, {p: i.virtual_size for p, i in info.items()},
                                 {p: i.format for p, i in info.items()})
-
-    def _plan_volume_chain(self, ctx: Context, plan: RelocatePlan) -> None:
-        """DEST a directory (``/dev/<vg>``): one new block volume per layer."""
-        onto_devices.only_mirror(plan, self.method)
-        if self.req.reuse_external:
-            raise errors.BadRequest(f"{plan.disk}: chain mode onto block volumes creates them; "
-                                    "--reuse-external does not apply")
-        self.volume_sizes[plan.disk] = onto_devices.plan_volumes(
-            plan, self.images[plan.disk], plan.dest, ctx.config.volume_create_command,
-            ctx.config.volume_margin_mib)
-
-    def _method_for(self, domain: Domain, disk: Disk, chain: list[str],
-                    alloc: dict[str, int]) -> Method:
-        """``auto``: flatten a full copy when the read-only layers hold more
-        than the active one (qemu-img copies them at file speed; QEMU's
-        mirror runs at a few hundred MiB/s), else mirror. Never flatten a
-        disk a checkpoint tracks: qemu-img would not carry the bitmaps of
-        the layers it flattens, while libvirt's mirror keeps the checkpoint
-        usable (measured), and the next backup would silently be full."""
-        if self.method not in (Method.AUTO, Method.FLATTEN):
-            return self.method
-        if not (self.mode is Mode.FULL and len(chain) > 1 and self.online):
-            if self.method is Method.FLATTEN:
-                raise errors.BadRequest(f"{disk.target}: --method flatten needs a running VM and "
-                                        "a chain of more than one layer")
-            return Method.MIRROR
-        checkpoints = domain.checkpoints().get(disk.target, {})
-        if self.method is Method.FLATTEN:
-            if checkpoints:
-                raise errors.BadRequest(
-                    f"{disk.target} is tracked by checkpoint(s) {', '.join(checkpoints)}: "
-                    "--method flatten would drop their bitmaps; use --method mirror")
-            return Method.FLATTEN
-        below = sum(alloc.get(path, 0) for path in chain[1:])
-        if self.req.pivot and self.req.wait and below > alloc.get(chain[0], 0) and not checkpoints:
-            return Method.FLATTEN
-        return Method.MIRROR
 
     def check_plans(self, plans: list[RelocatePlan]) -> None:
         dests = []
