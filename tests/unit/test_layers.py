@@ -90,3 +90,9 @@ def test_imports_run_down_the_layers():
                 upward.append(f"{name} -> {other}")
     assert upward == []
     assert set(LAYERS) <= {name.split(".")[1] for name in known if name.count(".") >= 1}
+
+
+def test_modules_stay_small():
+    """A module a reader can hold in mind: about 350 lines at most."""
+    sizes = {name: sum(1 for _ in open(path)) for name, path in module_names().items()}
+    assert {name: n for name, n in sizes.items() if n > 360} == {}

@@ -21,18 +21,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..core import errors
-from ..core.identity import same_images
-from ..core.model import Method
 from ..core.planner import MergePlan
 from ..core.relocate_plan import RelocatePlan, RelocateRequest
 from ..core.reports import RecordOutcome, RecoverReport
 from ..engine.context import Context
-from ..engine.jobs import Guard, JobRunner, JobWatch, Outcome, exclusive_pull
-from ..engine.node import current_chain
+from ..engine.jobs import Guard, JobRunner, Outcome
 from ..engine.operation import settle
 from ..engine.records import OperationRecord, RecordStore
 from ..engine.verification import require_chain
-from . import onto_devices
+from . import movers
 from .merge import Merge, MergeRequest, merge_guard
 from .relocate import Relocate
 from .snapshot import Snapshot, SnapshotPlan, SnapshotRequest
@@ -180,34 +177,16 @@ def _recover_snapshot(ctx: Context, domain: Domain, store: RecordStore,
 
 def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,
                       timeout_s: float | None) -> str:
+    """Follow the interrupted relocation through the mover that ran it."""
     plan = RelocatePlan.from_json(record.plan)
     op = Relocate(RelocateRequest(**record.request))
-    pivot = op.req.pivot
-    snapshot_stream = plan.method is Method.SNAPSHOT_STREAM
-    outcome = _follow(ctx, domain, store, record, not snapshot_stream, pivot, timeout_s,
-                      guard=lambda: onto_devices.mirror_guard(ctx, domain, plan))
+    outcome = movers.choose(op.move(ctx, domain, plan, store, record,
+                                    online=record.online)).follow(timeout_s)
     if outcome is Outcome.CANCELED:
         # --no-pivot: the job converged, DEST is the finished copy and the
         # VM stays on its source.
         require_chain(domain, record.disk, plan.chain_before)
         store.finish(record)
         return "finished"
-    if snapshot_stream and same_images(current_chain(domain, record.disk),
-                                       [plan.dest] + plan.chain_before):
-        _pull_again(ctx, domain, record, plan, timeout_s)
     return settle(domain, store, record,
                   finish=lambda: op.finish(ctx, domain, plan, store, record)).value
-
-
-def _pull_again(ctx: Context, domain: Domain, record: OperationRecord, plan: RelocatePlan,
-                timeout_s: float | None) -> None:
-    """A snapshot-stream copy whose snapshot happened but whose pull did not:
-    the VM is on DEST over its old chain (consistent); pull it all in."""
-    if not domain.is_active():
-        raise errors.OperationFailed(
-            f"{record.disk}: the VM is off on {plan.dest} over its old chain (consistent); "
-            "start it and run recover again to finish the copy")
-    with exclusive_pull(ctx, domain, record.disk, wait=True), \
-            JobWatch(domain, record.disk, clock=ctx.clock, sleep=ctx.sleep) as watch:
-        domain.pull(record.disk, None, 0)
-        watch.wait(timeout_s=timeout_s)

@@ -10,7 +10,7 @@ Modes:
   (``mirror``); or ``flatten``, at file speed: the read-only layers (immutable
   while the VM runs and the disk lock is held) flattened into DEST by
   qemu-img, then only the active layer mirrored onto DEST itself and
-  pivoted (``flatten.py``) -- chosen by ``auto`` when the read-only layers
+  pivoted (``movers/flatten.py``) -- chosen by ``auto`` when the read-only layers
   hold most of the data; or
   with ``--method snapshot-stream`` a disk-only snapshot into DEST and a
   pull of the whole chain into it (the seed's "live block copy").
@@ -24,8 +24,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..core import errors
-from ..core.chain import Disk, check_reference, disk_xml
-from ..core.identity import ImageSet, clean_path, image_key, is_block_device, same_images
+from ..core.chain import Disk, check_reference
+from ..core.identity import ImageSet, clean_path, image_key, is_block_device
 from ..core.model import ImageFormat, Method, Mode, Operation
 from ..core.relocate_plan import RelocateFacts, RelocatePlan, plan_relocation
 from ..core.relocate_plan import RelocateRequest as RelocateRequest  # the entry point's request
@@ -39,16 +39,14 @@ from ..engine.context import (
     operation_domain,
     refuse_unsupported_images,
 )
-from ..engine.copying import prepare_chain_copy, prepare_full_copy
-from ..engine.images import ImageInfo, create_overlay
-from ..engine.jobs import JobRunner, Outcome, exclusive_pull
-from ..engine.node import current_chain, image_chain, planned_disk
+from ..engine.images import ImageInfo
+from ..engine.jobs import Outcome
+from ..engine.node import current_chain, planned_disk
 from ..engine.operation import run_operation
 from ..engine.records import OperationRecord, Phase, RecordStore
-from ..engine.storage import FileCreator, check_place, delete_unused, point_persistent_definition
+from ..engine.storage import check_place, delete_unused, point_persistent_definition
 from ..engine.verification import norm, require_chain
-from . import flatten, onto_devices
-from .snapshot import snapshot_xml
+from . import movers, onto_devices
 
 if TYPE_CHECKING:
     from ..virt import Domain
@@ -256,60 +254,14 @@ class Relocate:
 
     def execute(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
                 record: OperationRecord) -> RelocateReport:
-        req = self.req
-        creator = FileCreator(store, record)
-        images = self.images[plan.disk]  # as planned: the layers are the same files
-        if plan.disk in self.volumes:
-            onto_devices.prepare_device(ctx, plan, images, self.volumes[plan.disk])
-        on_volumes = plan.disk in self.volume_sizes
-        if on_volumes:
-            onto_devices.copy_onto_volumes(plan, images, self.volume_sizes[plan.disk],
-                                           ctx.config.volume_create_command,
-                                           with_active=not self.online)
-            if not self.online:  # every layer copied: the definition names the volumes
-                point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
-                return self.finish(ctx, domain, plan, store, record)
-            store.advance(record, Phase.PREPARED)
-        if not self.online:  # no phases, as for an offline merge
-            from . import offline  # shut-off domains only: spares live verbs the import
-
-            offline.relocate(ctx, domain, plan, images, creator, req.reuse_external,
-                             self.prepared.get(plan.disk), self.bandwidth)
+        """prepare -> run -> finish, on the mover the plan names."""
+        mover = movers.choose(self.move(ctx, domain, plan, store, record))
+        outcome = mover.run()
+        extensions = getattr(mover, "extensions", None)
+        if extensions is not None and plan.disk in self.volumes:
+            self.volumes[plan.disk]["extensions_during_job"] = extensions
+        if not mover.phases:  # copied in one go (VM off): nothing to wait for
             return self.finish(ctx, domain, plan, store, record)
-        runner = JobRunner(ctx, domain, plan.disk, store, record)
-        if plan.method is Method.SNAPSHOT_STREAM:
-            outcome = self._snapshot_stream(ctx, domain, plan, runner, store, record, creator)
-        elif plan.method is Method.FLATTEN:
-            outcome = flatten.run(ctx, domain, plan, images, runner, store, record, creator,
-                                  reuse_external=req.reuse_external, sync_writes=req.sync_writes,
-                                  timeout_s=req.timeout_s, rate_mib_s=self.bandwidth)
-        else:
-            if on_volumes:
-                pass  # prepared above
-            elif plan.copies and not req.reuse_external:
-                prepare_chain_copy(plan, images, creator)
-                store.advance(record, Phase.PREPARED)
-            elif plan.copies and plan.disk in self.prepared:
-                # Prepared layers: each read-only layer's data goes into its
-                # counterpart, proven, before the mirror relinks the VM.
-                prepared.fill(plan.copies, {p: i.format for p, i in images.items()},
-                              prepared.backings(self.prepared[plan.disk]), self.bandwidth)
-                store.advance(record, Phase.PREPARED)
-            elif plan.mode is Mode.FULL and not req.reuse_external:
-                prepare_full_copy(plan, images, creator)
-                store.advance(record, Phase.PREPARED)
-            guard = onto_devices.mirror_guard(ctx, domain, plan)
-            outcome = runner.run(
-                lambda: domain.copy(
-                    plan.disk, disk_xml(plan.dest, plan.format.value),
-                    shallow=plan.mode is not Mode.FULL and len(plan.chain_before) > 1,
-                    reuse_external=req.reuse_external or bool(record.created_files) or on_volumes,
-                    transient=plan.persistent, sync_writes=req.sync_writes,
-                    bandwidth_mib_s=self.bandwidth),
-                two_phase=True, pivot=req.pivot, timeout_s=req.timeout_s, wait=req.wait,
-                guard=guard)
-            if guard is not None and plan.disk in self.volumes:
-                self.volumes[plan.disk]["extensions_during_job"] = guard.extensions
         if outcome is None:
             report = self.report(domain, plan)
             report.record = record.id
@@ -321,25 +273,15 @@ class Relocate:
         store.advance(record, Phase.COMPLETED)
         return self.finish(ctx, domain, plan, store, record)
 
-    def _snapshot_stream(self, ctx: Context, domain: Domain, plan: RelocatePlan, runner: JobRunner,
-                         store: RecordStore, record: OperationRecord,
-                         creator: FileCreator) -> Outcome | None:
-        """The seed's live block copy: snapshot into DEST, then pull it all in."""
-        req = self.req
-        if not req.reuse_external:
-            disk = domain.spec().disk(plan.disk)
-            creator.reserve(plan.dest)
-            create_overlay(plan.dest, disk.chain[0].path, disk.chain[0].format or "qcow2",
-                           image_chain(disk)[0].virtual_size)
-        domain.snapshot(snapshot_xml(domain, {plan.disk: plan.dest}), reuse_external=True)
-        store.advance(record, Phase.PREPARED)
-        with exclusive_pull(ctx, domain, plan.disk, wait=req.wait):
-            outcome = runner.run(lambda: domain.pull(plan.disk, None, self.bandwidth),
-                                 two_phase=False, pivot=False, timeout_s=req.timeout_s,
-                                 wait=req.wait)
-        if outcome is not None and not same_images(domain.spec().disk(plan.disk).paths, [plan.dest]):
-            raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")
-        return outcome
+    def move(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
+             record: OperationRecord, online: bool | None = None) -> movers.Move:
+        """What a mover works with: this relocation's plan and what the
+        planning learnt (recover has only the plan: the job runs already)."""
+        return movers.Move(
+            ctx=ctx, domain=domain, plan=plan, req=self.req, store=store, record=record,
+            online=self.online if online is None else online, bandwidth=self.bandwidth,
+            images=self.images.get(plan.disk, {}), prepared=self.prepared.get(plan.disk),
+            device_room=self.volumes.get(plan.disk), volume_sizes=self.volume_sizes.get(plan.disk))
 
     def finish(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
                record: OperationRecord) -> RelocateReport:

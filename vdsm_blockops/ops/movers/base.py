@@ -1,0 +1,105 @@
+"""The shape every mover has.
+
+A mover gets one ``Move`` -- what the relocation planned and the node's
+handles -- and provides:
+
+* ``prepare``: make, fill and prove the targets before any job starts (a
+  target is recorded before it exists, so a roll-back removes it);
+* ``start``: start the job that moves the data (a libvirt block job);
+* ``guard``: watch a block-volume target while the job writes into it;
+* ``run``: prepare, start and wait as the request asks (``None`` for
+  ``--no-wait``), through the one job runner -- progress, bandwidth,
+  timeout and abort of libvirt jobs are the runner's, written once;
+* ``follow``: for ``recover``, wait on a job a killed command left, as
+  ``run`` would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...engine.jobs import Guard, JobRunner, Outcome
+from ...engine.storage import FileCreator
+
+if TYPE_CHECKING:
+    from ...core.relocate_plan import RelocatePlan, RelocateRequest
+    from ...engine.context import Context
+    from ...engine.images import ImageInfo
+    from ...engine.prepared import Prepared
+    from ...engine.records import OperationRecord, RecordStore
+    from ...virt import Domain
+
+
+@dataclass
+class Move:
+    """One disk's relocation, as its mover sees it."""
+
+    ctx: Context
+    domain: Domain
+    plan: RelocatePlan
+    req: RelocateRequest
+    store: RecordStore
+    record: OperationRecord
+    online: bool
+    bandwidth: int = 0
+    images: dict[str, ImageInfo] = field(default_factory=dict)  # as planned
+    prepared: list[Prepared] | None = None  # --reuse-external files, checked
+    device_room: dict[str, Any] | None = None  # DEST a pre-created device
+    volume_sizes: dict[str, int] | None = None  # chain mode onto new block volumes
+
+    @property
+    def creator(self) -> FileCreator:
+        return FileCreator(self.store, self.record)
+
+    @property
+    def runner(self) -> JobRunner:
+        return JobRunner(self.ctx, self.domain, self.plan.disk, self.store, self.record)
+
+
+class Mover:
+    """A libvirt job that moves the data, waited on by the job runner.
+    Subclasses say how it is prepared and started."""
+
+    two_phase = True  # a copy converges (READY), then pivots
+    phases = True  # the record goes through STARTED and COMPLETED
+
+    def __init__(self, move: Move) -> None:
+        self.move = move
+
+    @property
+    def pivot(self) -> bool:
+        return self.move.req.pivot
+
+    @property
+    def wait(self) -> bool:
+        return self.move.req.wait
+
+    def prepare(self) -> None:
+        """Targets made, filled and proven before any job starts."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def guard(self) -> Guard | None:
+        return None
+
+    def run(self) -> Outcome | None:
+        self.prepare()
+        return self.move.runner.run(self.start, two_phase=self.two_phase, pivot=self.pivot,
+                                    timeout_s=self.move.req.timeout_s, wait=self.wait,
+                                    guard=self.guard())
+
+    def follow(self, timeout_s: float | None) -> Outcome | None:
+        """Wait on the job a killed command left (None: there is none;
+        FAILED: it ended badly and settle rolls back)."""
+        from ...core import errors
+
+        move = self.move
+        if not move.domain.is_active() or move.domain.block_job_info(move.plan.disk) is None:
+            return None
+        try:
+            return move.runner.follow(two_phase=self.two_phase, pivot=self.pivot,
+                                      timeout_s=timeout_s, guard=self.guard())
+        except errors.JobFailed:
+            return Outcome.FAILED

@@ -1,0 +1,67 @@
+"""``--method snapshot-stream``, the seed's live block copy: a disk-only
+snapshot into DEST (the VM writes there at once, over its old chain), then
+a pull of the whole chain into DEST. The pull is one-phase: it ends with
+the VM on DEST alone. ``recover`` after a crash between the two pulls
+again."""
+
+from __future__ import annotations
+
+from ...core import errors
+from ...core.identity import same_images
+from ...engine.images import create_overlay
+from ...engine.jobs import JobWatch, Outcome, exclusive_pull
+from ...engine.node import current_chain, image_chain
+from ...engine.records import Phase
+from ..snapshot import snapshot_xml
+from .base import Mover
+
+
+class SnapshotStream(Mover):
+    two_phase = False
+
+    def prepare(self) -> None:
+        move, plan = self.move, self.move.plan
+        if not move.req.reuse_external:
+            disk = move.domain.spec().disk(plan.disk)
+            move.creator.reserve(plan.dest)
+            create_overlay(plan.dest, disk.chain[0].path, disk.chain[0].format or "qcow2",
+                           image_chain(disk)[0].virtual_size)
+        move.domain.snapshot(snapshot_xml(move.domain, {plan.disk: plan.dest}),
+                             reuse_external=True)
+        move.store.advance(move.record, Phase.PREPARED)
+
+    def start(self) -> None:
+        self.move.domain.pull(self.move.plan.disk, None, self.move.bandwidth)
+
+    def run(self) -> Outcome | None:
+        move, plan = self.move, self.move.plan
+        self.prepare()
+        with exclusive_pull(move.ctx, move.domain, plan.disk, wait=self.wait):
+            outcome = move.runner.run(self.start, two_phase=False, pivot=False,
+                                      timeout_s=move.req.timeout_s, wait=self.wait)
+        if outcome is not None and not same_images(move.domain.spec().disk(plan.disk).paths,
+                                                   [plan.dest]):
+            raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")
+        return outcome
+
+    def follow(self, timeout_s: float | None) -> Outcome | None:
+        outcome = super().follow(timeout_s)
+        move, plan = self.move, self.move.plan
+        if outcome is not Outcome.CANCELED and same_images(
+                current_chain(move.domain, plan.disk), [plan.dest] + plan.chain_before):
+            self._pull_again(timeout_s)
+        return outcome
+
+    def _pull_again(self, timeout_s: float | None) -> None:
+        """The snapshot happened but the pull did not: the VM is on DEST
+        over its old chain (consistent); pull it all in."""
+        move, plan = self.move, self.move.plan
+        if not move.domain.is_active():
+            raise errors.OperationFailed(
+                f"{plan.disk}: the VM is off on {plan.dest} over its old chain (consistent); "
+                "start it and run recover again to finish the copy")
+        with exclusive_pull(move.ctx, move.domain, plan.disk, wait=True), \
+                JobWatch(move.domain, plan.disk, clock=move.ctx.clock,
+                         sleep=move.ctx.sleep) as watch:
+            move.domain.pull(plan.disk, None, 0)
+            watch.wait(timeout_s=timeout_s)

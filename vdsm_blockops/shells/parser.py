@@ -1,0 +1,258 @@
+"""The command line's grammar: every verb, its arguments and help, one
+parser (or, for speed, one verb's). The two verbs that print the parser
+itself (completion, manpage) live here too."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple, NoReturn
+
+from .. import __version__
+from ..core import errors
+from ..core.model import ImageFormat, Method, Mode, Strategy, choices
+from ..core.reports import Report, TextReport
+from . import commands
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  the operation failed (libvirt/QEMU error, failed verification)
+  2  bad request, refused before anything changed
+  3  timed out (the job was aborted, the chain left consistent)
+  4  conflict: another job or operation holds the disk
+
+With --json stdout holds exactly one JSON object, on success and on failure."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse makes a formatter for every argument it adds and asks
+    shutil (an import of bz2, lzma, fnmatch: ~3 ms) for the terminal's
+    width; asked here as shutil would, without the import."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        if kwargs.get("width") is None:
+            columns = os.environ.get("COLUMNS", "")
+            if not columns.isdigit():
+                try:
+                    columns = str(os.get_terminal_size(1).columns)
+                except OSError:  # not a terminal
+                    columns = "80"
+            kwargs["width"] = int(columns) - 2  # as argparse does
+        super().__init__(prog, **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would print usage and exit 2
+        # One program name per error line: main() prefixes "vdsm-blockops:".
+        verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise errors.BadRequest(f"{verb}: {message}" if verb else message)
+
+
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    parser.add_argument("--connect", metavar="URI", default=default(None),
+                        help="libvirt URI (default: config, else qemu:///system)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print exactly one JSON object on stdout")
+    parser.add_argument("--config", metavar="PATH", default=default(None),
+                        help="config file (default /etc/vdsm-blockops/config.yaml)")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0))
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="print nothing on success (errors still go to stderr)")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="print tracebacks of unexpected errors on stderr")
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bandwidth", type=int, metavar="MIB_PER_S", default=0,
+                        help="throttle the job (MiB/s, 0 = unlimited)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="abort the job after this long (exit 3)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="start the job and return; follow up with jobs/recover")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+
+def _chain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain")
+    p.add_argument("disk", nargs="?")
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    _chain_args(p)
+    p.add_argument("--checkpoints", action="store_true",
+                   help="fail on a broken checkpoint too (default: report it as a warning)")
+
+
+def _jobs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", nargs="?")
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain")
+    p.add_argument("disk", help="target name (vda) or 'all'")
+    p.add_argument("--base", help="image kept as the backing (path or vda[N]); none: flatten")
+    p.add_argument("--top", help="highest image of the segment (default: the active image)")
+    p.add_argument("--strategy", default="auto", choices=choices(Strategy, exclude=("noop",)),
+                   help="how to merge (default auto: fewest bytes copied, never into a shared layer)")
+    p.add_argument("--keep-relative", action="store_const", const=True, default=None,
+                   help="keep relative backing names (default: when the chain already uses them)")
+    p.add_argument("--delete-retired", action="store_true",
+                   help="unlink retired layers after verification when nothing uses them")
+    _add_job_options(p)
+
+
+def _relocate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain")
+    p.add_argument("disk", help="target name (vda) or 'all' (then DEST is a folder)")
+    p.add_argument("dest", help="path of the new active image")
+    p.add_argument("--mode", default="chain", choices=choices(Mode),
+                   help="what moves (default chain: every layer, keeping the snapshots)")
+    p.add_argument("--method", default="auto", choices=choices(Method),
+                   help="how the data moves (default auto: flatten for --mode full when the "
+                        "read-only layers hold most data, else mirror)")
+    p.add_argument("--format", default="qcow2", choices=choices(ImageFormat),
+                   help="DEST's format (default qcow2; raw only with --mode full)")
+    p.add_argument("--reuse-external", action="store_true", help="DEST (and its layers) exist already")
+    p.add_argument("--sync-writes", action="store_true",
+                   help="guest writes go to both sides, so the copy always converges")
+    p.add_argument("--no-pivot", action="store_true",
+                   help="stay on the source; DEST is a consistent copy as of the finish")
+    p.add_argument("--delete-source", action="store_true",
+                   help="after pivot and verification unlink source files nothing uses")
+    _add_job_options(p)
+
+
+def _snapshot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain")
+    p.add_argument("disk")
+    p.add_argument("overlay", help="path of the new qcow2 overlay")
+    p.add_argument("--reuse-external", action="store_true", help="OVERLAY exists already")
+
+
+def _abort_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain")
+    p.add_argument("disk")
+    p.add_argument("--pivot", action="store_true", help="pivot onto the mirror (must be ready)")
+
+
+def _speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain")
+    p.add_argument("disk")
+    p.add_argument("bandwidth", type=int, metavar="MIB_PER_S")
+
+
+def _recover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--queued", action="store_true",
+                   help="recover the domains the libvirt hook queued")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="how long to wait on a job that is still running")
+
+
+def _hook_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--hooks-dir", default=None, help="default /etc/libvirt/hooks/qemu.d")
+    p.add_argument("--reload", action="store_true", help="SIGHUP libvirtd so it sees the change")
+
+
+def _units_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--unit-dir", default=None, help="default /etc/systemd/system")
+    p.add_argument("--enable", action="store_true",
+                   help="also enable (install) or disable (uninstall) them with systemctl")
+
+
+def _completion_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+
+
+class Verb(NamedTuple):
+    name: str
+    help: str
+    command: Callable[..., Report]
+    arguments: Callable[[argparse.ArgumentParser], None] | None
+    # The verb reads, copies or deletes image files, so it may only drive
+    # the libvirt of this node.
+    local: bool = True
+
+
+# The two verbs that print the parser itself live beside it.
+def _cmd_completion(args: argparse.Namespace, env: commands.Env) -> Report:
+    import shtab
+
+    return TextReport(operation="completion", text=shtab.complete(build_parser(),
+                                                                  shell=args.shell))
+
+
+def _cmd_manpage(args: argparse.Namespace, env: commands.Env) -> Report:
+    from argparse_manpage.manpage import Manpage
+
+    return TextReport(operation="manpage", text=str(Manpage(build_parser())))
+
+
+
+VERBS = [
+    Verb("chain", "show each disk's backing chain", commands.cmd_chain, _chain_args),
+    Verb("jobs", "list active block jobs on the node or one domain", commands.cmd_jobs, _jobs_args,
+         local=False),
+    Verb("merge", "collapse a segment of a disk's chain (snapshot live merge)", commands.cmd_merge,
+         _merge_args),
+    Verb("relocate", "move a disk's data elsewhere while the VM runs, then pivot",
+         commands.cmd_relocate, _relocate_args),
+    Verb("snapshot", "disk-only external snapshot: a new overlay on the active image",
+         commands.cmd_snapshot, _snapshot_args),
+    Verb("abort", "abort a block job (or pivot a ready one)", commands.cmd_abort, _abort_args),
+    Verb("speed", "change a running block job's bandwidth", commands.cmd_speed, _speed_args,
+         local=False),
+    Verb("recover", "finish or roll back operations a crash interrupted", commands.cmd_recover,
+         _recover_args),
+    Verb("hook", "install or uninstall the libvirt hook that guards VMs", commands.cmd_hook,
+         _hook_args, local=False),
+    Verb("units", "install or uninstall the systemd units that run 'recover --queued'",
+         commands.cmd_units, _units_args, local=False),
+    Verb("verify", "check a domain's chains against the images' metadata", commands.cmd_verify,
+         _verify_args),
+    Verb("completion", "print a shell completion script", _cmd_completion,
+         _completion_args, local=False),
+    Verb("manpage", "print the manual page (roff)", _cmd_manpage, None, local=False),
+]
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only`` one verb's arguments filled in
+    (the others listed by name): each argument costs argparse a formatter,
+    and a command needs only its own."""
+    parser = _Parser(prog="vdsm-blockops", epilog=EXIT_CODES,
+                     formatter_class=_Formatter,
+                     description="Live block operations on libvirt/QEMU VMs: snapshot merge, "
+                                 "disk relocation, block-job control, verification.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_common(parser, suppress=False)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+    for verb in VERBS:
+        sub = verbs.add_parser(verb.name, help=verb.help, description=verb.help, epilog=EXIT_CODES,
+                               formatter_class=_Formatter)
+        if only is None or verb.name == only:
+            _add_common(sub, suppress=True)
+            if verb.arguments is not None:
+                verb.arguments(sub)
+            sub.set_defaults(func=verb.command, local=verb.local)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse with the named verb's arguments only; when the guess was wrong
+    (a global option's value that looks like a verb), with all of them."""
+    names = {verb.name for verb in VERBS}
+    guess = next((word for word in argv if word in names), None)
+    if guess is not None and not {"-h", "--help"} & set(argv):
+        try:
+            args = build_parser(only=guess).parse_args(argv)
+            if args.verb == guess:
+                return args
+        except errors.BadRequest:
+            pass
+    return build_parser().parse_args(argv)
