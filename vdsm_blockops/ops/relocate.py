@@ -257,9 +257,8 @@ class Relocate:
         """prepare -> run -> finish, on the mover the plan names."""
         mover = movers.choose(self.move(ctx, domain, plan, store, record))
         outcome = mover.run()
-        extensions = getattr(mover, "extensions", None)
-        if extensions is not None and plan.disk in self.volumes:
-            self.volumes[plan.disk]["extensions_during_job"] = extensions
+        if mover.extensions is not None and plan.disk in self.volumes:
+            self.volumes[plan.disk]["extensions_during_job"] = mover.extensions
         if not mover.phases:  # copied in one go (VM off): nothing to wait for
             return self.finish(ctx, domain, plan, store, record)
         if outcome is None:

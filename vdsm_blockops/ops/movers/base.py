@@ -84,6 +84,12 @@ class Mover:
     def guard(self) -> Guard | None:
         return None
 
+    @property
+    def extensions(self) -> int | None:
+        """How often a block-volume target was extended during the job
+        (None: no target was watched)."""
+        return None
+
     def run(self) -> Outcome | None:
         self.prepare()
         return self.move.runner.run(self.start, two_phase=self.two_phase, pivot=self.pivot,
