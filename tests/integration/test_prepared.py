@@ -81,8 +81,10 @@ def test_a_prepared_target_that_does_not_fit_is_refused(vm4, config, workdir, ru
     os.makedirs(folder)
     rig.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", B, "-F", "qcow2", wrong_backing, "64M")
     rig.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", D, "-F", "qcow2", wrong_size, "32M")
-    rig.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", D, "-F", "qcow2", with_data, "64M")
+    # data written first, then linked (the running VM holds D's lock)
+    rig.run("qemu-img", "create", "-q", "-f", "qcow2", with_data, "64M")
     rig.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 0 1M", with_data)
+    rig.run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", D, "-F", "qcow2", with_data)
     before = {p: os.stat(p).st_mtime_ns for p in (wrong_backing, wrong_size, with_data)}
     for overlay, why in ((wrong_backing, "not " + D), (wrong_size, "virtual size"),
                          (with_data, "holds data")):
