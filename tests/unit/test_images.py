@@ -182,3 +182,25 @@ def test_bitmaps_disabled_for_qemu_img_record_again_when_it_fails(tmp_path):
             assert not recording()
             raise RuntimeError("qemu-img commit failed")
     assert recording()
+
+
+def test_a_relative_name_that_reads_as_a_protocol_gets_a_dot_slash(tmp_path):
+    """``snap-10:00.qcow2`` is a valid file name; QEMU reads a bare
+    ``snap-10:00.qcow2`` as protocol ``snap-10``."""
+    import subprocess
+
+    from vdsm_blockops.engine.images import backing_name_for, read_chain, set_backing
+
+    base = tmp_path / "snap-10:00.qcow2"
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "./snap-10:00.qcow2",
+                    "-F", "qcow2", str(top)], check=True)
+    info = read_chain(str(top), "qcow2")[0]
+    name = backing_name_for(info, str(base), str(top))
+    assert name == "./snap-10:00.qcow2"
+    assert backing_name_for(info, str(tmp_path / "plain.qcow2"), str(top)) == "plain.qcow2"
+    set_backing(str(top), name, "qcow2")
+    assert [i.path for i in read_chain(str(top), "qcow2")] == [str(top), str(base)]
+    subprocess.run(["qemu-img", "info", "--backing-chain", str(top)], check=True,
+                   capture_output=True)  # QEMU opens it as a file

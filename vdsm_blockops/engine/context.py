@@ -3,6 +3,7 @@ the checks every request goes through before anything changes."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,8 +51,13 @@ def check_bandwidth(bandwidth_mib_s: int | None) -> int:
 
 
 def check_timeout(timeout_s: float | None) -> None:
-    if timeout_s is not None and timeout_s <= 0:
-        raise errors.BadRequest(f"timeout must be positive, not {timeout_s!r}")
+    """A number of seconds, finite and above 0 (NaN compares false with
+    everything: it would mean "no timeout"; an infinite one is no timeout
+    either -- leave the option out for that)."""
+    if timeout_s is not None and not (isinstance(timeout_s, (int, float))
+                                      and math.isfinite(timeout_s) and timeout_s > 0):
+        raise errors.BadRequest(f"timeout must be a finite number of seconds above 0, "
+                                f"not {timeout_s!r}")
 
 
 def running_domain(ctx: Context, name: str) -> Domain:

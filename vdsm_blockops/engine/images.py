@@ -67,9 +67,12 @@ class ImageInfo:
 def backing_name_for(image: ImageInfo, new_backing: str, holder: str) -> str:
     """How the image at ``holder`` names ``new_backing`` in the style
     ``image`` named its own backing: relative to ``holder``'s folder when
-    that was relative, else the absolute path."""
+    that was relative, else the absolute path. A relative name QEMU would
+    read as a protocol (``snap-10:00.qcow2`` -> protocol ``snap-10``) gets a
+    ``./`` in front: still relative, read as a file."""
     if image.names_backing_relatively:
-        return os.path.relpath(new_backing, os.path.dirname(holder))
+        name = os.path.relpath(new_backing, os.path.dirname(holder))
+        return f"./{name}" if is_protocol(name) else name
     return new_backing
 
 

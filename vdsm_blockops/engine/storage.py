@@ -104,8 +104,18 @@ def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -
         key = existing_key(path)
         if key is None:
             continue
-        os.unlink(path)
-        deleted.append(path)
+        # The decision was about the image, not the name: a layer reached
+        # through a symlink is the file it points to. Unlinking the link
+        # would leave that file behind (an orphan whose backing goes next).
+        real = os.path.realpath(path) if os.path.islink(path) else path
+        if image_key(real) != key:
+            log.warning("keeping %s: it changed while it was being deleted", path)
+            continue
+        os.unlink(real)
+        if real != path:
+            os.unlink(path)  # the link named a file that is gone now
+            log.info("%s: removed the symlink to the deleted %s", path, real)
+        deleted.append(real)
         keys.append(key)
     ctx.state.forget(keys)
     return deleted

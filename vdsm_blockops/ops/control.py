@@ -8,6 +8,10 @@ from ..engine.context import Context, check_bandwidth
 from ..engine.node import current_chain
 from ..engine.records import RecordStore
 
+# Two-phase jobs: they converge, then pivot (a pull or an inner commit ends
+# by itself and cannot).
+PIVOTING_JOBS = ("copy", "active-commit")
+
 
 def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortReport:
     """Abort the job on ``target`` (or pivot a ready one). A job of ours
@@ -15,8 +19,12 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
     only -- so retired layers get registered and verify passes."""
     domain = ctx.conn.domain(domain_name)
     domain.spec().disk(target)
-    if domain.block_job_info(target) is None:
+    job = domain.block_job_info(target)
+    if job is None:
         raise errors.BadRequest(f"disk {target} of {domain.name} has no block job")
+    if pivot and job.job_type not in PIVOTING_JOBS:
+        raise errors.BadRequest(f"the {job.job_type} job on {domain.name} {target} ends by "
+                                "itself and has no pivot: abort it without --pivot")
     domain.abort_job(target, pivot=pivot)
     report = AbortReport(domain=domain.name, disk=target, pivot=pivot, chain_after=[])
     if target in RecordStore(domain).load():

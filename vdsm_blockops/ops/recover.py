@@ -24,7 +24,7 @@ from ..core import errors
 from ..core.planner import MergePlan
 from ..core.relocate_plan import RelocatePlan, RelocateRequest
 from ..core.reports import RecordOutcome, RecoverReport
-from ..engine.context import Context
+from ..engine.context import Context, check_timeout
 from ..engine.jobs import Guard, JobRunner, Outcome
 from ..engine.operation import settle
 from ..engine.records import OperationRecord, RecordStore
@@ -44,6 +44,7 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
             disk: str | None = None) -> RecoverReport:
     """Settle every unfinished record of one domain (or of all), or only
     the record of ``disk``."""
+    check_timeout(timeout_s)
     domains = [ctx.conn.domain(domain_name)] if domain_name else ctx.conn.domains()
     if domain_name is None:
         ctx.state.sweep_locks()

@@ -5,6 +5,7 @@ itself (completion, manpage) live here too."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
@@ -64,10 +65,23 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="print tracebacks of unexpected errors on stderr")
 
 
+def seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0 ("nan", "inf" and
+    negatives are refused, exit 2, before anything runs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"a timeout is a finite number of seconds above 0, "
+                                         f"not {text!r}")
+    return value
+
+
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", type=int, metavar="MIB_PER_S", default=0,
                         help="throttle the job (MiB/s, 0 = unlimited)")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--timeout", type=seconds, metavar="SECONDS",
                         help="abort the job after this long (exit 3)")
     parser.add_argument("--no-wait", action="store_true",
                         help="start the job and return; follow up with jobs/recover")
@@ -147,7 +161,7 @@ def _recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", nargs="?")
     p.add_argument("--queued", action="store_true",
                    help="recover the domains the libvirt hook queued")
-    p.add_argument("--timeout", type=float, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
                    help="how long to wait on a job that is still running")
 
 

@@ -1,0 +1,87 @@
+"""The operator's verbs mean what they say (first part): numbers that are
+no numbers and a pivot that cannot exist are refused; deletion acts on the
+file that was decided on; a layer whose name holds a colon relocates."""
+
+import os
+import time
+
+import rig
+from rig import LayerSpec, Write
+
+
+def test_timeouts_that_are_no_numbers_are_refused(vm4, config):
+    disk = vm4.disks["vda"]
+    A, B, C, D = disk.layers
+    for value in ("nan", "inf", "-1", "0", "soon"):
+        rc, out, err = rig.cli("merge", vm4.name, "vda", "--base", A, "--timeout", value,
+                               config=config)
+        assert rc == 2 and "timeout" in out["error"]["message"] + err, (value, out, err)
+        rc, out, err = rig.cli("recover", vm4.name, "--timeout", value, config=config)
+        assert rc == 2, (value, out, err)
+    assert disk.live_chain() == [D, C, B, A]
+    disk.assert_guest_data()
+
+
+def test_abort_pivot_of_a_pull_is_refused_and_changes_nothing(make_vm, config):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 8)]),
+                                LayerSpec("B", [Write(0x22, 8, 24)])])
+    vm.start()
+    A, B = disk.layers
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--strategy", "pull", "--no-wait",
+                           "--bandwidth", "1", config=config)
+    assert rc == 0, (out, err)
+    rc, out, err = rig.cli("abort", vm.name, "vda", "--pivot", config=config)
+    assert rc == 2 and "no pivot" in out["error"]["message"], (out, err)
+    assert vm.dom.blockJobInfo("vda", 0), "the pull must still run"
+    rc, out, err = rig.cli("speed", vm.name, "vda", "0", config=config)
+    assert rc == 0, (out, err)
+    deadline = time.monotonic() + 60
+    while vm.dom.blockJobInfo("vda", 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rc, out, err = rig.cli("recover", vm.name, config=config)
+    assert rc == 0, (out, err)
+    assert disk.live_chain() == [B]
+    disk.assert_guest_data()
+
+
+def test_delete_source_through_a_symlinked_active_image_leaves_no_orphan(make_vm, config,
+                                                                          workdir):
+    vm = make_vm()
+    disk = vm.add_chain("vda", rig.four_layers())
+    A, B, C, D = disk.layers
+    link = os.path.join(vm.dir, "active-link.qcow2")
+    os.symlink(D, link)
+    disk.layers[-1] = link  # the definition names the link
+    vm.start()
+    disk.guest_write(0x5C, 5, 1)
+    dest = os.path.join(workdir, "moved.qcow2")
+    rc, out, err = rig.cli("relocate", vm.name, "vda", dest, "--mode", "full",
+                           "--delete-source", config=config)
+    assert rc == 0, (out, err)
+    assert D in out["deleted"] and link not in out["deleted"], out["deleted"]
+    assert not any(os.path.lexists(p) for p in (A, B, C, D, link)), os.listdir(vm.dir)
+    disk.assert_guest_data()
+
+
+def test_a_layer_named_with_a_colon_relocates(make_vm, config, workdir):
+    vm = make_vm()
+    layers = [LayerSpec("A", [Write(0xA1, 0, 4)]), LayerSpec("10:00", [Write(0xB1, 1, 1)]),
+              LayerSpec("C", [Write(0xC1, 2, 1)])]
+    folder = os.path.join(vm.dir, "base")
+    os.makedirs(folder)
+    paths = [os.path.join(folder, f"snap-{spec.name}.qcow2") for spec in layers]
+    # relative names, as oVirt writes them; the colon one needs its ./
+    backings = [None, "snap-A.qcow2", "./snap-10:00.qcow2"]
+    disk = vm.add_layers("vda", list(zip(paths, backings, layers)))
+    vm.start()
+    dest_dir = os.path.join(workdir, "sd2")
+    os.makedirs(dest_dir)
+    rc, out, err = rig.cli("relocate", vm.name, "vda", os.path.join(dest_dir, "snap-C.qcow2"),
+                           "--mode", "chain", config=config)
+    assert rc == 0, (out, err)
+    assert disk.live_chain() == [os.path.join(dest_dir, os.path.basename(p)) for p in paths[::-1]]
+    disk.guest_write(0xD1, 3, 1)
+    disk.assert_guest_data()
+    vm.restart()
+    disk.assert_guest_data()
