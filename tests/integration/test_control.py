@@ -85,3 +85,29 @@ def test_a_layer_named_with_a_colon_relocates(make_vm, config, workdir):
     disk.assert_guest_data()
     vm.restart()
     disk.assert_guest_data()
+
+
+def test_recover_with_a_timeout_stops_waiting_and_leaves_the_job_running(make_vm, config):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 8)]),
+                                LayerSpec("B", [Write(0x22, 8, 24)]),
+                                LayerSpec("C", [Write(0x33, 40, 1)])])
+    vm.start()
+    A, B, C = disk.layers
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", A, "--strategy", "pull",
+                           "--no-wait", "--bandwidth", "1", config=config)
+    assert rc == 0, (out, err)
+    started = time.monotonic()
+    rc, out, err = rig.cli("recover", vm.name, "--timeout", "2", config=config)
+    assert rc == 3 and out["error"]["code"] == "timeout", (out, err)
+    assert [r["result"] for r in out["records"]] == ["waiting"]
+    assert "still runs" in out["records"][0]["message"]
+    assert time.monotonic() - started < 30
+    assert vm.dom.blockJobInfo("vda", 0), "recover must not abort a healthy job"
+    disk.guest_write(0x44, 50, 1)
+    rc, out, err = rig.cli("speed", vm.name, "vda", "0", config=config)
+    assert rc == 0, (out, err)
+    rc, out, err = rig.cli("recover", vm.name, "--timeout", "120", config=config)
+    assert rc == 0 and [r["result"] for r in out["records"]] == ["finished"], (out, err)
+    assert disk.live_chain() == [C, A]
+    disk.assert_guest_data()

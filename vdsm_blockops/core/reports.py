@@ -46,6 +46,11 @@ class Report(View):
     def ok(self) -> bool:
         return True
 
+    @property
+    def exit_code(self) -> int:
+        """The command's exit code for this answer (0 when ok)."""
+        return 0 if self.ok else 1
+
     def to_json(self) -> JSON:
         body: JSON = {"ok": self.ok}
         if self.OPERATION:
@@ -253,7 +258,7 @@ class RecordOutcome(View):
 
     @property
     def settled(self) -> bool:
-        return self.result not in ("failed", "busy", "unreadable")
+        return self.result not in ("failed", "busy", "unreadable", "waiting")
 
 
 @dataclass
@@ -268,6 +273,13 @@ class RecoverReport(Report):
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def exit_code(self) -> int:
+        # 3: it stopped waiting on a job that still runs (nothing failed)
+        if self.error is not None and self.error.get("code") == "timeout":
+            return 3
+        return super().exit_code
 
 
 @dataclass

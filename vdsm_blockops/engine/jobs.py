@@ -239,20 +239,27 @@ class JobRunner:
 
     def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None,
                guard: Guard | None = None) -> Outcome:
-        """Wait on the job already running on the disk, as ``run`` would."""
+        """Wait on the job already running on the disk, as ``run`` would --
+        except at ``timeout_s``: a job someone else started is healthy, so
+        the wait stops (JobTimeout) and the job runs on."""
         with self._watch() as watch:
             if guard is not None:
                 guard.arm()
-            return self._wait(watch, two_phase, pivot, timeout_s, guard)
+            return self._wait(watch, two_phase, pivot, timeout_s, guard, abort_at_timeout=False)
 
     def _wait(self, watch: JobWatch, two_phase: bool, pivot: bool,
-              timeout_s: float | None, guard: Guard | None = None) -> Outcome:
+              timeout_s: float | None, guard: Guard | None = None,
+              abort_at_timeout: bool = True) -> Outcome:
         try:
             outcome = watch.wait(until_ready=two_phase, timeout_s=timeout_s,
                                  observer=self.ctx.observer,
                                  ready_check=self.mirror_ready if two_phase else None,
                                  guard=guard)
         except errors.JobTimeout:
+            if not abort_at_timeout:
+                raise errors.JobTimeout(
+                    f"stopped waiting after {timeout_s:g} s; the block job on {self.domain.name} "
+                    f"{self.disk} still runs (see 'jobs'; 'recover' again to follow it)") from None
             self._abort_job()
             raise
         except errors.VolumeNotExtended as exc:  # the guard could not make room

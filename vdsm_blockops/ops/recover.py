@@ -63,9 +63,15 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
             if disk in (None, target):
                 outcomes.append(_recover_one(ctx, domain, store, record, timeout_s))
     failed = [o for o in outcomes if not o.settled]
-    return RecoverReport(domain=domain_name or "all", records=outcomes, error=(
-        {"code": "recover-incomplete", "message": f"{len(failed)} record(s) could not be settled"}
-        if failed else None))
+    waiting = [o for o in failed if o.result == "waiting"]
+    error = None
+    if failed and len(waiting) == len(failed):
+        error = {"code": "timeout", "message": f"{len(waiting)} job(s) still running: "
+                                               + "; ".join(o.message or "" for o in waiting)}
+    elif failed:
+        error = {"code": "recover-incomplete",
+                 "message": f"{len(failed)} record(s) could not be settled"}
+    return RecoverReport(domain=domain_name or "all", records=outcomes, error=error)
 
 
 def recover_queued(ctx: Context, timeout_s: float | None = None) -> RecoverReport:
@@ -130,6 +136,8 @@ def _recover_one(ctx: Context, domain: Domain, store: RecordStore, record: Opera
                 outcome.result = _recover_relocate(ctx, domain, store, record, timeout_s)
     except errors.Conflict as exc:
         outcome.result, outcome.message = "busy", str(exc)
+    except errors.JobTimeout as exc:  # stopped waiting: the job is healthy and runs on
+        outcome.result, outcome.message = "waiting", str(exc)
     except (errors.BlockOpsError, OSError) as exc:
         log.warning("recover %s %s: %s", domain.name, record.disk, exc)
         outcome.result, outcome.message = "failed", str(exc)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         report = args.func(args, env)
         if as_json or not args.quiet or not report.ok:
             _emit(report, as_json)
-        return 0 if report.ok else 1
+        return int(report.exit_code)
     except errors.BlockOpsError as exc:
         return _fail(exc, as_json)
     except KeyboardInterrupt:
