@@ -2,11 +2,15 @@
 no numbers and a pivot that cannot exist are refused; deletion acts on the
 file that was decided on; a layer whose name holds a colon relocates."""
 
+import json
 import os
+import signal
 import time
 
+import pytest
 import rig
 from rig import LayerSpec, Write
+from test_merge import wait_for_job
 
 
 def test_timeouts_that_are_no_numbers_are_refused(vm4, config):
@@ -110,4 +114,30 @@ def test_recover_with_a_timeout_stops_waiting_and_leaves_the_job_running(make_vm
     rc, out, err = rig.cli("recover", vm.name, "--timeout", "120", config=config)
     assert rc == 0 and [r["result"] for r in out["records"]] == ["finished"], (out, err)
     assert disk.live_chain() == [C, A]
+    disk.assert_guest_data()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_command_keeps_the_error_contract(make_vm, config, sig):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 8)]),
+                                LayerSpec("B", [Write(0x22, 8, 24)])])
+    vm.start()
+    A, B = disk.layers
+    proc = rig.cli_background("merge", vm.name, "vda", "--strategy", "pull", "--bandwidth", "1",
+                              config=config)
+    wait_for_job(vm)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, (out, err)
+    body = json.loads(lines[0])
+    assert proc.returncode == 1 and body["error"]["code"] == "interrupted", (body, err)
+    assert "recover" in body["error"]["message"]
+    # What it started is handed over: recover finishes it.
+    rc, out, err = rig.cli("speed", vm.name, "vda", "0", config=config)
+    assert rc == 0 or "no block job" in json.dumps(out), (out, err)
+    rc, out, err = rig.cli("recover", vm.name, "--timeout", "120", config=config)
+    assert rc == 0, (out, err)
+    assert disk.live_chain() == [B]
     disk.assert_guest_data()

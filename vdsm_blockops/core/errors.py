@@ -97,6 +97,13 @@ class OperationFailed(BlockOpsError):
     code = "operation-failed"
 
 
+class Interrupted(OperationFailed):
+    """Ctrl-C or SIGTERM stopped the command (what it started is handed
+    over to ``recover`` under its record)."""
+
+    code = "interrupted"
+
+
 class JobFailed(OperationFailed):
     code = "job-failed"
 

@@ -78,8 +78,22 @@ def _fail(error: errors.BlockOpsError, as_json: bool) -> int:
     return error.exit_code
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, kill) ends the command as Ctrl-C does."""
+    import signal
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (main() called by a library user)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _stop_on_sigterm()
     as_json = "--json" in argv
     env = None
     try:
@@ -96,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     except errors.BlockOpsError as exc:
         return _fail(exc, as_json)
     except KeyboardInterrupt:
-        print("vdsm-blockops: interrupted; the job (if any) goes on: see 'jobs' and 'recover'",
-              file=sys.stderr)
-        return 130
+        # Ctrl-C or SIGTERM: the command stops; what it started is handed
+        # over as it stands -- a libvirt job runs on, its record tells
+        # 'recover' what to finish or roll back. One error contract still:
+        # exit 1 and, under --json, one JSON object.
+        return _fail(errors.Interrupted(
+            "interrupted: the command stopped; a block job it started (if any) goes on "
+            "under its record: see 'jobs', then 'recover' to finish or roll it back"), as_json)
     except Exception as exc:  # one error contract: exit 1 and one JSON object, whatever broke
         # The traceback goes to the log; on stderr only with --debug.
         log.error("unexpected error: %s", exc, exc_info=True, extra={"log_only": True})
