@@ -326,3 +326,18 @@ def test_keep_relative_backing_names(make_vm, config):
     disk.assert_guest_data()
     vm.restart()
     disk.assert_guest_data()
+
+
+def test_keep_relative_that_libvirt_cannot_honour_is_refused(vm4, config):
+    """vm4's layers name their backings by absolute paths: libvirt cannot
+    keep a rewritten name relative -- refused before anything changes."""
+    disk = vm4.disks["vda"]
+    A, B, C, D = disk.layers
+    rc, out, err = merge(vm4, config, "vda", "--top", C, "--base", A, "--strategy", "commit",
+                         "--keep-relative")
+    assert rc == 2 and "absolute" in out["error"]["message"], (out, err)
+    assert disk.live_chain() == [D, C, B, A]
+    rc, out, err = merge(vm4, config, "vda", "--base", A, "--strategy", "commit",
+                         "--keep-relative")  # an active commit rewrites no name
+    assert rc == 0 and out["keep_relative"] is False, (out, err)
+    disk.assert_guest_data()

@@ -59,22 +59,27 @@ class MergeRequest:
     delete_retired: bool = False
 
 
-def relative_all_along(images: list[ImageInfo], plan: MergePlan, top_pos: int,
-                       base_pos: int | None) -> bool:
+def rewritten_span(images: list[ImageInfo], plan: MergePlan, top_pos: int,
+                   base_pos: int | None) -> list[ImageInfo] | None:
+    """The images whose backing names libvirt joins into the one name the
+    merge rewrites (None: the merge rewrites no backing name -- an active
+    commit, a pull of everything)."""
+    if plan.strategy is Strategy.PULL and base_pos is not None:
+        return images[top_pos:base_pos]  # TOP gets BASE as backing
+    if plan.strategy is Strategy.COMMIT and not plan.active:
+        lowest = (len(images) if base_pos is None else base_pos) - 1
+        return images[top_pos - 1:lowest]  # the image above TOP gets L as backing
+    return None
+
+
+def relative_all_along(span: list[ImageInfo] | None) -> bool:
     """Whether the backing name the merge rewrites can stay relative, and
     should: libvirt builds it by joining the relative names from the image
     that gets the new backing down to its new backing file (oVirt's ``V1``,
     ``../<template-img>/<vol>``), and refuses when any of them is absolute
     (an overlay libvirt created for a snapshot names its backing by an
     absolute path)."""
-    if plan.strategy is Strategy.PULL and base_pos is not None:
-        span = images[top_pos:base_pos]  # TOP gets BASE as backing
-    elif plan.strategy is Strategy.COMMIT and not plan.active:
-        lowest = (len(images) if base_pos is None else base_pos) - 1
-        span = images[top_pos - 1:lowest]  # the image above TOP gets L as backing
-    else:
-        return False  # no backing name is rewritten
-    return bool(span) and all(i.names_backing_relatively for i in span)
+    return bool(span) and all(i.names_backing_relatively for i in span or ())
 
 
 def libvirt_ref(domain: Domain, target: str, path: str | None) -> str | None:
@@ -165,8 +170,15 @@ class Merge:
         refuse_unsupported_images(disk, images, creates_images=False, offline=not self.online,
                                   deletes=[r.path for r in plan.retired] if req.delete_retired
                                   else ())
-        relative = relative_all_along(images, plan, top_pos, base_pos) \
-            if req.keep_relative is None else req.keep_relative
+        span = rewritten_span(images, plan, top_pos, base_pos)
+        if req.keep_relative and span and not relative_all_along(span):
+            absolute = next(i for i in span if not i.names_backing_relatively)
+            raise errors.BadRequest(
+                f"--keep-relative: {absolute.path} names its backing by an absolute path, so "
+                "libvirt cannot keep the rewritten name relative; merge without it")
+        # Nothing to keep where no name is rewritten (an active commit).
+        relative = relative_all_along(span) if req.keep_relative is None \
+            else bool(req.keep_relative and span)
         room = self._room(ctx, plan, allocation)
         if room is not None:
             volumes.refuse_if_short(room, ctx.config.volume_extend_command)
