@@ -141,3 +141,27 @@ def test_an_interrupted_command_keeps_the_error_contract(make_vm, config, sig):
     assert rc == 0, (out, err)
     assert disk.live_chain() == [B]
     disk.assert_guest_data()
+
+
+@pytest.mark.parametrize("mode", ["shallow", "full"])
+def test_a_timed_out_copy_leaves_nothing_behind_and_the_retry_succeeds(make_vm, config,
+                                                                         workdir, mode):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 4)]),
+                                LayerSpec("B", [Write(0x22, 8, 24)])])
+    vm.start()
+    A, B = disk.layers
+    dest = os.path.join(workdir, "moved.qcow2")
+    rc, out, err = rig.cli("relocate", vm.name, "vda", dest, "--mode", mode, "--method", "mirror",
+                           "--bandwidth", "1", "--timeout", "2", config=config)
+    assert rc == 3 and out["error"]["code"] == "timeout", (out, err)
+    assert not os.path.lexists(dest), "the timed-out copy left its DEST behind"
+    assert disk.live_chain() == [B, A]
+    rc, out, err = rig.cli("verify", vm.name, config=config)
+    assert rc == 0 and out["ok"], out
+    rc, out, err = rig.cli("relocate", vm.name, "vda", dest, "--mode", mode, "--method", "mirror",
+                           config=config)
+    assert rc == 0, (out, err)
+    assert disk.live_chain() == ([dest, A] if mode == "shallow" else [dest])
+    disk.guest_write(0x33, 40, 1)
+    disk.assert_guest_data()

@@ -224,3 +224,16 @@ def prepare_full_copy(plan: RelocatePlan, images: dict[str, ImageInfo], creator:
     creator.reserve(plan.dest)
     create_image(plan.dest, plan.format.value, images[plan.chain_before[0]].virtual_size)
     fsync_dir(os.path.dirname(plan.dest))
+
+
+def prepare_shallow_copy(plan: RelocatePlan, images: dict[str, ImageInfo],
+                         creator: FileCreator) -> None:
+    """DEST for a shallow mirror: an empty overlay on the old chain below
+    the active layer, made by us (libvirt would create it unrecorded: a
+    timed-out or aborted copy left it behind and the retry was refused)."""
+    active = images[plan.chain_before[0]]
+    below = images[plan.chain_before[1]]
+    creator.reserve(plan.dest)
+    create_overlay(plan.dest, backing_name_for(active, below.path, plan.dest), below.format,
+                   active.virtual_size)
+    fsync_dir(os.path.dirname(plan.dest))

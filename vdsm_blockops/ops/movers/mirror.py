@@ -13,7 +13,7 @@ from __future__ import annotations
 from ...core.chain import disk_xml
 from ...core.model import Mode
 from ...engine import prepared
-from ...engine.copying import prepare_chain_copy, prepare_full_copy
+from ...engine.copying import prepare_chain_copy, prepare_full_copy, prepare_shallow_copy
 from ...engine.records import Phase
 from ...engine.volumes import VolumeGuard
 from .. import onto_devices
@@ -44,8 +44,11 @@ class Mirror(Mover):
             # counterpart, proven, before the mirror relinks the VM.
             prepared.fill(plan.copies, {p: i.format for p, i in images.items()},
                           prepared.backings(move.prepared), move.bandwidth)
-        elif plan.mode is Mode.FULL and not req.reuse_external:
-            prepare_full_copy(plan, images, move.creator)
+        elif plan.mode is Mode.SHALLOW and len(plan.chain_before) > 1 \
+                and not req.reuse_external and move.device_room is None:
+            prepare_shallow_copy(plan, images, move.creator)
+        elif not req.reuse_external and move.device_room is None:
+            prepare_full_copy(plan, images, move.creator)  # full, or a chain of one layer
         else:
             return  # DEST given as it is: nothing was prepared
         move.store.advance(move.record, Phase.PREPARED)
