@@ -168,3 +168,59 @@ def test_timeout_aborts_the_job(tmp_path):
     with pytest.raises(errors.JobTimeout):
         run.run(dom.start, two_phase=False, pivot=False, timeout_s=0.5, wait=True)
     assert "abort" in dom.calls and dom.job is None
+
+
+def test_a_record_write_is_repeated_after_libvirtd_came_back():
+    """libvirtd restarted while the command wrote its record (after the
+    job started, before the waiter): the write is repeated once the
+    connection is back, instead of failing the whole command."""
+    import libvirt
+
+    from vdsm_blockops.virt.domain import Domain
+
+    class Host:
+        generation, events, alive = 1, None, True
+        reconnects = 0
+
+        @property
+        def raw(self):
+            return self
+
+        def lookupByUUIDString(self, uuid):
+            return dom
+
+        def reconnect(self, give_up_at=None, pause_s=0.5):
+            self.reconnects += 1
+            self.generation += 1
+
+        def volume_path(self, pool, volume):
+            return None
+
+    class VirDomain:
+        writes = []
+
+        def name(self):
+            return "vm"
+
+        def UUIDString(self):
+            return "u"
+
+        def isActive(self):
+            return True
+
+        def isPersistent(self):
+            return True
+
+        def setMetadata(self, *args):
+            if not self.writes:
+                self.writes.append("lost")
+                error = libvirt.libvirtError("End of file while reading data")
+                error.err = (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, "eof", 2,
+                             None, None, None, 0, 0)
+                raise error
+            self.writes.append(args[1])
+
+    dom = VirDomain()
+    host = Host()
+    Domain(host, dom).set_metadata("<x/>", "blockops", "ns")
+    assert dom.writes == ["lost", "<x/>"] and host.reconnects == 1

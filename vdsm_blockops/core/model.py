@@ -58,6 +58,9 @@ class JobStatus(enum.IntEnum):
     READY = 3
 
 
+# How long libvirtd may stay away (a restart) before a command gives up.
+RECONNECT_GRACE_S = 120.0
+
 JOB_TYPE_NAMES = {1: "pull", 2: "copy", 3: "commit", 4: "active-commit", 5: "backup"}
 
 

@@ -23,7 +23,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from ..core import errors
-from ..core.model import DiskEvent, JobInfo, JobStatus, Observer, ThresholdEvent
+from ..core.model import (
+    RECONNECT_GRACE_S,
+    DiskEvent,
+    JobInfo,
+    JobStatus,
+    Observer,
+    ThresholdEvent,
+)
 
 if TYPE_CHECKING:  # the pure parts (and their tests) run without libvirt
     from ..virt import Domain
@@ -62,9 +69,6 @@ class Guard(Protocol):
 class _PollAgain(Exception):
     """A poll that should be repeated at once (reconnected, passing error)."""
 
-
-# How long libvirtd may stay away before a waiting command gives up.
-RECONNECT_GRACE_S = 120.0
 
 
 class JobWatch:

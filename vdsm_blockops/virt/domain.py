@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import libvirt
 
+from ..core import errors
 from ..core.chain import DomainSpec, parse_domain
-from ..core.model import JOB_TYPE_NAMES, EventHub, JobInfo, JobStatus
+from ..core.model import JOB_TYPE_NAMES, RECONNECT_GRACE_S, EventHub, JobInfo, JobStatus
 from .errors import libvirt_errors, translate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # libvirt constants, named once. Job types and statuses live in model.py
@@ -107,9 +111,25 @@ class Domain:
                             str(checkpoint.getName())] = usable
         return found
 
+    def _again_after_reconnect(self, call: Callable[[], T]) -> T:
+        """``call`` once more after a reconnect when libvirtd went away
+        under it (a restart): for the calls that may be repeated -- reads,
+        and writes that set a whole value (our records). Without this a
+        record written while libvirtd restarts failed the whole command
+        (seen in the restart test, one run in several)."""
+        try:
+            return call()
+        except errors.ConnectionLost:
+            log.info("%s: libvirtd went away; reconnecting to repeat the call", self.name)
+            self.conn.reconnect(time.monotonic() + RECONNECT_GRACE_S)
+            return call()
+
     def xml(self, inactive: bool = False) -> str:
-        with libvirt_errors(f"XML of {self.name}"):
-            return str(self._live().XMLDesc(XML_INACTIVE if inactive else 0))
+        def read() -> str:
+            with libvirt_errors(f"XML of {self.name}"):
+                return str(self._live().XMLDesc(XML_INACTIVE if inactive else 0))
+
+        return self._again_after_reconnect(read)
 
     def spec(self, inactive: bool = False) -> DomainSpec:
         """The disks as files and devices: a storage-pool volume is named
@@ -191,22 +211,30 @@ class Domain:
     def set_metadata(self, xml: str | None, key: str, namespace: str, config: bool = True) -> None:
         """Set our metadata element live and, with ``config``, in the
         persistent definition too (which costs libvirt a config rewrite)."""
-        active = self.is_active()
-        flags = AFFECT_LIVE if active else 0
-        if (config or not active) and self.is_persistent():
-            flags |= AFFECT_CONFIG
-        with libvirt_errors(f"metadata of {self.name}"):
-            self._live().setMetadata(METADATA_ELEMENT, xml, key if xml else None, namespace, flags)
+        def write() -> None:
+            active = self.is_active()
+            flags = AFFECT_LIVE if active else 0
+            if (config or not active) and self.is_persistent():
+                flags |= AFFECT_CONFIG
+            with libvirt_errors(f"metadata of {self.name}"):
+                self._live().setMetadata(METADATA_ELEMENT, xml, key if xml else None, namespace,
+                                         flags)
+
+        self._again_after_reconnect(write)
 
     def get_metadata(self, namespace: str, inactive: bool = False) -> str | None:
         flags = AFFECT_CONFIG if inactive else 0
-        try:
-            xml: str | None = self._live().metadata(METADATA_ELEMENT, namespace, flags)
-            return xml
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                return None
-            raise translate(exc, f"metadata of {self.name}") from exc
+
+        def read() -> str | None:
+            try:
+                xml: str | None = self._live().metadata(METADATA_ELEMENT, namespace, flags)
+                return xml
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return None
+                raise translate(exc, f"metadata of {self.name}") from exc
+
+        return self._again_after_reconnect(read)
 
     def define(self, xml: str) -> None:
         with libvirt_errors(f"redefining {self.name}"):
