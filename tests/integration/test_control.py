@@ -165,3 +165,35 @@ def test_a_timed_out_copy_leaves_nothing_behind_and_the_retry_succeeds(make_vm, 
     assert disk.live_chain() == ([dest, A] if mode == "shallow" else [dest])
     disk.guest_write(0x33, 40, 1)
     disk.assert_guest_data()
+
+
+def test_abort_keeps_a_finished_no_pivot_copy_and_drops_an_unfinished_one(make_vm, config,
+                                                                            workdir):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 4)]),
+                                LayerSpec("B", [Write(0x22, 8, 4)])])
+    vm.start()
+    A, B = disk.layers
+    kept = os.path.join(workdir, "kept.qcow2")
+    rc, out, err = rig.cli("relocate", vm.name, "vda", kept, "--mode", "full", "--method",
+                           "mirror", "--no-pivot", "--no-wait", config=config)
+    assert rc == 0, (out, err)
+    deadline = time.monotonic() + 60
+    while "ready='yes'" not in vm.dom.XMLDesc(0):
+        assert time.monotonic() < deadline, "the copy never became ready"
+        time.sleep(0.05)
+    disk.guest_write(0x33, 20, 1)  # mirrored into the copy too
+    rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
+    assert rc == 0 and [r["result"] for r in out["recover"]] == ["finished"], (out, err)
+    assert disk.live_chain() == [B, A] and os.path.exists(kept)
+    disk.assert_guest_data()
+    rig.run("qemu-img", "compare", "-U", "-F", "raw", kept, disk.reference)  # the copy is whole
+    # An unfinished copy aborted: rolled back, its DEST removed.
+    dropped = os.path.join(workdir, "dropped.qcow2")
+    rc, out, err = rig.cli("relocate", vm.name, "vda", dropped, "--mode", "full", "--method",
+                           "mirror", "--no-pivot", "--no-wait", "--bandwidth", "1", config=config)
+    assert rc == 0, (out, err)
+    rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
+    assert rc == 0 and [r["result"] for r in out["recover"]] == ["rolled-back"], (out, err)
+    assert not os.path.exists(dropped) and disk.live_chain() == [B, A]
+    disk.assert_guest_data()
