@@ -197,3 +197,20 @@ def test_abort_keeps_a_finished_no_pivot_copy_and_drops_an_unfinished_one(make_v
     assert rc == 0 and [r["result"] for r in out["recover"]] == ["rolled-back"], (out, err)
     assert not os.path.exists(dropped) and disk.live_chain() == [B, A]
     disk.assert_guest_data()
+
+
+def test_bandwidth_bounds_the_layer_copies_of_a_live_chain_relocation(make_vm, config, workdir):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 8)]),
+                                LayerSpec("B", [Write(0x22, 8, 1)])])
+    vm.start()
+    A, B = disk.layers
+    dest_dir = os.path.join(workdir, "sd2")
+    os.makedirs(dest_dir)
+    started = time.monotonic()
+    rc, out, err = rig.cli("relocate", vm.name, "vda", os.path.join(dest_dir, "vda-B.qcow2"),
+                           "--mode", "chain", "--bandwidth", "2", config=config)
+    took = time.monotonic() - started
+    assert rc == 0, (out, err)
+    assert took >= 3.5, f"8 MiB of layer data at 2 MiB/s took {took:.1f} s"
+    disk.assert_guest_data()

@@ -129,7 +129,7 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
                           prepared.backings(targets), rate_mib_s)
             point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
             return
-        copy_proven(copies, creator)
+        copy_proven(copies, creator, rate_mib_s)
         new_of = dict(copies)
         for src, new in copies:
             image = images[src]

@@ -38,7 +38,7 @@ class Mirror(Mover):
                                            move.ctx.config.volume_create_command,
                                            with_active=False)
         elif plan.copies and not req.reuse_external:
-            prepare_chain_copy(plan, images, move.creator)
+            prepare_chain_copy(plan, images, move.creator, move.bandwidth)
         elif plan.copies and move.prepared is not None:
             # Prepared layers: each read-only layer's data goes into its
             # counterpart, proven, before the mirror relinks the VM.
