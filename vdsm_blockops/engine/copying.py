@@ -264,6 +264,8 @@ def prepare_shallow_copy(plan: RelocatePlan, images: dict[str, ImageInfo],
     active = images[plan.chain_before[0]]
     below = images[plan.chain_before[1]]
     creator.reserve(plan.dest)
-    create_overlay(plan.dest, backing_name_for(active, below.path, plan.dest), below.format,
-                   active.virtual_size)
+    # onto the old chain where it is, by the name the chain uses (as
+    # libvirt names it, and the cold shallow copy): a relative name across
+    # folders would resolve through symlinked folders differently
+    create_overlay(plan.dest, below.path, below.format, active.virtual_size)
     fsync_dir(os.path.dirname(plan.dest))
