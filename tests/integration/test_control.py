@@ -144,8 +144,7 @@ def test_an_interrupted_command_keeps_the_error_contract(make_vm, config, sig):
 
 
 @pytest.mark.parametrize("mode", ["shallow", "full"])
-def test_a_timed_out_copy_leaves_nothing_behind_and_the_retry_succeeds(make_vm, config,
-                                                                         workdir, mode):
+def test_a_timed_out_copy_leaves_nothing_behind(make_vm, config, workdir, mode):
     vm = make_vm()
     disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 4)]),
                                 LayerSpec("B", [Write(0x22, 8, 24)])])
