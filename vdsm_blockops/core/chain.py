@@ -206,6 +206,8 @@ class DomainSpec:
         """This spec with every storage-pool volume named by the file or
         device it is (``resolve(pool, volume)``; None: cannot be told, and
         the layer stays a 'volume', which no operation takes)."""
+        if not any(layer.source_type == "volume" for disk in self.disks for layer in disk.chain):
+            return self  # the usual case: nothing to resolve, nothing rebuilt
         disks = []
         for disk in self.disks:
             chain = []
