@@ -4,7 +4,8 @@ settle a disk after anything went wrong.
 Skeleton (``run_operation``): validate the request -> plan every selected
 disk (refusals happen here, before anything changes) -> with ``--dry-run``
 report the plans -> per disk (concurrently for ``all``): take the disk's
-lock, write the record, run, and on failure settle.
+lock, check the chain is still the planned one (by identity: else exit 4),
+write the record, run, and on failure settle.
 
 Settlement (``settle``): the chain the disk is on now decides, never the
 record's phase: the planned chain after -> finish (verify, register, clean
