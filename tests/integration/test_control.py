@@ -213,3 +213,35 @@ def test_bandwidth_bounds_the_layer_copies_of_a_live_chain_relocation(make_vm, c
     assert rc == 0, (out, err)
     assert took >= 3.5, f"8 MiB of layer data at 2 MiB/s took {took:.1f} s"
     disk.assert_guest_data()
+
+
+def test_jobs_lists_the_tools_own_work_and_abort_stops_it(make_vm, config, workdir):
+    """A shut-off domain copied by qemu-img: no libvirt job, yet 'jobs'
+    shows the operation and 'abort' stops it and rolls it back."""
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 16)]),
+                                LayerSpec("B", [Write(0x22, 16, 4)])])
+    vm.define()
+    A, B = disk.layers
+    dest = os.path.join(workdir, "moved.qcow2")
+    proc = rig.cli_background("relocate", vm.name, "vda", dest, "--mode", "full",
+                              "--bandwidth", "1", config=config)
+    deadline = time.monotonic() + 30
+    while True:
+        rc, out, err = rig.cli("jobs", config=config)
+        assert rc == 0, (out, err)
+        mine = [op for op in out["operations"] if op["domain"] == vm.name]
+        if mine:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, "never listed"
+        time.sleep(0.1)
+    assert mine[0]["operation"] == "relocate" and mine[0]["online"] is False
+    assert mine[0]["running"] is True and mine[0]["pid"] == proc.pid
+    rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
+    assert rc == 0 and [r["result"] for r in out["recover"]] == ["rolled-back"], (out, err)
+    assert proc.wait(timeout=10) == 1  # the command stopped, as by Ctrl-C
+    assert not os.path.exists(dest)
+    assert disk.chain() == [B, A]
+    rc, out, err = rig.cli("jobs", vm.name, config=config)
+    assert rc == 0 and out["operations"] == [], out
+    disk.assert_guest_data()

@@ -215,9 +215,27 @@ class JobRow(View):
 
 
 @dataclass
+class OperationRow(View):
+    """An operation of this tool in progress (its record), with or without
+    a libvirt job underneath: qemu-img phases and shut-off domains too."""
+
+    domain: str
+    disk: str
+    operation: str  # merge | relocate | snapshot
+    method: str  # strategy or method of the plan
+    phase: str
+    online: bool  # False: a shut-off domain, worked on by qemu-img
+    record: str
+    pid: int
+    running: bool  # the process that owns it is alive (else: recover)
+    started_at: float
+
+
+@dataclass
 class JobsReport(Report):
     OPERATION = "jobs"
     jobs: list[JobRow]
+    operations: list[OperationRow] = field(default_factory=list)
 
 
 @dataclass

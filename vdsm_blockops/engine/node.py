@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from ..core import errors
 from ..core.chain import Disk, Layer
 from ..core.identity import clean_path, device_size, is_block_device
-from ..core.reports import ChainReport, DiskView, JobRow, JobsReport, LayerView
+from ..core.reports import ChainReport, DiskView, JobRow, JobsReport, LayerView, OperationRow
 from .images import ImageInfo, chain_problems, missing_images, read_chain
+from .records import RecordStore
 
 if TYPE_CHECKING:
     from ..virt import Connection, Domain
@@ -146,4 +147,32 @@ def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
                 bandwidth_mib_s=round(info.bandwidth_bytes_s / MIB, 3),
                 ready=bool(disk.mirror and disk.mirror.is_ready),
                 mirror=disk.mirror.path if disk.mirror else None))
-    return JobsReport(jobs=rows)
+    return JobsReport(jobs=rows, operations=operations_on(
+        [conn.domain(domain_name)] if domain_name else conn.domains()))
+
+
+def operations_on(domains: list[Domain]) -> list[OperationRow]:
+    """The tool's own operations in progress, from the domains' records."""
+    rows = []
+    for domain in domains:
+        for target, record in sorted(RecordStore(domain).load().items()):
+            plan = record.plan
+            rows.append(OperationRow(
+                domain=domain.name, disk=target, operation=record.operation,
+                method=str(plan.get("method") or plan.get("strategy") or ""),
+                phase="?" if record.unreadable else record.phase.value, online=record.online,
+                record=record.id, pid=record.pid, running=process_alive(record.pid),
+                started_at=record.started_at))
+    return rows
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

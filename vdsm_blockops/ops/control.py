@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import TYPE_CHECKING
 
 from ..core import errors
 from ..core.reports import AbortReport, SpeedReport
 from ..engine.context import Context, check_bandwidth
-from ..engine.node import current_chain
+from ..engine.node import current_chain, process_alive
 from ..engine.records import OperationRecord, RecordStore
 
 if TYPE_CHECKING:
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
 # Two-phase jobs: they converge, then pivot (a pull or an inner commit ends
 # by itself and cannot).
 PIVOTING_JOBS = ("copy", "active-commit")
+STOP_WAIT_S = 60.0  # for a command told to stop (SIGTERM) to be gone
 
 
 def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortReport:
@@ -24,9 +27,9 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
     only -- so retired layers get registered and verify passes."""
     domain = ctx.conn.domain(domain_name)
     domain.spec().disk(target)
-    job = domain.block_job_info(target)
+    job = domain.block_job_info(target) if domain.is_active() else None
     if job is None:
-        raise errors.BadRequest(f"disk {target} of {domain.name} has no block job")
+        return _abort_own_operation(ctx, domain, target, pivot)
     if pivot and job.job_type not in PIVOTING_JOBS:
         raise errors.BadRequest(f"the {job.job_type} job on {domain.name} {target} ends by "
                                 "itself and has no pivot: abort it without --pivot")
@@ -41,6 +44,34 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
         from .recover import recover
 
         report.recover = recover(ctx, domain.name, disk=target).records
+    report.chain_after = current_chain(domain, target)
+    return report
+
+
+def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool) -> AbortReport:
+    """No libvirt job: the tool's own work (qemu-img, its file copies, a
+    shut-off domain) is stopped by stopping the command that does it, as
+    Ctrl-C would (its child qemu-img dies with it); then its record is
+    settled -- rolled back, what it made removed."""
+    record = RecordStore(domain).load().get(target)
+    if record is None:
+        raise errors.BadRequest(f"disk {target} of {domain.name} has no block job and no "
+                                "operation of this tool")
+    if pivot:
+        raise errors.BadRequest(f"{record.operation} {record.id} on {domain.name} {target} runs "
+                                "no block job: there is nothing to pivot")
+    if record.pid != os.getpid() and process_alive(record.pid):
+        os.kill(record.pid, signal.SIGTERM)
+        deadline = ctx.clock() + STOP_WAIT_S
+        while process_alive(record.pid):
+            if ctx.clock() > deadline:
+                raise errors.JobTimeout(f"pid {record.pid} ({record.operation} {record.id}) did "
+                                        f"not stop within {STOP_WAIT_S:g} s")
+            ctx.sleep(0.1)
+    from .recover import recover
+
+    report = AbortReport(domain=domain.name, disk=target, pivot=False, chain_after=[])
+    report.recover = recover(ctx, domain.name, disk=target).records
     report.chain_after = current_chain(domain, target)
     return report
 

@@ -78,14 +78,16 @@ def _(report: ChainReport) -> list[str]:
 
 @lines.register
 def _(report: JobsReport) -> list[str]:
-    if not report.jobs:
-        return ["no active block jobs"]
-    out = []
+    out = [] if report.jobs else ["no active block jobs"]
     for job in report.jobs:
         pct = "?" if job.percent is None else f"{job.percent:.1f}%"
         bw = "unlimited" if not job.bandwidth_mib_s else f"{job.bandwidth_mib_s:g} MiB/s"
         out.append(f"{job.domain} {job.disk}: {job.type} {pct} ({job.cur}/{job.end}), "
                    f"bandwidth {bw}, ready={'yes' if job.ready else 'no'}")
+    for op in report.operations:
+        owner = f"pid {op.pid}" if op.running else f"pid {op.pid} gone: run 'recover'"
+        out.append(f"{op.domain} {op.disk}: {op.operation} ({op.method or '-'}) {op.record}, "
+                   f"phase {op.phase}, {'live' if op.online else 'shut off'}, {owner}")
     return out
 
 
