@@ -174,3 +174,28 @@ def test_recover_sweeps_lock_files_no_one_holds(tmp_path):
         assert state.sweep_locks() == 5
         assert os.listdir(folder) == ["busy-vda.lock"]  # a held lock is left alone
     assert os.listdir(folder) == []
+
+
+def test_a_records_pid_is_its_owner_only_while_that_process_lives():
+    """A pid is handed on too: the owner must be a vdsm-blockops process
+    that started before the record, and not a zombie."""
+    import subprocess
+    import sys
+    import time
+
+    from vdsm_blockops.engine.node import owner_alive
+
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # vdsm_blockops"])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.3)
+        assert owner_alive(ours.pid, time.time())
+        assert not owner_alive(other.pid, time.time())  # not ours: never signalled
+        assert not owner_alive(ours.pid, time.time() - 3600)  # started after the record
+        ours.kill()
+        time.sleep(0.3)
+        assert not owner_alive(ours.pid, time.time())  # a zombie is gone
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()

@@ -161,18 +161,30 @@ def operations_on(domains: list[Domain]) -> list[OperationRow]:
                 domain=domain.name, disk=target, operation=record.operation,
                 method=str(plan.get("method") or plan.get("strategy") or ""),
                 phase="?" if record.unreadable else record.phase.value, online=record.online,
-                record=record.id, pid=record.pid, running=process_alive(record.pid),
+                record=record.id, pid=record.pid,
+                running=owner_alive(record.pid, record.started_at),
                 started_at=record.started_at))
     return rows
 
 
-def process_alive(pid: int) -> bool:
+def owner_alive(pid: int, since: float) -> bool:
+    """Whether the process that wrote a record (at ``since``) still runs.
+
+    A pid has a lifetime too: the number is handed on once the process is
+    gone. So the process must be a vdsm-blockops one (its command line
+    says so: the command, ``python -m vdsm_blockops``, an Ansible module
+    of the collection) that started before the record was written, and not
+    a zombie waiting to be reaped."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+        with open("/proc/stat", encoding="ascii") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
+    except (OSError, IndexError, StopIteration, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time
+    return fields[0] != "Z" and b"blockops" in cmdline and started <= since + 2

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..core import errors
 from ..core.reports import AbortReport, SpeedReport
 from ..engine.context import Context, check_bandwidth
-from ..engine.node import current_chain, process_alive
+from ..engine.node import current_chain, owner_alive
 from ..engine.records import OperationRecord, RecordStore
 
 if TYPE_CHECKING:
@@ -60,10 +60,10 @@ def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool)
     if pivot:
         raise errors.BadRequest(f"{record.operation} {record.id} on {domain.name} {target} runs "
                                 "no block job: there is nothing to pivot")
-    if record.pid != os.getpid() and process_alive(record.pid):
+    if record.pid != os.getpid() and owner_alive(record.pid, record.started_at):
         os.kill(record.pid, signal.SIGTERM)
         deadline = ctx.clock() + STOP_WAIT_S
-        while process_alive(record.pid):
+        while owner_alive(record.pid, record.started_at):
             if ctx.clock() > deadline:
                 raise errors.JobTimeout(f"pid {record.pid} ({record.operation} {record.id}) did "
                                         f"not stop within {STOP_WAIT_S:g} s")
