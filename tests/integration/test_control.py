@@ -245,3 +245,40 @@ def test_jobs_lists_the_tools_own_work_and_abort_stops_it(make_vm, config, workd
     rc, out, err = rig.cli("jobs", vm.name, config=config)
     assert rc == 0 and out["operations"] == [], out
     disk.assert_guest_data()
+
+
+def test_snapshot_stream_stopped_by_timeout_or_abort_is_undone(make_vm, config, workdir):
+    """The VM is on DEST over its old chain while the pull runs; stopped,
+    it goes back onto the chain before (DEST committed back, removed):
+    exit 3 for the timeout, verify clean, the guest's writes kept."""
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 24)]),
+                                LayerSpec("B", [Write(0x22, 30, 1)])])
+    vm.start()
+    A, B = disk.layers
+    dest = os.path.join(workdir, "moved.qcow2")
+    args = ["relocate", vm.name, "vda", dest, "--mode", "full", "--method", "snapshot-stream",
+            "--bandwidth", "1"]
+    proc = rig.cli_background(*args, "--timeout", "4", config=config)
+    deadline = time.monotonic() + 30
+    while disk.live_chain()[0] != dest:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    disk.guest_write(0x33, 40, 1)  # lands in DEST: must survive the undo
+    out, err = proc.communicate(timeout=120)
+    body = json.loads(out)
+    assert proc.returncode == 3 and body["error"]["code"] == "timeout", (body, err)
+    assert disk.live_chain() == [B, A] and not os.path.exists(dest)
+    rc, out, err = rig.cli("verify", vm.name, config=config)
+    assert rc == 0 and out["ok"], out
+    disk.assert_guest_data()
+    # --no-wait, then abort: within seconds, back on the chain before.
+    rc, out, err = rig.cli(*args, "--no-wait", config=config)
+    assert rc == 0, (out, err)
+    disk.guest_write(0x44, 42, 1)
+    started = time.monotonic()
+    rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
+    assert rc == 0 and [r["result"] for r in out["recover"]] == ["rolled-back"], (out, err)
+    assert time.monotonic() - started < 60
+    assert disk.live_chain() == [B, A] and not os.path.exists(dest)
+    disk.assert_guest_data()

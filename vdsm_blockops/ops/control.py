@@ -37,6 +37,8 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
     report = AbortReport(domain=domain.name, disk=target, pivot=pivot, chain_after=[])
     if pivot or record is None or not _finished_copy_kept(domain, target, record):
         domain.abort_job(target, pivot=pivot)
+        if record is not None and _is_snapshot_stream(record):
+            _undo_snapshot_stream(ctx, domain, record)
     if record is not None:
         # Settled at once: a finished --no-pivot copy is ended by recover as
         # the command would have (the job cancelled, DEST kept); anything
@@ -74,6 +76,29 @@ def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool)
     report.recover = recover(ctx, domain.name, disk=target).records
     report.chain_after = current_chain(domain, target)
     return report
+
+
+def _is_snapshot_stream(record: OperationRecord) -> bool:
+    return (not record.unreadable and record.operation == "relocate"
+            and record.plan.get("method") == "snapshot-stream")
+
+
+def _undo_snapshot_stream(ctx: Context, domain: Domain, record: OperationRecord) -> None:
+    """The VM is on DEST over the old chain: back onto the chain before
+    (recover would pull again, which completes the move abort was asked to
+    stop)."""
+    from ..core.relocate_plan import RelocatePlan, RelocateRequest
+    from .movers.snapshot_stream import SnapshotStream
+    from .relocate import Relocate
+
+    plan = RelocatePlan.from_json(record.plan)
+    op = Relocate(RelocateRequest(**record.request))
+    store = RecordStore(domain, ctx.state)
+    try:
+        with ctx.state.disk_lock(domain.uuid, record.disk, f"abort of {domain.name} {record.disk}"):
+            SnapshotStream(op.move(ctx, domain, plan, store, record, online=True)).undo()
+    except errors.Conflict:
+        pass  # the command that waits on the pull is alive: it undoes it itself
 
 
 def _finished_copy_kept(domain: Domain, target: str, record: OperationRecord) -> bool:

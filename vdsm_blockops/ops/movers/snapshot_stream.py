@@ -6,14 +6,20 @@ again."""
 
 from __future__ import annotations
 
+import logging
+
 from ...core import errors
 from ...core.identity import same_images
 from ...engine.images import create_overlay
 from ...engine.jobs import JobWatch, Outcome, exclusive_pull
 from ...engine.node import current_chain, image_chain
 from ...engine.records import Phase
+from ...engine.storage import point_persistent_definition
 from ..snapshot import snapshot_xml
 from .base import Mover
+
+log = logging.getLogger(__name__)
+UNDO_TIMEOUT_S = 600.0  # the commit back copies only the writes since the snapshot
 
 
 class SnapshotStream(Mover):
@@ -37,8 +43,12 @@ class SnapshotStream(Mover):
         move, plan = self.move, self.move.plan
         self.prepare()
         with exclusive_pull(move.ctx, move.domain, plan.disk, wait=self.wait):
-            outcome = move.runner.run(self.start, two_phase=False, pivot=False,
-                                      timeout_s=move.req.timeout_s, wait=self.wait)
+            try:
+                outcome = move.runner.run(self.start, two_phase=False, pivot=False,
+                                          timeout_s=move.req.timeout_s, wait=self.wait)
+            except (errors.JobTimeout, errors.JobFailed):
+                self.undo()  # the pull stopped (timeout, abort): back onto the chain before
+                raise
         if outcome is not None and not same_images(move.domain.spec().disk(plan.disk).paths,
                                                    [plan.dest]):
             raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")
@@ -51,6 +61,29 @@ class SnapshotStream(Mover):
                 current_chain(move.domain, plan.disk), [plan.dest] + plan.chain_before):
             self._pull_again(timeout_s)
         return outcome
+
+    def undo(self) -> None:
+        """Back onto the chain before, after the pull was stopped (timeout,
+        abort): DEST, the snapshot's overlay, holds the guest's writes since
+        the snapshot (and what the pull copied, the same data as below): an
+        active commit writes it into the old active image and pivots there.
+        Settlement then finds the chain as before and removes DEST."""
+        move, plan = self.move, self.move.plan
+        domain = move.domain
+        if not (domain.is_active() and same_images(current_chain(domain, plan.disk),
+                                                   [plan.dest] + plan.chain_before)):
+            return
+        from ..merge import libvirt_ref
+
+        log.info("%s %s: committing %s back into %s", domain.name, plan.disk, plan.dest,
+                 plan.chain_before[0])
+        domain.commit(plan.disk, libvirt_ref(domain, plan.disk, plan.chain_before[0]) or "",
+                      libvirt_ref(domain, plan.disk, plan.dest), active=True)
+        move.runner.follow(two_phase=True, pivot=True, timeout_s=UNDO_TIMEOUT_S)
+        # The snapshot pointed the persistent definition at DEST: back too.
+        active = domain.spec().disk(plan.disk).chain[0]
+        point_persistent_definition(domain, plan.disk, plan.chain_before[0],
+                                    active.format or "qcow2")
 
     def _pull_again(self, timeout_s: float | None) -> None:
         """The snapshot happened but the pull did not: the VM is on DEST
