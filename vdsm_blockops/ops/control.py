@@ -39,10 +39,16 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
         domain.abort_job(target, pivot=pivot)
         if record is not None and _is_snapshot_stream(record):
             _undo_snapshot_stream(ctx, domain, record)
-    if record is not None:
-        # Settled at once: a finished --no-pivot copy is ended by recover as
-        # the command would have (the job cancelled, DEST kept); anything
-        # else aborted is rolled back (what the operation made removed).
+    # Settled at once: a finished --no-pivot copy is ended by recover as the
+    # command would have (the job cancelled, DEST kept); anything else
+    # aborted is rolled back (what the operation made removed).
+    return _settled(ctx, domain, target, report, record is not None)
+
+
+def _settled(ctx: Context, domain: Domain, target: str, report: AbortReport,
+             has_record: bool) -> AbortReport:
+    """``report`` with the disk's record settled by recover, and its chain."""
+    if has_record:
         from .recover import recover
 
         report.recover = recover(ctx, domain.name, disk=target).records
@@ -70,12 +76,8 @@ def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool)
                 raise errors.JobTimeout(f"pid {record.pid} ({record.operation} {record.id}) did "
                                         f"not stop within {STOP_WAIT_S:g} s")
             ctx.sleep(0.1)
-    from .recover import recover
-
     report = AbortReport(domain=domain.name, disk=target, pivot=False, chain_after=[])
-    report.recover = recover(ctx, domain.name, disk=target).records
-    report.chain_after = current_chain(domain, target)
-    return report
+    return _settled(ctx, domain, target, report, True)
 
 
 def _is_snapshot_stream(record: OperationRecord) -> bool:
