@@ -118,8 +118,27 @@ def handle_exists(dev: int, life: str) -> bool | None:
         os.close(mount_fd)
 
 
+_MOUNTS: dict[int, str] = {}  # dev -> mount point, checked again at each use
+
+
 def _mount_point(dev: int) -> str | None:
-    """Where the file system with device number ``dev`` is mounted here."""
+    """Where the file system with device number ``dev`` is mounted here.
+    A registry's entries share a few file systems: mountinfo is read once
+    per file system, and a remembered mount point is used only while it
+    still is that file system."""
+    known = _MOUNTS.get(dev)
+    try:
+        if known is not None and os.stat(known).st_dev == dev:
+            return known
+    except OSError:
+        pass
+    found = _scan_mounts(dev)
+    if found is not None:
+        _MOUNTS[dev] = found
+    return found
+
+
+def _scan_mounts(dev: int) -> str | None:
     wanted = f"{os.major(dev)}:{os.minor(dev)}"
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:

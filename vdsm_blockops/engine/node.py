@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..core import errors
 from ..core.chain import Disk, Layer
-from ..core.identity import clean_path, device_size, is_block_device
+from ..core.identity import clean_path, device_size, image_key, is_block_device
 from ..core.reports import ChainReport, DiskView, JobRow, JobsReport, LayerView, OperationRow
 from .images import ImageInfo, chain_problems, missing_images, read_chain
 from .records import RecordStore
@@ -38,6 +38,19 @@ def resolved_paths(disk: Disk) -> list[str]:
         return [i.path for i in image_chain(disk)] or disk.paths
     except errors.BlockOpsError:
         return disk.paths
+
+
+def libvirt_ref(domain: Domain, target: str, path: str | None) -> str | None:
+    """The live index notation (``vda[3]``) of ``path``'s image, so libvirt
+    is never left to match a name it may spell differently (``..``,
+    symlinked folders); the path itself where no index is known."""
+    if path is None:
+        return None
+    key = image_key(path)
+    for layer in domain.spec().disk(target).chain:
+        if layer.index is not None and image_key(layer.path) == key:
+            return f"{target}[{layer.index}]"
+    return path
 
 
 def current_chain(domain: Domain, target: str) -> list[str]:
@@ -126,7 +139,8 @@ def describe_chains(domain: Domain, target: str | None = None) -> ChainReport:
 
 
 def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
-    domains = [conn.domain(domain_name)] if domain_name else conn.domains(active_only=True)
+    # every domain: a shut-off one may have an operation of ours under way
+    domains = [conn.domain(domain_name)] if domain_name else conn.domains()
     rows = []
     for domain in domains:
         if not domain.is_active():
@@ -147,8 +161,7 @@ def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
                 bandwidth_mib_s=round(info.bandwidth_bytes_s / MIB, 3),
                 ready=bool(disk.mirror and disk.mirror.is_ready),
                 mirror=disk.mirror.path if disk.mirror else None))
-    return JobsReport(jobs=rows, operations=operations_on(
-        [conn.domain(domain_name)] if domain_name else conn.domains()))
+    return JobsReport(jobs=rows, operations=operations_on(domains))
 
 
 def operations_on(domains: list[Domain]) -> list[OperationRow]:

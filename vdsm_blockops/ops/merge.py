@@ -30,7 +30,7 @@ from ..engine.context import (
 )
 from ..engine.images import ImageInfo
 from ..engine.jobs import JobRunner, Outcome, exclusive_pull
-from ..engine.node import current_chain, planned_disk
+from ..engine.node import current_chain, libvirt_ref, planned_disk
 from ..engine.operation import run_operation
 from ..engine.records import OperationRecord, RecordStore
 from ..engine.storage import delete_unused
@@ -80,19 +80,6 @@ def relative_all_along(span: list[ImageInfo] | None) -> bool:
     (an overlay libvirt created for a snapshot names its backing by an
     absolute path)."""
     return bool(span) and all(i.names_backing_relatively for i in span or ())
-
-
-def libvirt_ref(domain: Domain, target: str, path: str | None) -> str | None:
-    """The live index notation (``vda[3]``) of ``path``'s image, so libvirt
-    is never left to match a name it may spell differently (``..``,
-    symlinked folders); the path itself where no index is known."""
-    if path is None:
-        return None
-    key = image_key(path)
-    for layer in domain.spec().disk(target).chain:
-        if layer.index is not None and image_key(layer.path) == key:
-            return f"{target}[{layer.index}]"
-    return path
 
 
 def merge_guard(ctx: Context, domain: Domain, plan: MergePlan) -> volumes.VolumeGuard | None:

@@ -196,7 +196,7 @@ class Relocate:
         if facts.dest_is_device:
             return  # the tool formats a prepared device itself
         if self.req.reuse_external:
-            self.prepared[plan.disk] = self._prepared_targets(plan, images)
+            self.prepared[plan.disk] = self._prepared_targets(plan)
             prepared.check(self.prepared[plan.disk], "DEST")
         space = os.statvfs(os.path.dirname(plan.dest))
         free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
@@ -204,11 +204,10 @@ class Relocate:
             raise errors.BadRequest(f"not enough space at {os.path.dirname(plan.dest)}: "
                                     f"{plan.bytes_to_copy} bytes to copy, {free} free")
 
-    def _prepared_targets(self, plan: RelocatePlan,
-                          images: list[ImageInfo]) -> list[prepared.Prepared]:
+    def _prepared_targets(self, plan: RelocatePlan) -> list[prepared.Prepared]:
         """What the prepared DEST (and, chain mode, its prepared layers)
         must be: the shape of the copy, empty, backing by identity."""
-        info = {i.path: i for i in images}
+        info = self.images[plan.disk]
         active = info[plan.chain_before[0]]
         if plan.method is Method.SNAPSHOT_STREAM:  # DEST becomes a snapshot overlay first
             return [prepared.Prepared(plan.dest, "qcow2", active.virtual_size, active.path,

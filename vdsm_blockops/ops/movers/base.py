@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ...core import errors
 from ...engine.jobs import Guard, JobRunner, Outcome
 from ...engine.storage import FileCreator
 
@@ -99,8 +100,6 @@ class Mover:
     def follow(self, timeout_s: float | None) -> Outcome | None:
         """Wait on the job a killed command left (None: there is none;
         FAILED: it ended badly and settle rolls back)."""
-        from ...core import errors
-
         move = self.move
         if not move.domain.is_active() or move.domain.block_job_info(move.plan.disk) is None:
             return None

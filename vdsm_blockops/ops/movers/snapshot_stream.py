@@ -12,7 +12,7 @@ from ...core import errors
 from ...core.identity import same_images
 from ...engine.images import create_overlay
 from ...engine.jobs import JobWatch, Outcome, exclusive_pull
-from ...engine.node import current_chain, image_chain
+from ...engine.node import current_chain, image_chain, libvirt_ref
 from ...engine.records import Phase
 from ...engine.storage import point_persistent_definition
 from ..snapshot import snapshot_xml
@@ -73,8 +73,6 @@ class SnapshotStream(Mover):
         if not (domain.is_active() and same_images(current_chain(domain, plan.disk),
                                                    [plan.dest] + plan.chain_before)):
             return
-        from ..merge import libvirt_ref
-
         log.info("%s %s: committing %s back into %s", domain.name, plan.disk, plan.dest,
                  plan.chain_before[0])
         domain.commit(plan.disk, libvirt_ref(domain, plan.disk, plan.chain_before[0]) or "",
