@@ -4,6 +4,7 @@ import pytest
 from fake_domain import FakeDomain
 
 from vdsm_blockops.core import errors
+from vdsm_blockops.core.budget import Budget
 from vdsm_blockops.core.config import Config
 from vdsm_blockops.core.model import JobStatus
 from vdsm_blockops.engine.context import Context
@@ -130,7 +131,7 @@ def test_pivot_refused_a_few_times_then_done(tmp_path):
     dom = FakeDomain(two_phase=True)
     dom.pivot_refusals = 2
     run, store, record = runner(dom, retries=3, tmp_path=tmp_path)
-    assert run.run(start_ready(dom), two_phase=True, pivot=True, timeout_s=5, wait=True) \
+    assert run.run(start_ready(dom), two_phase=True, pivot=True, wait=True) \
         is Outcome.COMPLETED
     assert dom.calls.count("pivot") == 3 and record.phase is Phase.STARTED  # until finish
 
@@ -140,7 +141,7 @@ def test_pivot_refused_forever_is_bounded(tmp_path):
     dom.pivot_refusals = 100
     run, store, record = runner(dom, retries=4, tmp_path=tmp_path)
     with pytest.raises(errors.JobFailed, match="never became ready"):
-        run.run(start_ready(dom), two_phase=True, pivot=True, timeout_s=5, wait=True)
+        run.run(start_ready(dom), two_phase=True, pivot=True, wait=True)
     assert dom.calls.count("pivot") == 5
 
 
@@ -150,14 +151,14 @@ def test_job_flipping_between_ready_and_not_ready(tmp_path):
     dom = FakeDomain(two_phase=True)
     dom.ready_at_pivot.extend([False, True, False, False, True])
     run, store, record = runner(dom, retries=5, tmp_path=tmp_path)
-    assert run.run(start_ready(dom), two_phase=True, pivot=True, timeout_s=5, wait=True) \
+    assert run.run(start_ready(dom), two_phase=True, pivot=True, wait=True) \
         is Outcome.COMPLETED
     assert dom.calls.count("pivot") == 2 and list(dom.ready_at_pivot) == [False, False, True]
     dom = FakeDomain(two_phase=True)
     dom.ready_at_pivot.extend([False] * 6)
     run, store, record = runner(dom, retries=5, tmp_path=tmp_path)
     with pytest.raises(errors.JobFailed, match="never became ready"):
-        run.run(start_ready(dom), two_phase=True, pivot=True, timeout_s=5, wait=True)
+        run.run(start_ready(dom), two_phase=True, pivot=True, wait=True)
     assert dom.calls.count("pivot") == 6 and not dom.ready_at_pivot
 
 
@@ -165,8 +166,9 @@ def test_timeout_aborts_the_job(tmp_path):
     dom = FakeDomain()
     run, store, record = runner(dom, tmp_path=tmp_path)
     run.ctx.clock = FakeClock()
-    with pytest.raises(errors.JobTimeout):
-        run.run(dom.start, two_phase=False, pivot=False, timeout_s=0.5, wait=True)
+    run.ctx.budget = Budget.starting_now(0.5, run.ctx.clock)
+    with pytest.raises(errors.JobTimeout, match="within the timeout of 0.5 s; it was aborted"):
+        run.run(dom.start, two_phase=False, pivot=False, wait=True)
     assert "abort" in dom.calls and dom.job is None
 
 

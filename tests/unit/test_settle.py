@@ -134,6 +134,7 @@ class FailingOp:
 
     kind = Operation.RELOCATE
     online = True
+    timeout_s = None
 
     def __init__(self, domain, dest, error):
         self._domain, self.dest, self.error = domain, dest, error

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..core import errors
+from ..core.budget import Budget
 from ..core.chain import Disk
 from ..core.config import Config
 from ..core.identity import ImageSet
@@ -32,10 +33,15 @@ class Context:
     observer: Observer | None = None
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    budget: Budget = field(default_factory=Budget)  # --timeout and interrupt of one operation
 
     @property
     def state(self) -> StateDir:
         return StateDir(self.config.state_dir)
+
+    def timed(self, timeout_s: float | None) -> Context:
+        """This context for one operation whose timeout starts now."""
+        return replace(self, budget=Budget.starting_now(timeout_s, self.clock))
 
 
 def check_bandwidth(bandwidth_mib_s: int | None) -> int:

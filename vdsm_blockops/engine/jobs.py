@@ -14,12 +14,11 @@ covered by the same "gone? then the XML decides" rule.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..core import errors
@@ -144,17 +143,22 @@ class JobWatch:
         observer: Observer | None = None,
         ready_check: Callable[[], bool] | None = None,
         guard: Guard | None = None,
+        stop: Callable[[], None] | None = None,
     ) -> Outcome:
         """Wait for the job's end (or READY when ``until_ready``).
 
         ``ready_check`` is the fallback for a missed READY event: it reads
         ``<mirror ready='yes'>`` from the live XML. ``guard`` hears the
-        disk's threshold events and looks at every poll.
+        disk's threshold events and looks at every poll. ``stop`` is asked
+        every round (at most a poll interval apart) and raises to stop the
+        wait (the command was interrupted).
         Raises ``JobTimeout`` when ``timeout_s`` passes first.
         """
-        give_up_at = self.clock() + timeout_s if timeout_s else None
+        give_up_at = self.clock() + timeout_s if timeout_s is not None else None
         next_poll = self.clock()
         while True:
+            if stop is not None:
+                stop()
             now = self.clock()
             if give_up_at is not None and now >= give_up_at:
                 raise errors.JobTimeout(
@@ -225,21 +229,24 @@ class JobRunner:
         return bool(disk.mirror and disk.mirror.is_ready)
 
     def run(self, start: Callable[[], None], *, two_phase: bool, pivot: bool,
-            timeout_s: float | None, wait: bool, guard: Guard | None = None) -> Outcome | None:
-        """Start the job and wait. Returns COMPLETED / VANISHED (caller
-        checks the XML), CANCELED for a two-phase job deliberately ended
-        without pivot, or None with ``wait=False``. Raises JobFailed,
-        JobTimeout (after aborting the job)."""
+            wait: bool, guard: Guard | None = None) -> Outcome | None:
+        """Start the job and wait, within what is left of the operation's
+        timeout (none left: the job is not started). Returns COMPLETED /
+        VANISHED (caller checks the XML), CANCELED for a two-phase job
+        deliberately ended without pivot, or None with ``wait=False``.
+        Raises JobFailed, JobTimeout (after aborting the job)."""
         from .records import Phase
 
+        budget = self.ctx.budget
         with self._watch() as watch:
+            budget.check(f"the block job on {self.domain.name} {self.disk}")
             start()
             self.store.advance(self.record, Phase.STARTED)
             if not wait:
                 return None
             if guard is not None:  # the job's target has its libvirt name now
                 guard.arm()
-            return self._wait(watch, two_phase, pivot, timeout_s, guard)
+            return self._wait(watch, two_phase, pivot, budget.left(), guard)
 
     def follow(self, *, two_phase: bool, pivot: bool, timeout_s: float | None,
                guard: Guard | None = None) -> Outcome:
@@ -258,13 +265,17 @@ class JobRunner:
             outcome = watch.wait(until_ready=two_phase, timeout_s=timeout_s,
                                  observer=self.ctx.observer,
                                  ready_check=self.mirror_ready if two_phase else None,
-                                 guard=guard)
+                                 guard=guard, stop=self._interrupted)
         except errors.JobTimeout:
             if not abort_at_timeout:
                 raise errors.JobTimeout(
                     f"stopped waiting after {timeout_s:g} s; the block job on {self.domain.name} "
                     f"{self.disk} still runs (see 'jobs'; 'recover' again to follow it)") from None
             self._abort_job()
+            if self.ctx.budget.timeout_s is not None:
+                raise errors.JobTimeout(
+                    f"the block job on {self.domain.name} {self.disk} did not finish within the "
+                    f"timeout of {self.ctx.budget.timeout_s:g} s; it was aborted") from None
             raise
         except errors.VolumeNotExtended as exc:  # the guard could not make room
             self._abort_job()
@@ -291,6 +302,12 @@ class JobRunner:
         self.pivot()
         return Outcome.COMPLETED
 
+    def _interrupted(self) -> None:
+        """Another disk's thread saw Ctrl-C: stop waiting (the job runs on,
+        handed over to recover as for one disk)."""
+        if self.ctx.budget.interrupted.is_set():
+            self.ctx.budget.check()
+
     def pivot(self) -> None:
         """Pivot once ready, retrying libvirt's "not ready" a bounded number
         of times (QEMU may drop out of ready briefly under guest writes)."""
@@ -313,36 +330,3 @@ class JobRunner:
             self.domain.abort_job(self.disk, pivot=False)
         except errors.BlockOpsError as exc:
             log.warning("abort of the block job on %s %s: %s", self.domain.name, self.disk, exc)
-
-
-def running_pull(domain: Domain, exclude: str) -> str | None:
-    """The disk of ``domain`` (other than ``exclude``) with a pull job."""
-    for disk in domain.spec().disks:
-        if disk.target == exclude or not disk.chain or disk.device != "disk":
-            continue
-        info = domain.block_job_info(disk.target)
-        if info is not None and info.job_type == "pull":
-            return disk.target
-    return None
-
-
-@contextlib.contextmanager
-def exclusive_pull(ctx: Context, domain: Domain, target: str, wait: bool) -> Iterator[None]:
-    """Start a pull only while no other pull runs in the VM (QEMU 7.2 can
-    crash when two end together, see ``StateDir.stream_lock``).
-
-    The lock serialises the processes starting or waiting on pulls; a pull
-    started with --no-wait outlives its starter, so the running jobs are
-    looked at too. Waiting callers wait their turn (and hold the lock for
-    their whole job); ``wait=False`` is refused with Conflict (exit 4)
-    naming the running pull, before anything changed."""
-    with ctx.state.stream_lock(domain.uuid, wait=wait):
-        while (other := running_pull(domain, exclude=target)) is not None:
-            if not wait:
-                raise errors.Conflict(
-                    f"a block pull is running on {domain.name} {other}; pulls of one VM "
-                    "run one at a time (QEMU 7.2 can crash when two end together): "
-                    "wait for it, or merge without --no-wait to queue behind it")
-            log.info("%s %s: waiting for the pull on %s to end", domain.name, target, other)
-            ctx.sleep(ctx.config.poll_interval_s)
-        yield

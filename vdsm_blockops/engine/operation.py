@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..core import errors
+from ..core.budget import Budget
 from ..core.chain import Disk
 from ..core.identity import ImageKey, image_key, same_images
 from ..core.model import Operation
@@ -57,6 +58,7 @@ class DiskOperation(Protocol, Generic[PlanT]):
 
     kind: Operation
     online: bool  # known once domain() answered
+    timeout_s: float | None  # the whole operation's, from its start
 
     def domain(self, ctx: Context) -> Domain: ...
     def plan(self, ctx: Context, domain: Domain, disk: Disk) -> PlanT: ...
@@ -73,6 +75,7 @@ class DiskOperation(Protocol, Generic[PlanT]):
 
 def run_operation(ctx: Context, op: DiskOperation[PlanT], target: str, dry_run: bool) -> Report:
     started = ctx.clock()
+    ctx = ctx.timed(op.timeout_s)
     domain = op.domain(ctx)
     disks = domain.spec().select(target)
     if not disks:
@@ -88,7 +91,8 @@ def run_operation(ctx: Context, op: DiskOperation[PlanT], target: str, dry_run: 
         results: list[Report | BaseException] = [op.report(domain, p, dry_run=True) for p in plans]
     else:
         results = run_per_disk(plans, lambda plan: _run_disk(ctx, op, domain, plan,
-                                                             planned_on[plan.disk]))
+                                                             planned_on[plan.disk]),
+                               ctx.budget)
     return combine(op.kind, domain, target, results, ctx.clock() - started)
 
 
@@ -113,8 +117,10 @@ def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: Plan
         store.begin(record)
         try:
             return op.execute(ctx, domain, plan, store, record)
-        except errors.VerificationFailed:
-            raise  # the chain moved but does not check out: the record stays for recover
+        except (errors.VerificationFailed, errors.Interrupted):
+            # The chain moved but does not check out, or the command was
+            # interrupted (handed over as it stands): the record stays for recover.
+            raise
         except (errors.BlockOpsError, OSError) as exc:
             try:
                 settle(domain, store, record,
@@ -154,17 +160,27 @@ def settle(domain: Domain, store: RecordStore, record: OperationRecord,
 T = TypeVar("T")
 
 
-def run_per_disk(items: list[T], work: Callable[[T], Report]) -> list[Report | BaseException]:
+def run_per_disk(items: list[T], work: Callable[[T], Report],
+                 budget: Budget | None = None) -> list[Report | BaseException]:
     """Run ``work(item)`` for each disk concurrently (one libvirt event loop
     serves them all); results in input order, exceptions returned in place
-    after every disk finished."""
+    after every disk finished. Ctrl-C (main thread only) is passed to the
+    other threads through ``budget``: each stops at its next step, and the
+    interrupt is raised once they have."""
     if len(items) == 1:
         return [work(items[0])]
     import concurrent.futures  # only for several disks
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(items)) as pool:
         futures = [pool.submit(work, item) for item in items]
-        concurrent.futures.wait(futures)
+        try:
+            concurrent.futures.wait(futures)
+        except KeyboardInterrupt:
+            if budget is None:
+                raise
+            budget.interrupted.set()
+            concurrent.futures.wait(futures)
+            raise
     return [f.exception() or f.result() for f in futures]
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core import errors
+from ..core.budget import Budget
 from ..core.identity import image_key
 from . import qemuimg
 from .images import read_backing_chain, run_command
@@ -74,7 +75,8 @@ def holds_data(path: str, fmt: str, has_backing: bool) -> bool:
 
 
 def fill(copies: Sequence[tuple[str, str]], formats: dict[str, str],
-         backing_of: dict[str, str | None], rate_mib_s: int = 0) -> None:
+         backing_of: dict[str, str | None], rate_mib_s: int = 0,
+         budget: Budget | None = None) -> None:
     """Write each source layer's own data into its prepared counterpart,
     bottom layer first, and prove it: ``copies`` are (source, prepared)
     from the top down; ``backing_of`` names the image each prepared one
@@ -85,7 +87,7 @@ def fill(copies: Sequence[tuple[str, str]], formats: dict[str, str],
     for source, target in reversed(list(copies)):
         fmt = formats[source]  # a layer's copy keeps its format
         qemuimg.convert(source, fmt, target, fmt, rate_mib_s=rate_mib_s, dest_is_new=False,
-                        backing=backing_of.get(target))
+                        backing=backing_of.get(target), budget=budget)
         qemuimg.fsync(target)
         try:
             run_command(["qemu-img", "compare", "-U", "-f", fmt, "-F", fmt, source, target])

@@ -12,11 +12,14 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import select
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..core.budget import Budget
 from ..core.errors import OperationFailed
 from ..core.model import JobInfo, Observer
 
@@ -38,24 +41,91 @@ class Progress:
     observer: Observer
 
 
-def run(argv: Sequence[str], progress: Progress | None = None) -> None:
+def run(argv: Sequence[str], progress: Progress | None = None, budget: Budget | None = None,
+        pace_mib_s: int = 0) -> None:
     """Run qemu-img; with ``progress``, its ``-p`` output reaches the
-    observer as a JobInfo (cur/end in hundredths of a percent)."""
+    observer as a JobInfo (cur/end in hundredths of a percent). ``budget``:
+    qemu-img is killed, and JobTimeout or Interrupted raised, when the
+    operation must stop (what it wrote is the caller's to roll back: each
+    command here leaves the chain whole when killed). ``pace_mib_s``: for
+    the commands without ``-r`` (rebase), the process is held to that rate
+    of writes."""
     argv = list(argv)
     argv.insert(2, "-p" if progress is not None else "-q")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=_die_with_parent)
+    try:
+        _watch(proc, progress, budget, f"qemu-img {argv[1]}",
+               _Pace(proc.pid, pace_mib_s) if pace_mib_s else None)
+    except BaseException:
+        proc.kill()  # stopped (SIGSTOP) or not: SIGKILL ends it
+        proc.communicate()
+        raise
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise OperationFailed(f"qemu-img {argv[1]} failed: "
+                              f"{err.decode(errors='replace').strip() or proc.returncode}")
+
+
+def _watch(proc: subprocess.Popen[bytes], progress: Progress | None, budget: Budget | None,
+           doing: str, pace: _Pace | None) -> None:
+    """Read qemu-img's output until it ends, checking the budget (and the
+    pace) every 0.2 s."""
     assert proc.stdout is not None
-    while progress is not None and (chunk := os.read(proc.stdout.fileno(), 4096)):
+    fd = proc.stdout.fileno()
+    while True:
+        if budget is not None:
+            budget.check(doing)
+        if pace is not None:
+            pace.hold(budget, doing)
+        ready, _, _ = select.select([fd], [], [], 0.2 if budget or pace else None)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return
+        if progress is None:
+            continue
         for match in _PERCENT.finditer(chunk):
             percent = float(match.group(1))
             progress.observer(progress.disk, JobInfo(
                 disk=progress.disk, job_type=progress.job, cur=int(percent * 100), end=10000,
                 bandwidth_bytes_s=0))
-    _, err = proc.communicate()
-    if proc.returncode != 0:
-        raise OperationFailed(f"qemu-img {argv[1]} failed: "
-                              f"{err.decode(errors='replace').strip() or proc.returncode}")
+
+
+class _Pace:
+    """Holds a process to a rate of writes by stopping it (SIGSTOP) while
+    it is ahead: ``wchar`` of /proc/PID/io counts every byte its threads
+    passed to write calls (qemu-img writes from a pool of threads, all
+    counted). For qemu-img rebase, which has no ``-r``."""
+
+    def __init__(self, pid: int, rate_mib_s: int) -> None:
+        self.pid = pid
+        self.rate = rate_mib_s * 1024 * 1024
+        self.started = time.monotonic()
+
+    def _written(self) -> int:
+        try:
+            with open(f"/proc/{self.pid}/io", encoding="ascii") as io:
+                for line in io:
+                    if line.startswith("wchar:"):
+                        return int(line.split()[1])
+        except OSError:  # gone: nothing left to hold
+            pass
+        return 0
+
+    def hold(self, budget: Budget | None, doing: str) -> None:
+        ahead = self.started + self._written() / self.rate - time.monotonic()
+        if ahead <= 0:
+            return
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            if budget is not None:
+                budget.sleep(ahead, doing=doing)
+            else:
+                time.sleep(ahead)
+        finally:
+            os.kill(self.pid, signal.SIGCONT)
 
 
 def _rate(rate_mib_s: int) -> list[str]:
@@ -63,28 +133,30 @@ def _rate(rate_mib_s: int) -> list[str]:
 
 
 def commit(top: str, top_format: str, base: str, progress: Progress | None = None,
-           rate_mib_s: int = 0) -> None:
+           rate_mib_s: int = 0, budget: Budget | None = None) -> None:
     """Commit TOP and every layer down to BASE into BASE. ``-d``: TOP keeps
     its data, so a crash before the chain is relinked leaves the old chain
     whole (the layers above still cover what went into BASE)."""
     run(["qemu-img", "commit", "-d", *_rate(rate_mib_s), "-f", top_format, "-b", base, top],
-        progress)
+        progress, budget)
 
 
 def rebase(top: str, top_format: str, backing: str | None, backing_format: str | None,
-           progress: Progress | None = None) -> None:
+           progress: Progress | None = None, rate_mib_s: int = 0,
+           budget: Budget | None = None) -> None:
     """Safe rebase: copy into TOP whatever differs between its old and new
     backing, then point it at the new one (``None``: flatten into TOP). A
     crash half-way leaves TOP over its old backing, the same data."""
     argv = ["qemu-img", "rebase", "-f", top_format, "-b", backing or ""]
     if backing:
         argv += ["-F", backing_format or "qcow2"]
-    run(argv + [top], progress)
+    run(argv + [top], progress, budget, pace_mib_s=rate_mib_s)  # rebase has no -r
 
 
 def convert(source: str, source_format: str, dest: str, dest_format: str,
             progress: Progress | None = None, rate_mib_s: int = 0, dest_is_new: bool = True,
-            bitmaps: bool = False, backing: str | None = None) -> None:
+            bitmaps: bool = False, backing: str | None = None,
+            budget: Budget | None = None) -> None:
     """Flatten the chain of SOURCE into DEST, which exists already (``-n``:
     it was reserved and made by the caller), writing out of order (``-W``).
     ``bitmaps``: SOURCE's own persistent bitmaps go along (broken ones
@@ -100,7 +172,7 @@ def convert(source: str, source_format: str, dest: str, dest_format: str,
     cache = ["-t", "none"] if _direct_io(dest) else []
     carry = ["--bitmaps", "--skip-broken-bitmaps"] if bitmaps else []
     run(["qemu-img", "convert", "-n", *zero, *shallow, "-W", *cache, *carry, *_rate(rate_mib_s),
-         "-f", source_format, "-O", dest_format, source, dest], progress)
+         "-f", source_format, "-O", dest_format, source, dest], progress, budget)
 
 
 def _direct_io(path: str) -> bool:

@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from ..core.errors import Conflict
@@ -107,10 +107,13 @@ class StateDir:
         return InvalidImages(self.invalidated())
 
     @contextlib.contextmanager
-    def _lock_file(self, name: str, wait: bool = True) -> Iterator[IO[str]]:
+    def _lock_file(self, name: str, wait: bool = True,
+                   between_tries: Callable[[], None] | None = None) -> Iterator[IO[str]]:
         """Hold ``locks/<name>`` (an flock), yielding its open file; with
         ``wait=False`` a held lock raises BlockingIOError at once, its file's
-        text (the holder) in the message.
+        text (the holder) in the message. With ``between_tries`` the wait is
+        a try every 0.1 s, that callable between tries (it raises to stop
+        waiting: a timeout, an interrupt in another thread).
 
         The file is removed on release, so the folder holds only the locks
         in use (it held one file per domain and disk ever seen). That is
@@ -122,7 +125,7 @@ class StateDir:
         while True:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (closed below)
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                self._flock(handle, wait, between_tries)
             except OSError as exc:
                 holder = ""
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -131,6 +134,9 @@ class StateDir:
                 handle.close()
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     raise BlockingIOError(exc.errno, holder) from None
+                raise
+            except BaseException:
+                handle.close()
                 raise
             mine = os.fstat(handle.fileno())
             try:
@@ -146,6 +152,19 @@ class StateDir:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # still held: no one else is inside
             handle.close()
+
+    @staticmethod
+    def _flock(handle: IO[str], wait: bool, between_tries: Callable[[], None] | None) -> None:
+        if not wait or between_tries is None:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                between_tries()
+                time.sleep(0.1)
 
     def sweep_locks(self) -> int:
         """Remove the lock files no one holds (left by a killed process, or
@@ -176,7 +195,8 @@ class StateDir:
             yield
 
     @contextlib.contextmanager
-    def stream_lock(self, domain_uuid: str, wait: bool = True) -> Iterator[None]:
+    def stream_lock(self, domain_uuid: str, wait: bool = True,
+                    between_tries: Callable[[], None] | None = None) -> Iterator[None]:
         """Wait until no other block pull runs in this domain, then hold it.
 
         QEMU 7.2 (Debian 7.2+dfsg-7+deb12u18) segfaults now and then when
@@ -190,7 +210,8 @@ class StateDir:
         """
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(self._lock_file(f"{domain_uuid}-stream.lock", wait))
+                stack.enter_context(self._lock_file(f"{domain_uuid}-stream.lock", wait,
+                                                    between_tries))
             except BlockingIOError:
                 raise Conflict("another block pull of this VM is being started or "
                                "waited on (pulls of one VM run one at a time)") from None

@@ -29,9 +29,10 @@ from ..engine.context import (
     refuse_unsupported_images,
 )
 from ..engine.images import ImageInfo
-from ..engine.jobs import JobRunner, Outcome, exclusive_pull
+from ..engine.jobs import JobRunner, Outcome
 from ..engine.node import current_chain, libvirt_ref, planned_disk
 from ..engine.operation import run_operation
+from ..engine.pulls import exclusive_pull
 from ..engine.records import OperationRecord, RecordStore
 from ..engine.storage import delete_unused
 from ..engine.users import chain_users
@@ -125,6 +126,7 @@ class Merge:
         self.volumes: dict[str, dict[str, Any]] = {}  # per disk: room in a block volume target
         self.bandwidth = check_bandwidth(req.bandwidth_mib_s)
         check_timeout(req.timeout_s)
+        self.timeout_s = req.timeout_s
         if req.disk == "all" and (req.base is not None or req.top is not None):
             raise errors.BadRequest("--base and --top name images of one chain; they cannot go "
                                     "with 'all'")
@@ -279,10 +281,10 @@ class Merge:
             # only while starting (and are refused if a pull runs).
             with exclusive_pull(ctx, domain, plan.disk, wait=req.wait):
                 outcome = runner.run(start, two_phase=False, pivot=True,
-                                     timeout_s=req.timeout_s, wait=req.wait, guard=guard)
+                                     wait=req.wait, guard=guard)
         else:
             outcome = runner.run(start, two_phase=plan.two_phase, pivot=True,
-                                 timeout_s=req.timeout_s, wait=req.wait, guard=guard)
+                                 wait=req.wait, guard=guard)
         if guard is not None and plan.disk in self.volumes:
             self.volumes[plan.disk]["extensions_during_job"] = guard.extensions
         if outcome is None:  # --no-wait: jobs/recover follow up

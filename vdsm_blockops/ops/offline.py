@@ -64,7 +64,7 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
             name = backing_name_for(top, base.path, top.path) if plan.keep_relative else base.path
         with _not_recording(top):
             qemuimg.rebase(top.path, top.format, name, base.format if base else None,
-                           _progress(ctx, plan.disk, "pull"))
+                           _progress(ctx, plan.disk, "pull"), rate_mib_s, ctx.budget)
         end = chain.index(plan.base) if plan.base else len(chain)
         _carry_bitmaps(top, top, [images[p] for p in chain[top_pos + 1:end]])
         point_persistent_definition(domain, plan.disk, top.path, top.format, headers_changed=True)
@@ -73,7 +73,7 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
     with _not_recording(result):
         qemuimg.commit(top.path, top.format, result.path,
                        _progress(ctx, plan.disk, "active-commit" if plan.active else "commit"),
-                       rate_mib_s=rate_mib_s)
+                       rate_mib_s=rate_mib_s, budget=ctx.budget)
     _carry_bitmaps(result, top, [images[p] for p in chain[top_pos:chain.index(plan.result)]],
                    broken=dropped)
     if plan.active:
@@ -104,7 +104,7 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
         carry = plan.format.value == "qcow2" and active.format == "qcow2"
         qemuimg.convert(active.path, active.format, plan.dest, plan.format.value,
                         _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s,
-                        dest_is_new=not reuse_external, bitmaps=carry)
+                        dest_is_new=not reuse_external, bitmaps=carry, budget=ctx.budget)
         if carry:  # convert carried the active layer's bitmaps; merge in their copies below
             _carry_bitmaps(replace(active, path=plan.dest), active,
                            [images[p] for p in plan.chain_before[1:]])
@@ -116,7 +116,7 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
         below = plan.chain_before[1] if len(plan.chain_before) > 1 else None
         qemuimg.convert(active.path, active.format, plan.dest, "qcow2",
                         _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s, dest_is_new=False,
-                        bitmaps=active.format == "qcow2", backing=below)
+                        bitmaps=active.format == "qcow2", backing=below, budget=ctx.budget)
         qemuimg.fsync(plan.dest)
     else:
         # Every layer is read-only while the VM is off: copy them all as
@@ -126,10 +126,10 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
             # Prepared images, checked to back onto the right ones: each
             # gets its layer's data, proven; their own backing names stay.
             prepared.fill(copies, {p: i.format for p, i in images.items()},
-                          prepared.backings(targets), rate_mib_s)
+                          prepared.backings(targets), rate_mib_s, ctx.budget)
             point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
             return
-        copy_proven(copies, creator, rate_mib_s)
+        copy_proven(copies, creator, rate_mib_s, ctx.budget)
         new_of = dict(copies)
         for src, new in copies:
             image = images[src]

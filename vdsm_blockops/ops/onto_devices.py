@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core import errors
+from ..core.budget import Budget
 from ..core.identity import is_block_device
 from ..core.model import ImageFormat, Mode
 from ..engine import qemuimg, volumes
@@ -120,7 +121,8 @@ def create_volume(path: str, size: int, command: Sequence[str]) -> None:
 
 
 def copy_onto_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], sizes: dict[str, int],
-                      command: Sequence[str], with_active: bool) -> None:
+                      command: Sequence[str], with_active: bool, rate_mib_s: int = 0,
+                      budget: Budget | None = None) -> None:
     """Create the volumes and write the layers onto them, bottom up, each
     proven; the active layer copied too (``with_active``: the VM is off) or
     an empty overlay for the mirror."""
@@ -134,7 +136,8 @@ def copy_onto_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], sizes: d
         if src == plan.chain_before[0] and not with_active:
             continue
         qemuimg.convert(src, image.format, new, image.format, dest_is_new=False,
-                        bitmaps=image.format == "qcow2", backing=below)
+                        bitmaps=image.format == "qcow2", backing=below, rate_mib_s=rate_mib_s,
+                        budget=budget)
         qemuimg.fsync(new)
         _prove(src, image.format, new)
 

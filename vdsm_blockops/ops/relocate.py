@@ -117,6 +117,7 @@ class Relocate:
             raise errors.BadRequest(f"DEST must be an absolute path, not {req.dest!r}")
         self.bandwidth = check_bandwidth(req.bandwidth_mib_s)
         check_timeout(req.timeout_s)
+        self.timeout_s = req.timeout_s
 
     def domain(self, ctx: Context) -> Domain:
         domain = operation_domain(ctx, self.req.domain)

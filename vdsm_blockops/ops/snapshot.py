@@ -89,6 +89,7 @@ class Snapshot:
     verification) after a crash."""
 
     kind = Operation.SNAPSHOT
+    timeout_s: float | None = None  # a snapshot has no job to wait on
 
     def __init__(self, req: SnapshotRequest) -> None:
         self.req = req

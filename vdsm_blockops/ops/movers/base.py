@@ -94,7 +94,7 @@ class Mover:
     def run(self) -> Outcome | None:
         self.prepare()
         return self.move.runner.run(self.start, two_phase=self.two_phase, pivot=self.pivot,
-                                    timeout_s=self.move.req.timeout_s, wait=self.wait,
+                                    wait=self.wait,
                                     guard=self.guard())
 
     def follow(self, timeout_s: float | None) -> Outcome | None:

@@ -47,7 +47,7 @@ class Flatten(Mover):
         observer = move.ctx.observer
         progress = qemuimg.Progress(plan.disk, "copy", observer) if observer else None
         qemuimg.convert(below.path, below.format, plan.dest, plan.format.value, progress,
-                        rate_mib_s=move.bandwidth, dest_is_new=not reuse)
+                        rate_mib_s=move.bandwidth, dest_is_new=not reuse, budget=move.ctx.budget)
         qemuimg.fsync(plan.dest)
         fsync_dir(os.path.dirname(plan.dest))
         move.store.advance(move.record, Phase.PREPARED)

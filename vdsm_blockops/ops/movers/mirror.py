@@ -36,14 +36,15 @@ class Mirror(Mover):
         if move.volume_sizes is not None:
             onto_devices.copy_onto_volumes(plan, images, move.volume_sizes,
                                            move.ctx.config.volume_create_command,
-                                           with_active=False)
+                                           with_active=False, rate_mib_s=move.bandwidth,
+                                           budget=move.ctx.budget)
         elif plan.copies and not req.reuse_external:
-            prepare_chain_copy(plan, images, move.creator, move.bandwidth)
+            prepare_chain_copy(plan, images, move.creator, move.bandwidth, move.ctx.budget)
         elif plan.copies and move.prepared is not None:
             # Prepared layers: each read-only layer's data goes into its
             # counterpart, proven, before the mirror relinks the VM.
             prepared.fill(plan.copies, {p: i.format for p, i in images.items()},
-                          prepared.backings(move.prepared), move.bandwidth)
+                          prepared.backings(move.prepared), move.bandwidth, move.ctx.budget)
         elif plan.mode is Mode.SHALLOW and len(plan.chain_before) > 1 \
                 and not req.reuse_external and move.device_room is None:
             prepare_shallow_copy(plan, images, move.creator)

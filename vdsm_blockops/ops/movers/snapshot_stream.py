@@ -11,8 +11,9 @@ import logging
 from ...core import errors
 from ...core.identity import same_images
 from ...engine.images import create_overlay
-from ...engine.jobs import JobWatch, Outcome, exclusive_pull
+from ...engine.jobs import JobWatch, Outcome
 from ...engine.node import current_chain, image_chain, libvirt_ref
+from ...engine.pulls import exclusive_pull
 from ...engine.records import Phase
 from ...engine.storage import point_persistent_definition
 from ..snapshot import snapshot_xml
@@ -42,13 +43,15 @@ class SnapshotStream(Mover):
     def run(self) -> Outcome | None:
         move, plan = self.move, self.move.plan
         self.prepare()
-        with exclusive_pull(move.ctx, move.domain, plan.disk, wait=self.wait):
-            try:
+        try:
+            with exclusive_pull(move.ctx, move.domain, plan.disk, wait=self.wait):
                 outcome = move.runner.run(self.start, two_phase=False, pivot=False,
-                                          timeout_s=move.req.timeout_s, wait=self.wait)
-            except (errors.JobTimeout, errors.JobFailed):
-                self.undo()  # the pull stopped (timeout, abort): back onto the chain before
-                raise
+                                          wait=self.wait)
+        except (errors.JobTimeout, errors.JobFailed):
+            # the pull stopped or never started (timeout while queued, abort):
+            # back onto the chain before
+            self.undo()
+            raise
         if outcome is not None and not same_images(move.domain.spec().disk(plan.disk).paths,
                                                    [plan.dest]):
             raise errors.JobFailed(f"{plan.disk}: the pull into {plan.dest} did not finish")

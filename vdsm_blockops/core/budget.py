@@ -1,0 +1,62 @@
+"""When an operation must stop: its ``--timeout`` as a point in time, and
+the interrupt of a command that works on several disks at once.
+
+``--timeout N`` bounds the whole operation from its start -- a wait in the
+queue of a VM's pulls, qemu-img, the tool's own copies, the block job --
+not each of them: an operator who gives 5 s expects the command back in
+about 5 s, whatever ran underneath. Every waiting loop asks ``check()``
+(or ``left()``) between steps; the timeout then rolls back like ``abort``.
+
+The interrupt: Ctrl-C reaches only the main thread; the threads working
+on the other disks of ``all`` see it here, at their next step, and stop
+too (the command hands what it started over to ``recover``, as for one
+disk).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import Interrupted, JobTimeout
+
+INTERRUPTED = ("interrupted: the command stopped. A block job it started runs on under its "
+               "record ('jobs' lists it): 'recover' finishes it, 'abort' rolls it back; "
+               "qemu-img and copies of its own stopped, and either verb rolls them back")
+
+
+@dataclass
+class Budget:
+    timeout_s: float | None = None
+    clock: Callable[[], float] = time.monotonic
+    at: float | None = None  # clock() value at which the timeout passes
+    interrupted: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def starting_now(cls, timeout_s: float | None,
+                     clock: Callable[[], float] = time.monotonic) -> Budget:
+        return cls(timeout_s, clock, None if timeout_s is None else clock() + timeout_s)
+
+    def check(self, doing: str = "the operation") -> None:
+        """Raise Interrupted or JobTimeout when the operation must stop."""
+        if self.interrupted.is_set():
+            raise Interrupted(INTERRUPTED)
+        if self.at is not None and self.clock() >= self.at:
+            raise JobTimeout(f"{doing} did not finish within the timeout of "
+                             f"{self.timeout_s:g} s")
+
+    def left(self, doing: str = "the operation") -> float | None:
+        """Seconds left (None: no timeout); raises as ``check`` when none are."""
+        self.check(doing)
+        return None if self.at is None else self.at - self.clock()
+
+    def sleep(self, seconds: float, sleep: Callable[[float], None] = time.sleep,
+              doing: str = "the operation") -> None:
+        """Sleep in short steps, stopping as ``check`` says."""
+        end = self.clock() + seconds
+        while (rest := end - self.clock()) > 0:
+            left = self.left(doing)
+            sleep(min(rest, 0.2, left if left is not None else rest))
+        self.check(doing)
