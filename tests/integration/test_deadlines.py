@@ -6,6 +6,7 @@ stops every disk of 'all' at once; --bandwidth holds qemu-img rebase too."""
 import json
 import os
 import signal
+import subprocess
 import time
 
 import rig
@@ -159,3 +160,47 @@ def test_an_interrupted_all_stops_every_disk_at_once(make_vm, config, workdir):
     assert vdb.live_chain() == [os.path.join(dest_dir, os.path.basename(vdb.layers[-1]))]
     for disk in (vda, vdb):
         disk.assert_guest_data()
+
+
+def _tmpfs(path, size_mib):
+    os.makedirs(path, mode=0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", path],
+                   check=True)
+    return path
+
+
+def test_all_is_checked_together_and_each_failed_disk_named(make_vm, config, workdir):
+    """Room for all disks summed per file system before anything starts;
+    a failure mid-way names each failed disk, its code and its cause."""
+    # Mounted before the VM starts (QEMU's mount namespace, see test_relocate).
+    tight = _tmpfs(os.path.join(workdir, "tight"), 40)
+    roomy = _tmpfs(os.path.join(workdir, "roomy"), 64)
+    try:
+        vm = make_vm()
+        disks = {t: vm.add_chain(t, _two_layers()) for t in ("vda", "vdb")}
+        vm.start()
+        rc, out, err = rig.cli("relocate", vm.name, "all", tight, "--mode", "full", config=config)
+        assert rc == 2 and "for vda, vdb together" in out["error"]["message"], (out, err)
+        assert os.listdir(tight) == []
+        proc = rig.cli_background("relocate", vm.name, "all", roomy, "--mode", "full",
+                                  "--method", "mirror", "--bandwidth", "4", config=config)
+        wait_for_job(vm, "vda")
+        wait_for_job(vm, "vdb")
+        disks["vdb"].guest_write(0x5A, 32, 20)  # now more than the folder holds
+        out, err = proc.communicate(timeout=120)
+        body = json.loads(out)
+        assert proc.returncode == 1 and "disks failed: " in body["error"]["message"], (body, err)
+        failed = [r for r in body["error"]["details"]["results"] if "error" in r]
+        assert "vdb" in [r["disk"] for r in failed], body
+        for result in failed:
+            assert f"{result['disk']} ({result['error']['code']})" in body["error"]["message"]
+            assert "ENOSPC" in result["error"]["message"], result
+            disk = disks[result["disk"]]
+            assert disk.live_chain() == disk.layers[::-1]
+            assert not os.path.exists(os.path.join(roomy, os.path.basename(disk.layers[-1])))
+        _verified(vm, config)
+        for disk in disks.values():
+            disk.assert_guest_data()
+    finally:
+        for folder in (tight, roomy):
+            subprocess.run(["umount", "-l", folder])

@@ -15,7 +15,7 @@ from vdsm_blockops.core.identity import image_key
 from vdsm_blockops.core.model import Operation
 from vdsm_blockops.core.reports import Report
 from vdsm_blockops.engine.context import Context
-from vdsm_blockops.engine.operation import Settlement, run_operation, settle
+from vdsm_blockops.engine.operation import Settlement, combine, run_operation, settle
 from vdsm_blockops.engine.records import OperationRecord, RecordStore
 from vdsm_blockops.engine.state import StateDir
 
@@ -186,3 +186,23 @@ def test_a_failure_after_a_change_rolls_back_and_is_exit_1(tmp_path, chain, erro
     assert RecordStore(domain).load() == {}            # settled: no record left
     # the chain is untouched: the same files, byte for byte
     assert {p: (image_key(p), open(p, "rb").read()) for p in chain} == before
+
+
+class _Named:
+    name = "vm1"
+
+
+def test_a_failure_of_all_names_each_failed_disk_its_code_and_cause():
+    ok = Report()
+    results = [errors.JobTimeout("the block job did not finish"), ok,
+               errors.JobFailed("the block job ended failed: /sd has 0 bytes free (ENOSPC)")]
+    with pytest.raises(errors.JobTimeout) as caught:  # the worst exit code wins
+        combine(Operation.RELOCATE, _Named(), "all", ["vda", "vdb", "vdc"], results, 1.0)
+    message = caught.value.message
+    assert message.startswith("2 of 3 disks failed: ")
+    assert "vda (timeout): the block job did not finish" in message
+    assert "vdc (job-failed): the block job ended failed: /sd has 0 bytes free (ENOSPC)" in message
+    assert "vdb" not in message
+    each = caught.value.results
+    assert [r.get("disk") for r in each] == ["vda", None, "vdc"]
+    assert each[2]["error"]["code"] == "job-failed"

@@ -141,8 +141,10 @@ class SnapshotReport(Report):
 
 @dataclass
 class DiskFailure(Report):
-    """One disk's failure inside an ``all`` report."""
+    """One disk's failure inside an ``all`` report: the disk, its own
+    error code and message."""
 
+    disk: str
     error: JSON
 
     @property

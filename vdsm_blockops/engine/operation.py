@@ -93,7 +93,8 @@ def run_operation(ctx: Context, op: DiskOperation[PlanT], target: str, dry_run: 
         results = run_per_disk(plans, lambda plan: _run_disk(ctx, op, domain, plan,
                                                              planned_on[plan.disk]),
                                ctx.budget)
-    return combine(op.kind, domain, target, results, ctx.clock() - started)
+    return combine(op.kind, domain, target, [p.disk for p in plans], results,
+                   ctx.clock() - started)
 
 
 def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: PlanT,
@@ -184,11 +185,12 @@ def run_per_disk(items: list[T], work: Callable[[T], Report],
     return [f.exception() or f.result() for f in futures]
 
 
-def combine(kind: Operation, domain: Domain, target: str, results: list[Report | BaseException],
-            duration_s: float) -> Report:
+def combine(kind: Operation, domain: Domain, target: str, disks: list[str],
+            results: list[Report | BaseException], duration_s: float) -> Report:
     """One report for one disk, or a report with ``results`` for ``all``.
     With ``all``, a failure of any disk fails the whole (the worst exit
-    code wins) and carries every disk's result in its details."""
+    code wins), its message names each failed disk with its own error, and
+    it carries every disk's result in its details."""
     failures = [r for r in results if isinstance(r, BaseException)]
     if target != "all":
         if failures:
@@ -199,11 +201,13 @@ def combine(kind: Operation, domain: Domain, target: str, results: list[Report |
             report.duration_s = round(duration_s, 3)
         return report
     reports: list[Report] = [
-        DiskFailure(error=as_failure(r).to_json()) if isinstance(r, BaseException) else r
-        for r in results]
+        DiskFailure(disk=disk, error=as_failure(r).to_json()) if isinstance(r, BaseException)
+        else r for disk, r in zip(disks, results)]  # noqa: B905 (one per disk; 3.9 has no strict=)
     if failures:
         worst = max((as_failure(f) for f in failures), key=lambda e: e.exit_code)
-        raise worst.with_message(f"{len(failures)} of {len(results)} disks failed: {worst}",
+        each = "; ".join(f"{r.disk} ({r.error['code']}): {r.error['message']}"
+                         for r in reports if isinstance(r, DiskFailure))
+        raise worst.with_message(f"{len(failures)} of {len(results)} disks failed: {each}",
                                  results=[r.to_json() for r in reports])
     return MultiReport(operation=kind.value, domain=domain.name, results=reports,
                        duration_s=round(duration_s, 3))

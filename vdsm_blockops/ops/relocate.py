@@ -90,6 +90,7 @@ class Relocate:
         self.volumes: dict[str, dict[str, Any]] = {}  # per disk: DEST a block device, its room
         self.volume_sizes: dict[str, dict[str, int]] = {}  # per disk: chain mode onto volumes
         self.prepared: dict[str, list[prepared.Prepared]] = {}  # per disk: --reuse-external files
+        self.into_files: dict[str, str] = {}  # per disk: the folder its copy is written into
         self.mode: Mode = _enum(Mode, req.mode, "mode")
         self.method: Method = _enum(Method, req.method, "method")
         self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
@@ -199,11 +200,7 @@ class Relocate:
         if self.req.reuse_external:
             self.prepared[plan.disk] = self._prepared_targets(plan)
             prepared.check(self.prepared[plan.disk], "DEST")
-        space = os.statvfs(os.path.dirname(plan.dest))
-        free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
-        if plan.bytes_to_copy > free:
-            raise errors.BadRequest(f"not enough space at {os.path.dirname(plan.dest)}: "
-                                    f"{plan.bytes_to_copy} bytes to copy, {free} free")
+        self.into_files[plan.disk] = os.path.dirname(plan.dest)
 
     def _prepared_targets(self, plan: RelocatePlan) -> list[prepared.Prepared]:
         """What the prepared DEST (and, chain mode, its prepared layers)
@@ -229,6 +226,24 @@ class Relocate:
             dests += [image_key(p) for p in plan.chain_after if p not in sources]
         if len(set(dests)) != len(dests):
             raise errors.BadRequest("two disks would be relocated onto the same file")
+        self._check_room([p for p in plans if p.disk in self.into_files])
+
+    def _check_room(self, plans: list[RelocatePlan]) -> None:
+        """Room for every disk's copy, summed per file system (``all``
+        copies them side by side), before anything starts."""
+        needed: dict[int, tuple[str, int, list[str]]] = {}
+        for plan in plans:
+            folder = self.into_files[plan.disk]
+            place, total, disks = needed.get(os.stat(folder).st_dev, (folder, 0, []))
+            needed[os.stat(folder).st_dev] = (place, total + plan.bytes_to_copy,
+                                              disks + [plan.disk])
+        for folder, total, disks in needed.values():
+            space = os.statvfs(folder)
+            free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
+            if total > free:
+                which = f" for {', '.join(disks)} together" if len(disks) > 1 else ""
+                raise errors.BadRequest(f"not enough space at {folder}{which}: "
+                                        f"{total} bytes to copy, {free} free")
 
     def request_json(self) -> dict[str, Any]:
         return asdict(self.req)

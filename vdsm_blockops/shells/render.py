@@ -113,7 +113,7 @@ def _(report: MultiReport) -> list[str]:
 
 @lines.register
 def _(report: DiskFailure) -> list[str]:
-    return [f"failed: {report.error.get('message')}"]
+    return [f"{report.disk}: failed ({report.error.get('code')}): {report.error.get('message')}"]
 
 
 @lines.register

@@ -16,12 +16,15 @@ handles -- and provides:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...core import errors
 from ...engine.jobs import Guard, JobRunner, Outcome
 from ...engine.storage import FileCreator
+
+FULL_BELOW = 4 * 1024 * 1024  # bytes free on DEST's file system after a failed copy
 
 if TYPE_CHECKING:
     from ...core.relocate_plan import RelocatePlan, RelocateRequest
@@ -93,9 +96,28 @@ class Mover:
 
     def run(self) -> Outcome | None:
         self.prepare()
-        return self.move.runner.run(self.start, two_phase=self.two_phase, pivot=self.pivot,
-                                    wait=self.wait,
-                                    guard=self.guard())
+        try:
+            return self.move.runner.run(self.start, two_phase=self.two_phase, pivot=self.pivot,
+                                        wait=self.wait, guard=self.guard())
+        except errors.JobFailed as exc:
+            raise self.with_cause(exc) from exc
+
+    def with_cause(self, exc: errors.JobFailed) -> errors.JobFailed:
+        """libvirt's event says only "failed" (QEMU's reason stays in its
+        log): a DEST file system left (nearly) full is the likely cause, and
+        is said so."""
+        if self.move.device_room is not None or self.move.volume_sizes is not None:
+            return exc  # block volumes are extended, or refused, by the guard
+        folder = os.path.dirname(self.move.plan.dest)
+        try:
+            space = os.statvfs(folder)
+        except OSError:
+            return exc
+        free = space.f_bavail * space.f_frsize
+        if free >= FULL_BELOW:
+            return exc
+        return errors.JobFailed(f"{exc}: {folder} has {free} bytes free -- the copy most "
+                                "likely ran out of space (ENOSPC)")
 
     def follow(self, timeout_s: float | None) -> Outcome | None:
         """Wait on the job a killed command left (None: there is none;
