@@ -304,7 +304,8 @@ def test_snapshot_onto_a_device(make_vm, config, volumes, running):
 def with_create_command(config, folder):
     with open(config, "a") as handle:
         handle.write(f'volume_create_command: [{VOLUME_TOOL}, create, {folder}, "{{name}}", '
-                     '"{size_bytes}"]\n')
+                     '"{size_bytes}"]\n'
+                     f'volume_remove_command: [{VOLUME_TOOL}, remove, "{{path}}"]\n')
     return config
 
 
@@ -385,3 +386,30 @@ def test_recover_watches_the_volume_of_an_interrupted_merge(make_vm, config, vol
     assert_never_paused(vm, err)
     assert disk.live_chain() == [target, disk.layers[0]]
     check_then_restart(vm, disk, config, True, 0x6E)
+
+
+def test_volumes_a_timed_out_chain_relocation_created_are_removed(make_vm, config, workdir):
+    """Created means removed, volumes too: chain mode onto block volumes
+    stopped by its timeout while qemu-img writes the layers: every volume
+    it created is removed by volume_remove_command, the chain as before."""
+    vm, disk = chain_vm(make_vm)
+    vg = f"{workdir}/vg"
+    os.makedirs(vg)
+    config = with_create_command(with_volume_keys(config), vg)
+    try:
+        rc, out, err = rig.cli("relocate", vm.name, "vda", vg, "--mode", "chain", "--bandwidth",
+                               "1", "--timeout", "2", config=config)
+        assert rc == 3 and out["error"]["code"] == "timeout", (out, err)
+        assert os.listdir(vg) == [], os.listdir(vg)
+        assert disk.live_chain() == disk.layers[::-1]
+        rc, out, _ = rig.cli("verify", vm.name, config=config)
+        assert rc == 0 and out["ok"], out
+        disk.assert_guest_data()
+        rc, out, err = rig.cli("relocate", vm.name, "vda", vg, "--mode", "chain", config=config)
+        assert rc == 0, (out, err)
+        disk.assert_guest_data()
+    finally:
+        vm.destroy()
+        for name in os.listdir(vg):
+            if not name.startswith("."):
+                rig.remove_loop_device(os.path.realpath(f"{vg}/{name}"))

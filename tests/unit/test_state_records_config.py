@@ -107,6 +107,7 @@ def test_config(tmp_path):
     ("volume_extend_command: lvextend\n", "volume_extend_command"),
     ('volume_extend_command: [lvextend, "{path}"]\n', "volume_extend_command"),
     ('volume_create_command: [lvcreate, "{size_bytes}"]\n', "volume_create_command"),
+    ("volume_remove_command: [lvremove, -f]\n", "volume_remove_command"),
     ("volume_margin_mib: -1\n", "volume_margin_mib"),
 ])
 def test_config_keys_are_type_and_range_checked(tmp_path, text, named):
@@ -124,10 +125,12 @@ def test_config_good_values(tmp_path):
     assert config.storage_roots == ("/srv/vm", "/var/lib/libvirt/images")
     assert config.pivot_retries == 3 and config.poll_interval_s == 1.0
     path.write_text('volume_extend_command: [lvextend, -L, "{size_bytes}b", "{path}"]\n'
+                    'volume_remove_command: [lvremove, -f, "{path}"]\n'
                     "volume_margin_mib: 0\n")
     config = load_config(str(path))
     assert config.volume_extend_command == ("lvextend", "-L", "{size_bytes}b", "{path}")
     assert config.volume_margin_mib == 0 and config.volume_create_command == ()
+    assert config.volume_remove_command == ("lvremove", "-f", "{path}")
 
 
 SIMPLE_OR_NOT = [

@@ -12,6 +12,7 @@ Keys (all optional)::
     # guest's writes during a job (also the step of each extension)
     volume_extend_command: [lvextend, -L, "{size_bytes}b", "{path}"]
     volume_create_command: [lvcreate, -n, "{name}", -L, "{size_bytes}b", vg0]
+    volume_remove_command: [lvremove, -f, "{path}"]   # a roll-back's, of volumes it created
     volume_margin_mib: 1024
 """
 
@@ -37,6 +38,7 @@ class Config:
     pivot_retries: int = 10
     volume_extend_command: tuple[str, ...] = ()
     volume_create_command: tuple[str, ...] = ()
+    volume_remove_command: tuple[str, ...] = ()
     volume_margin_mib: int = 1024
 
 
@@ -131,11 +133,12 @@ def _check(path: str, key: str, value: object) -> object:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.01 <= value <= 60:
             raise bad("a number of seconds between 0.01 and 60")
         return float(value)
-    if key in ("volume_extend_command", "volume_create_command"):
+    if key in ("volume_extend_command", "volume_create_command", "volume_remove_command"):
         if value is None:
             return ()
-        needs = ("{path}", "{size_bytes}") if key == "volume_extend_command" else \
-            ("{name}", "{size_bytes}")
+        needs = {"volume_extend_command": ("{path}", "{size_bytes}"),
+                 "volume_create_command": ("{name}", "{size_bytes}"),
+                 "volume_remove_command": ("{path}",)}[key]
         # a bare number in the list (an option's value) is a word too
         words = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v
                  for v in value] if isinstance(value, list) else []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..core import errors
@@ -125,7 +125,8 @@ def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: Plan
         except (errors.BlockOpsError, OSError) as exc:
             try:
                 settle(domain, store, record,
-                       finish=lambda: op.finish(ctx, domain, plan, store, record))
+                       finish=lambda: op.finish(ctx, domain, plan, store, record),
+                       remove_volume=ctx.config.volume_remove_command)
             except (errors.BlockOpsError, OSError) as why:
                 log.warning("%s %s left for recover: %s", domain.name, plan.disk, why)
             raise as_failure(exc) from exc
@@ -137,7 +138,7 @@ class Settlement(enum.Enum):
 
 
 def settle(domain: Domain, store: RecordStore, record: OperationRecord,
-           finish: Callable[[], object]) -> Settlement:
+           finish: Callable[[], object], remove_volume: Sequence[str] = ()) -> Settlement:
     """Finish or roll back ``record`` from the chain the disk is on now
     (live, or from the images' headers when the VM is off). Raises
     VerificationFailed, and keeps the record, when the chain is neither the
@@ -152,7 +153,7 @@ def settle(domain: Domain, store: RecordStore, record: OperationRecord,
         problem = f"{record.disk}: chain is {now}, neither before nor after the operation"
         raise errors.VerificationFailed(problem, problems=[problem])
     store.advance(record, Phase.ROLLING_BACK)
-    remove_created_files(record, now)
+    remove_created_files(record, now, remove_volume)
     require_chain(domain, record.disk, before)
     store.finish(record)
     return Settlement.ROLLED_BACK

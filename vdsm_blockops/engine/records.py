@@ -269,12 +269,15 @@ class RecordStore:
             records[record.disk] = record
             self._store(records, config=config)
 
-    def add_created(self, record: OperationRecord, path: str) -> None:
-        """Enter a file this process has just created exclusively."""
+    def add_created(self, record: OperationRecord, path: str, volume: bool = False) -> None:
+        """Enter a file (or block ``volume``) this process has just created."""
         key = existing_key(path)
         if key is None:
             raise StateError(f"{path} was created but cannot be found")
-        record.created_files.append({"path": path, "id": key.to_json()})
+        entry: dict[str, Any] = {"path": path, "id": key.to_json()}
+        if volume:
+            entry["volume"] = True
+        record.created_files.append(entry)
         # In the persistent copy too: a VM stopped before recover must not
         # leave the files unnamed.
         self._write(record, config=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -14,9 +15,10 @@ from lxml import etree
 from ..core import errors
 from ..core.chain import parse_xml, source_kind
 from ..core.identity import ImageSet, existing_key, image_key, is_block_device, under_root
-from .images import reserve_file
+from .images import reserve_file, run_command
 from .records import OperationRecord, RecordStore
 from .users import chain_users
+from .volumes import node_command
 
 if TYPE_CHECKING:
     from ..virt import Domain
@@ -42,6 +44,13 @@ class FileCreator:
             raise errors.Conflict(f"{path} appeared while the operation was starting; "
                                   "another process creates it") from None
         self.store.add_created(self.record, path)
+
+    def created_volume(self, path: str) -> None:
+        """Enter a block volume the configured command has just created
+        (it cannot be reserved first: the command makes it; the plan
+        checked the name was free). A roll-back removes it with
+        ``volume_remove_command``."""
+        self.store.add_created(self.record, path, volume=True)
 
 
 def check_place(ctx: Context, path: str, reuse: bool, sources: ImageSet,
@@ -75,18 +84,28 @@ def check_place(ctx: Context, path: str, reuse: bool, sources: ImageSet,
             f"destination {path} is outside the allowed storage roots ({', '.join(roots)})")
 
 
-def remove_created_files(record: OperationRecord, live_paths: list[str]) -> list[str]:
-    """Remove the files this operation created, unless the VM uses them
-    (snapshot-stream after the snapshot) or the path no longer names the
-    file we made (then it is someone else's)."""
+def remove_created_files(record: OperationRecord, live_paths: list[str],
+                         remove_volume: Sequence[str] = ()) -> list[str]:
+    """Remove the files (and block volumes) this operation created, unless
+    the VM uses them (snapshot-stream after the snapshot) or the path no
+    longer names the file or volume we made (then it is someone else's).
+    Volumes go through ``remove_volume`` (``volume_remove_command``), the
+    newest first (their layers back onto the older ones)."""
     live = ImageSet(live_paths)
     removed = []
-    for entry in record.created_files:
+    for entry in reversed(record.created_files):
         path = entry["path"]
         if path in live or not record.still_ours(entry):
             continue
         log.info("removing partial destination %s", path)
-        os.unlink(path)
+        if entry.get("volume"):
+            if not remove_volume:
+                raise errors.OperationFailed(
+                    f"{path} is a block volume the operation created; set "
+                    "volume_remove_command in the config and run recover")
+            run_command(node_command(remove_volume, path=path))
+        else:
+            os.unlink(path)
         removed.append(path)
     return removed
 

@@ -37,8 +37,10 @@ from ..engine import qemuimg, volumes
 from ..engine.images import ImageInfo, run_command
 
 if TYPE_CHECKING:
+    from ..core.config import Config
     from ..core.relocate_plan import RelocatePlan
     from ..engine.context import Context
+    from ..engine.storage import FileCreator
     from ..virt import Domain
 
 
@@ -87,16 +89,20 @@ def mirror_guard(ctx: Context, domain: Domain, plan: RelocatePlan) -> volumes.Vo
     return volumes.VolumeGuard.configured(ctx.config, domain, locate, plan.dest)
 
 
-def volume_sizes(plan: RelocatePlan, images: dict[str, ImageInfo],
-                 create_command: Sequence[str], margin_mib: int) -> dict[str, int]:
+def volume_sizes(plan: RelocatePlan, images: dict[str, ImageInfo], config: Config) -> dict[str, int]:
     """The size of each new volume of a chain onto block volumes (the
     planner named them after the layers, in DEST's folder)."""
     folder = os.path.dirname(plan.dest)
-    if not create_command:
+    if not config.volume_create_command:
         raise errors.BadRequest(
             f"{folder} is a directory: DEST names the new active image (give a file path such "
             f"as {plan.dest}); chain mode onto block volumes, one per layer, needs "
             "volume_create_command in the config")
+    if not config.volume_remove_command:
+        raise errors.BadRequest(
+            "chain mode onto block volumes needs volume_remove_command in the config too: "
+            "a roll-back removes the volumes the operation created")
+    margin_mib = config.volume_margin_mib
     taken = [path for path in plan.chain_after if os.path.lexists(path)]
     if taken:
         raise errors.BadRequest(f"{plan.disk}: {', '.join(taken)} exist(s) already")
@@ -121,15 +127,17 @@ def create_volume(path: str, size: int, command: Sequence[str]) -> None:
 
 
 def copy_onto_volumes(plan: RelocatePlan, images: dict[str, ImageInfo], sizes: dict[str, int],
-                      command: Sequence[str], with_active: bool, rate_mib_s: int = 0,
-                      budget: Budget | None = None) -> None:
-    """Create the volumes and write the layers onto them, bottom up, each
+                      command: Sequence[str], with_active: bool, creator: FileCreator,
+                      rate_mib_s: int = 0, budget: Budget | None = None) -> None:
+    """Create the volumes (each entered in the record at once, for a
+    roll-back to remove) and write the layers onto them, bottom up, each
     proven; the active layer copied too (``with_active``: the VM is off) or
     an empty overlay for the mirror."""
     new_of = dict(plan.copies) | {plan.chain_before[0]: plan.dest}
     for src in reversed(plan.chain_before):
         image, new = images[src], new_of[src]
         create_volume(new, sizes[new], command)
+        creator.created_volume(new)
         below = new_of.get(image.backing_path) if image.backing_path else None
         volumes.format_destination(new, image.format, image.virtual_size, below,
                                    images[image.backing_path].format if image.backing_path else "")

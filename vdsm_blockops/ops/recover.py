@@ -173,7 +173,8 @@ def _recover_merge(ctx: Context, domain: Domain, store: RecordStore, record: Ope
             guard=lambda: merge_guard(ctx, domain, plan))
     op = Merge(MergeRequest(**record.request))
     return settle(domain, store, record,
-                  finish=lambda: op.finish(ctx, domain, plan, store, record)).value
+                  finish=lambda: op.finish(ctx, domain, plan, store, record),
+                  remove_volume=ctx.config.volume_remove_command).value
 
 
 def _recover_snapshot(ctx: Context, domain: Domain, store: RecordStore,
@@ -181,7 +182,8 @@ def _recover_snapshot(ctx: Context, domain: Domain, store: RecordStore,
     plan = SnapshotPlan.from_json(record.plan)
     op = Snapshot(SnapshotRequest(**record.request))
     return settle(domain, store, record,
-                  finish=lambda: op.finish(ctx, domain, plan, store, record)).value
+                  finish=lambda: op.finish(ctx, domain, plan, store, record),
+                  remove_volume=ctx.config.volume_remove_command).value
 
 
 def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: OperationRecord,
@@ -198,4 +200,5 @@ def _recover_relocate(ctx: Context, domain: Domain, store: RecordStore, record: 
         store.finish(record)
         return "finished"
     return settle(domain, store, record,
-                  finish=lambda: op.finish(ctx, domain, plan, store, record)).value
+                  finish=lambda: op.finish(ctx, domain, plan, store, record),
+                  remove_volume=ctx.config.volume_remove_command).value

@@ -180,8 +180,7 @@ class Relocate:
         owner = (domain.uuid, plan.disk)
         if facts.dest_is_folder:  # one new block volume per layer
             self.volume_sizes[plan.disk] = onto_devices.volume_sizes(
-                plan, self.images[plan.disk], ctx.config.volume_create_command,
-                ctx.config.volume_margin_mib)
+                plan, self.images[plan.disk], ctx.config)
             for path in plan.chain_after:  # the checks a file DEST gets
                 check_place(ctx, path, False, sources, owner)
             return

@@ -22,7 +22,8 @@ class ColdCopy(Mover):
         if move.volume_sizes is not None:  # every layer onto its new volume
             onto_devices.copy_onto_volumes(plan, move.images, move.volume_sizes,
                                            move.ctx.config.volume_create_command,
-                                           with_active=True, rate_mib_s=move.bandwidth,
+                                           with_active=True, creator=move.creator,
+                                           rate_mib_s=move.bandwidth,
                                            budget=move.ctx.budget)
             point_persistent_definition(move.domain, plan.disk, plan.dest, plan.format.value)
         else:

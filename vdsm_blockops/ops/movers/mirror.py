@@ -36,7 +36,8 @@ class Mirror(Mover):
         if move.volume_sizes is not None:
             onto_devices.copy_onto_volumes(plan, images, move.volume_sizes,
                                            move.ctx.config.volume_create_command,
-                                           with_active=False, rate_mib_s=move.bandwidth,
+                                           with_active=False, creator=move.creator,
+                                           rate_mib_s=move.bandwidth,
                                            budget=move.ctx.budget)
         elif plan.copies and not req.reuse_external:
             prepare_chain_copy(plan, images, move.creator, move.bandwidth, move.ctx.budget)
