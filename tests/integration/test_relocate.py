@@ -228,7 +228,8 @@ def test_refusals_change_nothing(make_vm, config, workdir):
     dir_config = f"{workdir}/dir.yaml"
     with open(dir_config, "w") as handle:
         handle.write(open(roots_config).read()
-                     + f'volume_create_command: [/usr/bin/touch, "{workdir}/ran-{{name}}-{{size_bytes}}"]\n')
+                     + f'volume_create_command: [/usr/bin/touch, "{workdir}/ran-{{name}}-{{size_bytes}}"]\n'
+                     + 'volume_remove_command: [/usr/bin/true, "{path}"]\n')
     os.makedirs(f"{workdir}/vg")
     rc, out, _ = rig.cli("relocate", vm.name, "vda", f"{workdir}/vg", "--mode", "chain",
                          config=dir_config)
