@@ -11,14 +11,23 @@ setup(
     url="https://github.com/vdsm-blockops/vdsm-blockops",
     classifiers=[
         "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Operating System :: POSIX :: Linux",
         "Topic :: System :: Systems Administration",
     ],
-    python_requires=">=3.11",
+    # 3.9: oVirt 4.5 nodes, EL9, Debian 11 (CI runs the unit tests there too)
+    python_requires=">=3.9",
     packages=find_packages(include=["vdsm_blockops", "vdsm_blockops.*"]),
     install_requires=[
-        "libvirt-python>=9.0,<10",
+        # any binding from 9.0 on: newer ones build against an older libvirt
+        # (measured: 12.8.0 against Debian 12's libvirt 9.0, on Python 3.9);
+        # a distro's python3-libvirt serves through --system-site-packages
+        "libvirt-python>=9.0",
         "lxml>=4.9",
         "PyYAML>=6.0",
         "tqdm>=4.64",
@@ -37,4 +46,11 @@ setup(
     },
     entry_points={"console_scripts": ["vdsm-blockops=vdsm_blockops.shells.cli:run"]},
     package_data={"vdsm_blockops": ["py.typed"]},
+    # Where man and bash-completion look beside a bin folder on PATH (a
+    # venv's too); made from the parser by scripts/make-docs.sh.
+    data_files=[
+        ("share/man/man1", ["share/man/man1/vdsm-blockops.1"]),
+        ("share/bash-completion/completions", ["share/bash-completion/completions/vdsm-blockops"]),
+        ("share/zsh/site-functions", ["share/zsh/site-functions/_vdsm-blockops"]),
+    ],
 )

@@ -1,24 +1,57 @@
-"""What a user installs: the wheel works on its own (hook and units verbs),
-the sdist carries tests, docs, hooks, the collection and the license."""
+"""What a user installs: the wheel works on its own (hook and units verbs)
+and on the oldest Python supported (its manual page found by man, its
+unit tests passing); the shipped manual, completions and hook are the ones
+the code makes; the sdist carries every file the demo and the tests use."""
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
 
+import pytest
+
+from vdsm_blockops.shells.manual import SHIPPED, shipped_hook, shipped_text
+from vdsm_blockops.shells.parser import build_parser
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OLDEST = "3.9"  # python_requires in setup.py
 
 
-def test_wheel_gives_working_hook_and_units_verbs(tmp_path):
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    dist = tmp_path_factory.mktemp("sdist")
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)], cwd=ROOT,
+                   check=True, capture_output=True)
+    found, = glob.glob(str(dist / "vdsm-blockops-*.tar.gz")) or \
+        glob.glob(str(dist / "vdsm_blockops-*.tar.gz"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory, sdist):
+    """Built from the sdist, as a user's pip would (a build/ folder left in
+    the source tree by an earlier layout once put stale modules in it)."""
+    dist = tmp_path_factory.mktemp("dist")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dist)
+    source, = glob.glob(str(dist / "vdsm*-*"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), ROOT], check=True, capture_output=True)
-    wheel, = glob.glob(str(tmp_path / "dist" / "vdsm_blockops-*.whl"))
+                    "-w", str(dist), source], check=True, capture_output=True)
+    found, = glob.glob(str(dist / "vdsm_blockops-*.whl"))
+    return found
+
+
+def test_wheel_gives_working_hook_and_units_verbs(tmp_path, wheel):
     site = tmp_path / "site"  # pip install of the wheel alone (its dependencies come from .venv)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     "--target", str(site), wheel], check=True, capture_output=True)
-    assert any(name.endswith("LICENSE") for name in zipfile.ZipFile(wheel).namelist())
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(name.endswith("LICENSE") for name in names)
+    for path in SHIPPED:  # data files: man page and completions
+        assert any(name.endswith(".data/data/" + path) for name in names), path
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import vdsm_blockops; "
             "assert vdsm_blockops.__file__.startswith(sys.argv[1]), vdsm_blockops.__file__; "
             "from vdsm_blockops.shells.cli import main; sys.exit(main(sys.argv[2:]))")
@@ -31,14 +64,89 @@ def test_wheel_gives_working_hook_and_units_verbs(tmp_path):
     assert len(os.listdir(tmp_path / "units")) == 3
 
 
-def test_sdist_carries_everything(tmp_path):
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
-                   check=True, capture_output=True)
-    sdist, = glob.glob(str(tmp_path / "vdsm-blockops-*.tar.gz")) or \
-        glob.glob(str(tmp_path / "vdsm_blockops-*.tar.gz"))
+def test_shipped_manual_completions_and_hook_are_current():
+    """One source of truth: the files in the repository are what the code
+    makes (run scripts/make-docs.sh after changing a verb or the hook)."""
+    stale = [path for path, kind in SHIPPED.items()
+             if open(os.path.join(ROOT, path), encoding="utf-8").read()
+             != shipped_text(build_parser(), kind)]
+    hook = os.path.join(ROOT, "hooks", "vdsm-blockops-guard")
+    if open(hook, encoding="utf-8").read() != shipped_hook():
+        stale.append("hooks/vdsm-blockops-guard")
+    assert stale == [], "stale: run scripts/make-docs.sh"
+    assert os.access(hook, os.X_OK)
+
+
+def test_the_manual_page_can_be_indexed_and_has_every_section(tmp_path):
+    page = tmp_path / "vdsm-blockops.1"
+    page.write_text(shipped_text(build_parser(), "manpage"))
+    proc = subprocess.run(["lexgrog", str(page)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "vdsm-blockops - live block operations" in proc.stdout, proc
+    text = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,
+                          env={**os.environ, "MANPAGER": "cat", "COLUMNS": "100"}).stdout
+    for heading in ("NAME", "SYNOPSIS", "EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"):
+        assert f"\n{heading}\n" in text, heading
+    for verb in ("merge", "relocate", "jobs", "abort", "recover", "verify", "hook"):
+        assert f"COMMAND 'vdsm-blockops {verb}'" in text, verb
+
+
+def _tree(*folders):
+    for folder in folders:
+        for top, dirs, files in os.walk(os.path.join(ROOT, folder)):
+            dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
+            for name in files:
+                if not name.endswith((".pyc", ".pyo")):
+                    yield os.path.relpath(os.path.join(top, name), ROOT)
+
+
+def test_sdist_carries_everything(sdist):
     names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
-    for wanted in ("LICENSE", "CHANGELOG.rst", "tests/rig.py", "tests/unit/test_packaging.py",
-                   "hooks/vdsm-blockops-guard", "docs/libvirt-notes.rst", "scripts/test.sh",
-                   "ansible/ansible_collections/vdsm/blockops/galaxy.yml",
-                   "ansible/ansible_collections/vdsm/blockops/plugins/modules/blockops_merge.py"):
-        assert wanted in names, wanted
+    # every file the demo, the tests, the docs and the hook need
+    wanted = set(_tree("tests", "scripts", "docs", "hooks", "share", "bench", ".ci"))
+    wanted |= {"LICENSE", "CHANGELOG.rst", "README.rst", "pytest.ini", "ruff.toml", "setup.cfg",
+               "ansible/ansible_collections/vdsm/blockops/galaxy.yml",
+               "ansible/ansible_collections/vdsm/blockops/plugins/modules/blockops_merge.py"}
+    assert {"scripts/demo.py", "tests/data/reports.json", "tests/volume-tool"} <= wanted
+    assert sorted(wanted - names) == []
+
+
+def _oldest_python():
+    """pyenv's build of the oldest version (its shim on PATH may not be
+    active), else one on PATH."""
+    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates = sorted(glob.glob(os.path.join(pyenv, "versions", f"{OLDEST}.*", "bin", "python")))
+    found = candidates[-1] if candidates else shutil.which(f"python{OLDEST}")
+    assert found, (f"no Python {OLDEST} on this machine (pyenv or PATH): the oldest "
+                   "supported interpreter must be tested")
+    return found
+
+
+def test_the_wheel_installs_and_runs_on_the_oldest_python(tmp_path, wheel):
+    venv = tmp_path / "oldest"
+    subprocess.run([_oldest_python(), "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", wheel, "pytest", "mock"],
+                         capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    version = subprocess.run([str(venv / "bin" / "vdsm-blockops"), "--version"],
+                             capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("vdsm-blockops "), version
+    # man finds the page beside the venv's bin folder on PATH
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "MANPAGER": "cat"}
+    env.pop("MANPATH", None)
+    where = subprocess.run(["man", "-w", "vdsm-blockops"], capture_output=True, text=True, env=env)
+    assert where.stdout.strip() == str(venv / "share/man/man1/vdsm-blockops.1"), where
+    page = subprocess.run(["man", "-l", where.stdout.strip()], capture_output=True, text=True,
+                          env=env)
+    assert page.returncode == 0 and "EXIT STATUS" in page.stdout
+    assert (venv / "share/bash-completion/completions/vdsm-blockops").exists()
+    # the unit tests, against the installed package (a copy of the tests,
+    # away from the source tree)
+    tests = tmp_path / "tests"
+    shutil.copytree(os.path.join(ROOT, "tests", "unit"), tests / "unit",
+                    ignore=shutil.ignore_patterns("__pycache__", "test_packaging.py"))
+    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tests)
+    shutil.copytree(os.path.join(ROOT, "tests", "data"), tests / "data")
+    run = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p",
+                          "no:cacheprovider", str(tests / "unit")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

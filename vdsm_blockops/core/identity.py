@@ -179,7 +179,7 @@ def same_images(a: Iterable[str], b: Iterable[str]) -> bool:
     """Whether two chains are the same images in the same order, however
     each names them."""
     a, b = list(a), list(b)
-    return len(a) == len(b) and all(image_key(x) == image_key(y) for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(image_key(x) == image_key(y) for x, y in zip(a, b))
 
 
 def is_block_device(path: str) -> bool:

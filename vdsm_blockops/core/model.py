@@ -10,15 +10,27 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Union
 
 
-class Operation(enum.StrEnum):
+class StrEnum(str, enum.Enum):
+    """``enum.StrEnum`` (3.11) for Python 3.9 and 3.10: members are their
+    values as strings -- in str(), format() and comparisons."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return str(self.value).__format__(spec)
+
+
+class Operation(StrEnum):
     MERGE = "merge"
     RELOCATE = "relocate"
     SNAPSHOT = "snapshot"
 
 
-class Strategy(enum.StrEnum):
+class Strategy(StrEnum):
     """How a merge runs. AUTO is a request, NOOP only ever a plan."""
 
     AUTO = "auto"
@@ -27,20 +39,20 @@ class Strategy(enum.StrEnum):
     NOOP = "noop"
 
 
-class Mode(enum.StrEnum):
+class Mode(StrEnum):
     CHAIN = "chain"
     FULL = "full"
     SHALLOW = "shallow"
 
 
-class Method(enum.StrEnum):
+class Method(StrEnum):
     AUTO = "auto"  # resolved by the planner: flatten where it copies faster, else mirror
     MIRROR = "mirror"
     SNAPSHOT_STREAM = "snapshot-stream"
     FLATTEN = "flatten"  # full mode: read-only part by qemu-img, then only the active layer mirrored
 
 
-class ImageFormat(enum.StrEnum):
+class ImageFormat(StrEnum):
     QCOW2 = "qcow2"
     RAW = "raw"
 
@@ -113,7 +125,7 @@ class ThresholdEvent:
     excess: int
 
 
-DiskEvent = BlockJobEvent | ThresholdEvent
+DiskEvent = Union[BlockJobEvent, ThresholdEvent]  # a runtime alias: no X | Y before 3.10
 
 
 class EventHub:

@@ -193,13 +193,13 @@ def chain_problems(disk: Disk, images: Sequence[ImageInfo]) -> list[str]:
             f"{disk.target}: definition names {xml_paths} but image metadata "
             f"chain starts {img_paths[: len(xml_paths)]}"
         )
-    for layer, image in zip(disk.chain, images, strict=False):
+    for layer, image in zip(disk.chain, images):
         if layer.format and image.format and layer.format != image.format:
             problems.append(
                 f"{disk.target}: {layer.path} is {image.format} but libvirt "
                 f"uses it as {layer.format}"
             )
-    for upper, lower in zip(images, images[1:], strict=False):
+    for upper, lower in zip(images, images[1:]):
         if upper.backing_format and upper.backing_format != lower.format:
             problems.append(
                 f"{disk.target}: {upper.path} records backing format "

@@ -203,7 +203,7 @@ def combine(kind: Operation, domain: Domain, target: str, disks: list[str],
         return report
     reports: list[Report] = [
         DiskFailure(disk=disk, error=as_failure(r).to_json()) if isinstance(r, BaseException)
-        else r for disk, r in zip(disks, results)]  # noqa: B905 (one per disk; 3.9 has no strict=)
+        else r for disk, r in zip(disks, results)]
     if failures:
         worst = max((as_failure(f) for f in failures), key=lambda e: e.exit_code)
         each = "; ".join(f"{r.disk} ({r.error['code']}): {r.error['message']}"

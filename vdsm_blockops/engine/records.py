@@ -11,7 +11,6 @@ verified (or the chain has been verified to be unchanged after a failure).
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from lxml import etree
 from ..core.chain import METADATA_NS, parse_xml
 from ..core.errors import Conflict, StateError
 from ..core.identity import ImageKey, existing_key, image_key
+from ..core.model import StrEnum
 
 if TYPE_CHECKING:
     from .state import StateDir
@@ -46,7 +46,7 @@ class MetadataHolder(Protocol):
 METADATA_KEY = "blockops"
 
 
-class Phase(enum.StrEnum):
+class Phase(StrEnum):
     PLANNED = "planned"  # record written, nothing changed yet
     PREPARED = "prepared"  # files created (overlays, copied layers)
     STARTED = "started"  # block job started

@@ -216,7 +216,7 @@ class NodeCache:
         entry = self.cached.get("chains", {}).get(key)
         if entry:
             stats = [(image, _stat(image)) for image, _, _ in entry]
-            if all(_stamp(st) == (ino, ctime) for (_, st), (_, ino, ctime) in zip(stats, entry, strict=True)):
+            if all(_stamp(st) == (ino, ctime) for (_, st), (_, ino, ctime) in zip(stats, entry)):
                 self.fresh["chains"][key] = entry
                 return stats
         images, ended = header_chain(path, fmt)
@@ -224,7 +224,7 @@ class NodeCache:
         stamps = [_stamp(st) for _, st in stats]
         if ended and all(stamps):
             self.fresh["chains"][key] = [[image, *stamp] for (image, _), stamp
-                                         in zip(stats, stamps, strict=True) if stamp]
+                                         in zip(stats, stamps) if stamp]
         return stats
 
     def save(self) -> None:

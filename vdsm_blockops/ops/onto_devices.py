@@ -107,7 +107,7 @@ def volume_sizes(plan: RelocatePlan, images: dict[str, ImageInfo], config: Confi
     if taken:
         raise errors.BadRequest(f"{plan.disk}: {', '.join(taken)} exist(s) already")
     sizes = {}
-    for pos, (src, new) in enumerate(zip(plan.chain_before, plan.chain_after, strict=True)):
+    for pos, (src, new) in enumerate(zip(plan.chain_before, plan.chain_after)):
         image = images[src]
         if image.format == "raw":
             sizes[new] = image.virtual_size

@@ -32,7 +32,7 @@ sys.exit(main())
 """
 
 
-def hook_script(config_path: str | None) -> str:
+def hook_script(config_path: str | None, python: str = sys.executable) -> str:
     """The installed hook: a shell wrapper around the package's interpreter.
 
     When the package breaks (its virtualenv removed, an import failing) the
@@ -42,11 +42,11 @@ def hook_script(config_path: str | None) -> str:
     loudly."""
     config = (f'[ -n "$VDSM_BLOCKOPS_CONFIG" ] || VDSM_BLOCKOPS_CONFIG={shlex.quote(config_path)}\n'
               "export VDSM_BLOCKOPS_CONFIG\n" if config_path else "")
-    python = shlex.quote(sys.executable)
+    python = shlex.quote(python)
     return (
         "#!/bin/sh\n"
         "# libvirt QEMU hook of vdsm-blockops (written by 'vdsm-blockops hook install').\n"
-        "# It never calls libvirt: libvirtd waits on it. See vdsm_blockops/hook.py.\n"
+        "# It never calls libvirt: libvirtd waits on it. See vdsm_blockops/shells/hook.py.\n"
         "# A broken package lets starts proceed and logs it (fail open, loudly).\n"
         f"{config}"
         f"PY={python}\n"

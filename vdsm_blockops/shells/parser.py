@@ -20,7 +20,7 @@ EXIT_CODES = """exit codes:
   0  done
   1  the operation failed (libvirt/QEMU error, failed verification)
   2  bad request, refused before anything changed
-  3  timed out (the job was aborted, the chain left consistent)
+  3  timed out: the operation was rolled back (recover: it stopped waiting)
   4  conflict: another job or operation holds the disk
 
 With --json stdout holds exactly one JSON object, on success and on failure."""
@@ -192,19 +192,17 @@ class Verb(NamedTuple):
     local: bool = True
 
 
-# The two verbs that print the parser itself live beside it.
+# The two verbs that print the parser itself (shells/manual.py).
 def _cmd_completion(args: argparse.Namespace, env: commands.Env) -> Report:
-    import shtab
+    from .manual import completion
 
-    return TextReport(operation="completion", text=shtab.complete(build_parser(),
-                                                                  shell=args.shell))
+    return TextReport(operation="completion", text=completion(build_parser(), args.shell))
 
 
 def _cmd_manpage(args: argparse.Namespace, env: commands.Env) -> Report:
-    from argparse_manpage.manpage import Manpage
+    from .manual import manual_page
 
-    return TextReport(operation="manpage", text=str(Manpage(build_parser())))
-
+    return TextReport(operation="manpage", text=manual_page(build_parser()))
 
 
 VERBS = [

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Regenerate the files made from the parser and the hook installer that the
+# repository ships: the manual page and completions under share/ (installed
+# by the wheel) and hooks/vdsm-blockops-guard. tests/unit/test_packaging.py
+# fails while any of them is stale.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+"$PY" - <<'PYEOF'
+import os
+from vdsm_blockops.shells.manual import SHIPPED, shipped_hook, shipped_text
+from vdsm_blockops.shells.parser import build_parser
+
+for path, kind in SHIPPED.items():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(shipped_text(build_parser(), kind))
+with open("hooks/vdsm-blockops-guard", "w", encoding="utf-8") as handle:
+    handle.write(shipped_hook())
+os.chmod("hooks/vdsm-blockops-guard", 0o755)
+PYEOF
+echo "made: $(ls share/man/man1/* share/*/*/* hooks/* | sort -u | tr '\n' ' ')"
