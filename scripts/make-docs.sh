@@ -8,13 +8,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" - <<'PYEOF'
 import os
-from vdsm_blockops.shells.manual import SHIPPED, shipped_hook, shipped_text
-from vdsm_blockops.shells.parser import build_parser
+from vdsm_blockops.shells.manual import SHIPPED, shipped_hook
+from vdsm_blockops.shells.parser import shipped_text
 
 for path, kind in SHIPPED.items():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(shipped_text(build_parser(), kind))
+        handle.write(shipped_text(kind))
 with open("hooks/vdsm-blockops-guard", "w", encoding="utf-8") as handle:
     handle.write(shipped_hook())
 os.chmod("hooks/vdsm-blockops-guard", 0o755)

@@ -13,8 +13,8 @@ import zipfile
 
 import pytest
 
-from vdsm_blockops.shells.manual import SHIPPED, shipped_hook, shipped_text
-from vdsm_blockops.shells.parser import build_parser
+from vdsm_blockops.shells.manual import SHIPPED, shipped_hook
+from vdsm_blockops.shells.parser import shipped_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OLDEST = "3.9"  # python_requires in setup.py
@@ -69,7 +69,7 @@ def test_shipped_manual_completions_and_hook_are_current():
     makes (run scripts/make-docs.sh after changing a verb or the hook)."""
     stale = [path for path, kind in SHIPPED.items()
              if open(os.path.join(ROOT, path), encoding="utf-8").read()
-             != shipped_text(build_parser(), kind)]
+             != shipped_text(kind)]
     hook = os.path.join(ROOT, "hooks", "vdsm-blockops-guard")
     if open(hook, encoding="utf-8").read() != shipped_hook():
         stale.append("hooks/vdsm-blockops-guard")
@@ -79,7 +79,7 @@ def test_shipped_manual_completions_and_hook_are_current():
 
 def test_the_manual_page_can_be_indexed_and_has_every_section(tmp_path):
     page = tmp_path / "vdsm-blockops.1"
-    page.write_text(shipped_text(build_parser(), "manpage"))
+    page.write_text(shipped_text("manpage"))
     proc = subprocess.run(["lexgrog", str(page)], capture_output=True, text=True)
     assert proc.returncode == 0 and "vdsm-blockops - live block operations" in proc.stdout, proc
     text = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,

@@ -86,8 +86,9 @@ def test_every_failure_is_one_json_object_and_no_traceback():
     proc = cli("merge", "vm", "vda", "--connect", "qemu+ssh://other/system", "--json")
     assert proc.returncode == 2 and "Ansible" in json.loads(proc.stdout)["error"]["message"]
     proc = cli("merge", "vm", "vda", "--strategy", "fast")
-    assert proc.returncode == 2 and proc.stderr.count("vdsm-blockops") == 1
-    assert "invalid choice" in proc.stderr
+    error = proc.stderr.splitlines()[-1]  # under the usage, one error line, one program name
+    assert proc.returncode == 2 and error.count("vdsm-blockops") == 1
+    assert "invalid choice" in error
 
 
 def test_quiet_help_completion_and_manpage():
@@ -96,3 +97,40 @@ def test_quiet_help_completion_and_manpage():
     assert cli("manpage").stdout.startswith(".TH")
     proc = cli("units", "uninstall", "--unit-dir", "/nonexistent-units", "--quiet")
     assert proc.returncode == 2 and proc.stdout == ""
+
+
+def test_virsh_names_are_hidden_aliases():
+    from vdsm_blockops.shells.parser import build_parser, parse_args
+
+    args = parse_args(["relocate", "vm", "vda", "/x/d.qcow2", "--finish", "--synchronous-writes",
+                       "--shallow", "--async"])
+    assert (args.no_pivot, args.sync_writes, args.mode, args.no_wait) == (True, True, "shallow", True)
+    args = parse_args(["merge", "vm", "vda", "--delete", "--wait"])
+    assert args.delete_retired and not args.no_wait
+    text = build_parser().format_help() + "".join(
+        sub.format_help() for action in build_parser()._subparsers._group_actions
+        for sub in action.choices.values())
+    for hidden in ("--finish", "--synchronous-writes", "--shallow", "--async", "--delete ", "--wait"):
+        assert hidden not in text, hidden
+
+
+def test_every_option_and_positional_has_help():
+    import argparse
+
+    from vdsm_blockops.shells.parser import build_parser
+
+    missing = []
+    for action in build_parser()._subparsers._group_actions:
+        for verb, sub in action.choices.items():
+            missing += [f"{verb} {a.dest}" for a in sub._actions if a.help is None]
+    assert missing == []
+    assert argparse.SUPPRESS  # hidden aliases carry SUPPRESS, which is a help too
+
+
+def test_a_parse_error_shows_the_usage_then_the_error():
+    proc = subprocess.run([sys.executable, "-m", "vdsm_blockops", "merge", "vm"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    usage, error = proc.stderr.split("vdsm-blockops: error: ")
+    assert usage.startswith("usage: vdsm-blockops merge ") and "domain disk" in usage
+    assert "required: disk" in error

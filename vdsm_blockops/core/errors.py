@@ -36,6 +36,7 @@ class BlockOpsError(Exception):
 
     exit_code = 1
     code = "failed"
+    usage: str | None = None  # a command line refused by the parser: its usage line
 
     def __init__(self, message: str, *, record: str | None = None, holder: str | None = None,
                  problems: list[str] | None = None,

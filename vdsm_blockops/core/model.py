@@ -85,6 +85,7 @@ class JobInfo:
     cur: int
     end: int
     bandwidth_bytes_s: int
+    in_bytes: bool = True  # QEMU counts a job's work in bytes; qemu-img's -p in percent
 
     @property
     def percent(self) -> float | None:

@@ -335,6 +335,14 @@ class InstallReport(Report):
 
 
 @dataclass
+class HistoryReport(Report):
+    """The node's trail of operations, oldest first."""
+
+    operation: str
+    entries: list[dict[str, Any]]
+
+
+@dataclass
 class TextReport(Report):
     """A completion script or the manual page."""
 

@@ -34,6 +34,7 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     budget: Budget = field(default_factory=Budget)  # --timeout and interrupt of one operation
+    allow_vdsm_managed: bool = False  # the operator's explicit override (see refuse_vdsm_managed)
 
     @property
     def state(self) -> StateDir:
@@ -66,6 +67,35 @@ def check_timeout(timeout_s: float | None) -> None:
                                 f"not {timeout_s!r}")
 
 
+# How VDSM marks the domains it runs (vdsm/virt/xmlconstants.py): its
+# metadata element <ovirt-vm:vm> and, for QoS, <ovirt-tune:qos>.
+VDSM_METADATA = ("http://ovirt.org/vm/1.0", "http://ovirt.org/vm/tune/1.0")
+
+
+def vdsm_managed(domain_xml: str) -> bool:
+    """Whether the domain's definition carries VDSM's metadata."""
+    from ..core.chain import parse_xml
+
+    metadata = parse_xml(domain_xml).find("metadata")
+    return metadata is not None and any(
+        isinstance(child.tag, str) and child.tag.startswith("{") and
+        child.tag[1:].split("}", 1)[0] in VDSM_METADATA for child in metadata)
+
+
+def refuse_vdsm_managed(ctx: Context, domain: Domain) -> None:
+    """VMs that VDSM manages are not ours to change (exit 2) unless the
+    operator says so: the tool updates no VDSM volume metadata (the engine's
+    view of the chain would go stale) and both would set block thresholds
+    on the same drives."""
+    if ctx.allow_vdsm_managed or not vdsm_managed(domain.xml()):
+        return
+    raise errors.BadRequest(
+        f"domain {domain.name} is managed by VDSM (its definition carries VDSM's <ovirt-vm:vm> "
+        "metadata): this tool would change its chains behind the oVirt engine's back (no "
+        "VDSM volume metadata is updated) and set block thresholds VDSM sets too; use the "
+        "engine, or pass --allow-vdsm-managed when VDSM no longer manages it")
+
+
 def running_domain(ctx: Context, name: str) -> Domain:
     domain = ctx.conn.domain(name)
     if not domain.is_active():
@@ -79,6 +109,7 @@ def operation_domain(ctx: Context, name: str) -> Domain:
     domain = ctx.conn.domain(name)
     if not domain.is_active() and not domain.is_persistent():
         raise errors.BadRequest(f"domain {domain.name} is neither running nor defined")
+    refuse_vdsm_managed(ctx, domain)
     return domain
 
 

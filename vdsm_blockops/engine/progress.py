@@ -5,9 +5,29 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from ..core.model import JobInfo
+
+
+class Speed:
+    """MiB/s and time left per disk, from the progress seen since the
+    first report (MiB/s only where the job counts bytes)."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, disk: str, info: JobInfo) -> str:
+        now = time.monotonic()
+        since, start = self._first.setdefault(disk, (now, info.cur))
+        elapsed, done = now - since, info.cur - start
+        if elapsed < 0.5 or done <= 0:
+            return ""
+        rate = done / elapsed
+        left = max(info.end - info.cur, 0) / rate
+        speed = f"{rate / 2**20:.1f} MiB/s  " if info.in_bytes else ""
+        return f"{speed}ETA {int(left) // 60}:{int(left) % 60:02d}"
 
 
 class LineProgress:
@@ -18,19 +38,21 @@ class LineProgress:
         self.step = step
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._pace = Speed()
 
     def __call__(self, disk: str, info: JobInfo) -> None:
         percent = info.percent
         if percent is None:
             return
         with self._lock:
+            pace = self._pace(disk, info)
             last = self._last.get(disk)
             if last is not None and percent - last < self.step and percent < 100:
                 return
             if last == percent:
                 return
             self._last[disk] = percent
-        self.stream.write(f"{disk}: {info.job_type} {percent:5.1f}%\n")
+        self.stream.write(f"{disk}: {info.job_type} {percent:5.1f}%  {pace}".rstrip() + "\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -47,6 +69,7 @@ class BarProgress:
         self.stream = stream
         self._bars: dict[str, Any] = {}  # tqdm bars (untyped)
         self._lock = threading.Lock()
+        self._pace = Speed()
 
     def __call__(self, disk: str, info: JobInfo) -> None:
         percent = info.percent
@@ -57,9 +80,10 @@ class BarProgress:
             if bar is None:
                 bar = self._tqdm(total=100.0, desc=f"{disk} {info.job_type}", unit="%",
                                  position=len(self._bars), file=self.stream, leave=True,
-                                 bar_format="{desc}: {percentage:5.1f}%|{bar}| {elapsed}")
+                                 bar_format="{desc}: {percentage:5.1f}%|{bar}| {elapsed} {postfix}")
                 self._bars[disk] = bar
             bar.n = percent
+            bar.set_postfix_str(self._pace(disk, info), refresh=False)
             bar.refresh()
 
     def close(self) -> None:

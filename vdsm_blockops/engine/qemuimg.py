@@ -92,7 +92,7 @@ def _watch(proc: subprocess.Popen[bytes], progress: Progress | None, budget: Bud
             percent = float(match.group(1))
             progress.observer(progress.disk, JobInfo(
                 disk=progress.disk, job_type=progress.job, cur=int(percent * 100), end=10000,
-                bandwidth_bytes_s=0))
+                bandwidth_bytes_s=0, in_bytes=False))
 
 
 class _Pace:

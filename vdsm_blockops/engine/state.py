@@ -107,6 +107,12 @@ class StateDir:
         return InvalidImages(self.invalidated())
 
     @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the node-wide lock ``name`` (waiting for it)."""
+        with self._lock_file(name):
+            yield
+
+    @contextlib.contextmanager
     def _lock_file(self, name: str, wait: bool = True,
                    between_tries: Callable[[], None] | None = None) -> Iterator[IO[str]]:
         """Hold ``locks/<name>`` (an flock), yielding its open file; with

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..core import errors
 from ..core.reports import AbortReport, SpeedReport
-from ..engine.context import Context, check_bandwidth
+from ..engine.context import Context, check_bandwidth, refuse_vdsm_managed
 from ..engine.node import current_chain, owner_alive
 from ..engine.records import OperationRecord, RecordStore
 
@@ -27,6 +27,7 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
     only -- so retired layers get registered and verify passes."""
     domain = ctx.conn.domain(domain_name)
     domain.spec().disk(target)
+    _refuse_foreign_vdsm_job(ctx, domain, target)
     job = domain.block_job_info(target) if domain.is_active() else None
     if job is None:
         return _abort_own_operation(ctx, domain, target, pivot)
@@ -116,7 +117,15 @@ def speed(ctx: Context, domain_name: str, target: str, bandwidth_mib_s: int) -> 
     bandwidth = check_bandwidth(bandwidth_mib_s)
     domain = ctx.conn.domain(domain_name)
     domain.spec().disk(target)
+    _refuse_foreign_vdsm_job(ctx, domain, target)
     if domain.block_job_info(target) is None:
         raise errors.BadRequest(f"disk {target} of {domain.name} has no block job")
     domain.set_speed(target, bandwidth)
     return SpeedReport(domain=domain.name, disk=target, bandwidth_mib_s=bandwidth)
+
+
+def _refuse_foreign_vdsm_job(ctx: Context, domain: Domain, target: str) -> None:
+    """On a VM VDSM manages, only the work of an operation of ours (its
+    record on the disk) is ours to control."""
+    if RecordStore(domain).load().get(target) is None:
+        refuse_vdsm_managed(ctx, domain)

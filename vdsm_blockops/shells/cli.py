@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, NoReturn
 
 from ..core import errors
+from ..core.budget import INTERRUPTED
 from ..core.config import require_local_uri
 from ..core.reports import Report
 from . import commands
@@ -70,10 +72,14 @@ def _emit(result: Report | dict[str, Any], as_json: bool) -> None:
             print(text)
 
 
-def _fail(error: errors.BlockOpsError, as_json: bool) -> int:
+def _fail(error: errors.BlockOpsError, as_json: bool, env: commands.Env | None = None,
+          started: float = 0.0) -> int:
+    _trail(env, started, error.exit_code, {"error": error.to_json()})
     if as_json:
         _emit({"ok": False, "error": error.to_json()}, True)
     else:
+        if error.usage:
+            sys.stderr.write(error.usage)
         print(f"vdsm-blockops: error: {error}", file=sys.stderr)
     return error.exit_code
 
@@ -91,11 +97,32 @@ def _stop_on_sigterm() -> None:
         pass
 
 
+# The verbs that change a node: each run leaves a line in its history.
+TRAILED = ("merge", "relocate", "snapshot", "abort", "speed", "recover")
+
+
+def _trail(env: commands.Env | None, started: float, exit_code: int,
+           body: dict[str, Any]) -> None:
+    if env is None or env.args.verb not in TRAILED or getattr(env.args, "dry_run", False):
+        return
+    args = env.args
+    from ..engine.history import append, entry
+    from ..engine.state import StateDir
+
+    error = body.get("error") or {}
+    append(StateDir(env.config.state_dir), entry(
+        source="cli", operation=args.verb, domain=getattr(args, "domain", None),
+        disk=getattr(args, "disk", None), started=started, exit_code=exit_code,
+        outcome=error.get("code") or ("ok" if exit_code == 0 else "failed"), body=body,
+        message=error.get("message")))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _stop_on_sigterm()
     as_json = "--json" in argv
     env = None
+    started = time.time()
     try:
         args = parse_args(argv)
         as_json = args.json
@@ -104,23 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.local:
             require_local_uri(env.uri)
         report = args.func(args, env)
+        _trail(env, started, report.exit_code, report.to_json())
         if as_json or not args.quiet or not report.ok:
             _emit(report, as_json)
         return int(report.exit_code)
     except errors.BlockOpsError as exc:
-        return _fail(exc, as_json)
+        return _fail(exc, as_json, env, started)
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM: the command stops; what it started is handed
         # over as it stands -- a libvirt job runs on, its record tells
         # 'recover' what to finish or roll back. One error contract still:
         # exit 1 and, under --json, one JSON object.
-        return _fail(errors.Interrupted(
-            "interrupted: the command stopped; a block job it started (if any) goes on "
-            "under its record: see 'jobs', then 'recover' to finish or roll it back"), as_json)
+        return _fail(errors.Interrupted(INTERRUPTED), as_json, env, started)
     except Exception as exc:  # one error contract: exit 1 and one JSON object, whatever broke
         # The traceback goes to the log; on stderr only with --debug.
         log.error("unexpected error: %s", exc, exc_info=True, extra={"log_only": True})
-        return _fail(errors.OperationFailed(f"{type(exc).__name__}: {exc}"), as_json)
+        return _fail(errors.OperationFailed(f"{type(exc).__name__}: {exc}"), as_json, env,
+                     started)
     finally:
         if env is not None:
             env.close()

@@ -28,6 +28,15 @@ def cmd_jobs(args: argparse.Namespace, env: Env) -> Report:
     return list_jobs(env.conn, args.domain)
 
 
+def cmd_history(args: argparse.Namespace, env: Env) -> Report:
+    from ..core.reports import HistoryReport
+    from ..engine.history import read
+    from ..engine.state import StateDir
+
+    return HistoryReport(operation="history",
+                         entries=list(read(StateDir(env.config.state_dir), args.domain)))
+
+
 def cmd_merge(args: argparse.Namespace, env: Env) -> Report:
     from ..ops.merge import MergeRequest, merge
 
@@ -132,8 +141,9 @@ class Env:
         from ..engine.context import Context
         from ..engine.progress import make_progress
 
-        self._progress = make_progress(progress and not self.json)
-        return Context(conn=self.conn, config=self.config, observer=self._progress)
+        self._progress = make_progress(progress and not self.json and not self.args.quiet)
+        return Context(conn=self.conn, config=self.config, observer=self._progress,
+                       allow_vdsm_managed=bool(getattr(self.args, "allow_vdsm_managed", False)))
 
     def close(self) -> None:
         close = getattr(self._progress, "close", None)

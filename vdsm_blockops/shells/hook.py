@@ -189,10 +189,19 @@ def run(argv: list[str], stdin: BinaryIO, state: StateDir, deadline_s: float = D
             queue_recovery(state, domain)
     except Refusal as exc:
         sys.stderr.write(f"vdsm-blockops: {domain}: {exc}\n")
+        _trail_refusal(state, domain, op, str(exc))
         return 1
     except Exception as exc:  # never block a VM on our own bug
         log.error("hook %s %s %s: internal error, letting it go: %s", domain, op, sub, exc)
     return 0
+
+
+def _trail_refusal(state: StateDir, domain: str, op: str, why: str) -> None:
+    from ..engine import history
+
+    history.append(state, history.entry(
+        source="hook", operation="start" if op == "prepare" else op, domain=domain, disk=None,
+        started=time.time(), exit_code=1, outcome="refused", message=why))
 
 
 def read_xml(stdin: BinaryIO) -> bytes:

@@ -47,7 +47,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse would print usage and exit 2
         # One program name per error line: main() prefixes "vdsm-blockops:".
         verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
-        raise errors.BadRequest(f"{verb}: {message}" if verb else message)
+        error = errors.BadRequest(f"{verb}: {message}" if verb else message)
+        error.usage = self.format_usage()  # shown above the error, as argparse does
+        raise error
 
 
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -58,7 +60,8 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="print exactly one JSON object on stdout")
     parser.add_argument("--config", metavar="PATH", default=default(None),
                         help="config file (default /etc/vdsm-blockops/config.yaml)")
-    parser.add_argument("-v", "--verbose", action="count", default=default(0))
+    parser.add_argument("-v", "--verbose", action="count", default=default(0),
+                        help="log what happens on stderr (-vv: and the details)")
     parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
                         help="print nothing on success (errors still go to stderr)")
     parser.add_argument("--debug", action="store_true", default=default(False),
@@ -78,6 +81,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def _alias(parser: argparse.ArgumentParser, option: str, dest: str) -> None:
+    """A hidden second name of a flag (virsh's name for it)."""
+    parser.add_argument(option, dest=dest, action="store_true", help=argparse.SUPPRESS)
+
+
+def _add_vdsm_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-vdsm-managed", action="store_true",
+                        help="act on a VM whose definition carries VDSM's metadata (refused by "
+                             "default: the oVirt engine's view would go stale)")
+
+
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", type=int, metavar="MIB_PER_S", default=0,
                         help="throttle the job (MiB/s, 0 = unlimited)")
@@ -85,12 +99,20 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="abort the job after this long (exit 3)")
     parser.add_argument("--no-wait", action="store_true",
                         help="start the job and return; follow up with jobs/recover")
+    # virsh's names, accepted and not shown: --async, and --wait (waiting is
+    # the default here: it changes nothing)
+    _alias(parser, "--async", "no_wait")
+    parser.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    _add_vdsm_override(parser)
+
+
+DOMAIN_HELP = "the domain's name or UUID"
 
 
 def _chain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain")
-    p.add_argument("disk", nargs="?")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("disk", nargs="?", help="one disk's target name (vda); default: every disk")
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
@@ -100,11 +122,11 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _jobs_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain", nargs="?")
+    p.add_argument("domain", nargs="?", help="one domain (default: every domain of the node)")
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("disk", help="target name (vda) or 'all'")
     p.add_argument("--base", help="image kept as the backing (path or vda[N]); none: flatten")
     p.add_argument("--top", help="highest image of the segment (default: the active image)")
@@ -114,11 +136,12 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
                    help="keep relative backing names (default: when the chain already uses them)")
     p.add_argument("--delete-retired", action="store_true",
                    help="unlink retired layers after verification when nothing uses them")
+    _alias(p, "--delete", "delete_retired")  # virsh blockcommit --delete
     _add_job_options(p)
 
 
 def _relocate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("disk", help="target name (vda) or 'all' (then DEST is a folder)")
     p.add_argument("dest", help="path of the new active image")
     p.add_argument("--mode", default="chain", choices=choices(Mode),
@@ -133,32 +156,41 @@ def _relocate_args(p: argparse.ArgumentParser) -> None:
                    help="guest writes go to both sides, so the copy always converges")
     p.add_argument("--no-pivot", action="store_true",
                    help="stay on the source; DEST is a consistent copy as of the finish")
+    # virsh blockcopy's names, accepted and not shown
+    _alias(p, "--synchronous-writes", "sync_writes")
+    _alias(p, "--finish", "no_pivot")
+    # virsh blockcopy --shallow: only the active layer moves
+    p.add_argument("--shallow", action="store_const", dest="mode", const="shallow",
+                   help=argparse.SUPPRESS)
     p.add_argument("--delete-source", action="store_true",
                    help="after pivot and verification unlink source files nothing uses")
     _add_job_options(p)
 
 
 def _snapshot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain")
-    p.add_argument("disk")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("disk", help="the disk's target name (vda)")
     p.add_argument("overlay", help="path of the new qcow2 overlay")
     p.add_argument("--reuse-external", action="store_true", help="OVERLAY exists already")
+    _add_vdsm_override(p)
 
 
 def _abort_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain")
-    p.add_argument("disk")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("disk", help="the disk's target name (vda)")
     p.add_argument("--pivot", action="store_true", help="pivot onto the mirror (must be ready)")
+    _add_vdsm_override(p)
 
 
 def _speed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain")
-    p.add_argument("disk")
-    p.add_argument("bandwidth", type=int, metavar="MIB_PER_S")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("disk", help="the disk's target name (vda)")
+    p.add_argument("bandwidth", type=int, metavar="MIB_PER_S", help="the new limit (0: none)")
+    _add_vdsm_override(p)
 
 
 def _recover_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain", nargs="?")
+    p.add_argument("domain", nargs="?", help="one domain (default: every domain with a record)")
     p.add_argument("--queued", action="store_true",
                    help="recover the domains the libvirt hook queued")
     p.add_argument("--timeout", type=seconds, metavar="SECONDS",
@@ -166,20 +198,20 @@ def _recover_args(p: argparse.ArgumentParser) -> None:
 
 
 def _hook_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("action", choices=["install", "uninstall"], help="install or uninstall")
     p.add_argument("--hooks-dir", default=None, help="default /etc/libvirt/hooks/qemu.d")
     p.add_argument("--reload", action="store_true", help="SIGHUP libvirtd so it sees the change")
 
 
 def _units_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("action", choices=["install", "uninstall"], help="install or uninstall")
     p.add_argument("--unit-dir", default=None, help="default /etc/systemd/system")
     p.add_argument("--enable", action="store_true",
                    help="also enable (install) or disable (uninstall) them with systemctl")
 
 
 def _completion_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell to complete in")
 
 
 class Verb(NamedTuple):
@@ -226,6 +258,8 @@ VERBS = [
          commands.cmd_units, _units_args, local=False),
     Verb("verify", "check a domain's chains against the images' metadata", commands.cmd_verify,
          _verify_args),
+    Verb("history", "show what ran on this node (every domain, or one), oldest first",
+         commands.cmd_history, _jobs_args, local=False),
     Verb("completion", "print a shell completion script", _cmd_completion,
          _completion_args, local=False),
     Verb("manpage", "print the manual page (roff)", _cmd_manpage, None, local=False),
@@ -268,3 +302,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         except errors.BadRequest:
             pass
     return build_parser().parse_args(argv)
+
+
+def shipped_text(kind: str) -> str:
+    """A shipped file's text: the same on every machine (argparse wraps
+    usage lines to the terminal's width: made at 80 columns)."""
+    from .manual import completion, manual_page
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    try:
+        parser = build_parser()
+        return manual_page(parser) if kind == "manpage" else completion(parser, kind)
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved

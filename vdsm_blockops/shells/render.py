@@ -9,6 +9,7 @@ from ..core.reports import (
     AbortReport,
     ChainReport,
     DiskFailure,
+    HistoryReport,
     InstallReport,
     JobsReport,
     MergeReport,
@@ -178,6 +179,16 @@ def _(report: SpeedReport) -> list[str]:
 def _(report: InstallReport) -> list[str]:
     out = [f"{report.operation}: {report.path or ', '.join(report.units or [])}"]
     return out + ([report.note] if report.note else [])
+
+
+@lines.register
+def _(report: HistoryReport) -> list[str]:
+    if not report.entries:
+        return ["no operations in the history"]
+    return [" ".join(str(e.get(k) if e.get(k) is not None else "-")
+                     for k in ("start", "source", "operation", "domain", "disk", "method", "outcome",
+                               "exit_code")) + (f"  {e['message']}" if e.get("message") else "")
+            for e in report.entries]
 
 
 @lines.register

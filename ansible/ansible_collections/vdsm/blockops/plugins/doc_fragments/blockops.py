@@ -13,6 +13,12 @@ options:
   config:
     description: Path of the node's vdsm-blockops config file.
     type: path
+  allow_vdsm_managed:
+    description:
+      - Act on a VM whose definition carries VDSM's metadata. Refused by default, since the
+        oVirt engine's view of the chain would go stale and both would set block thresholds.
+    type: bool
+    default: false
 requirements: [vdsm-blockops, libvirt-python]
 """
 

@@ -6,6 +6,9 @@ its errors onto fail_json. The modules stay thin shells."""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 import traceback
 
 try:
@@ -20,6 +23,7 @@ except ImportError:  # pragma: no cover - reported through fail_json
 COMMON_ARGS = dict(
     uri=dict(type="str", default=None),
     config=dict(type="path", default=None),
+    allow_vdsm_managed=dict(type="bool", default=False),
 )
 
 
@@ -29,14 +33,45 @@ def require_library(module):
                              "for the interpreter Ansible uses", exception=IMPORT_ERROR)
 
 
+class _WarnHandler(logging.Handler):
+    """The library's warnings (bitmaps that stay, layers kept...) reach the
+    play through module.warn."""
+
+    def __init__(self, module):
+        super().__init__(logging.WARNING)
+        self.module = module
+
+    def emit(self, record):
+        self.module.warn(record.getMessage())
+
+
+def _log_like_the_cli(module):
+    """INFO and up to the system log, as the CLI logs (tag
+    vdsm-blockops-ansible); warnings to module.warn too."""
+    root = logging.getLogger("vdsm_blockops")
+    root.setLevel(logging.INFO)
+    root.addHandler(_WarnHandler(module))
+    if os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler
+
+        try:
+            syslog = SysLogHandler(address="/dev/log")
+        except OSError:
+            return
+        syslog.setFormatter(logging.Formatter("vdsm-blockops-ansible[%(process)d]: %(message)s"))
+        root.addHandler(syslog)
+
+
 def context(module):
     from vdsm_blockops.engine.context import Context
     from vdsm_blockops.virt import open_connection
 
+    _log_like_the_cli(module)
     config = load_config(module.params.get("config"))
     uri = module.params.get("uri") or config.connect
     require_local_uri(uri)  # the module runs on the node whose files it touches
-    return Context(conn=open_connection(uri), config=config)
+    return Context(conn=open_connection(uri), config=config,
+                   allow_vdsm_managed=bool(module.params.get("allow_vdsm_managed")))
 
 
 def run(module, action):
@@ -50,6 +85,33 @@ def run(module, action):
         module.fail_json(msg=f"{type(exc).__name__}: {exc}",
                          error={"code": "operation-failed", "exit_code": 1},
                          exception=traceback.format_exc())
+
+
+def traced(module, ctx, operation, action):
+    """``action()`` (an operation returning its JSON report), with a line
+    in the node's history whatever its outcome (not in check mode)."""
+    from vdsm_blockops.engine import history
+
+    started = time.time()
+    params = module.params
+
+    def trail(exit_code, outcome, body=None, message=None):
+        if not module.check_mode:
+            history.append(ctx.state, history.entry(
+                source="ansible", operation=operation, domain=params.get("domain"),
+                disk=params.get("disk"), started=started, exit_code=exit_code, outcome=outcome,
+                body=body, message=message))
+
+    try:
+        report = action()
+    except _errors.BlockOpsError as exc:
+        trail(exc.exit_code, exc.code, message=str(exc))
+        raise
+    except Exception as exc:
+        trail(1, "operation-failed", message=f"{type(exc).__name__}: {exc}")
+        raise
+    trail(0, "ok", body=report)
+    return report
 
 
 def exit_with_report(module, report, changed):

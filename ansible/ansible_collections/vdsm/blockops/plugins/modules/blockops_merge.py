@@ -113,7 +113,7 @@ results:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, exit_with_report, require_library, run)
+    COMMON_ARGS, context, exit_with_report, require_library, run, traced)
 
 
 def main():
@@ -146,7 +146,7 @@ def main():
     done = run(module, lambda: already_done(ctx, req))
     if done:
         module.exit_json(changed=False, msg=done)
-    report = run(module, lambda: merge(ctx, req).to_json())
+    report = run(module, lambda: traced(module, ctx, "merge", lambda: merge(ctx, req).to_json()))
     reports = report.get("results", [report])
     changed = any(r.get("strategy") != "noop" for r in reports)
     exit_with_report(module, report, changed)

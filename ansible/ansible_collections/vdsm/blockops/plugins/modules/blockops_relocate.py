@@ -127,7 +127,7 @@ results:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, exit_with_report, require_library, run)
+    COMMON_ARGS, context, exit_with_report, require_library, run, traced)
 
 
 def main():
@@ -168,7 +168,8 @@ def main():
     done = run(module, lambda: already_done(ctx, req))
     if done:
         module.exit_json(changed=False, msg=done)
-    report = run(module, lambda: relocate(ctx, req).to_json())
+    report = run(module, lambda: traced(module, ctx, "relocate",
+                                        lambda: relocate(ctx, req).to_json()))
     exit_with_report(module, report, changed=True)
 
 

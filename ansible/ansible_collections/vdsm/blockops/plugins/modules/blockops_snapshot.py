@@ -62,7 +62,7 @@ volume:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, exit_with_report, require_library, run)
+    COMMON_ARGS, context, exit_with_report, require_library, run, traced)
 
 
 def main():
@@ -86,8 +86,9 @@ def main():
         exit_with_report(module, done.to_json(), changed=False)
     req = SnapshotRequest(domain=p["domain"], disk=p["disk"], overlay=p["overlay"],
                           reuse_external=p["reuse_external"], dry_run=module.check_mode)
-    report = run(module, lambda: snapshot(ctx, req))
-    exit_with_report(module, report.to_json(), changed=True)
+    report = run(module, lambda: traced(module, ctx, "snapshot",
+                                        lambda: snapshot(ctx, req).to_json()))
+    exit_with_report(module, report, changed=True)
 
 
 if __name__ == "__main__":
