@@ -1,8 +1,15 @@
+import re
+
 from setuptools import find_packages, setup
+
+# One version: the package's (galaxy.yml and the changelogs follow it; a
+# unit test compares them).
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("vdsm_blockops/__init__.py").read(),
+                    re.M).group(1)
 
 setup(
     name="vdsm-blockops",
-    version="0.1.0",
+    version=VERSION,
     description="Live block operations (merge, relocate) on running libvirt/QEMU VMs",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",

@@ -145,28 +145,55 @@ def test_evacuate_and_consolidate_across_two_nodes(make_vm, inventory, workdir):
             vm.add_chain("vda", rig.four_layers(), directory=f"{old}/{node}/{vm.name}")
             vm.start() if running else vm.define()
             vms[vm] = node
+    # Only the base on the old storage (through an alias of its folder), the
+    # overlays elsewhere: it must move too.
+    alias = f"{workdir}/old-alias"
+    os.symlink(old, alias)
+    based = make_vm()
+    for folder in (f"{old}/node1/{based.name}", f"{workdir}/elsewhere/{based.name}"):
+        os.makedirs(folder)
+    base_disk = based.add_layers("vda", [
+        (f"{alias}/node1/{based.name}/base.qcow2", None, rig.LayerSpec("A", [rig.Write(0xA1, 0, 4)])),
+        (f"{workdir}/elsewhere/{based.name}/top.qcow2", f"{alias}/node1/{based.name}/base.qcow2",
+         rig.LayerSpec("B", [rig.Write(0xB1, 2, 1)]))])
+    based.start()
+    vms[based] = "node1"
     # Both inventory hosts reach the same libvirtd, so each node's VMs live
     # under its own source folder (a host variable): the nodes stay apart.
     with open(inventory, "a") as handle:
         handle.write("[nodes:vars]\nsource_path=" + old + "/{{ inventory_hostname }}\n")
     evacuate = os.path.join(PLAYBOOKS, "evacuate.yml")
     started = time.monotonic()
-    rc, recap, out = play(inventory, evacuate, "-e", f"dest_path={new}", "-e", "per_node_limit=2")
+    rc, recap, out = play(inventory, evacuate, "-e", "target_hosts=nodes", "-e", f"dest_path={new}",
+                          "-e", "per_node_limit=2")
     elapsed = time.monotonic() - started
     assert rc == 0 and set(recap) == set(NODES), out
     assert all(r["failed"] == 0 and r["changed"] >= 3 for r in recap.values()), out
     print(f"evacuate: {len(vms)} VMs on {len(NODES)} nodes in {elapsed:.1f} s")
     for vm in vms:
         chain = vm.disks["vda"].chain()
-        assert len(chain) == 4 and all(p.startswith(f"{new}/{vm.name}/vda/") for p in chain)
+        assert len(chain) == len(vm.disks["vda"].layers)
+        assert all(p.startswith(f"{new}/{vm.name}/vda/") for p in chain), chain
         vm.disks["vda"].assert_guest_data()
-    rc, recap, out = play(inventory, evacuate, "-e", f"dest_path={new}")   # safe to re-run
+        assert f"{vm.name} vda: moved to {new}/{vm.name}/vda/" in out, vm.name  # the report
+    assert base_disk.chain()[0] == f"{new}/{based.name}/vda/top.qcow2"
+    rc, recap, out = play(inventory, evacuate, "-e", "target_hosts=nodes", "-e",
+                          f"dest_path={new}")   # safe to re-run
     assert rc == 0 and all(r["changed"] == 0 and r["failed"] == 0 for r in recap.values()), out
     consolidate = os.path.join(PLAYBOOKS, "consolidate.yml")
     for expect_changes in (True, False):
-        rc, recap, out = play(inventory, consolidate, "-e", "max_layers=2", limit="node1")
+        rc, recap, out = play(inventory, consolidate, "-e", "target_hosts=node1", "-e",
+                              "max_layers=2")
         assert rc == 0, out
         assert (recap["node1"]["changed"] > 0) is expect_changes, out
     for vm in vms:
         assert len(vm.disks["vda"].chain()) == 2
         vm.disks["vda"].assert_guest_data()
+    # no hosts named, nothing runs: there is no "all" default
+    rc, recap, out = play(inventory, evacuate, "-e", f"dest_path={new}")
+    assert rc != 0 and "target_hosts" in out and not recap, out
+    for role in ("evacuate", "consolidate"):
+        doc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible-doc"), "-t",
+                              "role", f"vdsm.blockops.{role}"], capture_output=True, text=True,
+                             env=dict(os.environ, ANSIBLE_COLLECTIONS_PATH=COLLECTIONS))
+        assert doc.returncode == 0 and f"{role}_" in doc.stdout, doc.stdout + doc.stderr

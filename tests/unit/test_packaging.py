@@ -150,3 +150,18 @@ def test_the_wheel_installs_and_runs_on_the_oldest_python(tmp_path, wheel):
                           "no:cacheprovider", str(tests / "unit")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_one_version_across_package_collection_and_changelogs():
+    import re
+
+    import vdsm_blockops
+
+    version = vdsm_blockops.__version__
+    galaxy = open(os.path.join(ROOT, "ansible/ansible_collections/vdsm/blockops/galaxy.yml")).read()
+    assert re.search(r"^version: (\S+)$", galaxy, re.M).group(1) == version
+    changelog = open(os.path.join(ROOT, "CHANGELOG.rst")).read()
+    assert re.search(r"^(\d+\.\d+\.\d+) \(", changelog, re.M).group(1) == version
+    setup = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert setup.stdout.strip().splitlines()[-1] == version

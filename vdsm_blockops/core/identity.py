@@ -206,3 +206,25 @@ def under_root(path: str, root: str) -> bool:
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
     return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+
+def inside_folder(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` or below, decided on the folders'
+    identities (device and inode): an alias of the folder -- a symlink to
+    it, a bind mount of it -- is the folder, whatever the path strings say."""
+    try:
+        wanted = os.stat(folder)
+    except OSError:
+        return False
+    here = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            seen = os.stat(here)
+        except OSError:
+            return False
+        if (seen.st_dev, seen.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return True
+        parent = os.path.dirname(here)
+        if parent == here:
+            return False
+        here = parent

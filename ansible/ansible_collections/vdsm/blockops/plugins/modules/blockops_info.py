@@ -28,12 +28,24 @@ options:
   domain:
     description: Name or UUID of one domain; all domains when omitted.
     type: str
+  under:
+    description:
+      - A folder (a storage domain's mount, say). Adds I(under) to the result - every disk
+        with any layer of its chain in that folder or below, decided by the folders'
+        identities (a symlinked or bind-mounted alias of the folder counts as the folder).
+    type: path
+    version_added: "0.2.0"
 """
 
 EXAMPLES = r"""
 - name: Gather the chains of every VM
   vdsm.blockops.blockops_info:
   register: blockops
+
+- name: Which disks have any layer on the old storage
+  vdsm.blockops.blockops_info:
+    under: /rhev/data-center/mnt/old-nfs
+  register: on_old
 """
 
 RETURN = r"""
@@ -42,11 +54,38 @@ domains:
   returned: always
   type: list
   elements: dict
+  sample:
+    - domain: web01
+      active: true
+      disks:
+        - disk: vda
+          device: disk
+          chain:
+            - {path: /srv/vm/web01-s1.qcow2, format: qcow2, index: 2}
+            - {path: /srv/vm/web01.qcow2, format: qcow2, index: 1}
 jobs:
-  description: Active block jobs (domain, disk, type, cur, end, percent, bandwidth, ready).
+  description: Active block jobs.
   returned: always
   type: list
   elements: dict
+  contains:
+    domain: {description: The domain's name., type: str}
+    disk: {description: The disk's target name., type: str}
+    type: {description: "The job's type (pull, commit, active-commit, copy)", type: str}
+    percent: {description: Progress in percent., type: float}
+    ready: {description: Whether a copy or active commit can pivot., type: bool}
+under:
+  description: The disks with any layer under the folder I(under).
+  returned: when I(under) is given
+  type: list
+  elements: dict
+  contains:
+    domain: {description: The domain's name., type: str}
+    disk: {description: The disk's target name., type: str}
+    layers: {description: "The paths of its layers under the folder, active first.", type: list, elements: str}
+    active_under: {description: Whether the active layer is one of them., type: bool}
+    chain_length: {description: How many layers its chain has., type: int}
+    active: {description: The path of its active layer., type: str}
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -56,7 +95,7 @@ from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(domain=dict(type="str"), **COMMON_ARGS),
+        argument_spec=dict(domain=dict(type="str"), under=dict(type="path"), **COMMON_ARGS),
         supports_check_mode=True,
     )
     require_library(module)
@@ -73,7 +112,25 @@ def main():
         return chains, list_jobs(ctx.conn, name).to_json()["jobs"]
 
     domains, jobs = run(module, gather)
-    module.exit_json(changed=False, domains=domains, jobs=jobs)
+    result = dict(changed=False, domains=domains, jobs=jobs)
+    if module.params["under"]:
+        result["under"] = disks_under(domains, module.params["under"])
+    module.exit_json(**result)
+
+
+def disks_under(domains, folder):
+    from vdsm_blockops.core.identity import inside_folder
+
+    found = []
+    for dom in domains:
+        for disk in dom["disks"]:
+            paths = [layer["path"] for layer in disk.get("chain") or [] if layer.get("path")]
+            layers = [path for path in paths if inside_folder(path, folder)]
+            if disk.get("device") == "disk" and layers:
+                found.append(dict(domain=dom["domain"], disk=disk["disk"], layers=layers,
+                                  active_under=layers[0] == paths[0], active=paths[0],
+                                  chain_length=len(paths)))
+    return found
 
 
 if __name__ == "__main__":
