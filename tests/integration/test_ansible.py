@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import libvirt
 import pytest
 import rig
 
@@ -197,3 +198,47 @@ def test_evacuate_and_consolidate_across_two_nodes(make_vm, inventory, workdir):
                               "role", f"vdsm.blockops.{role}"], capture_output=True, text=True,
                              env=dict(os.environ, ANSIBLE_COLLECTIONS_PATH=COLLECTIONS))
         assert doc.returncode == 0 and f"{role}_" in doc.stdout, doc.stdout + doc.stderr
+
+
+def test_history_names_cli_ansible_and_hook_refusals(make_vm, inventory, workdir, config,
+                                                     installed_hook):
+    vm = make_vm()
+    disk = vm.add_chain("vda", rig.four_layers())
+    vm.start()
+    A, B, C, D = disk.layers
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", A, "--strategy", "commit",
+                           config=config)
+    assert rc == 0, (out, err)
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", "/nowhere.qcow2", config=config)
+    assert rc == 2, (out, err)
+    other = make_vm()
+    other_disk = other.add_chain("vda", rig.four_layers()[:2])
+    other.start()
+    book = task_playbook(workdir, "merge", [f"""
+vdsm.blockops.blockops_merge:
+  domain: {other.name}
+  disk: vda
+  uri: "{{{{ blockops_uri }}}}"
+  config: "{{{{ blockops_config }}}}"
+"""])
+    rc, recap, out = play(inventory, book)
+    assert rc == 0, out
+    other_disk.assert_guest_data()
+    stale = make_vm()  # an old definition still on the committed-out D: refused
+    stale.disks["vda"] = rig.Disk(stale, "vda", 0, [D], disk.reference)
+    with pytest.raises(libvirt.libvirtError):
+        stale.start()
+    rc, out, err = rig.cli("history", config=config)
+    assert rc == 0, (out, err)
+    seen = [(e["source"], e["operation"], e["domain"], e["outcome"], e["exit_code"])
+            for e in out["entries"]]
+    assert seen == [("cli", "merge", vm.name, "ok", 0),
+                    ("cli", "merge", vm.name, "unknown-image", 2),
+                    ("ansible", "merge", other.name, "ok", 0),
+                    ("hook", "start", stale.name, "refused", 1)], seen
+    first = out["entries"][0]
+    assert first["disk"] == "vda" and first["method"] == "commit" and first["start"] <= first["end"]
+    refusal = out["entries"][-1]
+    assert "invalidated" in refusal["message"] and D in refusal["message"]
+    rc, out, err = rig.cli("history", other.name, config=config)
+    assert [e["source"] for e in out["entries"]] == ["ansible"], out
