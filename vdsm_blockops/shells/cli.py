@@ -19,6 +19,7 @@ from ..core.budget import INTERRUPTED
 from ..core.config import require_local_uri
 from ..core.reports import Report
 from . import commands
+from .logs import add_syslog
 from .parser import parse_args
 
 log = logging.getLogger("vdsm_blockops")
@@ -48,16 +49,7 @@ def _setup_logging(verbose: int, debug: bool) -> None:
     if not debug:
         console.addFilter(lambda record: not getattr(record, "log_only", False))
     root.addHandler(console)
-    if os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
-
-        try:
-            syslog = SysLogHandler(address="/dev/log")
-            syslog.setLevel(logging.INFO)
-            syslog.setFormatter(logging.Formatter("vdsm-blockops[%(process)d]: %(message)s"))
-            root.addHandler(syslog)
-        except OSError:
-            pass
+    add_syslog(root, "vdsm-blockops")
 
 
 def _emit(result: Report | dict[str, Any], as_json: bool) -> None:

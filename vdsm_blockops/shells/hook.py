@@ -30,6 +30,7 @@ from ..core.headers import NotAnImage, walk_chain
 from ..engine.pools import NAMED_POOLS, PoolFiles
 from ..engine.records import records_in_domain_xml
 from ..engine.state import StateDir
+from .logs import add_syslog
 
 log = logging.getLogger("vdsm_blockops.shells.hook")
 
@@ -211,21 +212,9 @@ def read_xml(stdin: BinaryIO) -> bytes:
     return data
 
 
-def _log_to_syslog() -> None:
-    if os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
-
-        try:
-            handler = SysLogHandler(address="/dev/log")
-        except OSError:
-            return
-        handler.setFormatter(logging.Formatter("vdsm-blockops-hook[%(process)d]: %(message)s"))
-        log.addHandler(handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _log_to_syslog()
+    add_syslog(log, "vdsm-blockops-hook", logging.NOTSET)
     try:
         state = StateDir(load_config().state_dir)
     except Exception as exc:

@@ -7,7 +7,6 @@ its errors onto fail_json. The modules stay thin shells."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 
@@ -48,18 +47,12 @@ class _WarnHandler(logging.Handler):
 def _log_like_the_cli(module):
     """INFO and up to the system log, as the CLI logs (tag
     vdsm-blockops-ansible); warnings to module.warn too."""
+    from vdsm_blockops.shells.logs import add_syslog
+
     root = logging.getLogger("vdsm_blockops")
     root.setLevel(logging.INFO)
     root.addHandler(_WarnHandler(module))
-    if os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
-
-        try:
-            syslog = SysLogHandler(address="/dev/log")
-        except OSError:
-            return
-        syslog.setFormatter(logging.Formatter("vdsm-blockops-ansible[%(process)d]: %(message)s"))
-        root.addHandler(syslog)
+    add_syslog(root, "vdsm-blockops-ansible")
 
 
 def context(module):
