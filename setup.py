@@ -48,6 +48,7 @@ setup(
         # tests in CI); below 2.20 until a release is tried.
         "test": ["pytest>=7", "mock>=5", "ansible-core>=2.17,<2.20", "mypy>=1.10", "ruff>=0.5",
                  "lxml-stubs", "types-PyYAML",
+                 "vermin",  # the static check of the oldest Python supported
                  "wheel"],  # wheel: the packaging test builds one without build isolation
         "bench": ["matplotlib>=3.7"],
     },

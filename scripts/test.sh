@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-node.sh
-echo "== mypy --strict, ruff"
+echo "== mypy --strict, ruff, vermin (Python 3.9 is the oldest supported)"
 .venv/bin/mypy vdsm_blockops
 .venv/bin/ruff check vdsm_blockops tests
+.venv/bin/vermin -q -t=3.9- --violations --no-tips vdsm_blockops ansible/ansible_collections/vdsm/blockops/plugins
 echo "== ansible-test sanity (vdsm.blockops collection)"
 bash ansible/tests/sanity.sh >/tmp/vdsm-blockops-sanity.log 2>&1 || {
     tail -50 /tmp/vdsm-blockops-sanity.log

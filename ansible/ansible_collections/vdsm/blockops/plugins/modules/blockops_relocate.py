@@ -101,11 +101,13 @@ chain_before:
   returned: success
   type: list
   elements: str
+  sample: [/srv/vm/web01-s2.qcow2, /srv/vm/web01-s1.qcow2, /srv/vm/web01.qcow2]
 chain_after:
   description: Paths of the chain the VM runs on afterwards, active image first.
   returned: success
   type: list
   elements: str
+  sample: [/srv/vm/web01-s2.qcow2, /srv/vm/web01.qcow2]
 verified:
   description: Whether the result was checked against libvirt and the images.
   returned: success
@@ -117,6 +119,11 @@ volume:
       was extended to and the extensions made during the job.
   returned: when the layer written into is a block device
   type: dict
+  contains:
+    size: {description: The volume's size in bytes before the job., type: int}
+    needed: {description: The bytes the job may write into it., type: int}
+    extended_to: {description: "Its size after the extension before the job, if any.", type: int}
+    extensions_during_job: {description: How often it was extended while the job ran., type: int}
 results:
   description: One report per disk when I(disk=all).
   returned: when disk is all

@@ -50,6 +50,7 @@ chain_after:
   returned: success
   type: list
   elements: str
+  sample: [/srv/vm/web01-s2.qcow2, /srv/vm/web01.qcow2]
 volume:
   description:
     - For a target (merge), destination (relocate) or overlay (snapshot) that is a block device
@@ -57,6 +58,11 @@ volume:
       was extended to and the extensions made during the job.
   returned: when the layer written into is a block device
   type: dict
+  contains:
+    size: {description: The volume's size in bytes before the job., type: int}
+    needed: {description: The bytes the job may write into it., type: int}
+    extended_to: {description: "Its size after the extension before the job, if any.", type: int}
+    extensions_during_job: {description: How often it was extended while the job ran., type: int}
 """
 
 
