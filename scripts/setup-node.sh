@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# systemd: systemd-analyze verifies the units the tool writes (tests).
+# systemd: systemd-analyze verifies the units the tool writes (tests);
+# man-db: the packaging test reads the installed manual page (man, lexgrog).
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
-          libvirt-dev pkg-config gcc python3-dev python3-venv systemd)
+          libvirt-dev pkg-config gcc python3-dev python3-venv systemd man-db)
 
 need_install=()
 for pkg in "${PACKAGES[@]}"; do
