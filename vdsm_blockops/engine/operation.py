@@ -176,7 +176,12 @@ def run_per_disk(items: list[T], work: Callable[[T], Report],
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(items)) as pool:
         futures = [pool.submit(work, item) for item in items]
         try:
-            concurrent.futures.wait(futures)
+            # Woken every 0.2 s: the kernel may hand SIGINT to any thread
+            # (libvirt's event loop, a worker); Python then only runs the
+            # handler when the main thread next runs bytecode -- a wait
+            # without a timeout held Ctrl-C until every disk had finished.
+            while concurrent.futures.wait(futures, timeout=0.2).not_done:
+                pass
         except KeyboardInterrupt:
             if budget is None:
                 raise
