@@ -38,21 +38,21 @@ class LineProgress:
         self.step = step
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._pace = Speed()
+        self._speed = Speed()
 
     def __call__(self, disk: str, info: JobInfo) -> None:
         percent = info.percent
         if percent is None:
             return
         with self._lock:
-            pace = self._pace(disk, info)
+            speed = self._speed(disk, info)
             last = self._last.get(disk)
             if last is not None and percent - last < self.step and percent < 100:
                 return
             if last == percent:
                 return
             self._last[disk] = percent
-        self.stream.write(f"{disk}: {info.job_type} {percent:5.1f}%  {pace}".rstrip() + "\n")
+        self.stream.write(f"{disk}: {info.job_type} {percent:5.1f}%  {speed}".rstrip() + "\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -69,7 +69,7 @@ class BarProgress:
         self.stream = stream
         self._bars: dict[str, Any] = {}  # tqdm bars (untyped)
         self._lock = threading.Lock()
-        self._pace = Speed()
+        self._speed = Speed()
 
     def __call__(self, disk: str, info: JobInfo) -> None:
         percent = info.percent
@@ -83,7 +83,7 @@ class BarProgress:
                                  bar_format="{desc}: {percentage:5.1f}%|{bar}| {elapsed} {postfix}")
                 self._bars[disk] = bar
             bar.n = percent
-            bar.set_postfix_str(self._pace(disk, info), refresh=False)
+            bar.set_postfix_str(self._speed(disk, info), refresh=False)
             bar.refresh()
 
     def close(self) -> None:

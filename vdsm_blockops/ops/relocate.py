@@ -233,9 +233,9 @@ class Relocate:
         needed: dict[int, tuple[str, int, list[str]]] = {}
         for plan in plans:
             folder = self.into_files[plan.disk]
-            place, total, disks = needed.get(os.stat(folder).st_dev, (folder, 0, []))
-            needed[os.stat(folder).st_dev] = (place, total + plan.bytes_to_copy,
-                                              disks + [plan.disk])
+            device = os.stat(folder).st_dev  # one file system: one free-space count
+            place, total, disks = needed.get(device, (folder, 0, []))
+            needed[device] = (place, total + plan.bytes_to_copy, disks + [plan.disk])
         for folder, total, disks in needed.values():
             space = os.statvfs(folder)
             free = space.f_bavail * space.f_frsize  # as shutil.disk_usage, without its imports
