@@ -318,13 +318,14 @@ def cleanup_stale(conn: Libvirt) -> None:
             remove_domain(dom)
 
 
-def virsh(*args: str) -> str:
-    proc = subprocess.run(["virsh", "-c", TEST_URI, *args], capture_output=True, text=True)
+def virsh(*args: str, uri: str = TEST_URI) -> str:
+    proc = subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
-def incremental_backup(vm: VM, checkpoint: str, target: str, disk: str = "vda") -> str:
+def incremental_backup(vm: VM, checkpoint: str, target: str, disk: str = "vda",
+                       uri: str = TEST_URI) -> str:
     """libvirt's own judge of a checkpoint: a push-mode backup with
     ``<incremental>``; returns domjobinfo's "File processed" (the bytes
     written since the checkpoint), e.g. "2.000 MiB"."""
@@ -335,11 +336,11 @@ def incremental_backup(vm: VM, checkpoint: str, target: str, disk: str = "vda") 
         handle.write(f"<domainbackup><incremental>{checkpoint}</incremental><disks>"
                      f"<disk name='{disk}' type='file'><target file='{target}'/>"
                      f"<driver type='qcow2'/></disk></disks></domainbackup>")
-    virsh("backup-begin", vm.name, xml)
+    virsh("backup-begin", vm.name, xml, uri=uri)
     deadline = time.monotonic() + 60
-    while "Backup" in virsh("domjobinfo", vm.name) and time.monotonic() < deadline:
+    while "Backup" in virsh("domjobinfo", vm.name, uri=uri) and time.monotonic() < deadline:
         time.sleep(0.1)
-    info = virsh("domjobinfo", vm.name, "--completed")
+    info = virsh("domjobinfo", vm.name, "--completed", uri=uri)
     processed = [line for line in info.splitlines() if line.startswith("File processed")]
     assert processed, info
     return " ".join(processed[0].split()[2:4])

@@ -10,6 +10,9 @@ import os
 import shutil
 import tempfile
 
+import libvirt
+
+import nodes
 import pytest
 import rig
 
@@ -100,3 +103,24 @@ def installed_hook(config):
     finally:
         if os.path.exists(out["path"]):
             rig.cli("hook", "uninstall", "--reload", config=config)
+
+
+@pytest.fixture(scope="module")
+def node_b(test_root):
+    """Node B, started for the module and stopped by pid: (connection,
+    node B's root folder; node B sees its ``images`` at ``test_root``)."""
+    nodes.stop()  # a node B a killed run left
+    root = os.path.join(os.path.dirname(test_root), "node-b-" + os.path.basename(test_root))
+    conn = nodes.start(root, test_root)
+    try:
+        yield conn, root
+    finally:
+        try:
+            conn = libvirt.open(nodes.URI)  # it may have been restarted
+            for dom in conn.listAllDomains():
+                rig.remove_domain(dom)
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+        nodes.stop()
+        shutil.rmtree(root, ignore_errors=True)

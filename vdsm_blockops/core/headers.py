@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .identity import clean_path
@@ -103,11 +104,21 @@ class Qcow2Header(NamedTuple):
     bitmaps: tuple[Bitmap, ...] = ()
 
 
+# Reads ``size`` bytes at ``offset`` of an image: from a file, or from the
+# first bytes of one downloaded from another node.
+Reader = Callable[[int, int], bytes]
+
+
 def read_qcow2_header(fd: int, with_bitmaps: bool = False) -> Qcow2Header | None:
     """The fields of an open qcow2 image this tool uses; None if it is not
     qcow2 (by its magic). The bitmap directory only ``with_bitmaps`` (the
     hook needs just the backing link)."""
-    header = os.pread(fd, 104, 0)
+    return parse_qcow2_header(lambda size, offset: os.pread(fd, size, offset), with_bitmaps)
+
+
+def parse_qcow2_header(pread: Reader, with_bitmaps: bool = False) -> Qcow2Header | None:
+    """``read_qcow2_header`` of the image ``pread`` reads."""
+    header = pread(104, 0)
     if len(header) < 72 or header[:4] != QCOW2_MAGIC:
         return None
     version, backing_offset, backing_size = struct.unpack(">IQI", header[4:20])
@@ -119,35 +130,35 @@ def read_qcow2_header(fd: int, with_bitmaps: bool = False) -> Qcow2Header | None
     name = None
     if backing_offset and 0 < backing_size <= 1023:  # QEMU's limit for the name
         # QEMU copies the name with strndup: a NUL byte ends it there.
-        raw_name = os.pread(fd, backing_size, backing_offset).split(b"\0", 1)[0]
+        raw_name = pread(backing_size, backing_offset).split(b"\0", 1)[0]
         name = raw_name.decode("utf-8", "replace") or None
     fmt = None
     offset = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
     for _ in range(64):
-        raw = os.pread(fd, 8, offset)
+        raw = pread(8, offset)
         if len(raw) < 8:
             break
         ext_type, ext_len = struct.unpack(">II", raw)
         if ext_type == EXT_END:
             break
         if ext_type == EXT_BACKING_FORMAT:
-            fmt = os.pread(fd, min(ext_len, 64), offset + 8).decode("ascii", "replace")
+            fmt = pread(min(ext_len, 64), offset + 8).decode("ascii", "replace")
         elif ext_type == EXT_DATA_FILE:
             plain = False
         elif ext_type == EXT_BITMAPS and with_bitmaps and autoclear & AUTOCLEAR_BITMAPS:
-            bitmaps = _read_bitmaps(fd, os.pread(fd, min(ext_len, 24), offset + 8))
+            bitmaps = _read_bitmaps(pread, pread(min(ext_len, 24), offset + 8))
         offset += 8 + ((ext_len + 7) & ~7)
     return Qcow2Header(virtual_size, name, fmt, plain, bitmaps)
 
 
-def _read_bitmaps(fd: int, extension: bytes) -> tuple[Bitmap, ...]:
+def _read_bitmaps(pread: Reader, extension: bytes) -> tuple[Bitmap, ...]:
     """The bitmap directory (qcow2 spec, "Bitmaps extension")."""
     if len(extension) < 24:
         return ()
     count, _, size, offset = struct.unpack(">IIQQ", extension)
     if size > 64 * 1024 * 1024:
         return ()
-    directory = os.pread(fd, size, offset)
+    directory = pread(size, offset)
     bitmaps, pos = [], 0
     for _ in range(count):
         if pos + 24 > len(directory):

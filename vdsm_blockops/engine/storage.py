@@ -187,3 +187,19 @@ def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str
         log.warning("%s %s: pointed the persistent definition at %s", domain.name, target, path)
         return True
     return False
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the file system ``path`` lies on (``/proc/self/mountinfo``:
+    the longest mount point above its real path), e.g. ``ext4``, ``nfs4``."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            sep = fields.index("-")
+            # mount points escape blanks as \040
+            point = fields[4].encode().decode("unicode_escape")
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, fstype = point, fields[sep + 1]
+    return fstype

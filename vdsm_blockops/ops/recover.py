@@ -31,6 +31,7 @@ from ..engine.records import OperationRecord, RecordStore
 from ..engine.verification import require_chain
 from . import movers
 from .merge import Merge, MergeRequest, merge_guard
+from .moved import recover_moves
 from .relocate import Relocate
 from .snapshot import Snapshot, SnapshotPlan, SnapshotRequest
 
@@ -45,10 +46,16 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
     """Settle every unfinished record of one domain (or of all), or only
     the record of ``disk``."""
     check_timeout(timeout_s)
-    domains = [ctx.conn.domain(domain_name)] if domain_name else ctx.conn.domains()
     if domain_name is None:
         ctx.state.sweep_locks()
-    outcomes = []
+    # moves to another node first: their domain may have left this node
+    outcomes = [] if disk else recover_moves(ctx, domain_name, timeout_s)
+    try:
+        domains = [ctx.conn.domain(domain_name)] if domain_name else ctx.conn.domains()
+    except errors.UnknownDomain:
+        if not outcomes:
+            raise
+        domains = []
     for domain in domains:
         store = RecordStore(domain, ctx.state)
         try:

@@ -90,7 +90,7 @@ def _stop_on_sigterm() -> None:
 
 
 # The verbs that change a node: each run leaves a line in its history.
-TRAILED = ("merge", "relocate", "snapshot", "abort", "speed", "recover")
+TRAILED = ("merge", "relocate", "migrate", "snapshot", "abort", "speed", "recover")
 
 
 def _trail(env: commands.Env | None, started: float, exit_code: int,

@@ -62,6 +62,17 @@ def cmd_relocate(args: argparse.Namespace, env: Env) -> Report:
     return relocate(env.context(progress=not args.no_wait and not args.dry_run), req)
 
 
+def cmd_migrate(args: argparse.Namespace, env: Env) -> Report:
+    from ..core.migrate_plan import MigrateRequest
+    from ..ops.migrate import migrate
+
+    req = MigrateRequest(domain=args.domain, dest_uri=args.dest_uri, dest_dir=args.dest_dir,
+                         migrate_uri=args.migrate_uri, bandwidth_mib_s=args.bandwidth,
+                         timeout_s=args.timeout, dry_run=args.dry_run,
+                         delete_source=args.delete_source)
+    return migrate(env.context(progress=not args.dry_run), req)
+
+
 def cmd_snapshot(args: argparse.Namespace, env: Env) -> Report:
     from ..ops.snapshot import SnapshotRequest, snapshot
 

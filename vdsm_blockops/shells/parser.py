@@ -167,6 +167,32 @@ def _relocate_args(p: argparse.ArgumentParser) -> None:
     _add_job_options(p)
 
 
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("dest_uri", metavar="DEST_URI",
+                   help="the destination node's libvirt URI (qemu+tls://node2/system)")
+    p.add_argument("--dest-dir", required=True, metavar="DIR",
+                   help="where the images go, as the destination sees it (each chain keeps "
+                        "its layout under it)")
+    p.add_argument("--migrate-uri", metavar="URI",
+                   help="where the destination's QEMU listens for the migration data "
+                        "(tcp://ADDRESS; default: the destination's host name)")
+    p.add_argument("--bandwidth", type=int, metavar="MIB_PER_S", default=0,
+                   help="throttle the copies and the migration (MiB/s, 0 = unlimited)")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
+                   help="stop and roll back if the move has not finished by then (exit 3)")
+    p.add_argument("--delete-source", action="store_true",
+                   help="after verification on the destination unlink the source layers "
+                        "nothing else uses (default: keep them, retired)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    # virsh migrate's names, accepted and not shown: the move is always
+    # live, peer to peer and persistent on the destination
+    for flag in ("--live", "--p2p", "--persistent", "--undefinesource", "--copy-storage-inc"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--migrateuri", dest="migrate_uri", help=argparse.SUPPRESS)
+    _add_vdsm_override(p)
+
+
 def _snapshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("disk", help="the disk's target name (vda)")
@@ -245,6 +271,8 @@ VERBS = [
          _merge_args),
     Verb("relocate", "move a disk's data elsewhere while the VM runs, then pivot",
          commands.cmd_relocate, _relocate_args),
+    Verb("migrate", "move a running VM and its disks to another node, keeping the "
+         "snapshot chains and checkpoints", commands.cmd_migrate, _migrate_args),
     Verb("snapshot", "disk-only external snapshot: a new overlay on the active image",
          commands.cmd_snapshot, _snapshot_args),
     Verb("abort", "abort a block job (or pivot a ready one)", commands.cmd_abort, _abort_args),

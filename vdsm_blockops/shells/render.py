@@ -13,6 +13,7 @@ from ..core.reports import (
     InstallReport,
     JobsReport,
     MergeReport,
+    MigrateReport,
     MultiReport,
     RecoverReport,
     RelocateReport,
@@ -130,6 +131,23 @@ def _(report: RelocateReport) -> list[str]:
         out.append(f"  deleted: {', '.join(report.deleted)}")
     if report.verified:
         out.append(f"  verified in {report.duration_s or 0:.2f} s")
+    return out
+
+
+@lines.register
+def _(report: MigrateReport) -> list[str]:
+    verb = "would move" if report.dry_run else "moved"
+    out = [f"{report.domain}: {verb} to {report.dest_host} ({report.dest_uri}), "
+           f"{size(report.bytes_to_copy)} of read-only layers to copy"]
+    for disk, after in report.chain_after.items():
+        out += [f"  {disk} here:  {_chain(report.chain_before[disk])}",
+                f"  {disk} there: {_chain(after)}"]
+    if report.checkpoints:
+        out.append(f"  checkpoints kept: {', '.join(report.checkpoints)}")
+    if report.deleted:
+        out.append(f"  deleted here: {', '.join(report.deleted)}")
+    if report.verified:
+        out.append(f"  verified on {report.dest_host} in {report.duration_s or 0:.2f} s")
     return out
 
 

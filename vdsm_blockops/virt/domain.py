@@ -239,3 +239,49 @@ class Domain:
     def define(self, xml: str) -> None:
         with libvirt_errors(f"redefining {self.name}"):
             self.conn.raw.defineXML(xml)
+
+    # -- a move to another node
+    def migratable_xml(self, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
+        with libvirt_errors(f"XML of {self.name}"):
+            return str(self._live().XMLDesc(flags | (XML_INACTIVE if inactive else 0)))
+
+    def migrate(self, dest_uri: str, params: dict[str, object], flags: int) -> None:
+        """migrateToURI3: returns when the domain runs on the destination."""
+        with libvirt_errors(f"migration of {self.name} to {dest_uri}"):
+            self._live().migrateToURI3(dest_uri, params, flags)
+
+    def migration_progress(self) -> tuple[int, int] | None:
+        """(bytes done, bytes in all) of the domain's migration job, memory
+        and disks; None when none runs."""
+        with libvirt_errors(f"job of {self.name}"):
+            stats = self._live().jobStats(0)
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return None
+        return int(stats.get("data_processed", 0)), int(stats.get("data_total", 0))
+
+    def abort_migration(self) -> None:
+        with libvirt_errors(f"abort of the migration of {self.name}"):
+            self._live().abortJob()
+
+    def checkpoint_definitions(self) -> dict[str, tuple[str | None, str]]:
+        """Every checkpoint: its parent and its XML without the domain
+        (what ``checkpoint-create --redefine`` takes on another node)."""
+        found = {}
+        with libvirt_errors(f"checkpoints of {self.name}"):
+            for checkpoint in self._live().listAllCheckpoints(0):
+                try:
+                    parent: str | None = str(checkpoint.getParent(0).getName())
+                except libvirt.libvirtError:
+                    parent = None
+                found[str(checkpoint.getName())] = (parent, str(checkpoint.getXMLDesc(
+                    libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)))
+        return found
+
+    def undefine_moved(self) -> None:
+        """Drop the shut-off source definition of a domain that moved, with
+        its checkpoint and snapshot metadata (the destination has them)."""
+        with libvirt_errors(f"undefine of {self.name}"):
+            self._live().undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                                       | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                       | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)

@@ -1,0 +1,117 @@
+"""``migrate``: a running VM moves to node B (a second libvirtd on this
+machine, tests/node-b.sh) with its qcow2 chain and its checkpoints. The
+guest's data is checked on node B from outside the VM, inside node B's
+mount namespace (where its paths name its own files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import libvirt
+import libvirt_qemu
+import nodes
+import pytest
+import rig
+from rig import LayerSpec, Write
+
+MIGRATE_URI = "tcp://127.0.0.1"
+
+
+def on_b(root, test_root, path):
+    return nodes.on_b(root, test_root, path)
+
+
+def in_b(*argv: str) -> str:
+    """A command run in node B's mount namespace (it sees B's files)."""
+    return rig.run("nsenter", "-t", str(nodes.libvirtd_pid()), "-m", *argv)
+
+
+def hmp_write(dom, alias: str, write: Write) -> bool:
+    """A guest write through the device; False when QEMU refused it (the
+    VM left this node meanwhile)."""
+    try:
+        out = libvirt_qemu.qemuMonitorCommand(
+            dom, f'qemu-io -d {alias}/virtio-backend "{write.qemu_io()}"',
+            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    except libvirt.libvirtError:
+        return False
+    # HMP's qemu-io prints nothing when the write succeeded, the error else
+    return not out.strip()
+
+
+def write_both(dom, disk: rig.Disk, write: Write) -> bool:
+    if not hmp_write(dom, disk.alias, write):
+        return False
+    rig.run("qemu-io", "-f", "raw", "-c", write.qemu_io(), disk.reference)
+    return True
+
+
+def migrate(vm, config, dest_dir, *extra):
+    return rig.cli_background("migrate", vm.name, nodes.URI, "--dest-dir", dest_dir,
+                              "--migrate-uri", MIGRATE_URI, *extra, config=config)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=300)
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, (out, err)
+    return proc.returncode, json.loads(lines[0]), err
+
+
+def record_of(config_dir: str, uuid: str):
+    path = os.path.join(config_dir, "state", "migrations", f"{uuid}.json")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def assert_b_holds(disk: rig.Disk, top_on_b: str) -> None:
+    """Node B's chain (read in its namespace) holds every write. (The
+    reference goes through /var/tmp: node B does not see node A's test
+    folder, it sees its own there.)"""
+    with tempfile.NamedTemporaryFile(dir="/var/tmp", suffix=".raw") as reference:
+        shutil.copyfile(disk.reference, reference.name)
+        in_b("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", top_on_b, reference.name)
+
+
+def test_a_running_vm_moves_with_its_four_layer_chain(vm4, node_b, config, workdir, test_root):
+    conn_b, root = node_b
+    disk = vm4.disks["vda"]
+    source_dom = vm4.dom
+    write_both(source_dom, disk, Write(0x51, 10, 1))  # before
+    dest_dir = os.path.join(workdir, "moved")  # another folder: absolute names are rewritten
+    proc = migrate(vm4, config, dest_dir)
+    during = 0
+    while proc.poll() is None and during < 40:
+        if write_both(source_dom, disk, Write(0x60 + during % 16, 30 + during % 20, 0.25)):
+            during += 1
+        time.sleep(0.05)
+    rc, out, err = finish(proc)
+    assert rc == 0, (out, err)
+    assert during > 0
+    vm4.created = False
+    after = [os.path.join(dest_dir, os.path.basename(p)) for p in reversed(disk.layers)]
+    assert out["chain_after"] == {"vda": after} and out["verified"] and out["dest_host"] == "node-b"
+    assert len(out["copied"]) == 3 and all(c["sha256"] for c in out["copied"])
+    with pytest.raises(libvirt.libvirtError):
+        source_dom.isActive()  # undefined on node A
+    moved = conn_b.lookupByName(vm4.name)
+    assert moved.isActive() and moved.isPersistent()
+    assert write_both(moved, disk, Write(0x77, 50, 1))  # after, on node B
+    moved.destroy()
+    assert_b_holds(disk, after[0])
+    # the chain on node B: four layers, each naming the next by its new path
+    info = json.loads(in_b("qemu-img", "info", "-U", "--backing-chain", "--output=json", after[0]))
+    assert [i["filename"] for i in info] == after
+    # node A: the source layers retired (the hook would refuse them)
+    registry = json.load(open(os.path.join(workdir, "state", "invalidated.json")))
+    assert {e["path"] for e in registry.values()} == set(disk.layers)
+    assert not os.listdir(os.path.join(workdir, "state", "migrations"))  # settled

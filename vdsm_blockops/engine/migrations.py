@@ -1,0 +1,120 @@
+"""The record of a move to another node, kept on the source node.
+
+A domain's own metadata cannot hold it: the domain leaves the node (a
+transient one vanishes with its definition), and what must be found after
+a crash is exactly that the domain is half here, half there. So the record
+is a file in the state folder, ``migrations/<domain uuid>.json``, written
+durably before every step: what was asked, the plan, the phase, and every
+file created on the destination (entered the moment it was created, with
+the digest of what was written into it), until the move is verified on the
+destination and the source retired -- or the destination's files are
+removed again. The hook refuses to start the domain on this node while the
+record exists (never two running copies), and ``recover`` settles it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..core.errors import StateError
+from ..core.model import StrEnum
+from .state import StateDir, write_json_atomic
+
+
+class MovePhase(StrEnum):
+    PLANNED = "planned"  # nothing changed yet
+    COPYING = "copying"  # files being created on the destination
+    COPIED = "copied"  # every file there and proven
+    MIGRATING = "migrating"  # migrateToURI3 called
+    MOVED = "moved"  # runs on the destination, not yet verified and retired
+    ROLLING_BACK = "rolling-back"
+
+
+@dataclass
+class MigrationRecord:
+    domain: str
+    uuid: str
+    dest_uri: str
+    request: dict[str, Any]
+    plan: dict[str, Any]
+    phase: MovePhase = MovePhase.PLANNED
+    # files this move created on the destination: {"path", "digest"};
+    # the digest tells ours from a file someone else put there since
+    created: list[dict[str, str]] = field(default_factory=list)
+    markers: list[str] = field(default_factory=list)  # beside an unfinished upload
+    checkpoints: list[str] = field(default_factory=list)  # XML, parents first
+    id: str = field(default_factory=lambda: os.urandom(6).hex())
+    started_at: float = field(default_factory=time.time)
+    pid: int = field(default_factory=os.getpid)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "phase": self.phase.value}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> MigrationRecord:
+        return cls(**{**body, "phase": MovePhase(body["phase"])})
+
+
+class MigrationStore:
+    def __init__(self, state: StateDir) -> None:
+        self.folder = os.path.join(state.path, "migrations")
+
+    def _path(self, uuid: str) -> str:
+        return os.path.join(self.folder, f"{uuid}.json")
+
+    def save(self, record: MigrationRecord) -> None:
+        os.makedirs(self.folder, mode=0o755, exist_ok=True)
+        write_json_atomic(self._path(record.uuid), record.to_json())
+
+    def advance(self, record: MigrationRecord, phase: MovePhase) -> None:
+        record.phase = phase
+        self.save(record)
+
+    def load(self, uuid: str) -> MigrationRecord | None:
+        import json
+
+        try:
+            with open(self._path(uuid), encoding="utf-8") as handle:
+                body = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StateError(f"migration record {self._path(uuid)} cannot be read: {exc}") from exc
+        try:
+            return MigrationRecord.from_json(body)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StateError(f"migration record {self._path(uuid)} is not one this version "
+                             f"reads ({exc}); recover it with the version that wrote it") from exc
+
+    def all(self) -> list[MigrationRecord]:
+        try:
+            names = sorted(os.listdir(self.folder))
+        except FileNotFoundError:
+            return []
+        found = [self.load(n[:-5]) for n in names if n.endswith(".json")]
+        return [r for r in found if r is not None]
+
+    def drop(self, record: MigrationRecord) -> None:
+        try:
+            os.unlink(self._path(record.uuid))
+        except FileNotFoundError:
+            pass
+
+
+def pending_move(state_path: str, uuid: str) -> dict[str, Any] | None:
+    """The hook's look: the unfinished move of domain ``uuid`` (its record
+    as written), or None. A record it cannot read counts as a move."""
+    import json
+
+    path = os.path.join(state_path, "migrations", f"{uuid}.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            body = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"dest_uri": "?", "phase": "unreadable"}
+    return body if isinstance(body, dict) else {"dest_uri": "?", "phase": "unreadable"}

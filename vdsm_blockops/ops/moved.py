@@ -1,0 +1,302 @@
+"""Settle a move to another node -- after it succeeded, after it failed,
+and in ``recover`` -- from where the domain is now, never from the
+record's phase alone:
+
+- it runs on the destination (or is defined there and runs nowhere):
+  finish -- checkpoints redefined there, chains verified there (live XML,
+  persistent definition, each image's header read through the destination),
+  then the source definition dropped and the source layers retired
+  (deleted only with --delete-source);
+- it runs here (or nowhere, and the destination never defined it): roll
+  back -- every file the move created there removed while it is still ours;
+- the migration job still runs: wait for it (recover's --timeout).
+
+Never two running copies: the source definition goes only once the
+destination verified, and the hook refuses to start the domain here while
+the record exists.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import libvirt
+
+from ..core import errors
+from ..core.chain import parse_domain
+from ..core.headers import parse_qcow2_header, resolve_backing
+from ..core.identity import clean_path, existing_key, image_key
+from ..core.migrate_plan import MigratePlan, MigrateRequest
+from ..core.reports import MigrateReport, RecordOutcome, Retired
+from ..engine.context import Context
+from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
+from ..engine.users import chain_users
+from ..virt.remote import RemoteNode
+
+if TYPE_CHECKING:
+    from ..virt import Domain
+
+log = logging.getLogger(__name__)
+MOVE_LOCK = "move"  # the lock (beside the disks') of a domain being moved
+HEADER_BYTES = 64 * 1024  # the header and the backing name QEMU writes after it
+
+
+class Where(enum.Enum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+    MOVING = "moving"
+
+
+def where(ctx: Context, record: MigrationRecord, dest: RemoteNode) -> Where:
+    source = source_domain(ctx, record.uuid)
+    here = source is not None and source.is_active()
+    if here and source is not None and source.migration_progress() is not None:
+        return Where.MOVING
+    remote = dest.domain(record.uuid)
+    if remote is not None and remote.isActive():
+        state, reason = remote.state()
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
+            return Where.MOVING  # an incoming migration the destination has not ended yet
+        if here:
+            raise errors.VerificationFailed(
+                f"{record.domain} runs on this node and on {record.dest_uri}: stop one of them")
+        return Where.DESTINATION
+    if here:
+        return Where.SOURCE
+    # Running nowhere (the guest stopped): the destination's definition
+    # exists only once the migration completed.
+    return Where.DESTINATION if remote is not None and remote.isPersistent() else Where.SOURCE
+
+
+def settle(ctx: Context, dest: RemoteNode, record: MigrationRecord, store: MigrationStore,
+           wait_s: float | None = 0) -> tuple[str, MigrateReport | None]:
+    """("finished", report) or ("rolled-back", None); JobTimeout while the
+    migration job still runs after ``wait_s`` (None: as long as it runs)."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    while (now := where(ctx, record, dest)) is Where.MOVING:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise errors.JobTimeout(f"the migration of {record.domain} to {record.dest_uri} "
+                                    "still runs")
+        time.sleep(0.5)
+    if now is Where.DESTINATION:
+        return "finished", finish(ctx, dest, record, store)
+    roll_back(ctx, dest, record, store)
+    return "rolled-back", None
+
+
+def after_failure(ctx: Context, domain: Domain, dest: RemoteNode, record: MigrationRecord,
+                  store: MigrationStore) -> None:
+    """Settle right away what a failed move left; what cannot be (the
+    destination unreachable, a chain that does not check out) stays
+    recorded for recover."""
+    try:
+        settle(ctx, dest, record, store, wait_s=30)
+    except (errors.BlockOpsError, OSError) as why:
+        log.warning("the move of %s to %s is left for recover: %s", domain.name,
+                    record.dest_uri, why)
+
+
+def source_domain(ctx: Context, uuid: str) -> Domain | None:
+    try:
+        return ctx.conn.domain(uuid)
+    except errors.UnknownDomain:
+        return None
+
+
+# ------------------------------------------------------------ roll back
+def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
+              store: MigrationStore) -> None:
+    """Remove what the move created on the destination, newest first,
+    each only while it is still the file we wrote: a finished copy by its
+    digest, an active layer by the backing name we gave it; a file whose
+    upload never finished is ours by the record alone."""
+    store.advance(record, MovePhase.ROLLING_BACK)
+    plan = MigratePlan.from_json(record.plan)
+    names = {m.dest: m.backing_name for m in plan.layers}
+    for entry in reversed(record.created):
+        path = entry["path"]
+        if not dest.exists(path):
+            continue
+        if entry["digest"] and not entry.get("active"):
+            ours = dest.digest(path) == entry["digest"]
+        elif entry.get("active"):
+            header = _header(dest, path)
+            ours = header is not None and header.backing_name == names.get(path)
+        else:
+            ours = True  # its upload was cut: nothing else could have made it since
+        if ours:
+            dest.delete(path)
+        else:
+            log.warning("%s on %s changed since the move made it: kept", path, dest.uri)
+    for marker in record.markers:
+        dest.delete(marker)
+    source = source_domain(ctx, record.uuid)
+    if source is not None and source.is_active():
+        live = {d.target: d.paths for d in source.spec().disks}
+        for move in plan.disks:
+            if [clean_path(p) for p in live.get(move.disk, [])] != move.chain_before:
+                raise errors.VerificationFailed(
+                    f"{move.disk}: chain is {live.get(move.disk)} after the roll-back, "
+                    f"not {move.chain_before}")
+    store.drop(record)
+
+
+# ------------------------------------------------------------ finish
+def finish(ctx: Context, dest: RemoteNode, record: MigrationRecord,
+           store: MigrationStore) -> MigrateReport:
+    plan = MigratePlan.from_json(record.plan)
+    req = MigrateRequest(**record.request)
+    remote = dest.domain(record.uuid)
+    if remote is None:
+        raise errors.VerificationFailed(f"{record.domain} is not on {dest.uri}")
+    _redefine_checkpoints(remote, record.checkpoints)
+    problems = verify_on_destination(dest, remote, plan)
+    if problems:
+        raise errors.VerificationFailed(
+            f"the move of {record.domain} does not check out on {dest.uri}: "
+            + "; ".join(problems), problems=problems)
+    source = source_domain(ctx, record.uuid)
+    if source is not None:
+        source.undefine_moved()
+    retired, deleted = retire_source(ctx, plan, req.delete_source)
+    store.drop(record)
+    return report(plan, req, dest, dry_run=False, reused=[], retired=retired, deleted=deleted,
+                  record=record)
+
+
+def _redefine_checkpoints(remote: libvirt.virDomain, checkpoints: list[str]) -> None:
+    """The checkpoints' metadata on the destination (parents first); their
+    bitmaps came with the images (read-only layers) and the migration
+    (the active layer)."""
+    have = {str(c.getName()) for c in remote.listAllCheckpoints(0)}
+    for xml in checkpoints:
+        name = parse_domain_checkpoint_name(xml)
+        if name not in have:
+            try:
+                remote.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+            except libvirt.libvirtError as exc:
+                raise errors.VerificationFailed(
+                    f"checkpoint {name} cannot be redefined on the destination: {exc}") from exc
+
+
+def parse_domain_checkpoint_name(xml: str) -> str:
+    from ..core.chain import parse_xml
+
+    return str(parse_xml(xml).findtext("name"))
+
+
+def verify_on_destination(dest: RemoteNode, remote: libvirt.virDomain,
+                          plan: MigratePlan) -> list[str]:
+    """The chains as planned in the destination's live XML (when it runs)
+    and persistent definition, and in each image's header as the
+    destination reads it."""
+    problems = []
+    views = [("definition", remote.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))]
+    if remote.isActive():
+        views.append(("live XML", remote.XMLDesc(0)))
+    if not remote.isPersistent():
+        problems.append("the destination has no persistent definition")
+    for what, xml in views:
+        disks = {d.target: d for d in parse_domain(xml).disks}
+        for move in plan.disks:
+            disk = disks.get(move.disk)
+            paths = [clean_path(p) for p in disk.paths] if disk is not None else []
+            expected = move.chain_after if what == "live XML" else move.chain_after[:1]
+            if paths[:len(expected)] != expected:
+                problems.append(f"{move.disk}: the {what} names {paths}, not {expected}")
+    formats = {m.dest: m.format for m in plan.layers}
+    for move in plan.disks:
+        for pos, path in enumerate(move.chain_after):
+            if formats.get(path) != "qcow2":
+                continue
+            header = _header(dest, path)
+            below = move.chain_after[pos + 1] if pos + 1 < len(move.chain_after) else None
+            found = resolve_backing(path, header.backing_name) \
+                if header is not None and header.backing_name else None
+            if header is None or found != below:
+                problems.append(f"{path} on the destination names {found} as its backing "
+                                f"file, not {below}")
+    have = {str(c.getName()) for c in remote.listAllCheckpoints(0)}
+    missing = [name for name in plan.checkpoints if name not in have]
+    if missing:
+        problems.append(f"checkpoints {missing} are missing on the destination")
+    return problems
+
+
+def _header(dest: RemoteNode, path: str):  # type: ignore[no-untyped-def]
+    head = dest.head(path, HEADER_BYTES)
+    return parse_qcow2_header(lambda size, offset: head[offset:offset + size])
+
+
+def retire_source(ctx: Context, plan: MigratePlan,
+                  delete: bool) -> tuple[list[Retired], list[str] | None]:
+    """The source layers no other chain on this node uses are entered as
+    invalid (the hook refuses a VM on them) and, when asked, deleted;
+    those another chain uses (a shared template) stay valid."""
+    paths = list(dict.fromkeys(p for move in plan.disks for p in move.chain_before))
+    users = chain_users(ctx.conn, paths, exclude=(plan.uuid, ""), cache_dir=ctx.state.path)
+    unused = [p for p in paths if not users.get(p)]
+    ctx.state.invalidate(unused, domain=plan.domain, disk="all", operation="migrate")
+    retired = [Retired(path=p, valid=p not in unused) for p in paths]
+    if not delete:
+        return retired, None
+    deleted, keys = [], []
+    for path in unused:
+        key = existing_key(path)
+        if key is None or os.path.islink(path):
+            continue  # gone, or a link whose target others may reach: kept
+        if image_key(path) == key:
+            os.unlink(path)
+            deleted.append(path)
+            keys.append(key)
+    ctx.state.forget(keys)
+    return retired, deleted
+
+
+# ------------------------------------------------------------ report
+def report(plan: MigratePlan, req: MigrateRequest, dest: RemoteNode, *, dry_run: bool,
+           reused: list[str], retired: list[Retired] | None = None,
+           deleted: list[str] | None = None,
+           record: MigrationRecord | None = None) -> MigrateReport:
+    digests = {e["path"]: e["digest"] for e in record.created} if record is not None else {}
+    copied = [{"source": m.source, "dest": m.dest, "bytes": m.size,
+               "sha256": digests.get(m.dest) or None, "reused": m.dest in reused}
+              for m in plan.uploads]
+    return MigrateReport(
+        domain=plan.domain, dest_uri=plan.dest_uri, dest_host=dest.hostname,
+        dest_dir=plan.dest_dir, dry_run=dry_run, changed=not dry_run,
+        chain_before={d.disk: d.chain_before for d in plan.disks},
+        chain_after={d.disk: d.chain_after for d in plan.disks},
+        copied=copied, bytes_to_copy=sum(m.size for m in plan.uploads if m.dest not in reused),
+        checkpoints=plan.checkpoints, retired=retired or [], verified=not dry_run,
+        finished=not dry_run, deleted=deleted, record=record.id if record else None)
+
+
+def recover_moves(ctx: Context, name: str | None, timeout_s: float | None) -> list[RecordOutcome]:
+    """Settle every unfinished move (of domain ``name``, by name or uuid)."""
+    outcomes = []
+    store = MigrationStore(ctx.state)
+    for record in store.all():
+        if name not in (None, record.domain, record.uuid):
+            continue
+        outcome = RecordOutcome(domain=record.domain, disk="all", record=record.id,
+                                operation="migrate", phase=record.phase.value, result="")
+        try:
+            with ctx.state.disk_lock(record.uuid, MOVE_LOCK, f"recover of {record.domain}"):
+                dest = RemoteNode(record.dest_uri)
+                try:
+                    outcome.result = settle(ctx, dest, record, store, wait_s=timeout_s)[0]
+                finally:
+                    dest.close()
+        except errors.Conflict as exc:
+            outcome.result, outcome.message = "busy", str(exc)
+        except errors.JobTimeout as exc:
+            outcome.result, outcome.message = "waiting", str(exc)
+        except (errors.BlockOpsError, OSError) as exc:
+            outcome.result, outcome.message = "failed", str(exc)
+        outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,222 @@
+"""The destination node of a move, reached only through its libvirt.
+
+Nothing here touches the destination's files directly (no ssh, no shared
+mount): folders are storage pools (a transient ``dir`` pool is started for
+a folder no pool covers), files are pool volumes written and read back
+through volume upload/download streams on the same authenticated
+connection.
+
+Found on libvirt 9.0: a volume upload writes the bytes as sent into a
+``raw`` volume, whatever they are (a qcow2 image stays one), so an image
+is copied by creating a ``raw`` volume of the file's size and uploading the
+file; a pool lists a file made meanwhile by others only after ``refresh``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import IO
+
+import libvirt
+
+from ..core import errors
+from ..core.chain import parse_xml
+from .errors import libvirt_errors
+
+log = logging.getLogger(__name__)
+CHUNK = 4 * 1024 * 1024
+POOL_PREFIX = "vdsm-blockops-"
+
+
+class RemoteNode:
+    """The libvirt calls a move needs on the destination node."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        with libvirt_errors(f"cannot connect to the destination {uri}"):
+            self.conn = libvirt.open(uri)
+        try:
+            self.conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError:
+            pass
+        with libvirt_errors(f"{uri}: hostname"):
+            self.hostname = str(self.conn.getHostname())
+            self.host_uuid = str(parse_xml(self.conn.getCapabilities()).findtext("host/uuid"))
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    # -- folders
+    def _pool(self, folder: str, create: bool) -> libvirt.virStoragePool | None:
+        """The active pool whose target is ``folder``; with ``create``, a
+        transient ``dir`` pool is started for it (building the folder)."""
+        with libvirt_errors(f"{self.uri}: storage pools"):
+            for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                if parse_xml(pool.XMLDesc(0)).findtext("target/path") == folder:
+                    pool.refresh(0)
+                    return pool
+        if not create:
+            return None
+        name = POOL_PREFIX + hashlib.sha1(folder.encode()).hexdigest()[:12]
+        xml = (f"<pool type='dir'><name>{name}</name><target><path>{_escape(folder)}</path>"
+               "<permissions><mode>0755</mode></permissions></target></pool>")
+        with libvirt_errors(f"{self.uri}: cannot make a storage pool for {folder}"):
+            return self.conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+
+    def folder_state(self, folder: str) -> tuple[bool, list[str], int | None]:
+        """(whether ``folder`` exists, the names in it, its free bytes),
+        changing nothing: a folder no pool covers is looked at through a
+        transient pool that is stopped again."""
+        pool = self._pool(folder, create=False)
+        ours = None
+        if pool is None:
+            try:
+                ours = pool = self.conn.storagePoolCreateXML(
+                    f"<pool type='dir'><name>{POOL_PREFIX}look-{os.getpid()}</name><target>"
+                    f"<path>{_escape(folder)}</path></target></pool>", 0)
+            except libvirt.libvirtError:
+                return False, [], None  # no such folder (a dir pool needs it)
+        try:
+            with libvirt_errors(f"{self.uri}: {folder}"):
+                return True, list(pool.listVolumes()), int(pool.info()[3])
+        finally:
+            if ours is not None:
+                ours.destroy()
+
+    def make_folders(self, folders: list[str]) -> None:
+        for folder in folders:
+            self._pool(folder, create=True)
+
+    def _volume(self, path: str) -> libvirt.virStorageVol | None:
+        pool = self._pool(os.path.dirname(path), create=False)
+        if pool is None:
+            return None
+        try:
+            return pool.storageVolLookupByName(os.path.basename(path))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise errors.OperationFailed(f"{self.uri}: {path}: {exc}") from exc
+
+    def exists(self, path: str) -> bool:
+        return self._volume(path) is not None
+
+    # -- files
+    def upload(self, path: str, data: Iterator[bytes], size: int) -> str:
+        """Create ``path`` (it must not exist) and write ``data`` into it;
+        the SHA-256 of what was sent."""
+        pool = self._pool(os.path.dirname(path), create=True)
+        assert pool is not None
+        xml = (f"<volume><name>{_escape(os.path.basename(path))}</name>"
+               f"<capacity unit='bytes'>{size}</capacity><allocation>0</allocation>"
+               "<target><format type='raw'/><permissions><mode>0644</mode></permissions>"
+               "</target></volume>")
+        with libvirt_errors(f"{self.uri}: cannot create {path}"):
+            volume = pool.createXML(xml, 0)
+        digest = hashlib.sha256()
+        stream = self.conn.newStream(0)
+        try:
+            with libvirt_errors(f"{self.uri}: upload of {path}"):
+                volume.upload(stream, 0, size, 0)
+                for chunk in data:
+                    digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        sent = stream.send(bytes(view[:CHUNK]))
+                        view = view[sent:]
+                stream.finish()
+        except BaseException:
+            _abort(stream)
+            raise
+        return digest.hexdigest()
+
+    def digest(self, path: str, progress: Callable[[int], None] = lambda n: None) -> str:
+        """SHA-256 of ``path`` as the destination reads it back."""
+        digest = hashlib.sha256()
+        self.read(path, None, lambda chunk: (digest.update(chunk), progress(len(chunk))))
+        return digest.hexdigest()
+
+    def head(self, path: str, length: int) -> bytes:
+        """The first ``length`` bytes of ``path`` (a header)."""
+        parts: list[bytes] = []
+        self.read(path, length, parts.append)
+        return b"".join(parts)
+
+    def read(self, path: str, length: int | None, sink: Callable[[bytes], object]) -> None:
+        volume = self._volume(path)
+        if volume is None:
+            raise errors.OperationFailed(f"{self.uri}: {path} is not there")
+        stream = self.conn.newStream(0)
+        try:
+            with libvirt_errors(f"{self.uri}: download of {path}"):
+                volume.download(stream, 0, length or 0, 0)
+                while True:
+                    chunk = stream.recv(CHUNK)
+                    if isinstance(chunk, int):  # -2: would block (not on a blocking stream)
+                        continue
+                    if not chunk:
+                        break
+                    sink(chunk)
+                stream.finish()
+        except BaseException:
+            _abort(stream)
+            raise
+
+    def delete(self, path: str) -> bool:
+        volume = self._volume(path)
+        if volume is None:
+            return False
+        with libvirt_errors(f"{self.uri}: cannot delete {path}"):
+            volume.delete(0)
+        return True
+
+    # -- the moved domain
+    def domain(self, uuid: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise errors.OperationFailed(f"{self.uri}: domain {uuid}: {exc}") from exc
+
+    def has_secret(self, uuid: str | None, usage: tuple[int, str] | None) -> bool:
+        try:
+            if uuid:
+                self.conn.secretLookupByUUIDString(uuid)
+            elif usage:
+                self.conn.secretLookupByUsage(*usage)
+            return True
+        except libvirt.libvirtError:
+            return False
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;")
+
+
+def _abort(stream: libvirt.virStream) -> None:
+    try:
+        stream.abort()
+    except libvirt.libvirtError:
+        pass
+
+
+def file_chunks(handle: IO[bytes], first: bytes = b"", check: Callable[[], None] = lambda: None,
+                ) -> Iterator[bytes]:
+    """``first`` (a patched header) and then the rest of ``handle`` from
+    where ``first`` ends, in chunks; ``check`` before each (deadline)."""
+    if first:
+        yield first
+        handle.seek(len(first))
+    while True:
+        check()
+        chunk = handle.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
