@@ -11,7 +11,6 @@ import shutil
 import tempfile
 
 import libvirt
-
 import nodes
 import pytest
 import rig

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 
@@ -115,3 +113,65 @@ def test_a_running_vm_moves_with_its_four_layer_chain(vm4, node_b, config, workd
     registry = json.load(open(os.path.join(workdir, "state", "invalidated.json")))
     assert {e["path"] for e in registry.values()} == set(disk.layers)
     assert not os.listdir(os.path.join(workdir, "state", "migrations"))  # settled
+
+
+def b_files(root: str) -> list[str]:
+    """Every file node B holds under its image folder."""
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "images"))
+                  for f in files)
+
+
+def test_a_checkpoint_survives_the_move(make_vm, node_b, config, workdir, test_root):
+    conn_b, root = node_b
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 8)]),
+                                LayerSpec("B", [Write(0x22, 4, 2)])])
+    vm.start()
+    rig.virsh("checkpoint-create-as", vm.name, "cp1", "--diskspec", "vda,checkpoint=bitmap")
+    since = [Write(0x33, 20, 1)]
+    write_both(vm.dom, disk, since[0])
+    rc, out, err = rig.cli("migrate", vm.name, nodes.URI, "--dest-dir", vm.dir,
+                           "--migrate-uri", MIGRATE_URI, config=config)
+    assert rc == 0, (out, err)
+    vm.created = False
+    assert out["checkpoints"] == ["cp1"]
+    moved = conn_b.lookupByName(vm.name)
+    assert [c.getName() for c in moved.listAllCheckpoints()] == ["cp1"]
+    since.append(Write(0x44, 40, 1))
+    assert write_both(moved, disk, since[1])
+    # node B's libvirt judges the checkpoint: exactly the writes since it
+    target = os.path.join(test_root, f"backup-{vm.name}.qcow2")  # node B's path
+    assert rig.incremental_backup(vm, "cp1", target, uri=nodes.URI) == "2.000 MiB"
+    rig.assert_backup_holds(on_b(root, test_root, target), since)
+    moved.destroy()
+    assert_b_holds(disk, disk.layers[-1])  # same folder on node B
+
+
+def test_refusals_change_nothing_on_either_node(vm4, node_b, config, workdir, test_root):
+    conn_b, root = node_b
+    disk = vm4.disks["vda"]
+    # node B already has a file of that name, with other bytes
+    clash = on_b(root, test_root, disk.layers[1])
+    os.makedirs(os.path.dirname(clash), exist_ok=True)
+    rig.run("qemu-img", "create", "-q", "-f", "qcow2", clash, "64M")
+    before_b = b_files(root)
+    for args, words in [
+            ((nodes.URI, "--dest-dir", vm4.dir), "already has"),
+            (("qemu:///system", "--dest-dir", vm4.dir), "is this node"),
+            ((nodes.URI, "--dest-dir", "relative/dir"), "absolute"),
+    ]:
+        rc, out, err = rig.cli("migrate", vm4.name, *args, "--migrate-uri", MIGRATE_URI,
+                               config=config)
+        assert rc == 2 and words in out["error"]["message"], (args, out, err)
+        assert b_files(root) == before_b
+        assert vm4.dom.isActive() and not conn_b.listAllDomains()
+        assert not os.path.exists(os.path.join(workdir, "state", "migrations", f"{vm4.dom.UUIDString()}.json"))
+    # a dry run plans, and changes nothing either
+    os.unlink(clash)
+    rc, out, err = rig.cli("migrate", vm4.name, nodes.URI, "--dest-dir", vm4.dir, "--dry-run",
+                           config=config)
+    assert rc == 0 and out["dry_run"] and not out["changed"], (out, err)
+    assert out["chain_after"] == {"vda": list(reversed(disk.layers))}
+    assert out["bytes_to_copy"] == sum(os.path.getsize(p) for p in disk.layers[:-1])
+    assert b_files(root) == []
+    disk.assert_guest_data()

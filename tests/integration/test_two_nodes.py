@@ -15,6 +15,7 @@ import nodes
 import rig
 from rig import LayerSpec, Write
 
+
 def on_b(root, test_root, path):
     return nodes.on_b(root, test_root, path)
 

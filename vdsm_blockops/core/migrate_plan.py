@@ -123,7 +123,9 @@ def plan_layout(chains: dict[str, list[SourceImage]], dest_dir: str) -> tuple[
     def dest_of(path: str) -> str:
         return os.path.join(dest_dir, os.path.relpath(path, root))
 
-    disks, read_only, active = [], {}, []
+    disks: list[DiskMove] = []
+    read_only: dict[str, LayerMove] = {}
+    active: list[LayerMove] = []
     for disk, chain in chains.items():
         disks.append(DiskMove(disk, [i.path for i in chain], [dest_of(i.path) for i in chain]))
         for pos, image in enumerate(chain):

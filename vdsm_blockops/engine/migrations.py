@@ -43,7 +43,7 @@ class MigrationRecord:
     phase: MovePhase = MovePhase.PLANNED
     # files this move created on the destination: {"path", "digest"};
     # the digest tells ours from a file someone else put there since
-    created: list[dict[str, str]] = field(default_factory=list)
+    created: list[dict[str, Any]] = field(default_factory=list)
     markers: list[str] = field(default_factory=list)  # beside an unfinished upload
     checkpoints: list[str] = field(default_factory=list)  # XML, parents first
     id: str = field(default_factory=lambda: os.urandom(6).hex())

@@ -24,7 +24,8 @@ import os
 import socket
 import tempfile
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 
@@ -277,24 +278,16 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
         store.save(record)
         dest.upload(marker, iter([marker_body]), len(marker_body))
     pace = Pace(req_rate(record), ctx.budget)
-    total, done = sum(m.size for m in new if not m.active), 0
+    sent_so_far = [0, sum(m.size for m in new if not m.active)]  # done, in all
     with contextlib.ExitStack() as scratch:  # the active layers made here
         for move in new:
-            entry = {"path": move.dest, "digest": "", "active": move.active}
+            entry: dict[str, Any] = {"path": move.dest, "digest": "", "active": move.active}
             record.created.append(entry)  # before it exists: a crash mid-upload leaves it named
             store.save(record)
             source = _empty_active(move, scratch) if move.active else move.source
             with open(source, "rb") as handle:
-                def chunks() -> object:
-                    nonlocal done
-                    for chunk in file_chunks(handle, _head(move, handle)):
-                        pace.take(len(chunk))
-                        done += len(chunk)
-                        _progress(ctx, "upload", done, total)
-                        yield chunk
-
-                size = os.fstat(handle.fileno()).st_size
-                sent = dest.upload(move.dest, chunks(), size)  # type: ignore[arg-type]
+                chunks = _paced(ctx, file_chunks(handle, _head(move, handle)), pace, sent_so_far)
+                sent = dest.upload(move.dest, chunks, os.fstat(handle.fileno()).st_size)
             ctx.budget.check("the copy of the layers")
             if dest.digest(move.dest) != sent:
                 raise errors.OperationFailed(f"the copy of {move.source} on {dest.uri} "
@@ -305,6 +298,15 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
         dest.delete(marker)
         record.markers.remove(marker)
     store.advance(record, MovePhase.COPIED)
+
+
+def _paced(ctx: Context, chunks: Iterator[bytes], pace: Pace,
+           counts: list[int]) -> Iterator[bytes]:
+    for chunk in chunks:
+        pace.take(len(chunk))
+        counts[0] += len(chunk)
+        _progress(ctx, "upload", counts[0], counts[1])
+        yield chunk
 
 
 def req_rate(record: MigrationRecord) -> int:

@@ -14,9 +14,11 @@ file; a pool lists a file made meanwhile by others only after ``refresh``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import IO
 
@@ -69,43 +71,58 @@ class RemoteNode:
         with libvirt_errors(f"{self.uri}: cannot make a storage pool for {folder}"):
             return self.conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
 
-    def folder_state(self, folder: str) -> tuple[bool, list[str], int | None]:
-        """(whether ``folder`` exists, the names in it, its free bytes),
-        changing nothing: a folder no pool covers is looked at through a
-        transient pool that is stopped again."""
+    @contextlib.contextmanager
+    def _look(self, folder: str) -> Iterator[libvirt.virStoragePool | None]:
+        """The pool of ``folder``, or a transient one stopped again after
+        (nothing changes on the node); None when there is no such folder
+        (a dir pool needs it)."""
         pool = self._pool(folder, create=False)
-        ours = None
-        if pool is None:
-            try:
-                ours = pool = self.conn.storagePoolCreateXML(
-                    f"<pool type='dir'><name>{POOL_PREFIX}look-{os.getpid()}</name><target>"
-                    f"<path>{_escape(folder)}</path></target></pool>", 0)
-            except libvirt.libvirtError:
-                return False, [], None  # no such folder (a dir pool needs it)
+        if pool is not None:
+            yield pool
+            return
         try:
+            pool = self.conn.storagePoolCreateXML(
+                f"<pool type='dir'><name>{POOL_PREFIX}look-{os.getpid()}-"
+                f"{threading.get_ident()}</name><target><path>{_escape(folder)}</path></target>"
+                "</pool>", 0)
+        except libvirt.libvirtError:
+            yield None
+            return
+        try:
+            yield pool
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.destroy()
+
+    def folder_state(self, folder: str) -> tuple[bool, list[str], int | None]:
+        """(whether ``folder`` exists, the names in it, its free bytes)."""
+        with self._look(folder) as pool:
+            if pool is None:
+                return False, [], None
             with libvirt_errors(f"{self.uri}: {folder}"):
                 return True, list(pool.listVolumes()), int(pool.info()[3])
-        finally:
-            if ours is not None:
-                ours.destroy()
 
     def make_folders(self, folders: list[str]) -> None:
         for folder in folders:
             self._pool(folder, create=True)
 
-    def _volume(self, path: str) -> libvirt.virStorageVol | None:
-        pool = self._pool(os.path.dirname(path), create=False)
-        if pool is None:
-            return None
-        try:
-            return pool.storageVolLookupByName(os.path.basename(path))
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return None
-            raise errors.OperationFailed(f"{self.uri}: {path}: {exc}") from exc
+    @contextlib.contextmanager
+    def _volume(self, path: str) -> Iterator[libvirt.virStorageVol | None]:
+        with self._look(os.path.dirname(path)) as pool:
+            if pool is None:
+                yield None
+                return
+            try:
+                volume = pool.storageVolLookupByName(os.path.basename(path))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    raise errors.OperationFailed(f"{self.uri}: {path}: {exc}") from exc
+                volume = None
+            yield volume
 
     def exists(self, path: str) -> bool:
-        return self._volume(path) is not None
+        with self._volume(path) as volume:
+            return volume is not None
 
     # -- files
     def upload(self, path: str, data: Iterator[bytes], size: int) -> str:
@@ -139,7 +156,12 @@ class RemoteNode:
     def digest(self, path: str, progress: Callable[[int], None] = lambda n: None) -> str:
         """SHA-256 of ``path`` as the destination reads it back."""
         digest = hashlib.sha256()
-        self.read(path, None, lambda chunk: (digest.update(chunk), progress(len(chunk))))
+
+        def sink(chunk: bytes) -> None:
+            digest.update(chunk)
+            progress(len(chunk))
+
+        self.read(path, None, sink)
         return digest.hexdigest()
 
     def head(self, path: str, length: int) -> bytes:
@@ -149,9 +171,13 @@ class RemoteNode:
         return b"".join(parts)
 
     def read(self, path: str, length: int | None, sink: Callable[[bytes], object]) -> None:
-        volume = self._volume(path)
-        if volume is None:
-            raise errors.OperationFailed(f"{self.uri}: {path} is not there")
+        with self._volume(path) as volume:
+            if volume is None:
+                raise errors.OperationFailed(f"{self.uri}: {path} is not there")
+            self._download(volume, path, length, sink)
+
+    def _download(self, volume: libvirt.virStorageVol, path: str, length: int | None,
+                  sink: Callable[[bytes], object]) -> None:
         stream = self.conn.newStream(0)
         try:
             with libvirt_errors(f"{self.uri}: download of {path}"):
@@ -169,12 +195,12 @@ class RemoteNode:
             raise
 
     def delete(self, path: str) -> bool:
-        volume = self._volume(path)
-        if volume is None:
-            return False
-        with libvirt_errors(f"{self.uri}: cannot delete {path}"):
-            volume.delete(0)
-        return True
+        with self._volume(path) as volume:
+            if volume is None:
+                return False
+            with libvirt_errors(f"{self.uri}: cannot delete {path}"):
+                volume.delete(0)
+            return True
 
     # -- the moved domain
     def domain(self, uuid: str) -> libvirt.virDomain | None:
