@@ -77,3 +77,20 @@ def start(root: str, images: str) -> libvirt.virConnect:
 def on_b(root: str, images: str, path: str) -> str:
     """Where node A finds the file node B sees at ``path`` (under ``images``)."""
     return os.path.join(root, "images", os.path.relpath(path, images))
+
+
+def restart_libvirtd() -> libvirt.virConnect:
+    """Start node B's libvirtd again in its namespace (after a kill), as a
+    node's init would; a connection to it."""
+    logd = [pid for pid in namespaced_daemons()
+            if open(f"/proc/{pid}/comm").read().strip() == "virtlogd"]
+    if not logd:
+        raise LookupError("node B's namespace is gone (no virtlogd in it)")
+    subprocess.run(["nsenter", "-t", str(logd[0]), "-m", "-u", "libvirtd", "-d", "--listen"],
+                   check=True, timeout=30)
+    for _ in range(100):
+        try:
+            return libvirt.open(URI)
+        except libvirt.libvirtError:
+            time.sleep(0.2)
+    raise RuntimeError("node B's libvirtd did not come back")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 
@@ -115,10 +116,11 @@ def test_a_running_vm_moves_with_its_four_layer_chain(vm4, node_b, config, workd
     assert not os.listdir(os.path.join(workdir, "state", "migrations"))  # settled
 
 
-def b_files(root: str) -> list[str]:
-    """Every file node B holds under its image folder."""
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "images"))
-                  for f in files)
+def b_files(root: str, vm) -> list[str]:
+    """Every file node B holds in the VM's folder (node A sees them under
+    node B's root)."""
+    folder = nodes.on_b(root, os.path.dirname(os.path.dirname(vm.dir)), vm.dir)
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
 
 
 def test_a_checkpoint_survives_the_move(make_vm, node_b, config, workdir, test_root):
@@ -154,7 +156,7 @@ def test_refusals_change_nothing_on_either_node(vm4, node_b, config, workdir, te
     clash = on_b(root, test_root, disk.layers[1])
     os.makedirs(os.path.dirname(clash), exist_ok=True)
     rig.run("qemu-img", "create", "-q", "-f", "qcow2", clash, "64M")
-    before_b = b_files(root)
+    before_b = b_files(root, vm4)
     for args, words in [
             ((nodes.URI, "--dest-dir", vm4.dir), "already has"),
             (("qemu:///system", "--dest-dir", vm4.dir), "is this node"),
@@ -163,7 +165,7 @@ def test_refusals_change_nothing_on_either_node(vm4, node_b, config, workdir, te
         rc, out, err = rig.cli("migrate", vm4.name, *args, "--migrate-uri", MIGRATE_URI,
                                config=config)
         assert rc == 2 and words in out["error"]["message"], (args, out, err)
-        assert b_files(root) == before_b
+        assert b_files(root, vm4) == before_b
         assert vm4.dom.isActive() and not conn_b.listAllDomains()
         assert not os.path.exists(os.path.join(workdir, "state", "migrations", f"{vm4.dom.UUIDString()}.json"))
     # a dry run plans, and changes nothing either
@@ -173,5 +175,106 @@ def test_refusals_change_nothing_on_either_node(vm4, node_b, config, workdir, te
     assert rc == 0 and out["dry_run"] and not out["changed"], (out, err)
     assert out["chain_after"] == {"vda": list(reversed(disk.layers))}
     assert out["bytes_to_copy"] == sum(os.path.getsize(p) for p in disk.layers[:-1])
-    assert b_files(root) == []
+    assert b_files(root, vm4) == []
     disk.assert_guest_data()
+
+
+def wait_for_phase(workdir, uuid, phases, proc, timeout=120):
+    """The migration record reaches one of ``phases`` (with a file created,
+    for "copying"), while the command still runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = record_of(workdir, uuid)
+        if record and record["phase"] in phases and (
+                record["phase"] != "copying" or record["created"]):
+            return record
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"the move never reached {phases}")
+
+
+def recover(vm, config):
+    rc, out, err = rig.cli("recover", vm.name, "--timeout", "120", config=config)
+    assert rc == 0, (out, err)
+    assert [r["operation"] for r in out["records"]] == ["migrate"], out
+    return out["records"][0]["result"]
+
+
+def one_running_copy(vm, conn_b):
+    """Where the VM runs now ("a" or "b"): exactly one node runs it."""
+    on_a = [d for d in vm.conn.listAllDomains() if d.name() == vm.name and d.isActive()]
+    on_b_ = [d for d in conn_b.listAllDomains() if d.name() == vm.name and d.isActive()]
+    assert len(on_a) + len(on_b_) == 1, (on_a, on_b_)
+    return "a" if on_a else "b"
+
+
+def big_vm(make_vm, base_mib=400, top_mib=8):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, base_mib)]),
+                                LayerSpec("B", [Write(0x22, 4, 2)]),
+                                LayerSpec("C", [Write(0x33, 100, top_mib)])], size_mib=512)
+    vm.start()
+    return vm, disk
+
+
+def test_killed_during_the_upload_recover_rolls_back(make_vm, node_b, config, workdir):
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm)
+    proc = migrate(vm, config, vm.dir)
+    record = wait_for_phase(workdir, vm.dom.UUIDString(), ["copying"], proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert record["markers"] and b_files(root, vm)  # it had begun there
+    write_both(vm.dom, disk, Write(0x55, 200, 1))
+    assert recover(vm, config) == "rolled-back"
+    assert one_running_copy(vm, conn_b) == "a"
+    assert b_files(root, vm) == []  # the half-written copy and the marker are gone
+    disk.assert_guest_data()
+    assert rig.cli("verify", vm.name, config=config)[0] == 0
+    # and the move can be made again
+    rc, out, err = rig.cli("migrate", vm.name, nodes.URI, "--dest-dir", vm.dir,
+                           "--migrate-uri", MIGRATE_URI, config=config)
+    assert rc == 0, (out, err)
+    vm.created = False
+    conn_b.lookupByName(vm.name).destroy()
+    assert_b_holds(disk, disk.layers[-1])
+
+
+def test_killed_during_the_migration_recover_ends_with_one_vm(make_vm, node_b, config, workdir):
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=8, top_mib=160)  # the migration copies the top
+    proc = migrate(vm, config, vm.dir, "--bandwidth", "40")
+    wait_for_phase(workdir, vm.dom.UUIDString(), ["migrating"], proc)
+    time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = recover(vm, config)
+    where = one_running_copy(vm, conn_b)
+    assert (result, where) in (("finished", "b"), ("rolled-back", "a")), (result, where)
+    if where == "a":
+        assert b_files(root, vm) == []
+        disk.assert_guest_data()
+        assert rig.cli("verify", vm.name, config=config)[0] == 0
+    else:
+        vm.created = False
+        conn_b.lookupByName(vm.name).destroy()
+        assert_b_holds(disk, disk.layers[-1])
+
+
+def test_node_b_libvirtd_killed_mid_way_recover_rolls_back(make_vm, node_b, config, workdir):
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=8, top_mib=160)
+    proc = migrate(vm, config, vm.dir, "--bandwidth", "40")
+    wait_for_phase(workdir, vm.dom.UUIDString(), ["migrating"], proc)
+    time.sleep(1)
+    os.kill(nodes.libvirtd_pid(), signal.SIGKILL)
+    rc, out, err = finish(proc)
+    assert rc == 1 and not out["ok"], (out, err)
+    assert record_of(workdir, vm.dom.UUIDString()) is not None  # left for recover
+    assert vm.dom.isActive()
+    conn_b = nodes.restart_libvirtd()
+    assert recover(vm, config) == "rolled-back"
+    assert one_running_copy(vm, conn_b) == "a"
+    assert b_files(root, vm) == []
+    disk.assert_guest_data()
+    assert rig.cli("verify", vm.name, config=config)[0] == 0
