@@ -303,3 +303,33 @@ def test_pool_volumes_are_resolved_from_libvirts_pool_files(state, chain, tmp_pa
     assert rc == 1 and "cannot be resolved" in err
     assert hook(state, "prepare", "begin", volume_xml("ceph", "rbd/vm1"))[0] == 0
     assert hook(state, "prepare", "begin", volume_xml("images", "../../etc/passwd"))[0] == 1
+
+
+def test_a_domain_being_moved_away_does_not_start_here(state, chain):
+    """The move's record on the source node: the VM may run on the
+    destination already (never two running copies)."""
+    from vdsm_blockops.engine.migrations import MigrationRecord, MigrationStore
+
+    record = MigrationRecord(domain="vm1", uuid="u", dest_uri="qemu+tls://b/system", request={},
+                             plan={})
+    MigrationStore(state).save(record)
+    rc, err = hook(state, "prepare", "begin", domain_xml(chain[-1]))
+    assert rc == 1 and "being moved to qemu+tls://b/system" in err and "recover vm1" in err
+    MigrationStore(state).drop(record)
+    assert hook(state, "prepare", "begin", domain_xml(chain[-1])) == (0, "")
+
+
+def test_a_half_copied_chain_does_not_start_on_the_destination(state, chain):
+    """The marker an unfinished upload keeps beside the files it writes."""
+    import json
+
+    from vdsm_blockops.core.migrate_plan import marker_name
+
+    marker = os.path.join(os.path.dirname(chain[0]), marker_name("u"))
+    with open(marker, "w") as handle:
+        json.dump({"domain": "vm1", "source": "node-a", "files": [chain[0]]}, handle)
+    rc, err = hook(state, "prepare", "begin", domain_xml(chain[-1]))
+    assert rc == 1 and chain[0] in err and "from node-a that has not finished" in err
+    with open(marker, "w") as handle:  # a marker about other files
+        json.dump({"domain": "vm2", "source": "node-a", "files": ["/elsewhere/A.qcow2"]}, handle)
+    assert hook(state, "prepare", "begin", domain_xml(chain[-1])) == (0, "")

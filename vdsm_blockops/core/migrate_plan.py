@@ -21,6 +21,7 @@ from lxml import etree
 
 from .errors import BadRequest
 from .identity import clean_path
+from .reports import JSON, Report, Retired
 
 # The qcow2 header fields that hold the backing name (qcow2 spec).
 BACKING_OFFSET = struct.Struct(">QI")  # offset, size at byte 8
@@ -98,6 +99,31 @@ class MigratePlan:
                       "layers": [LayerMove(**layer) for layer in body["layers"]]})
 
 
+@dataclass
+class MigrateReport(Report):
+    """A move to another node: each disk's chain there, what was copied."""
+
+    OPERATION = "migrate"
+    OPTIONAL = ("deleted", "record", "duration_s")
+    domain: str
+    dest_uri: str
+    dest_host: str
+    dest_dir: str
+    dry_run: bool
+    changed: bool
+    chain_before: dict[str, list[str]]
+    chain_after: dict[str, list[str]]  # paths on the destination node
+    copied: list[JSON]  # {source, dest, bytes, sha256, reused}: the read-only layers
+    bytes_to_copy: int
+    checkpoints: list[str]
+    retired: list[Retired]
+    verified: bool
+    finished: bool
+    deleted: list[str] | None = None
+    record: str | None = None
+    duration_s: float | None = None
+
+
 @dataclass(frozen=True)
 class SourceImage:
     """What the plan needs of one image of a chain (from its header)."""
@@ -156,7 +182,8 @@ def plan_layout(chains: dict[str, list[SourceImage]], dest_dir: str) -> tuple[
 
 
 def _depth(move: LayerMove, chains: dict[str, list[SourceImage]]) -> int:
-    return max(len(chain) - [i.path for i in chain].index(move.source)
+    """How far below its active layer ``move`` lies (the deepest, where shared)."""
+    return max([i.path for i in chain].index(move.source)
                for chain in chains.values() if move.source in [i.path for i in chain])
 
 

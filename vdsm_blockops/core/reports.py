@@ -124,31 +124,6 @@ class RelocateReport(Report):
 
 
 @dataclass
-class MigrateReport(Report):
-    """A move to another node: each disk's chain there, what was copied."""
-
-    OPERATION = "migrate"
-    OPTIONAL = ("deleted", "record", "duration_s")
-    domain: str
-    dest_uri: str
-    dest_host: str
-    dest_dir: str
-    dry_run: bool
-    changed: bool
-    chain_before: dict[str, list[str]]
-    chain_after: dict[str, list[str]]  # paths on the destination node
-    copied: list[JSON]  # {source, dest, bytes, sha256, reused}: the read-only layers
-    bytes_to_copy: int
-    checkpoints: list[str]
-    retired: list[Retired]
-    verified: bool
-    finished: bool
-    deleted: list[str] | None = None
-    record: str | None = None
-    duration_s: float | None = None
-
-
-@dataclass
 class SnapshotReport(Report):
     OPERATION = "snapshot"
     OPTIONAL = ("duration_s", "volume")

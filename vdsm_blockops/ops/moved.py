@@ -30,8 +30,8 @@ from ..core import errors
 from ..core.chain import parse_domain
 from ..core.headers import parse_qcow2_header, resolve_backing
 from ..core.identity import clean_path, existing_key, image_key
-from ..core.migrate_plan import MigratePlan, MigrateRequest
-from ..core.reports import MigrateReport, RecordOutcome, Retired
+from ..core.migrate_plan import MigratePlan, MigrateReport, MigrateRequest
+from ..core.reports import RecordOutcome, Retired
 from ..engine.context import Context
 from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
 from ..engine.users import chain_users

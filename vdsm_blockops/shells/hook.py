@@ -15,6 +15,7 @@ and the reason is logged.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -27,6 +28,8 @@ from typing import BinaryIO
 from ..core.chain import parse_domain
 from ..core.config import load_config
 from ..core.headers import NotAnImage, walk_chain
+from ..core.migrate_plan import MARKER_PREFIX
+from ..engine.migrations import pending_move
 from ..engine.pools import NAMED_POOLS, PoolFiles
 from ..engine.records import records_in_domain_xml
 from ..engine.state import StateDir
@@ -59,6 +62,12 @@ def check_start(xml: bytes, state: StateDir) -> None:
                 f"start refused: disk {target} has an unfinished {record.operation} of the shut-off "
                 f"domain ({record.id}, pid {record.pid}); wait for it, or run "
                 f"'vdsm-blockops recover {spec.name}' if that process is gone")
+    move = pending_move(state.path, spec.uuid)
+    if move is not None:
+        raise Refusal(
+            f"start refused: {spec.name} is being moved to {move.get('dest_uri')} "
+            f"({move.get('phase')}); it may run there already: run "
+            f"'vdsm-blockops recover {spec.name}'")
     invalid = state.invalid_lookup()
     pools = PoolFiles()
     spec = spec.with_volumes(pools.resolve)
@@ -85,6 +94,14 @@ def check_start(xml: bytes, state: StateDir) -> None:
             raise Refusal(f"disk {disk.target}: image {exc.args[0]} of its chain is missing") from None
         except NotAnImage as exc:
             raise Refusal(f"disk {disk.target}: {exc}") from None
+        for path in chain:
+            copy = unfinished_copy(path)
+            if copy is not None:
+                raise Refusal(
+                    f"disk {disk.target} uses {path}, which is being copied here by a move of "
+                    f"{copy.get('domain')} from {copy.get('source')} that has not finished: "
+                    f"its data is incomplete (run 'vdsm-blockops recover' on "
+                    f"{copy.get('source')})")
         # By identity: the registry may name the image through another
         # folder alias than this domain's chain does.
         for path in chain + list(disk.paths[1:]):
@@ -95,6 +112,25 @@ def check_start(xml: bytes, state: StateDir) -> None:
                     f"{why.get('operation', 'a merge')} of {why.get('domain')} "
                     f"{why.get('disk')} at {why.get('time')}: its data is no longer a "
                     "valid point in time")
+
+
+def unfinished_copy(path: str) -> dict[str, object] | None:
+    """The marker a move to this node left beside ``path`` while its
+    upload is unfinished, when it names ``path`` (``ops/migrate.py``)."""
+    folder = os.path.dirname(path)
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX)]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                body = json.load(handle)
+        except (OSError, ValueError):
+            return {"domain": "?", "source": "?"}  # half-written marker: an upload began
+        if isinstance(body, dict) and path in body.get("files", []):
+            return body
+    return None
 
 
 def check_no_operation(xml: bytes, what: str) -> None:

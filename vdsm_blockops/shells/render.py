@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import singledispatch
 
+from ..core.migrate_plan import MigrateReport
 from ..core.model import Strategy
 from ..core.reports import (
     AbortReport,
@@ -13,7 +14,6 @@ from ..core.reports import (
     InstallReport,
     JobsReport,
     MergeReport,
-    MigrateReport,
     MultiReport,
     RecoverReport,
     RelocateReport,

@@ -1,0 +1,176 @@
+"""The plan of a move to another node, and every refusal, before anything
+changes on either node: the disks' kinds (files only; network and shared
+file systems have nothing to copy; devices and pool volumes are refused by
+name), encryption secrets the destination lacks, files of the same name
+there (a read-only layer with exactly our bytes is reused: a template an
+earlier move put there), room in each destination folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import IO, TYPE_CHECKING
+
+import libvirt
+
+from ..core import errors
+from ..core.chain import parse_xml
+from ..core.migrate_plan import (
+    LayerMove,
+    MigratePlan,
+    MigrateRequest,
+    SourceImage,
+    checkpoint_order,
+    plan_layout,
+    with_backing_name,
+)
+from ..engine.context import Context
+from ..engine.images import ImageInfo, read_chain
+from ..engine.records import RecordStore
+from ..engine.storage import filesystem_type
+from ..virt.remote import RemoteNode, file_chunks
+
+if TYPE_CHECKING:
+    from ..virt import Domain
+
+# File systems other nodes see too: a disk there has nothing to copy.
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "fuse.glusterfs",
+                      "gfs2", "ocfs2", "lustre", "beegfs", "fuse.cephfs"}
+HEAD_BYTES = 2 * 1024 * 1024  # the largest qcow2 cluster: the header's whole first cluster
+
+
+def make_plan(ctx: Context, domain: Domain, dest: RemoteNode,
+              req: MigrateRequest) -> tuple[MigratePlan, list[str]]:
+    """The plan, and the read-only layers the destination already holds
+    with the same bytes (a template an earlier move put there). Every
+    refusal happens here."""
+    if dest.host_uuid == _host_uuid(ctx):
+        raise errors.BadRequest(f"{req.dest_uri} is this node: nothing to move")
+    if RecordStore(domain, ctx.state).load():
+        raise errors.Conflict(f"{domain.name} has an unfinished operation on its disks: "
+                              f"run 'vdsm-blockops recover {domain.name}' first")
+    xml = domain.xml()
+    chains: dict[str, list[SourceImage]] = {}
+    for disk in domain.spec().disks:
+        if not disk.chain:
+            continue  # an empty drive: nothing to move
+        if disk.device != "disk" or disk.readonly:
+            raise errors.UnsafeRequest(f"disk {disk.target} is a read-only {disk.device}: "
+                                       "migrate moves writable disks; eject it first")
+        for layer in disk.chain:
+            _refuse_kind(disk.target, layer.source_type, layer.path)
+        if domain.block_job_info(disk.target) is not None:
+            raise errors.Conflict(f"disk {disk.target} has a block job running")
+        chains[disk.target] = [_source_image(disk.target, info)
+                               for info in read_chain(disk.chain[0].path, disk.chain[0].format)]
+    if not chains:
+        raise errors.BadRequest(f"domain {domain.name} has no disk with an image chain to move")
+    _refuse_missing_secrets(xml, dest)
+    disks, layers = plan_layout(chains, req.dest_dir)
+    parents = {name: parent for name, (parent, _) in domain.checkpoint_definitions().items()}
+    plan = MigratePlan(domain=domain.name, uuid=domain.uuid, dest_uri=req.dest_uri,
+                       dest_dir=req.dest_dir, disks=disks, layers=layers,
+                       checkpoints=checkpoint_order(parents))
+    reused = _check_destination(ctx, dest, plan)
+    return plan, reused
+
+
+def _refuse_kind(disk: str, source_type: str, path: str) -> None:
+    if source_type == "network":
+        raise errors.UnsafeRequest(
+            f"disk {disk} is on network storage ({path}): both nodes reach it, nothing to "
+            "copy; migrate the VM without copying storage (virsh migrate --live)")
+    if source_type != "file":
+        raise errors.UnsafeRequest(
+            f"disk {disk}: a {source_type} layer ({path}) cannot be copied to another node "
+            "by migrate; relocate the disk to files first")
+    fstype = filesystem_type(path)
+    if fstype in SHARED_FILESYSTEMS:
+        raise errors.UnsafeRequest(
+            f"disk {disk} is on shared storage ({fstype}: {path}): both nodes reach it, "
+            "nothing to copy; migrate the VM without copying storage (virsh migrate --live)")
+
+
+def _source_image(disk: str, info: ImageInfo) -> SourceImage:
+    if info.data_file:
+        raise errors.UnsafeRequest(f"disk {disk}: {info.path} keeps its data in the external "
+                                   f"file {info.data_file}, which migrate does not copy")
+    if info.format not in ("qcow2", "raw"):
+        raise errors.UnsafeRequest(f"disk {disk}: {info.path} is {info.format}; migrate "
+                                   "copies qcow2 and raw images")
+    return SourceImage(path=info.path, format=info.format, size=os.path.getsize(info.path),
+                       virtual_size=info.virtual_size, backing_name=info.backing_name,
+                       backing_format=info.backing_format)
+
+
+def _refuse_missing_secrets(xml: str, dest: RemoteNode) -> None:
+    for disk in parse_xml(xml).iterfind("devices/disk"):
+        target = disk.find("target")
+        for secret in disk.iterfind(".//encryption/secret"):
+            uuid, usage = secret.get("uuid"), secret.get("usage")
+            if not dest.has_secret(uuid, (libvirt.VIR_SECRET_USAGE_TYPE_VOLUME, usage)
+                                   if usage else None):
+                raise errors.UnsafeRequest(
+                    f"disk {target.get('dev') if target is not None else '?'} is encrypted "
+                    f"with secret {uuid or usage}, which {dest.uri} does not have: define it "
+                    "there first (virsh secret-define, secret-set-value)")
+
+
+def _check_destination(ctx: Context, dest: RemoteNode, plan: MigratePlan) -> list[str]:
+    """Refuse a destination file of the same name unless it is a read-only
+    layer holding exactly our bytes (then it is reused), and a destination
+    without room for the rest (summed per existing folder: a folder still
+    to be made counts against the nearest one above it)."""
+    reused: list[str] = []
+    need: dict[str, int] = {}
+    free: dict[str, int | None] = {}
+    for folder in plan.dest_folders:
+        exists, names, room = dest.folder_state(folder)
+        above = folder
+        while not exists and above != "/":
+            above = os.path.dirname(above)
+            exists, _, room = dest.folder_state(above)
+        free[above] = room
+        for move in (m for m in plan.layers if os.path.dirname(m.dest) == folder):
+            if os.path.basename(move.dest) not in names:
+                need[above] = need.get(above, 0) + move.size
+            elif move.active or dest.digest(move.dest) != _local_digest(move):
+                raise errors.UnsafeRequest(
+                    f"{dest.uri} already has {move.dest} (for {move.source}) with other "
+                    "contents: nothing was changed; choose another --dest-dir")
+            else:
+                reused.append(move.dest)
+    for folder, bytes_needed in need.items():
+        room = free.get(folder)
+        if room is not None and room < bytes_needed:
+            raise errors.UnsafeRequest(
+                f"{dest.uri}: {folder} has {room} bytes free, the move needs {bytes_needed}: "
+                "nothing was changed")
+    return reused
+
+
+def _local_digest(move: LayerMove) -> str:
+    digest = hashlib.sha256()
+    with open(move.source, "rb") as handle:
+        for chunk in file_chunks(handle, head_of(move, handle)):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def head_of(move: LayerMove, handle: IO[bytes]) -> bytes:
+    """The first bytes to send instead of the file's own: the header with
+    the backing name rewritten, when the destination names it otherwise."""
+    if move.active or not move.rewrite or move.backing_name is None:
+        return b""  # an active layer is made with its name
+    head = handle.read(HEAD_BYTES)
+    return with_backing_name(head, move.backing_name)
+
+
+def checkpoint_xmls(domain: Domain) -> list[str]:
+    definitions = domain.checkpoint_definitions()
+    parents = {name: parent for name, (parent, _) in definitions.items()}
+    return [definitions[name][1] for name in checkpoint_order(parents)]
+
+
+def _host_uuid(ctx: Context) -> str:
+    return str(parse_xml(ctx.conn.raw.getCapabilities()).findtext("host/uuid"))
