@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
@@ -278,3 +279,35 @@ def test_node_b_libvirtd_killed_mid_way_recover_rolls_back(make_vm, node_b, conf
     assert b_files(root, vm) == []
     disk.assert_guest_data()
     assert rig.cli("verify", vm.name, config=config)[0] == 0
+
+
+def test_the_drain_role_moves_every_running_vm_and_runs_again(make_vm, node_b, config, workdir):
+    from test_ansible import PLAYBOOKS, play
+
+    conn_b, root = node_b
+    vms = []
+    for _ in range(2):
+        vm = make_vm()
+        disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 4)]),
+                                    LayerSpec("B", [Write(0x22, 2, 1)])])
+        vms.append((vm.start(), disk))
+    inventory = os.path.join(workdir, "nodes.ini")
+    with open(inventory, "w") as handle:
+        handle.write(f"[nodes]\nnode1 ansible_connection=local ansible_python_interpreter="
+                     f"{sys.executable} blockops_uri={rig.TEST_URI} blockops_config={config}\n")
+    extra = json.dumps({"target_hosts": "node1", "destinations": [nodes.URI],
+                        "dest_dir": os.path.join(workdir, "drained"), "per_node_limit": 1,
+                        "migrate_uris": {nodes.URI: MIGRATE_URI}})
+    for attempt in range(2):  # the second run finds nothing left to move
+        rc, recap, out = play(inventory, os.path.join(PLAYBOOKS, "drain.yml"), "-e", extra)
+        assert rc == 0 and recap["node1"]["failed"] == 0, out
+        for vm, _ in vms:
+            assert (f"{vm.name}: moved to {nodes.URI}" in out if attempt == 0
+                    else vm.name not in out), (attempt, out)
+    for vm, disk in vms:
+        vm.created = False
+        moved = conn_b.lookupByName(vm.name)
+        assert moved.isActive() and not [d for d in vm.conn.listAllDomains() if d.name() == vm.name]
+        moved.destroy()
+        top = os.path.join(workdir, "drained", vm.name, os.path.basename(disk.layers[-1]))
+        assert_b_holds(disk, top)

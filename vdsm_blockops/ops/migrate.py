@@ -233,3 +233,27 @@ def run_migration(ctx: Context, domain: Domain, plan: MigratePlan, record: Migra
     if failure:
         raise failure[0]
     store.advance(record, MovePhase.MOVED)
+
+
+def settle_unfinished(ctx: Context, req: MigrateRequest) -> str | None:
+    """What a run again finds (Ansible): an unfinished move of the domain
+    settled first -- None when the move is still to be made here, else
+    what happened ("finished: ..." or "not running here: ...")."""
+    outcomes = moved.recover_moves(ctx, req.domain, req.timeout_s)
+    failed = [o for o in outcomes if not o.settled]
+    if failed:
+        raise errors.OperationFailed(f"the unfinished move of {req.domain} cannot be settled: "
+                                     f"{failed[0].message}")
+    source = moved.source_domain(ctx, req.domain)
+    if source is not None and source.is_active():
+        return None
+    if any(o.result == "finished" for o in outcomes):
+        return f"finished: the interrupted move of {req.domain} to {req.dest_uri} completed"
+    dest = RemoteNode(req.dest_uri)
+    try:
+        there = dest.domain_by_name(req.domain)
+    finally:
+        dest.close()
+    if there is not None and there.isActive():
+        return f"not running here: {req.domain} runs on {dest.hostname} already"
+    return None  # not running anywhere we know: migrate() says why

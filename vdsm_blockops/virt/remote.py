@@ -211,6 +211,12 @@ class RemoteNode:
                 return None
             raise errors.OperationFailed(f"{self.uri}: domain {uuid}: {exc}") from exc
 
+    def domain_by_name(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return None
+
     def has_secret(self, uuid: str | None, usage: tuple[int, str] | None) -> bool:
         try:
             if uuid:

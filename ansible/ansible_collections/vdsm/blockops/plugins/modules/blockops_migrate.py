@@ -1,0 +1,130 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: (c) 2026, vdsm-blockops developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: blockops_migrate
+short_description: Move a running VM and its local disks to another node, keeping the chains
+description:
+  - Copies every read-only layer of every disk to I(dest_dir) on the destination node through
+    its libvirt (proven by reading each copy back there), creates the active layers on them and
+    migrates the VM live with only the active layers mirrored. Snapshot chains and checkpoints
+    are kept; the source layers are retired once the destination verified.
+  - Runs on the source node. A move a failure left unfinished is settled first (as
+    C(vdsm-blockops recover) would), so the task can simply be run again; a VM that no longer
+    runs on this node but on I(dest_uri) is reported unchanged.
+version_added: "0.2.0"
+author: vdsm-blockops developers (@vdsm-blockops)
+extends_documentation_fragment:
+  - vdsm.blockops.blockops
+  - vdsm.blockops.blockops.changing
+  - ansible.builtin.action_common_attributes
+options:
+  domain:
+    description: Name or UUID of the running domain.
+    type: str
+    required: true
+  dest_uri:
+    description: The destination node's libvirt URI, such as C(qemu+tls://node2/system).
+    type: str
+    required: true
+  dest_dir:
+    description: Where the images go, as the destination node sees it.
+    type: path
+    required: true
+  migrate_uri:
+    description: Where the destination's QEMU listens for the migration data (C(tcp://ADDRESS)).
+    type: str
+  bandwidth:
+    description: Throttle the copies and the migration, MiB/s (0 = unlimited).
+    type: int
+    default: 0
+  timeout:
+    description: Stop and roll back when the move has not finished after this many seconds.
+    type: float
+  delete_source:
+    description: Unlink the source layers nothing else uses once the destination verified.
+    type: bool
+    default: false
+"""
+
+EXAMPLES = r"""
+- name: Move web01 to node2, chain and checkpoints kept
+  vdsm.blockops.blockops_migrate:
+    domain: web01
+    dest_uri: qemu+tls://node2.example.com/system
+    dest_dir: /var/lib/libvirt/images
+"""
+
+RETURN = r"""
+chain_before:
+  description: Each disk's chain on this node, active image first.
+  returned: success
+  type: dict
+  sample: {vda: [/var/lib/libvirt/images/web01-s1.qcow2, /var/lib/libvirt/images/web01.qcow2]}
+chain_after:
+  description: Each disk's chain on the destination node, active image first.
+  returned: success
+  type: dict
+  sample: {vda: [/var/lib/libvirt/images/web01-s1.qcow2, /var/lib/libvirt/images/web01.qcow2]}
+copied:
+  description: The read-only layers copied, each with its bytes and the SHA-256 proven there.
+  returned: success
+  type: list
+  elements: dict
+checkpoints:
+  description: The checkpoints kept on the destination, parents first.
+  returned: success
+  type: list
+  elements: str
+dest_host:
+  description: The destination node's host name.
+  returned: success
+  type: str
+moved:
+  description: Whether the VM runs on the destination now (moved now, or by an earlier run).
+  returned: success
+  type: bool
+"""
+
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
+    COMMON_ARGS, context, require_library, run, traced)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            domain=dict(type="str", required=True),
+            dest_uri=dict(type="str", required=True),
+            dest_dir=dict(type="path", required=True),
+            migrate_uri=dict(type="str"),
+            bandwidth=dict(type="int", default=0),
+            timeout=dict(type="float"),
+            delete_source=dict(type="bool", default=False),
+            **COMMON_ARGS,
+        ),
+        supports_check_mode=True,
+    )
+    require_library(module)
+    from vdsm_blockops.core.migrate_plan import MigrateRequest
+    from vdsm_blockops.ops.migrate import migrate, settle_unfinished
+
+    p = module.params
+    ctx = run(module, lambda: context(module))
+    req = MigrateRequest(domain=p["domain"], dest_uri=p["dest_uri"], dest_dir=p["dest_dir"],
+                         migrate_uri=p["migrate_uri"], bandwidth_mib_s=p["bandwidth"],
+                         timeout_s=p["timeout"], dry_run=module.check_mode,
+                         delete_source=p["delete_source"])
+    done = run(module, lambda: settle_unfinished(ctx, req))
+    if done:
+        module.exit_json(changed=done.startswith("finished"), msg=done, moved=True)
+    report = run(module, lambda: traced(module, ctx, "migrate", lambda: migrate(ctx, req).to_json()))
+    module.exit_json(**dict(report, changed=not module.check_mode, moved=not module.check_mode))
+
+
+if __name__ == "__main__":
+    main()
