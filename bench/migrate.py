@@ -50,7 +50,8 @@ def ours(vm, config):
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "vdsm_blockops", "migrate", vm.name, nodes.URI,
                           "--dest-dir", vm.dir, "--migrate-uri", MIGRATE_URI, "--json",
-                          "--config", config], capture_output=True, text=True, cwd=REPO)
+                          "-v", "--config", config], capture_output=True, text=True, cwd=REPO)
+    print(out.stderr.strip(), flush=True)
     took = time.monotonic() - started
     report = json.loads(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -75,7 +76,7 @@ def virsh(vm, conn_b):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     conn = rig.Libvirt(rig.TEST_URI)
     os.makedirs(rig.TEST_ROOT, exist_ok=True)
@@ -84,6 +85,9 @@ def main():
     root = os.path.join(rig.TEST_ROOT, "node-b-" + os.path.basename(test_root))
     nodes.stop()
     conn_b = nodes.start(root, test_root)
+    # A fresh libvirtd probes QEMU's capabilities on the first call that
+    # needs them (~8 s here, its cache is empty): not part of a move.
+    conn_b.getCapabilities()
     config = os.path.join(test_root, "config.yaml")
     with open(config, "w") as handle:
         handle.write(f"state_dir: {test_root}/state\nconnect: {rig.TEST_URI}\n")

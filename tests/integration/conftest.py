@@ -105,14 +105,14 @@ def installed_hook(config):
 
 
 @pytest.fixture(scope="module")
-def node_b(test_root):
-    """Node B, started for the module and stopped by pid: (connection,
-    node B's root folder; node B sees its ``images`` at ``test_root``)."""
+def node_b_root(test_root):
+    """Node B, started for the module and stopped by pid: its root folder
+    (node B sees its ``images`` at ``test_root``)."""
     nodes.stop()  # a node B a killed run left
     root = os.path.join(os.path.dirname(test_root), "node-b-" + os.path.basename(test_root))
-    conn = nodes.start(root, test_root)
+    nodes.start(root, test_root).close()
     try:
-        yield conn, root
+        yield root
     finally:
         try:
             conn = libvirt.open(nodes.URI)  # it may have been restarted
@@ -123,3 +123,15 @@ def node_b(test_root):
             pass
         nodes.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def node_b(node_b_root):
+    """(a connection to node B, its root folder): a connection per test,
+    since a test may kill and restart node B's libvirtd."""
+    conn = libvirt.open(nodes.URI)
+    yield conn, node_b_root
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass

@@ -29,7 +29,11 @@ from ..core.chain import parse_xml
 from .errors import libvirt_errors
 
 log = logging.getLogger(__name__)
-CHUNK = 4 * 1024 * 1024
+CHUNK = 4 * 1024 * 1024  # read from a file at a time
+# What one stream send or receive moves. Measured on libvirt 9.0 over TCP:
+# 600 MiB uploaded in 0.46 s with 256 KiB sends, 2.0 s with 4 MiB ones
+# (one RPC message carries at most 256 KiB); downloads 0.69 s vs 0.92 s.
+STREAM_CHUNK = 256 * 1024
 POOL_PREFIX = "vdsm-blockops-"
 
 
@@ -55,13 +59,17 @@ class RemoteNode:
             pass
 
     # -- folders
-    def _pool(self, folder: str, create: bool) -> libvirt.virStoragePool | None:
+    def _pool(self, folder: str, create: bool,
+              refresh: bool = False) -> libvirt.virStoragePool | None:
         """The active pool whose target is ``folder``; with ``create``, a
-        transient ``dir`` pool is started for it (building the folder)."""
+        transient ``dir`` pool is started for it (building the folder).
+        ``refresh`` lists files others made meanwhile -- never while an
+        upload runs into it (libvirt refuses: "asynchronous jobs running")."""
         with libvirt_errors(f"{self.uri}: storage pools"):
             for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
                 if parse_xml(pool.XMLDesc(0)).findtext("target/path") == folder:
-                    pool.refresh(0)
+                    if refresh:
+                        pool.refresh(0)
                     return pool
         if not create:
             return None
@@ -72,11 +80,12 @@ class RemoteNode:
             return self.conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
 
     @contextlib.contextmanager
-    def _look(self, folder: str) -> Iterator[libvirt.virStoragePool | None]:
+    def _look(self, folder: str,
+              refresh: bool = False) -> Iterator[libvirt.virStoragePool | None]:
         """The pool of ``folder``, or a transient one stopped again after
         (nothing changes on the node); None when there is no such folder
         (a dir pool needs it)."""
-        pool = self._pool(folder, create=False)
+        pool = self._pool(folder, create=False, refresh=refresh)
         if pool is not None:
             yield pool
             return
@@ -96,7 +105,7 @@ class RemoteNode:
 
     def folder_state(self, folder: str) -> tuple[bool, list[str], int | None]:
         """(whether ``folder`` exists, the names in it, its free bytes)."""
-        with self._look(folder) as pool:
+        with self._look(folder, refresh=True) as pool:
             if pool is None:
                 return False, [], None
             with libvirt_errors(f"{self.uri}: {folder}"):
@@ -107,8 +116,9 @@ class RemoteNode:
             self._pool(folder, create=True)
 
     @contextlib.contextmanager
-    def _volume(self, path: str) -> Iterator[libvirt.virStorageVol | None]:
-        with self._look(os.path.dirname(path)) as pool:
+    def _volume(self, path: str,
+                refresh: bool = False) -> Iterator[libvirt.virStorageVol | None]:
+        with self._look(os.path.dirname(path), refresh) as pool:
             if pool is None:
                 yield None
                 return
@@ -121,7 +131,7 @@ class RemoteNode:
             yield volume
 
     def exists(self, path: str) -> bool:
-        with self._volume(path) as volume:
+        with self._volume(path, refresh=True) as volume:
             return volume is not None
 
     # -- files
@@ -145,7 +155,7 @@ class RemoteNode:
                     digest.update(chunk)
                     view = memoryview(chunk)
                     while view:
-                        sent = stream.send(bytes(view[:CHUNK]))
+                        sent = stream.send(bytes(view[:STREAM_CHUNK]))
                         view = view[sent:]
                 stream.finish()
         except BaseException:
@@ -183,7 +193,7 @@ class RemoteNode:
             with libvirt_errors(f"{self.uri}: download of {path}"):
                 volume.download(stream, 0, length or 0, 0)
                 while True:
-                    chunk = stream.recv(CHUNK)
+                    chunk = stream.recv(STREAM_CHUNK)
                     if isinstance(chunk, int):  # -2: would block (not on a blocking stream)
                         continue
                     if not chunk:
