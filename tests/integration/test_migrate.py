@@ -247,6 +247,10 @@ def test_killed_during_the_migration_recover_ends_with_one_vm(make_vm, node_b, c
     proc = migrate(vm, config, vm.dir, "--bandwidth", "40")
     wait_for_phase(workdir, vm.dom.UUIDString(), ["migrating"], proc)
     time.sleep(1)
+    rc, jobs, err = rig.cli("jobs", vm.name, config=config)  # the operator sees the move
+    # the migration, and the mirror of the active layer libvirt runs for it
+    assert rc == 0 and "migration" in [j["type"] for j in jobs["jobs"]], (jobs, err)
+    assert [(o["operation"], o["running"]) for o in jobs["operations"]] == [("migrate", True)]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = recover(vm, config)
@@ -311,3 +315,20 @@ def test_the_drain_role_moves_every_running_vm_and_runs_again(make_vm, node_b, c
         moved.destroy()
         top = os.path.join(workdir, "drained", vm.name, os.path.basename(disk.layers[-1]))
         assert_b_holds(disk, top)
+
+
+def test_a_move_past_its_timeout_is_rolled_back(make_vm, node_b, config, workdir):
+    """--timeout bounds the whole move (here the paced upload): exit 3,
+    nothing left on node B, the VM runs on here as it was."""
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=40, top_mib=1)
+    started = time.monotonic()
+    rc, out, err = rig.cli("migrate", vm.name, nodes.URI, "--dest-dir", vm.dir,
+                           "--migrate-uri", MIGRATE_URI, "--bandwidth", "4", "--timeout", "2",
+                           config=config)
+    assert rc == 3 and out["error"]["code"] == "timeout", (out, err)
+    assert "rolled back" in out["error"]["message"] and time.monotonic() - started < 15
+    assert b_files(root, vm) == [] and one_running_copy(vm, conn_b) == "a"
+    assert record_of(workdir, vm.dom.UUIDString()) is None
+    disk.assert_guest_data()
+    assert rig.cli("verify", vm.name, config=config)[0] == 0

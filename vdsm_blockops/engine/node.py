@@ -16,6 +16,7 @@ from .records import RecordStore
 
 if TYPE_CHECKING:
     from ..virt import Connection, Domain
+    from .state import StateDir
 
 MIB = 1024 * 1024
 
@@ -138,13 +139,27 @@ def describe_chains(domain: Domain, target: str | None = None) -> ChainReport:
                               for d in disks])
 
 
-def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
+def list_jobs(conn: Connection, domain_name: str | None = None,
+              state: StateDir | None = None) -> JobsReport:
+    """Block jobs and migrations running, and the tool's operations under
+    way (with ``state``: the moves to other nodes too)."""
     # every domain: a shut-off one may have an operation of ours under way
-    domains = [conn.domain(domain_name)] if domain_name else conn.domains()
+    try:
+        domains = [conn.domain(domain_name)] if domain_name else conn.domains()
+    except errors.UnknownDomain:
+        if state is None or not moves_in(state, domain_name):
+            raise
+        domains = []  # it left this node: its move's record is still here
     rows = []
     for domain in domains:
         if not domain.is_active():
             continue
+        progress = domain.migration_progress()
+        if progress is not None:
+            done, total = progress
+            rows.append(JobRow(domain=domain.name, disk="all", type="migration", cur=done,
+                               end=total, percent=round(100.0 * done / total, 1) if total else None,
+                               bandwidth_mib_s=0.0, ready=False, mirror=None))
         spec = domain.spec()
         for disk in spec.disks:
             if not disk.chain:
@@ -161,7 +176,19 @@ def list_jobs(conn: Connection, domain_name: str | None = None) -> JobsReport:
                 bandwidth_mib_s=round(info.bandwidth_bytes_s / MIB, 3),
                 ready=bool(disk.mirror and disk.mirror.is_ready),
                 mirror=disk.mirror.path if disk.mirror else None))
-    return JobsReport(jobs=rows, operations=operations_on(domains))
+    moves = [] if state is None else moves_in(state, domain_name)
+    return JobsReport(jobs=rows, operations=operations_on(domains) + moves)
+
+
+def moves_in(state: StateDir, domain_name: str | None) -> list[OperationRow]:
+    """The moves to other nodes under way (their records on this node)."""
+    from .migrations import MigrationStore
+
+    return [OperationRow(domain=r.domain, disk="all", operation="migrate",
+                         method=f"to {r.dest_uri}", phase=r.phase.value, online=True,
+                         record=r.id, pid=r.pid, running=owner_alive(r.pid, r.started_at),
+                         started_at=r.started_at)
+            for r in MigrationStore(state).all() if domain_name in (None, r.domain, r.uuid)]
 
 
 def operations_on(domains: list[Domain]) -> list[OperationRow]:

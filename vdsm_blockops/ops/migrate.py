@@ -101,12 +101,12 @@ def migrate(ctx: Context, req: MigrateRequest) -> MigrateReport:
                 log.info("%s: verified and settled in %.2f s", domain.name,
                          ctx.clock() - finishing)
             except (errors.BlockOpsError, OSError) as exc:
-                moved.after_failure(ctx, domain, dest, record, store)
-                raise as_failure(exc) from exc
+                failure = as_failure(exc)
+                outcome = moved.after_failure(ctx, domain, dest, record, store)
+                raise failure.with_message(f"{failure}; {outcome}") from exc
             except KeyboardInterrupt:
-                moved.after_failure(ctx, domain, dest, record, store)
-                raise errors.Interrupted("interrupted: the move was stopped and rolled back "
-                                         f"({domain.name} runs on this node)") from None
+                outcome = moved.after_failure(ctx, domain, dest, record, store)
+                raise errors.Interrupted(f"interrupted: {outcome}") from None
     finally:
         dest.close()
     report.duration_s = round(ctx.clock() - started, 3)

@@ -89,15 +89,19 @@ def settle(ctx: Context, dest: RemoteNode, record: MigrationRecord, store: Migra
 
 
 def after_failure(ctx: Context, domain: Domain, dest: RemoteNode, record: MigrationRecord,
-                  store: MigrationStore) -> None:
+                  store: MigrationStore) -> str:
     """Settle right away what a failed move left; what cannot be (the
     destination unreachable, a chain that does not check out) stays
-    recorded for recover."""
+    recorded for recover. What became of it, for the error message."""
     try:
-        settle(ctx, dest, record, store, wait_s=30)
+        done = settle(ctx, dest, record, store, wait_s=30)[0]
     except (errors.BlockOpsError, OSError) as why:
         log.warning("the move of %s to %s is left for recover: %s", domain.name,
                     record.dest_uri, why)
+        return (f"the move is left for 'vdsm-blockops recover {domain.name}' ({why})")
+    if done == "finished":
+        return f"yet the move completed: {domain.name} runs on {dest.hostname}"
+    return f"the move was rolled back: {domain.name} runs on this node"
 
 
 def source_domain(ctx: Context, uuid: str) -> Domain | None:

@@ -24,8 +24,9 @@ def cmd_chain(args: argparse.Namespace, env: Env) -> Report:
 
 def cmd_jobs(args: argparse.Namespace, env: Env) -> Report:
     from ..engine.node import list_jobs
+    from ..engine.state import StateDir
 
-    return list_jobs(env.conn, args.domain)
+    return list_jobs(env.conn, args.domain, StateDir(env.config.state_dir))
 
 
 def cmd_history(args: argparse.Namespace, env: Env) -> Report:
