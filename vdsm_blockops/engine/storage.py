@@ -115,11 +115,21 @@ def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -
     layer another VM names through an alias is kept."""
     users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target), cache_dir=ctx.state.path)
     live = ImageSet(domain.spec().disk(target).paths)
-    deleted, keys = [], []
+    unused = []
     for path in paths:
         if users.get(path) or path in live:
             log.warning("keeping %s: still used by %s", path, users.get(path) or "this disk")
-            continue
+        else:
+            unused.append(path)
+    return unlink_images(ctx, unused)
+
+
+def unlink_images(ctx: Context, paths: list[str]) -> list[str]:
+    """Unlink the images ``paths`` name (the caller decided no chain uses
+    them), each only while it is the file that was decided on, and drop
+    them from the registry; the files deleted."""
+    deleted, keys = [], []
+    for path in paths:
         key = existing_key(path)
         if key is None:
             continue

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -28,12 +27,13 @@ import libvirt
 
 from ..core import errors
 from ..core.chain import parse_domain
-from ..core.headers import parse_qcow2_header, resolve_backing
-from ..core.identity import clean_path, existing_key, image_key
+from ..core.headers import Qcow2Header, parse_qcow2_header, resolve_backing
+from ..core.identity import clean_path, same_images
 from ..core.migrate_plan import MigratePlan, MigrateReport, MigrateRequest
 from ..core.reports import RecordOutcome, Retired
 from ..engine.context import Context
 from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
+from ..engine.storage import unlink_images
 from ..engine.users import chain_users
 from ..virt.remote import RemoteNode
 
@@ -142,7 +142,7 @@ def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
     if source is not None and source.is_active():
         live = {d.target: d.paths for d in source.spec().disks}
         for move in plan.disks:
-            if [clean_path(p) for p in live.get(move.disk, [])] != move.chain_before:
+            if not same_images(live.get(move.disk, []), move.chain_before):
                 raise errors.VerificationFailed(
                     f"{move.disk}: chain is {live.get(move.disk)} after the roll-back, "
                     f"not {move.chain_before}")
@@ -231,7 +231,7 @@ def verify_on_destination(dest: RemoteNode, remote: libvirt.virDomain,
     return problems
 
 
-def _header(dest: RemoteNode, path: str):  # type: ignore[no-untyped-def]
+def _header(dest: RemoteNode, path: str) -> Qcow2Header | None:
     head = dest.head(path, HEADER_BYTES)
     return parse_qcow2_header(lambda size, offset: head[offset:offset + size])
 
@@ -248,17 +248,7 @@ def retire_source(ctx: Context, plan: MigratePlan,
     retired = [Retired(path=p, valid=p not in unused) for p in paths]
     if not delete:
         return retired, None
-    deleted, keys = [], []
-    for path in unused:
-        key = existing_key(path)
-        if key is None or os.path.islink(path):
-            continue  # gone, or a link whose target others may reach: kept
-        if image_key(path) == key:
-            os.unlink(path)
-            deleted.append(path)
-            keys.append(key)
-    ctx.state.forget(keys)
-    return retired, deleted
+    return retired, unlink_images(ctx, unused)
 
 
 # ------------------------------------------------------------ report
