@@ -14,12 +14,14 @@ file; a pool lists a file made meanwhile by others only after ``refresh``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO
 
 import libvirt
@@ -34,6 +36,13 @@ CHUNK = 4 * 1024 * 1024  # read from a file at a time
 # 600 MiB uploaded in 0.46 s with 256 KiB sends, 2.0 s with 4 MiB ones
 # (one RPC message carries at most 256 KiB); downloads 0.69 s vs 0.92 s.
 STREAM_CHUNK = 256 * 1024
+# A read back (the proof of a copy) downloads pieces on several streams at
+# once: one stream ran at ~390 MiB/s here, held by the destination
+# libvirtd's event loop, which handles a stream's 256 KiB messages one at a
+# time; 700 MiB took 1.81 s on one stream, 1.50 s on two, 1.17 s on four
+# (medians of 5, libvirt 9.0 over TCP on loopback, 2 cores).
+PROOF_STREAMS = 4
+PROOF_PIECE = 8 * 1024 * 1024
 POOL_PREFIX = "vdsm-blockops-"
 
 
@@ -163,35 +172,56 @@ class RemoteNode:
             raise
         return digest.hexdigest()
 
-    def digest(self, path: str, progress: Callable[[int], None] = lambda n: None) -> str:
-        """SHA-256 of ``path`` as the destination reads it back."""
-        digest = hashlib.sha256()
-
-        def sink(chunk: bytes) -> None:
-            digest.update(chunk)
-            progress(len(chunk))
-
-        self.read(path, None, sink)
+    def digest(self, path: str) -> str:
+        """SHA-256 of ``path`` as the destination reads it back: pieces
+        downloaded on PROOF_STREAMS streams side by side, hashed in order
+        (at most PROOF_STREAMS + 2 pieces held here)."""
+        with self._volume(path) as volume:
+            if volume is None:
+                raise errors.OperationFailed(f"{self.uri}: {path} is not there")
+            with libvirt_errors(f"{self.uri}: {path}"):
+                size = int(volume.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
+            digest = hashlib.sha256()
+            pieces: collections.deque[Future[bytes]] = collections.deque()
+            with ThreadPoolExecutor(PROOF_STREAMS, thread_name_prefix="proof") as workers:
+                try:
+                    for offset in range(0, size, PROOF_PIECE):
+                        pieces.append(workers.submit(self._piece, volume, path, offset,
+                                                     min(PROOF_PIECE, size - offset)))
+                        if len(pieces) == PROOF_STREAMS + 2:
+                            digest.update(pieces.popleft().result())
+                    while pieces:
+                        digest.update(pieces.popleft().result())
+                except BaseException:
+                    for piece in pieces:
+                        piece.cancel()
+                    raise
         return digest.hexdigest()
+
+    def _piece(self, volume: libvirt.virStorageVol, path: str, offset: int, length: int) -> bytes:
+        parts: list[bytes] = []
+        self._download(volume, path, offset, length, parts.append)
+        piece = b"".join(parts)
+        if len(piece) != length:
+            raise errors.OperationFailed(f"{self.uri}: {path} reads back {len(piece)} bytes at "
+                                         f"{offset}, {length} expected")
+        return piece
 
     def head(self, path: str, length: int) -> bytes:
         """The first ``length`` bytes of ``path`` (a header)."""
         parts: list[bytes] = []
-        self.read(path, length, parts.append)
-        return b"".join(parts)
-
-    def read(self, path: str, length: int | None, sink: Callable[[bytes], object]) -> None:
         with self._volume(path) as volume:
             if volume is None:
                 raise errors.OperationFailed(f"{self.uri}: {path} is not there")
-            self._download(volume, path, length, sink)
+            self._download(volume, path, 0, length, parts.append)
+        return b"".join(parts)
 
-    def _download(self, volume: libvirt.virStorageVol, path: str, length: int | None,
+    def _download(self, volume: libvirt.virStorageVol, path: str, offset: int, length: int,
                   sink: Callable[[bytes], object]) -> None:
         stream = self.conn.newStream(0)
         try:
             with libvirt_errors(f"{self.uri}: download of {path}"):
-                volume.download(stream, 0, length or 0, 0)
+                volume.download(stream, offset, length, 0)
                 while True:
                     chunk = stream.recv(STREAM_CHUNK)
                     if isinstance(chunk, int):  # -2: would block (not on a blocking stream)
