@@ -332,3 +332,27 @@ def test_a_move_past_its_timeout_is_rolled_back(make_vm, node_b, config, workdir
     assert record_of(workdir, vm.dom.UUIDString()) is None
     disk.assert_guest_data()
     assert rig.cli("verify", vm.name, config=config)[0] == 0
+
+
+def test_abort_stops_a_move_and_rolls_it_back(make_vm, node_b, config, workdir):
+    """``abort DOMAIN all`` stops the migrate command as Ctrl-C would (here
+    in its paced upload): it rolls back, the VM runs on here as it was,
+    nothing is left on node B; a pivot or another disk is refused first."""
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=40, top_mib=1)
+    proc = migrate(vm, config, vm.dir, "--bandwidth", "4")
+    wait_for_phase(workdir, vm.dom.UUIDString(), ["copying"], proc)
+    for args, why in ((("all", "--pivot"), "no pivot"), (("vdz",), "abort the move with 'all'")):
+        rc, out, err = rig.cli("abort", vm.name, *args, config=config)
+        assert rc == 2 and why in out["error"]["message"], (out, err)
+    assert proc.poll() is None and b_files(root, vm)  # refusals stopped nothing
+    rc, out, err = rig.cli("abort", vm.name, "all", config=config)
+    assert rc == 0, (out, err)
+    assert [(r["operation"], r["result"]) for r in out["recover"]] == [("migrate", "rolled-back")]
+    rc, moved, err = finish(proc)
+    assert rc == 1 and moved["error"]["code"] == "interrupted", (moved, err)
+    assert "rolled back" in moved["error"]["message"]
+    assert b_files(root, vm) == [] and one_running_copy(vm, conn_b) == "a"
+    assert record_of(workdir, vm.dom.UUIDString()) is None
+    disk.assert_guest_data()
+    assert rig.cli("verify", vm.name, config=config)[0] == 0

@@ -7,8 +7,9 @@ import signal
 from typing import TYPE_CHECKING
 
 from ..core import errors
-from ..core.reports import AbortReport, SpeedReport
+from ..core.reports import AbortReport, RecordOutcome, SpeedReport
 from ..engine.context import Context, check_bandwidth, refuse_vdsm_managed
+from ..engine.migrations import MigrationRecord, MigrationStore
 from ..engine.node import current_chain, owner_alive
 from ..engine.records import OperationRecord, RecordStore
 
@@ -24,7 +25,11 @@ STOP_WAIT_S = 60.0  # for a command told to stop (SIGTERM) to be gone
 def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortReport:
     """Abort the job on ``target`` (or pivot a ready one). A job of ours
     (started with --no-wait) has its record settled at once -- that disk's
-    only -- so retired layers get registered and verify passes."""
+    only -- so retired layers get registered and verify passes. A domain
+    being moved to another node has its move stopped instead."""
+    move = _unfinished_move(ctx, domain_name)
+    if move is not None:
+        return _abort_move(ctx, move, target, pivot)
     domain = ctx.conn.domain(domain_name)
     domain.spec().disk(target)
     _refuse_foreign_vdsm_job(ctx, domain, target)
@@ -69,16 +74,58 @@ def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool)
     if pivot:
         raise errors.BadRequest(f"{record.operation} {record.id} on {domain.name} {target} runs "
                                 "no block job: there is nothing to pivot")
-    if record.pid != os.getpid() and owner_alive(record.pid, record.started_at):
-        os.kill(record.pid, signal.SIGTERM)
-        deadline = ctx.clock() + STOP_WAIT_S
-        while owner_alive(record.pid, record.started_at):
-            if ctx.clock() > deadline:
-                raise errors.JobTimeout(f"pid {record.pid} ({record.operation} {record.id}) did "
-                                        f"not stop within {STOP_WAIT_S:g} s")
-            ctx.sleep(0.1)
+    _stop_owner(ctx, record.pid, record.started_at, f"{record.operation} {record.id}")
     report = AbortReport(domain=domain.name, disk=target, pivot=False, chain_after=[])
     return _settled(ctx, domain, target, report, True)
+
+
+def _stop_owner(ctx: Context, pid: int, since: float, what: str) -> None:
+    """The command that runs ``what`` stopped as Ctrl-C would stop it
+    (it hands over or rolls back what it started), and gone."""
+    if pid == os.getpid() or not owner_alive(pid, since):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = ctx.clock() + STOP_WAIT_S
+    while owner_alive(pid, since):
+        if ctx.clock() > deadline:
+            raise errors.JobTimeout(f"pid {pid} ({what}) did not stop within {STOP_WAIT_S:g} s")
+        ctx.sleep(0.1)
+
+
+def _unfinished_move(ctx: Context, name: str) -> MigrationRecord | None:
+    """The record of a move of domain ``name`` (by name or uuid) to
+    another node -- found also once the domain left this node."""
+    found = [r for r in MigrationStore(ctx.state).all() if name in (r.domain, r.uuid)]
+    return found[0] if found else None
+
+
+def _abort_move(ctx: Context, record: MigrationRecord, target: str,
+                pivot: bool) -> AbortReport:
+    """Stop a move to another node: the migrate command is stopped as by
+    Ctrl-C (an upload or a proof is cut, a migration job aborted) and
+    rolls back; whatever it leaves is settled as recover would -- rolled
+    back while the domain still runs here, finished if it already runs
+    there (a migration past its switchover cannot be undone)."""
+    disks = [d["disk"] for d in record.plan.get("disks", [])]
+    if target != "all" and target not in disks:
+        raise errors.BadRequest(f"{record.domain} is being moved to {record.dest_uri} with "
+                                f"{', '.join(disks)}: abort the move with 'all'")
+    if pivot:
+        raise errors.BadRequest(f"{record.domain} is being moved to {record.dest_uri}: a move "
+                                "has no pivot, abort stops it")
+    _stop_owner(ctx, record.pid, record.started_at, f"migrate {record.id}")
+    from .moved import recover_moves, source_domain
+
+    outcomes = recover_moves(ctx, record.uuid, timeout_s=STOP_WAIT_S)
+    domain = source_domain(ctx, record.uuid)
+    here = domain is not None and domain.is_active()
+    if not outcomes:  # the command settled it itself
+        outcomes = [RecordOutcome(domain=record.domain, disk="all", record=record.id,
+                                  operation="migrate", phase=record.phase.value,
+                                  result="rolled-back" if here else "finished")]
+    chain = current_chain(domain, target) if here and domain and target != "all" else []
+    return AbortReport(domain=record.domain, disk=target, pivot=False, chain_after=chain,
+                       recover=outcomes)
 
 
 def _is_snapshot_stream(record: OperationRecord) -> bool:

@@ -203,7 +203,7 @@ def _snapshot_args(p: argparse.ArgumentParser) -> None:
 
 def _abort_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help=DOMAIN_HELP)
-    p.add_argument("disk", help="the disk's target name (vda)")
+    p.add_argument("disk", help="the disk's target name (vda; 'all' for a move to another node)")
     p.add_argument("--pivot", action="store_true", help="pivot onto the mirror (must be ready)")
     _add_vdsm_override(p)
 
@@ -275,7 +275,8 @@ VERBS = [
          "snapshot chains and checkpoints", commands.cmd_migrate, _migrate_args),
     Verb("snapshot", "disk-only external snapshot: a new overlay on the active image",
          commands.cmd_snapshot, _snapshot_args),
-    Verb("abort", "abort a block job (or pivot a ready one)", commands.cmd_abort, _abort_args),
+    Verb("abort", "abort a block job (or pivot a ready one), or stop a move to another node",
+         commands.cmd_abort, _abort_args),
     Verb("speed", "change a running block job's bandwidth", commands.cmd_speed, _speed_args,
          local=False),
     Verb("recover", "finish or roll back operations a crash interrupted", commands.cmd_recover,
