@@ -20,6 +20,8 @@ import pytest
 import rig
 from rig import LayerSpec, Write
 
+from vdsm_blockops.core.chain import parse_xml
+
 MIGRATE_URI = "tcp://127.0.0.1"
 
 
@@ -115,6 +117,13 @@ def test_a_running_vm_moves_with_its_four_layer_chain(vm4, node_b, config, workd
     registry = json.load(open(os.path.join(workdir, "state", "invalidated.json")))
     assert {e["path"] for e in registry.values()} == set(disk.layers)
     assert not os.listdir(os.path.join(workdir, "state", "migrations"))  # settled
+    assert b_pools(conn_b, workdir) == []  # the pool started for the folder is stopped
+
+
+def b_pools(conn_b, folder: str) -> list[str]:
+    """Node B's storage pools on ``folder`` or below it."""
+    return [p.name() for p in conn_b.listAllStoragePools()
+            if (parse_xml(p.XMLDesc(0)).findtext("target/path") + "/").startswith(folder + "/")]
 
 
 def b_files(root: str, vm) -> list[str]:
@@ -230,6 +239,7 @@ def test_killed_during_the_upload_recover_rolls_back(make_vm, node_b, config, wo
     assert recover(vm, config) == "rolled-back"
     assert one_running_copy(vm, conn_b) == "a"
     assert b_files(root, vm) == []  # the half-written copy and the marker are gone
+    assert b_pools(conn_b, vm.dir) == []
     disk.assert_guest_data()
     assert rig.cli("verify", vm.name, config=config)[0] == 0
     # and the move can be made again
@@ -329,6 +339,7 @@ def test_a_move_past_its_timeout_is_rolled_back(make_vm, node_b, config, workdir
     assert rc == 3 and out["error"]["code"] == "timeout", (out, err)
     assert "rolled back" in out["error"]["message"] and time.monotonic() - started < 15
     assert b_files(root, vm) == [] and one_running_copy(vm, conn_b) == "a"
+    assert b_pools(conn_b, vm.dir) == []
     assert record_of(workdir, vm.dom.UUIDString()) is None
     disk.assert_guest_data()
     assert rig.cli("verify", vm.name, config=config)[0] == 0
@@ -353,6 +364,7 @@ def test_abort_stops_a_move_and_rolls_it_back(make_vm, node_b, config, workdir):
     assert rc == 1 and moved["error"]["code"] == "interrupted", (moved, err)
     assert "rolled back" in moved["error"]["message"]
     assert b_files(root, vm) == [] and one_running_copy(vm, conn_b) == "a"
+    assert b_pools(conn_b, vm.dir) == []
     assert record_of(workdir, vm.dom.UUIDString()) is None
     disk.assert_guest_data()
     assert rig.cli("verify", vm.name, config=config)[0] == 0

@@ -138,6 +138,7 @@ def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
             log.warning("%s on %s changed since the move made it: kept", path, dest.uri)
     for marker in record.markers:
         dest.delete(marker)
+    dest.release(plan.dest_folders)
     source = source_domain(ctx, record.uuid)
     if source is not None and source.is_active():
         live = {d.target: d.paths for d in source.spec().disks}
@@ -167,6 +168,7 @@ def finish(ctx: Context, dest: RemoteNode, record: MigrationRecord,
     if source is not None:
         source.undefine_moved()
     retired, deleted = retire_source(ctx, plan, req.delete_source)
+    dest.release(plan.dest_folders)
     store.drop(record)
     return report(plan, req, dest, dry_run=False, reused=[], retired=retired, deleted=deleted,
                   record=record)

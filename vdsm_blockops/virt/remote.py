@@ -28,6 +28,7 @@ import libvirt
 
 from ..core import errors
 from ..core.chain import parse_xml
+from ..core.migrate_plan import MARKER_PREFIX
 from .errors import libvirt_errors
 
 log = logging.getLogger(__name__)
@@ -74,19 +75,48 @@ class RemoteNode:
         transient ``dir`` pool is started for it (building the folder).
         ``refresh`` lists files others made meanwhile -- never while an
         upload runs into it (libvirt refuses: "asynchronous jobs running")."""
+        pool = self._active_pool(folder, refresh)
+        if pool is not None or not create:
+            return pool
+        xml = (f"<pool type='dir'><name>{_pool_name(folder)}</name><target><path>"
+               f"{_escape(folder)}</path><permissions><mode>0755</mode></permissions>"
+               "</target></pool>")
+        try:
+            return self.conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+        except libvirt.libvirtError as exc:
+            pool = self._active_pool(folder, refresh)  # another move's, started meanwhile
+            if pool is None:
+                raise errors.OperationFailed(
+                    f"{self.uri}: cannot make a storage pool for {folder}: {exc}") from exc
+            return pool
+
+    def _active_pool(self, folder: str, refresh: bool) -> libvirt.virStoragePool | None:
         with libvirt_errors(f"{self.uri}: storage pools"):
             for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
                 if parse_xml(pool.XMLDesc(0)).findtext("target/path") == folder:
                     if refresh:
                         pool.refresh(0)
                     return pool
-        if not create:
-            return None
-        name = POOL_PREFIX + hashlib.sha1(folder.encode()).hexdigest()[:12]
-        xml = (f"<pool type='dir'><name>{name}</name><target><path>{_escape(folder)}</path>"
-               "<permissions><mode>0755</mode></permissions></target></pool>")
-        with libvirt_errors(f"{self.uri}: cannot make a storage pool for {folder}"):
-            return self.conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+        return None
+
+    def release(self, folders: list[str]) -> None:
+        """Stop the transient pools a move started for ``folders`` (their
+        files stay): those of ours that no other move's unfinished upload
+        uses (no marker in the folder; an upload running into it makes
+        libvirt refuse the refresh, and the pool stays). Best effort: a pool
+        left running is only listed, never in the way."""
+        for folder in folders:
+            try:
+                for pool in self.conn.listAllStoragePools(
+                        libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE
+                        | libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_TRANSIENT):
+                    if pool.name() != _pool_name(folder):
+                        continue
+                    pool.refresh(0)
+                    if not any(n.startswith(MARKER_PREFIX) for n in pool.listVolumes()):
+                        pool.destroy()
+            except libvirt.libvirtError as exc:
+                log.debug("%s: pool of %s left running: %s", self.uri, folder, exc)
 
     @contextlib.contextmanager
     def _look(self, folder: str,
@@ -147,14 +177,11 @@ class RemoteNode:
     def upload(self, path: str, data: Iterator[bytes], size: int) -> str:
         """Create ``path`` (it must not exist) and write ``data`` into it;
         the SHA-256 of what was sent."""
-        pool = self._pool(os.path.dirname(path), create=True)
-        assert pool is not None
         xml = (f"<volume><name>{_escape(os.path.basename(path))}</name>"
                f"<capacity unit='bytes'>{size}</capacity><allocation>0</allocation>"
                "<target><format type='raw'/><permissions><mode>0644</mode></permissions>"
                "</target></volume>")
-        with libvirt_errors(f"{self.uri}: cannot create {path}"):
-            volume = pool.createXML(xml, 0)
+        volume = self._create(path, xml)
         digest = hashlib.sha256()
         stream = self.conn.newStream(0)
         try:
@@ -171,6 +198,20 @@ class RemoteNode:
             _abort(stream)
             raise
         return digest.hexdigest()
+
+    def _create(self, path: str, xml: str) -> libvirt.virStorageVol:
+        pool = self._pool(os.path.dirname(path), create=True)
+        assert pool is not None
+        try:
+            return pool.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            if _active(pool):
+                raise errors.OperationFailed(f"{self.uri}: cannot create {path}: {exc}") from exc
+        # another move released the folder's pool meanwhile: start it again
+        pool = self._pool(os.path.dirname(path), create=True)
+        assert pool is not None
+        with libvirt_errors(f"{self.uri}: cannot create {path}"):
+            return pool.createXML(xml, 0)
 
     def digest(self, path: str) -> str:
         """SHA-256 of ``path`` as the destination reads it back: pieces
@@ -266,6 +307,19 @@ class RemoteNode:
             return True
         except libvirt.libvirtError:
             return False
+
+
+def _active(pool: libvirt.virStoragePool) -> bool:
+    try:
+        return bool(pool.isActive())
+    except libvirt.libvirtError:  # a transient pool stopped is gone
+        return False
+
+
+def _pool_name(folder: str) -> str:
+    """The transient pool a move starts for ``folder`` (the same name for
+    every move, so that the next one finds it, and releases it)."""
+    return POOL_PREFIX + hashlib.sha1(folder.encode()).hexdigest()[:12]
 
 
 def _escape(text: str) -> str:
