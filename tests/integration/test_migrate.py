@@ -368,3 +368,37 @@ def test_abort_stops_a_move_and_rolls_it_back(make_vm, node_b, config, workdir):
     assert record_of(workdir, vm.dom.UUIDString()) is None
     disk.assert_guest_data()
     assert rig.cli("verify", vm.name, config=config)[0] == 0
+
+
+def test_node_b_hook_refuses_a_vm_on_a_half_copied_layer(make_vm, node_b, config, workdir):
+    """Our hook installed on node B refuses to start a domain there on a
+    layer whose upload is unfinished (the marker beside it names it)."""
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=40, top_mib=1)
+    side = tempfile.mkdtemp(dir="/var/tmp")  # node B sees /var/tmp as node A does
+    b_config = os.path.join(side, "config.yaml")
+    with open(b_config, "w") as handle:
+        handle.write(f"state_dir: {side}/state\n")
+    hooks = os.path.join(root, "etc", "hooks", "qemu.d")  # node B's /etc/libvirt/hooks/qemu.d
+    rc, out, err = rig.cli("hook", "install", "--hooks-dir", hooks, config=b_config)
+    assert rc == 0, (out, err)
+    os.kill(nodes.libvirtd_pid(), signal.SIGHUP)  # libvirtd reads its hooks again
+    time.sleep(1)
+    try:
+        proc = migrate(vm, config, vm.dir, "--bandwidth", "4")
+        record = wait_for_phase(workdir, vm.dom.UUIDString(), ["copying"], proc)
+        half = record["created"][0]["path"]
+        xml = (f"<domain type='qemu'><name>{vm.name}-b</name><memory unit='MiB'>64</memory>"
+               "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+               f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source "
+               f"file='{half}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
+        with pytest.raises(libvirt.libvirtError, match="being copied here by a move"):
+            conn_b.createXML(xml, 0)
+        assert proc.poll() is None  # the move goes on
+        assert rig.cli("abort", vm.name, "all", config=config)[0] == 0
+        assert finish(proc)[0] == 1
+        assert b_files(root, vm) == [] and one_running_copy(vm, conn_b) == "a"
+    finally:
+        os.unlink(os.path.join(hooks, "vdsm-blockops"))
+        os.kill(nodes.libvirtd_pid(), signal.SIGHUP)
+        shutil.rmtree(side, ignore_errors=True)
