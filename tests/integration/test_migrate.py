@@ -126,11 +126,15 @@ def b_pools(conn_b, folder: str) -> list[str]:
             if (parse_xml(p.XMLDesc(0)).findtext("target/path") + "/").startswith(folder + "/")]
 
 
+def b_folder(root: str, vm) -> str:
+    """The VM's folder on node B, as node A sees it (under node B's root)."""
+    return nodes.on_b(root, os.path.dirname(os.path.dirname(vm.dir)), vm.dir)
+
+
 def b_files(root: str, vm) -> list[str]:
-    """Every file node B holds in the VM's folder (node A sees them under
-    node B's root)."""
-    folder = nodes.on_b(root, os.path.dirname(os.path.dirname(vm.dir)), vm.dir)
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+    """Every file node B holds in the VM's folder."""
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(b_folder(root, vm))
+                  for f in files)
 
 
 def test_a_checkpoint_survives_the_move(make_vm, node_b, config, workdir, test_root):
@@ -239,7 +243,7 @@ def test_killed_during_the_upload_recover_rolls_back(make_vm, node_b, config, wo
     assert recover(vm, config) == "rolled-back"
     assert one_running_copy(vm, conn_b) == "a"
     assert b_files(root, vm) == []  # the half-written copy and the marker are gone
-    assert b_pools(conn_b, vm.dir) == []
+    assert b_pools(conn_b, vm.dir) == [] and not os.path.exists(b_folder(root, vm))
     disk.assert_guest_data()
     assert rig.cli("verify", vm.name, config=config)[0] == 0
     # and the move can be made again

@@ -73,6 +73,9 @@ class MigratePlan:
     disks: list[DiskMove]
     layers: list[LayerMove]  # read-only ones bottom first, then the active ones
     checkpoints: list[str]  # parents first
+    # destination folders that did not exist when planned, deepest first:
+    # a roll-back removes those left empty
+    new_folders: list[str] = field(default_factory=list)
 
     @property
     def uploads(self) -> list[LayerMove]:

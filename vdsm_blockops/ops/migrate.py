@@ -52,9 +52,9 @@ from ..engine.context import (
 from ..engine.copying import Pace
 from ..engine.images import run_command
 from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
-from ..virt.remote import RemoteNode, file_chunks
+from ..virt.remote import RemoteNode
 from . import moved
-from .move_plan import checkpoint_xmls, head_of, make_plan
+from .move_plan import checkpoint_xmls, layer_chunks, make_plan
 from .moved import MOVE_LOCK
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
             source = _empty_active(move, scratch) if move.active else move.source
             started = time.monotonic()
             with open(source, "rb") as handle:
-                chunks = _paced(ctx, file_chunks(handle, head_of(move, handle)), pace, counts)
+                chunks = _paced(ctx, layer_chunks(move, handle), pace, counts)
                 sent = dest.upload(move.dest, chunks, os.fstat(handle.fileno()).st_size)
             uploaded = time.monotonic()
             ctx.budget.check("the copy of the layers")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
 import libvirt
@@ -28,7 +29,7 @@ from ..engine.context import Context
 from ..engine.images import ImageInfo, read_chain
 from ..engine.records import RecordStore
 from ..engine.storage import filesystem_type
-from ..virt.remote import RemoteNode, file_chunks
+from ..virt.remote import RemoteNode
 
 if TYPE_CHECKING:
     from ..virt import Domain
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "fuse.glusterfs",
                       "gfs2", "ocfs2", "lustre", "beegfs", "fuse.cephfs"}
 HEAD_BYTES = 2 * 1024 * 1024  # the largest qcow2 cluster: the header's whole first cluster
+READ_CHUNK = 4 * 1024 * 1024  # read from a layer at a time
 
 
 def make_plan(ctx: Context, domain: Domain, dest: RemoteNode,
@@ -120,7 +122,8 @@ def _check_destination(ctx: Context, dest: RemoteNode, plan: MigratePlan) -> lis
     """Refuse a destination file of the same name unless it is a read-only
     layer holding exactly our bytes (then it is reused), and a destination
     without room for the rest (summed per existing folder: a folder still
-    to be made counts against the nearest one above it)."""
+    to be made counts against the nearest one above it). Notes in the plan
+    the folders still to be made."""
     reused: list[str] = []
     need: dict[str, int] = {}
     free: dict[str, int | None] = {}
@@ -128,6 +131,8 @@ def _check_destination(ctx: Context, dest: RemoteNode, plan: MigratePlan) -> lis
         exists, names, room = dest.folder_state(folder)
         above = folder
         while not exists and above != "/":
+            if above not in plan.new_folders:
+                plan.new_folders.append(above)
             above = os.path.dirname(above)
             exists, _, room = dest.folder_state(above)
         free[above] = room
@@ -140,6 +145,7 @@ def _check_destination(ctx: Context, dest: RemoteNode, plan: MigratePlan) -> lis
                     "contents: nothing was changed; choose another --dest-dir")
             else:
                 reused.append(move.dest)
+    plan.new_folders.sort(key=lambda f: (-f.count("/"), f))
     for folder, bytes_needed in need.items():
         room = free.get(folder)
         if room is not None and room < bytes_needed:
@@ -152,18 +158,22 @@ def _check_destination(ctx: Context, dest: RemoteNode, plan: MigratePlan) -> lis
 def _local_digest(move: LayerMove) -> str:
     digest = hashlib.sha256()
     with open(move.source, "rb") as handle:
-        for chunk in file_chunks(handle, head_of(move, handle)):
+        for chunk in layer_chunks(move, handle):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def head_of(move: LayerMove, handle: IO[bytes]) -> bytes:
-    """The first bytes to send instead of the file's own: the header with
-    the backing name rewritten, when the destination names it otherwise."""
-    if move.active or not move.rewrite or move.backing_name is None:
-        return b""  # an active layer is made with its name
-    head = handle.read(HEAD_BYTES)
-    return with_backing_name(head, move.backing_name)
+def layer_chunks(move: LayerMove, handle: IO[bytes]) -> Iterator[bytes]:
+    """What the destination gets for ``move`` (``handle``: its file), in
+    chunks: the header with the backing name rewritten where the
+    destination names it otherwise (an active layer is made with its name),
+    then the rest of the file."""
+    if not move.active and move.rewrite and move.backing_name is not None:
+        head = with_backing_name(handle.read(HEAD_BYTES), move.backing_name)
+        yield head
+        handle.seek(len(head))
+    while chunk := handle.read(READ_CHUNK):
+        yield chunk
 
 
 def checkpoint_xmls(domain: Domain) -> list[str]:

@@ -139,6 +139,7 @@ def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
     for marker in record.markers:
         dest.delete(marker)
     dest.release(plan.dest_folders)
+    dest.remove_empty(plan.new_folders)
     source = source_domain(ctx, record.uuid)
     if source is not None and source.is_active():
         live = {d.target: d.paths for d in source.spec().disks}

@@ -22,7 +22,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO
 
 import libvirt
 
@@ -32,7 +31,6 @@ from ..core.migrate_plan import MARKER_PREFIX
 from .errors import libvirt_errors
 
 log = logging.getLogger(__name__)
-CHUNK = 4 * 1024 * 1024  # read from a file at a time
 # What one stream send or receive moves. Measured on libvirt 9.0 over TCP:
 # 600 MiB uploaded in 0.46 s with 256 KiB sends, 2.0 s with 4 MiB ones
 # (one RPC message carries at most 256 KiB); downloads 0.69 s vs 0.92 s.
@@ -172,6 +170,29 @@ class RemoteNode:
     def exists(self, path: str) -> bool:
         with self._volume(path, refresh=True) as volume:
             return volume is not None
+
+    def remove_empty(self, folders: list[str]) -> None:
+        """Remove each of ``folders`` (deepest first) that is empty, through
+        a pool defined on it for the moment: a ``dir`` pool's delete is an
+        rmdir, which leaves a folder holding anything. Best effort."""
+        for folder in folders:
+            if self._active_pool(folder, refresh=False) is not None:
+                continue  # in use
+            name = f"{POOL_PREFIX}rm-{hashlib.sha1(folder.encode()).hexdigest()[:12]}"
+            try:
+                pool = self.conn.storagePoolDefineXML(
+                    f"<pool type='dir'><name>{name}</name><target><path>{_escape(folder)}"
+                    "</path></target></pool>", 0)
+            except libvirt.libvirtError as exc:
+                log.debug("%s: %s kept: %s", self.uri, folder, exc)
+                continue
+            try:
+                pool.delete(0)
+            except libvirt.libvirtError as exc:
+                log.debug("%s: %s kept: %s", self.uri, folder, exc)
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    pool.undefine()
 
     # -- files
     def upload(self, path: str, data: Iterator[bytes], size: int) -> str:
@@ -331,18 +352,3 @@ def _abort(stream: libvirt.virStream) -> None:
         stream.abort()
     except libvirt.libvirtError:
         pass
-
-
-def file_chunks(handle: IO[bytes], first: bytes = b"", check: Callable[[], None] = lambda: None,
-                ) -> Iterator[bytes]:
-    """``first`` (a patched header) and then the rest of ``handle`` from
-    where ``first`` ends, in chunks; ``check`` before each (deadline)."""
-    if first:
-        yield first
-        handle.seek(len(first))
-    while True:
-        check()
-        chunk = handle.read(CHUNK)
-        if not chunk:
-            return
-        yield chunk
