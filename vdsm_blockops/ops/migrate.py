@@ -146,7 +146,7 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
                 sent = dest.upload(move.dest, chunks, os.fstat(handle.fileno()).st_size)
             uploaded = time.monotonic()
             ctx.budget.check("the copy of the layers")
-            if dest.digest(move.dest) != sent:
+            if dest.digest(move.dest, lambda: ctx.budget.check("the proof of the copies")) != sent:
                 raise errors.OperationFailed(f"the copy of {move.source} on {dest.uri} "
                                              f"({move.dest}) does not read back as sent")
             log.info("%s: %d bytes uploaded in %.2f s, proven in %.2f s", move.dest, move.size,

@@ -234,10 +234,11 @@ class RemoteNode:
         with libvirt_errors(f"{self.uri}: cannot create {path}"):
             return pool.createXML(xml, 0)
 
-    def digest(self, path: str) -> str:
+    def digest(self, path: str, check: Callable[[], None] = lambda: None) -> str:
         """SHA-256 of ``path`` as the destination reads it back: pieces
         downloaded on PROOF_STREAMS streams side by side, hashed in order
-        (at most PROOF_STREAMS + 2 pieces held here)."""
+        (at most PROOF_STREAMS + 2 pieces held here); ``check`` before each
+        piece is hashed (a deadline)."""
         with self._volume(path) as volume:
             if volume is None:
                 raise errors.OperationFailed(f"{self.uri}: {path} is not there")
@@ -251,8 +252,10 @@ class RemoteNode:
                         pieces.append(workers.submit(self._piece, volume, path, offset,
                                                      min(PROOF_PIECE, size - offset)))
                         if len(pieces) == PROOF_STREAMS + 2:
+                            check()
                             digest.update(pieces.popleft().result())
                     while pieces:
+                        check()
                         digest.update(pieces.popleft().result())
                 except BaseException:
                     for piece in pieces:
