@@ -135,6 +135,36 @@ def _to_a_worker_thread(pid, sig):
     assert ctypes.CDLL(None, use_errno=True).syscall(SYS_TGKILL, pid, tid, sig) == 0
 
 
+def test_ctrl_c_stops_the_tools_own_copies_at_once(make_vm, config, workdir):
+    """Ctrl-C (to a thread other than the main one) during a shut-off VM's
+    chain copy -- the tool's own copies, paced: the command stops within
+    seconds, not when the copies end; recover rolls it back."""
+    vm = make_vm()
+    disk = vm.add_chain("vda", _two_layers())
+    vm.define()
+    A, B = disk.layers
+    dest_dir = os.path.join(workdir, "dst")
+    os.makedirs(dest_dir)
+    proc = rig.cli_background("relocate", vm.name, "vda", os.path.join(dest_dir, "B.qcow2"),
+                              "--mode", "chain", "--bandwidth", "1", config=config)
+    _own_operation(vm, config, proc)
+    time.sleep(1)  # copying at 1 MiB/s: ~25 s to go
+    interrupted = time.monotonic()
+    _to_a_worker_thread(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - interrupted
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, (out, err)
+    body = json.loads(lines[0])
+    assert proc.returncode == 1 and body["error"]["code"] == "interrupted", (body, err)
+    assert took < 5, f"the command stopped {took:.1f} s after Ctrl-C"
+    rc, out, err = rig.cli("recover", vm.name, "--timeout", "60", config=config)
+    assert rc == 0 and [r["result"] for r in out["records"]] == ["rolled-back"], (out, err)
+    assert disk.chain() == [B, A] and os.listdir(dest_dir) == []
+    _verified(vm, config)
+    disk.assert_guest_data()
+
+
 def test_an_interrupted_all_stops_every_disk_at_once(make_vm, config, workdir):
     vm = make_vm()
     vda = vm.add_chain("vda", _two_layers())

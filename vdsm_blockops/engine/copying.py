@@ -81,7 +81,18 @@ def copy_proven(copies: list[tuple[str, str]], creator: FileCreator,
 
     largest_first = sorted(copies, key=lambda copy: -device_size(copy[0]))
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        for done in [pool.submit(copy_one, src, new) for src, new in largest_first]:
+        futures = [pool.submit(copy_one, src, new) for src, new in largest_first]
+        try:
+            # Woken every 0.2 s, as run_per_disk is: Ctrl-C may reach another
+            # thread, and Python runs its handler when the main thread next
+            # runs bytecode.
+            while concurrent.futures.wait(futures, timeout=0.2).not_done:
+                pass
+        except KeyboardInterrupt:
+            pace.budget.interrupted.set()  # each copy stops at its next chunk
+            concurrent.futures.wait(futures)
+            raise
+        for done in futures:
             done.result()
 
 
