@@ -8,8 +8,8 @@ about 5 s, whatever ran underneath. Every waiting loop asks ``check()``
 (or ``left()``) between steps; the timeout then rolls back like ``abort``.
 
 The interrupt: Ctrl-C reaches only the main thread; the threads working
-on the other disks of ``all`` see it here, at their next step, and stop
-too (the command hands what it started over to ``recover``, as for one
+on the other disks of ``all``, or on a disk's own file copies, see it
+here (``wait_all``), at their next step, and stop too (the command hands what it started over to ``recover``, as for one
 disk).
 """
 
@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .errors import Interrupted, JobTimeout
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 INTERRUPTED = ("interrupted: the command stopped. A block job it started runs on under its "
                "record ('jobs' lists it): 'recover' finishes it, 'abort' rolls it back; "
@@ -60,3 +64,23 @@ class Budget:
             left = self.left(doing)
             sleep(min(rest, 0.2, left if left is not None else rest))
         self.check(doing)
+
+
+def wait_all(futures: Sequence[Future[Any]], budget: Budget | None) -> None:
+    """Wait until every one of ``futures`` is done. Woken every 0.2 s: the
+    kernel may hand SIGINT to any thread (libvirt's event loop, a worker);
+    Python then runs the handler only when the main thread next runs
+    bytecode -- a wait without a timeout held Ctrl-C until all were done.
+    On Ctrl-C the threads are told through ``budget`` to stop at their
+    next step, waited for, and the interrupt raised."""
+    import concurrent.futures  # only where threads run: not at start-up
+
+    try:
+        while concurrent.futures.wait(futures, timeout=0.2).not_done:
+            pass
+    except KeyboardInterrupt:
+        if budget is None:
+            raise
+        budget.interrupted.set()
+        concurrent.futures.wait(futures)
+        raise

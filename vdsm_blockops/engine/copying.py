@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..core import errors
-from ..core.budget import Budget
+from ..core.budget import Budget, wait_all
 from ..core.identity import device_size
 from .images import ImageInfo, backing_name_for, create_image, create_overlay, set_backing
 from .state import fsync_dir
@@ -82,16 +82,7 @@ def copy_proven(copies: list[tuple[str, str]], creator: FileCreator,
     largest_first = sorted(copies, key=lambda copy: -device_size(copy[0]))
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         futures = [pool.submit(copy_one, src, new) for src, new in largest_first]
-        try:
-            # Woken every 0.2 s, as run_per_disk is: Ctrl-C may reach another
-            # thread, and Python runs its handler when the main thread next
-            # runs bytecode.
-            while concurrent.futures.wait(futures, timeout=0.2).not_done:
-                pass
-        except KeyboardInterrupt:
-            pace.budget.interrupted.set()  # each copy stops at its next chunk
-            concurrent.futures.wait(futures)
-            raise
+        wait_all(futures, pace.budget)  # on Ctrl-C each copy stops at its next chunk
         for done in futures:
             done.result()
 

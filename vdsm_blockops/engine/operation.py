@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..core import errors
-from ..core.budget import Budget
+from ..core.budget import Budget, wait_all
 from ..core.chain import Disk
 from ..core.identity import ImageKey, image_key, same_images
 from ..core.model import Operation
@@ -175,19 +175,7 @@ def run_per_disk(items: list[T], work: Callable[[T], Report],
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(items)) as pool:
         futures = [pool.submit(work, item) for item in items]
-        try:
-            # Woken every 0.2 s: the kernel may hand SIGINT to any thread
-            # (libvirt's event loop, a worker); Python then only runs the
-            # handler when the main thread next runs bytecode -- a wait
-            # without a timeout held Ctrl-C until every disk had finished.
-            while concurrent.futures.wait(futures, timeout=0.2).not_done:
-                pass
-        except KeyboardInterrupt:
-            if budget is None:
-                raise
-            budget.interrupted.set()
-            concurrent.futures.wait(futures)
-            raise
+        wait_all(futures, budget)
     return [f.exception() or f.result() for f in futures]
 
 
