@@ -89,13 +89,15 @@ class MigrationStore:
             raise StateError(f"migration record {self._path(uuid)} is not one this version "
                              f"reads ({exc}); recover it with the version that wrote it") from exc
 
-    def all(self) -> list[MigrationRecord]:
+    def all(self, domain: str | None = None) -> list[MigrationRecord]:
+        """Every record, or those of ``domain`` (its name or uuid: it may
+        no longer be defined here)."""
         try:
             names = sorted(os.listdir(self.folder))
         except FileNotFoundError:
             return []
         found = [self.load(n[:-5]) for n in names if n.endswith(".json")]
-        return [r for r in found if r is not None]
+        return [r for r in found if r is not None and domain in (None, r.domain, r.uuid)]
 
     def drop(self, record: MigrationRecord) -> None:
         try:

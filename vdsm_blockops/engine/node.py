@@ -188,7 +188,7 @@ def moves_in(state: StateDir, domain_name: str | None) -> list[OperationRow]:
                          method=f"to {r.dest_uri}", phase=r.phase.value, online=True,
                          record=r.id, pid=r.pid, running=owner_alive(r.pid, r.started_at),
                          started_at=r.started_at)
-            for r in MigrationStore(state).all() if domain_name in (None, r.domain, r.uuid)]
+            for r in MigrationStore(state).all(domain_name)]
 
 
 def operations_on(domains: list[Domain]) -> list[OperationRow]:

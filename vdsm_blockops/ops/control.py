@@ -95,7 +95,7 @@ def _stop_owner(ctx: Context, pid: int, since: float, what: str) -> None:
 def _unfinished_move(ctx: Context, name: str) -> MigrationRecord | None:
     """The record of a move of domain ``name`` (by name or uuid) to
     another node -- found also once the domain left this node."""
-    found = [r for r in MigrationStore(ctx.state).all() if name in (r.domain, r.uuid)]
+    found = MigrationStore(ctx.state).all(name)
     return found[0] if found else None
 
 

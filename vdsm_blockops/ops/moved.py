@@ -277,9 +277,7 @@ def recover_moves(ctx: Context, name: str | None, timeout_s: float | None) -> li
     """Settle every unfinished move (of domain ``name``, by name or uuid)."""
     outcomes = []
     store = MigrationStore(ctx.state)
-    for record in store.all():
-        if name not in (None, record.domain, record.uuid):
-            continue
+    for record in store.all(name):
         outcome = RecordOutcome(domain=record.domain, disk="all", record=record.id,
                                 operation="migrate", phase=record.phase.value, result="")
         try:
