@@ -9,8 +9,8 @@ about 5 s, whatever ran underneath. Every waiting loop asks ``check()``
 
 The interrupt: Ctrl-C reaches only the main thread; the threads working
 on the other disks of ``all``, or on a disk's own file copies, see it
-here (``wait_all``), at their next step, and stop too (the command hands what it started over to ``recover``, as for one
-disk).
+here (``wait_all``), at their next step, and stop too (the command
+hands what it started over to ``recover``, as for one disk).
 """
 
 from __future__ import annotations
