@@ -167,6 +167,13 @@ class RemoteNode:
                 volume = None
             yield volume
 
+    @contextlib.contextmanager
+    def _existing(self, path: str) -> Iterator[libvirt.virStorageVol]:
+        with self._volume(path) as volume:
+            if volume is None:
+                raise errors.OperationFailed(f"{self.uri}: {path} is not there")
+            yield volume
+
     def exists(self, path: str) -> bool:
         with self._volume(path, refresh=True) as volume:
             return volume is not None
@@ -178,11 +185,10 @@ class RemoteNode:
         for folder in folders:
             if self._active_pool(folder, refresh=False) is not None:
                 continue  # in use
-            name = f"{POOL_PREFIX}rm-{hashlib.sha1(folder.encode()).hexdigest()[:12]}"
             try:
                 pool = self.conn.storagePoolDefineXML(
-                    f"<pool type='dir'><name>{name}</name><target><path>{_escape(folder)}"
-                    "</path></target></pool>", 0)
+                    f"<pool type='dir'><name>{_pool_name(folder, 'rm-')}</name><target>"
+                    f"<path>{_escape(folder)}</path></target></pool>", 0)
             except libvirt.libvirtError as exc:
                 log.debug("%s: %s kept: %s", self.uri, folder, exc)
                 continue
@@ -239,9 +245,7 @@ class RemoteNode:
         downloaded on PROOF_STREAMS streams side by side, hashed in order
         (at most PROOF_STREAMS + 2 pieces held here); ``check`` before each
         piece is hashed (a deadline)."""
-        with self._volume(path) as volume:
-            if volume is None:
-                raise errors.OperationFailed(f"{self.uri}: {path} is not there")
+        with self._existing(path) as volume:
             with libvirt_errors(f"{self.uri}: {path}"):
                 size = int(volume.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
             digest = hashlib.sha256()
@@ -275,9 +279,7 @@ class RemoteNode:
     def head(self, path: str, length: int) -> bytes:
         """The first ``length`` bytes of ``path`` (a header)."""
         parts: list[bytes] = []
-        with self._volume(path) as volume:
-            if volume is None:
-                raise errors.OperationFailed(f"{self.uri}: {path} is not there")
+        with self._existing(path) as volume:
             self._download(volume, path, 0, length, parts.append)
         return b"".join(parts)
 
@@ -340,10 +342,11 @@ def _active(pool: libvirt.virStoragePool) -> bool:
         return False
 
 
-def _pool_name(folder: str) -> str:
+def _pool_name(folder: str, kind: str = "") -> str:
     """The transient pool a move starts for ``folder`` (the same name for
-    every move, so that the next one finds it, and releases it)."""
-    return POOL_PREFIX + hashlib.sha1(folder.encode()).hexdigest()[:12]
+    every move, so that the next one finds it, and releases it); ``kind``
+    sets apart the pool defined for a moment to remove the folder."""
+    return POOL_PREFIX + kind + hashlib.sha1(folder.encode()).hexdigest()[:12]
 
 
 def _escape(text: str) -> str:
