@@ -135,6 +135,23 @@ def _to_a_worker_thread(pid, sig):
     assert ctypes.CDLL(None, use_errno=True).syscall(SYS_TGKILL, pid, tid, sig) == 0
 
 
+def _ctrl_c(proc):
+    """Ctrl-C to a thread other than the main one, as the kernel may pick
+    for a process-wide Ctrl-C (Python runs the handler on the main thread
+    only when it next runs: a main thread blocked without timeout held it
+    64 s); the command ends with one JSON object, code interrupted. The
+    seconds it took."""
+    interrupted = time.monotonic()
+    _to_a_worker_thread(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - interrupted
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, (out, err)
+    body = json.loads(lines[0])
+    assert proc.returncode == 1 and body["error"]["code"] == "interrupted", (body, err)
+    return took
+
+
 def test_ctrl_c_stops_the_tools_own_copies_at_once(make_vm, config, workdir):
     """Ctrl-C (to a thread other than the main one) during a shut-off VM's
     chain copy -- the tool's own copies, paced: the command stops within
@@ -149,14 +166,7 @@ def test_ctrl_c_stops_the_tools_own_copies_at_once(make_vm, config, workdir):
                               "--mode", "chain", "--bandwidth", "1", config=config)
     _own_operation(vm, config, proc)
     time.sleep(1)  # copying at 1 MiB/s: ~25 s to go
-    interrupted = time.monotonic()
-    _to_a_worker_thread(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    took = time.monotonic() - interrupted
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, (out, err)
-    body = json.loads(lines[0])
-    assert proc.returncode == 1 and body["error"]["code"] == "interrupted", (body, err)
+    took = _ctrl_c(proc)
     assert took < 5, f"the command stopped {took:.1f} s after Ctrl-C"
     rc, out, err = rig.cli("recover", vm.name, "--timeout", "60", config=config)
     assert rc == 0 and [r["result"] for r in out["records"]] == ["rolled-back"], (out, err)
@@ -176,17 +186,7 @@ def test_an_interrupted_all_stops_every_disk_at_once(make_vm, config, workdir):
                               "--method", "mirror", "--bandwidth", "1", config=config)
     wait_for_job(vm, "vda")
     wait_for_job(vm, "vdb")
-    interrupted = time.monotonic()
-    # to a thread other than the main one, as the kernel may pick for a
-    # process-wide Ctrl-C (Python runs the handler on the main thread only
-    # when it next runs: a main thread blocked without timeout held it 64 s)
-    _to_a_worker_thread(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    took = time.monotonic() - interrupted
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, (out, err)
-    body = json.loads(lines[0])
-    assert proc.returncode == 1 and body["error"]["code"] == "interrupted", (body, err)
+    took = _ctrl_c(proc)
     assert took < 10, f"the command stopped {took:.1f} s after Ctrl-C"
     # Handed over as documented: abort rolls one back, recover finishes the other.
     rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
