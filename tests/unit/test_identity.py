@@ -70,7 +70,7 @@ def test_aliases_are_one_image_and_copies_are_not(ovirt):
 
 
 def test_missing_files_compare_by_cleaned_path(tmp_path):
-    assert image_key(f"{tmp_path}/x/../nope") == ImageKey("path", 0, 0, "", f"{tmp_path}/nope")
+    assert image_key(f"{tmp_path}/x/../nope") == ImageKey("path", "", 0, "", f"{tmp_path}/nope")
     assert same_image(f"{tmp_path}/nope", f"{tmp_path}/./nope")
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from vdsm_blockops.core.identity import LEGACY, ImageKey, file_exists, image_key
+from vdsm_blockops.core.identity import ImageKey, file_exists, image_key
 from vdsm_blockops.engine.records import OperationRecord
 from vdsm_blockops.engine.state import StateDir
 
@@ -92,7 +92,7 @@ def test_a_retired_file_renamed_or_linked_is_still_refused(folder, tmp_path):
     assert state.invalid_lookup().why(os.path.join(folder, "renamed")) is not None
 
 
-def test_entries_of_an_earlier_version_are_taken_over_or_dropped(tmp_path):
+def test_entries_of_an_earlier_version_are_taken_over_or_kept(tmp_path):
     state = StateDir(str(tmp_path / "state"))
     kept, gone = tmp_path / "kept", tmp_path / "gone"
     kept.write_bytes(b"k")
@@ -107,8 +107,12 @@ def test_entries_of_an_earlier_version_are_taken_over_or_dropped(tmp_path):
     assert lookup.why(str(kept)) is not None
     assert lookup.why(reused) is None
     state.forget([])
-    (entry,) = state.invalidated().values()
-    assert entry["path"] == str(kept) and ImageKey.from_json(entry["id"]) == image_key(str(kept))
+    entries = state.invalidated()
+    taken_over = [e for e in entries.values() if e.get("path") == str(kept)]
+    assert [ImageKey.from_json(e["id"]) for e in taken_over] == [image_key(str(kept))]
+    # The entry whose file is not where it was is kept as it was: whether
+    # that file is gone cannot be proven from an earlier version's key.
+    assert entries[str(gone)] == {"domain": "vm", "id": old_ids[gone]}
 
 
 def test_a_created_file_is_ours_only_while_it_is_the_same_file(tmp_path):
@@ -124,7 +128,7 @@ def test_a_created_file_is_ours_only_while_it_is_the_same_file(tmp_path):
     os.rename(reuse_inode(folder, key.ino), path)  # the admin's new file, at our path, on our number
     assert not record.still_ours(record.created_files[0])
     legacy = dict(record.created_files[0], id=record.created_files[0]["id"][:3])
-    assert ImageKey.from_json(legacy["id"]).life == LEGACY
+    assert ImageKey.from_json(legacy["id"]) is None  # not today's form
     assert record.still_ours(legacy)  # an old record can only compare numbers
 
 
@@ -199,3 +203,53 @@ def test_a_records_pid_is_its_owner_only_while_that_process_lives():
         for proc in (ours, other):
             proc.kill()
             proc.wait()
+
+
+def test_a_registry_of_0_1_0_still_refuses_its_images(tmp_path):
+    """0.1.0 keyed its registry by path, with no identity at all."""
+    state = StateDir(str(tmp_path / "state"))
+    image = tmp_path / "retired.qcow2"
+    image.write_bytes(b"r")
+    os.makedirs(state.path)
+    old = {str(image): {"domain": "vm", "disk": "vda", "operation": "merge 1",
+                        "time": "2026-11-25T20:00:00Z"}}
+    with open(state.registry_path, "w") as handle:
+        json.dump(old, handle)
+    assert state.invalid_lookup().why(str(image))["operation"] == "merge 1"
+    state.forget([])  # the next write converts it to today's key
+    (entry,) = state.invalidated().values()
+    assert ImageKey.from_json(entry["id"]) == image_key(str(image))
+    assert state.invalid_lookup().why(str(image)) is not None
+
+
+def test_a_key_of_an_earlier_device_number_still_matches(tmp_path):
+    """A key written with st_dev (before homes): the file system was
+    mounted again from another device since; inode and handle still match."""
+    state = StateDir(str(tmp_path / "state"))
+    image = tmp_path / "retired.qcow2"
+    image.write_bytes(b"r")
+    now = image_key(str(image))
+    os.makedirs(state.path)
+    with open(state.registry_path, "w") as handle:
+        json.dump({"k": {"path": str(image), "id": ["file", 12345, now.ino, now.life]}}, handle)
+    assert state.invalid_lookup().why(str(image)) is not None
+    state.forget([])
+    assert [ImageKey.from_json(e["id"]) for e in state.invalidated().values()] == [now]
+
+
+def test_an_entry_of_a_later_version_is_kept_and_matched_by_path(tmp_path):
+    state = StateDir(str(tmp_path / "state"))
+    image = tmp_path / "retired.qcow2"
+    image.write_bytes(b"r")
+    os.makedirs(state.path)
+    later = {"k9": {"path": str(image), "id": ["file3", {"uuid": "x"}, 1], "domain": "vm"}}
+    with open(state.registry_path, "w") as handle:
+        json.dump(later, handle)
+    assert state.invalid_lookup().why(str(image)) is not None
+    state.forget([])
+    assert state.invalidated() == later
+
+
+def test_the_home_of_a_file_is_not_its_device_number(tmp_path):
+    key = image_key(str(tmp_path))
+    assert key.home and str(os.stat(tmp_path).st_dev) not in key.home.split(":")

@@ -31,9 +31,24 @@ from a later one with the same number (``ImageKey.life``):
   as its disk's identity plus its number, else the kernel's ``diskseq``
   (new at every attach) with the device number.
 
+And a key names the file system by its *home* (``filesystem_home``), not
+by ``st_dev``: NFS, btrfs subvolumes and overlayfs get an anonymous device
+number per mount, file systems on LVs ``253:<minor>`` in activation order,
+so the same retired file remounted from another device kept its number in
+no earlier key (seen here: an ext4 image mounted again through another
+loop device). The home is the kernel's f_fsid where it is made from the
+file system's UUID (ext4, btrfs), the export for NFS, the volume
+identity of the device otherwise.
+
 A handle also lets a record about a file find out whether the file still
 exists anywhere (renamed or hard-linked included: ``file_exists``), so
-records of files that are gone can be dropped.
+records of files that are gone can be dropped -- only when the file is
+provably gone on its own file system, never because it is not mounted.
+
+Keys written by earlier versions (``st_dev`` instead of the home, no
+lifetime, or 0.1.0's bare path) are taken over by ``recorded_key``:
+matched against the file at their recorded path by inode number (and
+lifetime, where they had one), whatever device number it has now.
 """
 
 from __future__ import annotations
@@ -43,22 +58,18 @@ import stat
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .lifetime import file_life, handle_exists, volume_identity
-
-# A key read from a record written before keys had a lifetime: it can only
-# be compared by number (``ImageKey.matches``).
-LEGACY = "?"
+from .lifetime import file_life, filesystem_home, handle_exists, volume_identity
 
 
 class ImageKey(NamedTuple):
-    """What makes two names one image. ``kind`` is ``file`` (dev, ino),
-    ``block`` (a device: ``life`` names the volume, dev/ino are 0) or
+    """What makes two names one image. ``kind`` is ``file`` (``home``, ino),
+    ``block`` (a device: ``life`` names the volume, home/ino are empty) or
     ``path`` for a name that does not resolve (yet): then the cleaned path
-    itself is the key. ``life`` tells this file from a later one that got
-    the same number (module docstring)."""
+    itself is the key. ``home`` names the file system (module docstring);
+    ``life`` tells this file from a later one that got the same number."""
 
     kind: str
-    dev: int
+    home: str
     ino: int
     life: str = ""
     path: str = ""
@@ -66,26 +77,67 @@ class ImageKey(NamedTuple):
     def to_json(self) -> list[object]:
         if self.kind == "path":
             return ["path", self.path]
-        return [self.kind, self.dev, self.ino, self.life]
+        return [self.kind, self.home, self.ino, self.life]
 
     @classmethod
     def from_json(cls, body: object) -> ImageKey | None:
-        if not isinstance(body, list) or len(body) not in (3, 4) or body[0] not in ("file", "block"):
+        """A key in today's form; None for anything else (an earlier
+        version's key: see ``recorded_key``)."""
+        if not isinstance(body, list) or len(body) != 4 or body[0] not in ("file", "block"):
             return None
-        try:
-            life = str(body[3]) if len(body) == 4 else LEGACY
-            return cls(str(body[0]), int(body[1]), int(body[2]), life)
-        except (TypeError, ValueError):
+        kind, home, ino, life = body
+        if not isinstance(life, str) or isinstance(ino, bool) or not isinstance(ino, int):
             return None
+        if kind == "block" and home in ("", 0):  # 0: the same key before homes
+            return cls("block", "", 0, life)
+        if kind == "file" and isinstance(home, str) and home:
+            return cls("file", home, ino, life)
+        return None
 
-    def matches(self, current: ImageKey) -> bool:
-        """Whether ``current`` (a key taken now) is the image this recorded
-        key names. A legacy key (no lifetime) can only compare numbers."""
-        if self.life == LEGACY:
-            if self.kind == "block":
-                return current.kind == "block" and current.dev == self.dev
-            return current[:3] == self[:3]
-        return current == self
+
+def known_key_form(body: object) -> bool:
+    """Whether ``body`` is a stored id of today's or an earlier form (no id
+    at all was 0.1.0's), as opposed to one of a later version."""
+    if body is None or ImageKey.from_json(body) is not None:
+        return True
+    return (isinstance(body, list) and len(body) in (3, 4) and body[0] in ("file", "block")
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in body[1:3]))
+
+
+def recorded_key(body: object, path: str) -> ImageKey | None:
+    """The key a stored id names, in today's form, or None when that
+    cannot be known now.
+
+    Today's keys are taken as they are. An earlier version's key (a
+    device number where the home is now: ``["file", dev, ino(, life)]``,
+    ``["block", rdev, 0]``; or no key at all: 0.1.0 keyed its registry by
+    path) is matched against the file at its recorded ``path``: by inode
+    number and lifetime where the key had them (the device number may have
+    changed since: that is why it went), by device number for a device,
+    and, for a bare path, the file found there (0.1.0 recorded nothing
+    more). None while the path names nothing, or another file."""
+    key = ImageKey.from_json(body)
+    if key is not None:
+        return key
+    now = image_key(path)
+    if now.kind == "path":
+        return None
+    if body is None:
+        return now
+    if not isinstance(body, list) or len(body) not in (3, 4):
+        return None
+    try:
+        number = int(body[2]) if body[0] == "file" else int(body[1])
+    except (TypeError, ValueError):
+        return None
+    if body[0] == "file" and now.kind == "file" and now.ino == number:
+        return now if len(body) == 3 or str(body[3]) in ("", now.life) else None
+    if body[0] == "block" and now.kind == "block":
+        try:
+            return now if os.stat(path).st_rdev == number else None
+        except OSError:
+            return None
+    return None
 
 
 def clean_path(path: str) -> str:
@@ -118,14 +170,14 @@ def clean_path(path: str) -> str:
 def key_of_stat(st: os.stat_result, path: str) -> ImageKey:
     """The key of the image ``path`` names, whose ``os.stat`` is ``st``."""
     if stat.S_ISBLK(st.st_mode):
-        return ImageKey("block", 0, 0, volume_identity(st.st_rdev))
-    return ImageKey("file", st.st_dev, st.st_ino, file_life(path, st))
+        return ImageKey("block", "", 0, volume_identity(st.st_rdev))
+    return ImageKey("file", filesystem_home(path, st), st.st_ino, file_life(path, st))
 
 
 def file_exists(key: ImageKey) -> bool | None:
     """Whether the file ``key`` names still exists anywhere (by its handle:
     renamed and hard-linked included); None where that cannot be told."""
-    return handle_exists(key.dev, key.life) if key.kind == "file" else None
+    return handle_exists(key.home, key.life) if key.kind == "file" else None
 
 
 def image_key(path: str) -> ImageKey:
@@ -141,7 +193,7 @@ def image_key(path: str) -> ImageKey:
                 return key
     except (OSError, ValueError):  # missing, unreachable, or a NUL in the name
         pass
-    return ImageKey("path", 0, 0, "", clean_path(path))
+    return ImageKey("path", "", 0, "", clean_path(path))
 
 
 def existing_key(path: str) -> ImageKey | None:

@@ -88,15 +88,16 @@ def file_life(path: str, st: os.stat_result) -> str:
     return f"btime:{born}" if born is not None else ""
 
 
-def handle_exists(dev: int, life: str) -> bool | None:
+def handle_exists(home: str, life: str) -> bool | None:
     """Whether the file whose lifetime ``life`` (from ``file_life``) is a
-    handle still exists anywhere on its file system (device ``dev``), under
-    any name, renamed or hard-linked; None where that cannot be told (no
-    handle, the file system is not mounted here, no privilege)."""
+    handle still exists anywhere on its file system (``home``, from
+    ``filesystem_home``), under any name, renamed or hard-linked; None where
+    that cannot be told (no handle, that file system is not mounted here now,
+    no privilege) -- never False because a file system is not mounted."""
     if not life.startswith("fh:"):
         return None
     _, kind, hexed = life.split(":", 2)
-    mount = _mount_point(dev)
+    mount = _mount_point(home)
     if mount is None:
         return None
     ctypes, lib, FileHandle = _c()
@@ -118,38 +119,114 @@ def handle_exists(dev: int, life: str) -> bool | None:
         os.close(mount_fd)
 
 
-_MOUNTS: dict[int, str] = {}  # dev -> mount point, checked again at each use
+# -- a file system's home: what names it across a remount and a reboot
+
+# statfs(2) f_type of the file systems whose f_fsid the kernel derives from
+# the file system's own UUID (ext2/3/4: the two halves of s_uuid xor'ed;
+# btrfs: its fsid xor the subvolume's root id). XFS and f2fs derive it from
+# the device number, tmpfs from a UUID made at each mount: not a home.
+_UUID_FSID = {0xEF53: "ext", 0x9123683E: "btrfs"}
+_NFS = 0x6969
 
 
-def _mount_point(dev: int) -> str | None:
-    """Where the file system with device number ``dev`` is mounted here.
-    A registry's entries share a few file systems: mountinfo is read once
-    per file system, and a remembered mount point is used only while it
-    still is that file system."""
-    known = _MOUNTS.get(dev)
+def _statfs(path: str) -> tuple[int, int] | None:
+    """(f_type, f_fsid as one number) of the file system ``path`` is on."""
+    ctypes, lib, _ = _c()
+    buf = ctypes.create_string_buffer(128)  # struct statfs: 120 bytes on 64-bit Linux
+    if lib.statfs(os.fsencode(path), buf) != 0:
+        return None
+    f_type = struct.unpack_from("q", buf.raw, 0)[0] & 0xFFFFFFFF
+    low, high = struct.unpack_from("II", buf.raw, 56)  # f_fsid: two ints
+    return f_type, (high << 32) | low
+
+
+def filesystem_home(path: str, st: os.stat_result) -> str:
+    """What names the file system ``path`` (whose stat is ``st``) is on,
+    the same after a remount from another device, a reboot, an LV activated
+    in another order -- ``st_dev`` is none of that:
+
+    * ext2/3/4 and btrfs: ``fsid:<hex>``, the kernel's f_fsid, made from
+      the file system's UUID (btrfs: per subvolume, as its inode numbers);
+    * NFS: ``nfs:<server:/export>``, where the server's file handles live;
+    * any other file system on a block device (XFS on an LV, say):
+      ``vol:<the device's volume identity>`` (device-mapper UUID, a loop
+      device's backing file, WWID);
+    * a file system on no device (tmpfs, overlayfs): ``dev:<major>:<minor>``,
+      good for this mount only. tmpfs files end with their mount; an
+      overlayfs remount makes its files new images to the registry (stated
+      in the contract's identity section)."""
+    got = _statfs(path)
+    if got is not None and got[0] in _UUID_FSID and got[1]:
+        return f"fsid:{got[1]:016x}"
+    dev = st.st_dev
+    if got is not None and got[0] == _NFS:
+        source = _mount_source(dev)
+        if source:
+            return f"nfs:{source}"
+    if os.major(dev) != 0 and os.path.exists(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"):
+        return "vol:" + volume_identity(dev)
+    return f"dev:{os.major(dev)}:{os.minor(dev)}"
+
+
+def _mountinfo() -> list[tuple[int, str, str, str]]:
+    """(device number, mount point, fs type, source) of every mount here."""
+    mounts = []
     try:
-        if known is not None and os.stat(known).st_dev == dev:
-            return known
-    except OSError:
-        pass
-    found = _scan_mounts(dev)
-    if found is not None:
-        _MOUNTS[dev] = found
-    return found
-
-
-def _scan_mounts(dev: int) -> str | None:
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
             for line in handle:
                 fields = line.split()
-                if len(fields) > 4 and fields[2] == wanted and os.stat(
-                        _unescape(fields[4])).st_dev == dev:
-                    return _unescape(fields[4])
+                if " - " not in line or len(fields) < 5:
+                    continue
+                after = line.split(" - ", 1)[1].split()
+                major, minor = fields[2].split(":")
+                mounts.append((os.makedev(int(major), int(minor)), _unescape(fields[4]),
+                               after[0] if after else "", _unescape(after[1]) if len(after) > 1
+                               else ""))
+    except (OSError, ValueError):
+        return []
+    return mounts
+
+
+def _mount_source(dev: int) -> str:
+    for number, _, fstype, source in _mountinfo():
+        if number == dev and fstype.startswith("nfs"):
+            return source
+    return ""
+
+
+_MOUNTS: dict[str, str] = {}  # home -> mount point, checked again at each use
+
+
+def _mount_point(home: str) -> str | None:
+    """Where the file system ``home`` names is mounted here now, if it is.
+    A registry's entries share a few file systems: a remembered mount point
+    is used only while it still is that file system. Only mounts that can
+    be that file system are asked (a hung NFS mount is never stat'ed for an
+    ext4 home)."""
+    known = _MOUNTS.get(home)
+    if known is not None and _home_of_folder(known) == home:
+        return known
+    kind = home.split(":", 1)[0]
+    for dev, point, fstype, source in _mountinfo():
+        if kind == "fsid" and fstype not in ("ext2", "ext3", "ext4", "btrfs"):
+            continue
+        if kind == "nfs" and (not fstype.startswith("nfs") or home != f"nfs:{source}"):
+            continue
+        if kind == "dev" and home != f"dev:{os.major(dev)}:{os.minor(dev)}":
+            continue
+        if kind == "vol" and os.major(dev) == 0:
+            continue
+        if _home_of_folder(point) == home:
+            _MOUNTS[home] = point
+            return point
+    return None
+
+
+def _home_of_folder(folder: str) -> str | None:
+    try:
+        return filesystem_home(folder, os.stat(folder))
     except OSError:
         return None
-    return None
 
 
 def _unescape(field: str) -> str:
@@ -190,7 +267,8 @@ def volume_identity(rdev: int) -> str:
             st = None
         if st is not None and stat.S_ISREG(st.st_mode):
             life = file_life(backing, st)
-            return f"loop:{st.st_dev}:{st.st_ino}:{life}@{_sysfs(dev_dir, 'loop/offset')}"
+            return (f"loop:{filesystem_home(backing, st)}:{st.st_ino}:{life}"
+                    f"@{_sysfs(dev_dir, 'loop/offset')}")
     wwid = _sysfs(dev_dir, "wwid") or _sysfs(dev_dir, "device/wwid")
     if wwid:
         return f"wwid:{wwid}"

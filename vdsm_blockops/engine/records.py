@@ -24,7 +24,7 @@ from lxml import etree
 
 from ..core.chain import METADATA_NS, parse_xml
 from ..core.errors import Conflict, StateError
-from ..core.identity import ImageKey, existing_key, image_key
+from ..core.identity import existing_key, image_key, recorded_key
 from ..core.model import StrEnum
 
 if TYPE_CHECKING:
@@ -158,8 +158,10 @@ class OperationRecord:
 
     def still_ours(self, entry: dict[str, Any]) -> bool:
         """Whether ``entry``'s path still names the file we created."""
-        key = ImageKey.from_json(entry.get("id"))
-        return key is not None and key.matches(image_key(entry["path"]))
+        if entry.get("id") is None:
+            return False
+        key = recorded_key(entry["id"], entry["path"])
+        return key is not None and key == image_key(entry["path"])
 
 
 def parse_records(metadata_xml: str | None) -> dict[str, OperationRecord]:

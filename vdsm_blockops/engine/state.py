@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from ..core.errors import Conflict
-from ..core.identity import LEGACY, ImageKey, clean_path, existing_key, file_exists, image_key
+from ..core.identity import (
+    ImageKey,
+    clean_path,
+    existing_key,
+    file_exists,
+    image_key,
+    known_key_form,
+    recorded_key,
+)
 
 REGISTRY_NAME = "invalidated.json"
 
@@ -249,29 +257,29 @@ def entry_path(name: str, entry: dict[str, Any]) -> str:
 
 
 def _current_key(name: str, entry: dict[str, Any]) -> ImageKey | None:
-    """The key an entry names, in today's form; None for an entry about a
-    file that is gone or that cannot be known. An entry of an earlier
-    version (a key without lifetime) is taken over only while its path
-    still names a file with its number."""
-    key = ImageKey.from_json(entry.get("id"))
-    if key is None or key.life != LEGACY:
-        return key
-    now = image_key(entry_path(name, entry))
-    return now if key.matches(now) else None
+    """The key an entry names, in today's form; None while that cannot be
+    known (an earlier version's entry whose path names nothing now, or
+    another file: ``identity.recorded_key``)."""
+    return recorded_key(entry.get("id"), entry_path(name, entry))
 
 
 def live_entries(data: dict[str, Any],
                  gone: Sequence[ImageKey] = ()) -> dict[str, dict[str, Any]]:
-    """The registry without entries whose file is gone (asked by handle:
-    a retired file renamed or hard-linked elsewhere still exists) or is in
-    ``gone``, keyed in today's form. Node state does not grow with the
+    """The registry, keyed in today's form, without the entries whose file
+    is provably gone: in ``gone`` (deleted by the tool), or no longer on its
+    own file system (asked by handle there: a retired file renamed or
+    hard-linked elsewhere still exists; a file system not mounted now proves
+    nothing). An entry that cannot be read in today's form (an earlier
+    version's whose file is not where it was, or a later version's) is kept
+    byte for byte: never dropped unread. Node state does not grow with the
     node's history."""
     kept: dict[str, dict[str, Any]] = {}
     for name, entry in data.items():
-        if not isinstance(entry, dict):
+        key = _current_key(name, entry) if isinstance(entry, dict) else None
+        if key is None:
+            kept[name] = entry
             continue
-        key = _current_key(name, entry)
-        if key is None or key in gone or file_exists(key) is False:
+        if key in gone or file_exists(key) is False:
             continue
         kept[registry_key(key)] = {**entry, "path": entry_path(name, entry), "id": key.to_json()}
     return kept
@@ -281,21 +289,28 @@ class InvalidImages:
     """The registry as a lookup by identity: an entry matches the image
     it was made for, named by any path (an alias, a new name after a
     rename, a hard link) -- and never a later file that got its number or
-    its path."""
+    its path. An entry whose key is of no form this version knows (a later
+    version's) cannot be matched by identity: it matches its own path, so
+    the guard fails closed on it rather than ignoring it."""
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
         self._by_key: dict[ImageKey, dict[str, Any]] = {}
+        self._by_path: dict[str, dict[str, Any]] = {}
         for name, entry in data.items():
-            if isinstance(entry, dict):
-                key = _current_key(name, entry)
-                if key is not None:
-                    self._by_key[key] = {**entry, "path": entry_path(name, entry)}
+            if not isinstance(entry, dict):
+                continue
+            path = entry_path(name, entry)
+            key = _current_key(name, entry)
+            if key is not None:
+                self._by_key[key] = {**entry, "path": path}
+            elif not known_key_form(entry.get("id")):
+                self._by_path[clean_path(path)] = {**entry, "path": path}
 
     def __bool__(self) -> bool:
-        return bool(self._by_key)
+        return bool(self._by_key or self._by_path)
 
     def why(self, path: str) -> dict[str, Any] | None:
-        if not self._by_key:
+        if not self:
             return None
-        return self._by_key.get(image_key(path))
+        return self._by_key.get(image_key(path)) or self._by_path.get(clean_path(path))
