@@ -11,6 +11,7 @@ import pytest
 
 from vdsm_blockops.core.chain import METADATA_NS, parse_domain
 from vdsm_blockops.core.errors import BadRequest
+from vdsm_blockops.core.identity import image_key
 from vdsm_blockops.engine.records import OperationRecord, render_records
 from vdsm_blockops.engine.state import StateDir
 from vdsm_blockops.shells.hook import run
@@ -51,6 +52,7 @@ def chain(tmp_path):
 
 @pytest.fixture
 def state(tmp_path):
+    os.makedirs(tmp_path / "state")  # 'hook install' makes it
     return StateDir(str(tmp_path / "state"))
 
 
@@ -98,7 +100,7 @@ def test_unfinished_record_blocks_migration_and_restore(state, chain):
 def test_hostile_xml_is_not_expanded_and_does_not_hang(state, xml):
     started = time.monotonic()
     rc, err = hook(state, "prepare", "begin", xml)
-    assert rc == 0  # not evidence of danger: logged, VM goes on (libvirt parses it too)
+    assert rc == 0 or "cannot decide" in err  # unparsable: fail closed (libvirt refuses it too)
     assert time.monotonic() - started < 1
     # What the hook parsed: refused, or read without expanding anything.
     try:
@@ -111,9 +113,8 @@ def test_hostile_xml_is_not_expanded_and_does_not_hang(state, xml):
 
 def test_oversized_xml_is_not_parsed(state, caplog):
     with caplog.at_level(logging.ERROR, logger="vdsm_blockops.shells.hook"):
-        rc, _ = hook(state, "prepare", "begin", b"<domain>" + b" " * (5 * 1024 * 1024))
-    assert rc == 0
-    assert "larger than" in caplog.text and "not parsed" in caplog.text
+        rc, err = hook(state, "prepare", "begin", b"<domain>" + b" " * (5 * 1024 * 1024))
+    assert rc == 1 and "larger than" in err and "not parsed" in err
 
 
 def test_lifecycle_events_queue_recovery(state, chain):
@@ -234,12 +235,14 @@ def test_image_checks_have_a_hard_deadline(state):
     from vdsm_blockops.shells.hook import within_deadline
 
     started = time.monotonic()
-    assert within_deadline(lambda: time.sleep(30), 0.5) is None  # the start proceeds
+    refusal = within_deadline(lambda: time.sleep(30), 0.5)
+    assert "did not finish within 0.5 s" in refusal and "hook disable" in refusal
     assert time.monotonic() - started < 2
 
 
-def test_a_broken_package_lets_starts_proceed_and_says_so(tmp_path, chain):
-    """The documented choice: fail open, loudly (stderr and syslog)."""
+def test_a_broken_package_refuses_guarded_starts_unless_disabled(tmp_path, chain):
+    """Fail closed, loudly (stderr and syslog); an explicit file in the
+    state folder turns it off; lifecycle notices pass."""
     from vdsm_blockops.shells import hookctl
 
     config = tmp_path / "odd name.yaml"
@@ -253,13 +256,19 @@ def test_a_broken_package_lets_starts_proceed_and_says_so(tmp_path, chain):
     script.write_text(text.replace(f"PY={sys.executable}", "PY=/nonexistent/venv/bin/python"))
     proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
                           capture_output=True)
-    assert proc.returncode == 0 and b"NOT guarding vm1 prepare begin" in proc.stderr
+    assert proc.returncode == 1 and b"is gone, so the guard cannot decide" in proc.stderr
     script.write_text(text.replace("from vdsm_blockops.shells.hook import main",
                                    "from vdsm_blockops.no_such_module import main"))
     proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
                           capture_output=True)
-    assert proc.returncode == 0 and b"package unusable" in proc.stderr
-    assert b"NOT guarding vm1 prepare begin" in proc.stderr
+    assert proc.returncode == 1 and b"package unusable" in proc.stderr
+    assert b"refuses vm1 prepare" in proc.stderr
+    proc = subprocess.run([str(script), "vm1", "release", "end", "-"], input=b"", capture_output=True)
+    assert proc.returncode == 0
+    (tmp_path / "state" / "guard-disabled.json").write_text('{"reason": "repairing"}')
+    proc = subprocess.run([str(script), "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
+                          capture_output=True)
+    assert proc.returncode == 0 and b"the guard is disabled" in proc.stderr
 
 
 def test_a_record_of_another_version_refuses_the_start(state, chain):
@@ -333,3 +342,74 @@ def test_a_half_copied_chain_does_not_start_on_the_destination(state, chain):
     with open(marker, "w") as handle:  # a marker about other files
         json.dump({"domain": "vm2", "source": "node-a", "files": ["/elsewhere/A.qcow2"]}, handle)
     assert hook(state, "prepare", "begin", domain_xml(chain[-1])) == (0, "")
+
+
+def installed(tmp_path, config_text):
+    from vdsm_blockops.shells import hookctl
+
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    hookctl.install(str(tmp_path / "hooks"), config_path=str(config))
+    return str(tmp_path / "hooks" / "vdsm-blockops")
+
+
+@pytest.mark.parametrize("extra", ["stat_dir: /typo\n", "volume_extend_command: [lvextend]\n",
+                                   "state_dir: [not: valid\n"])
+def test_a_config_typo_does_not_turn_the_guard_off(tmp_path, chain, extra):
+    state = StateDir(str(tmp_path / "state"))
+    script = installed(tmp_path, f"state_dir: {state.path}\n")
+    state.invalidate([chain[0]], domain="vm0", disk="vda", operation="merge 1")
+    with open(tmp_path / "config.yaml", "a") as handle:
+        handle.write(extra)
+    proc = subprocess.run([script, "vm1", "prepare", "begin", "-"], input=domain_xml(chain[-1]),
+                          capture_output=True)
+    assert proc.returncode == 1 and b"invalidated by merge 1" in proc.stderr, proc.stderr
+
+
+def test_a_missing_state_folder_or_unreadable_registry_refuses(tmp_path, chain):
+    state = StateDir(str(tmp_path / "gone"))
+    rc, err = hook(state, "prepare", "begin", domain_xml(chain[-1]))
+    assert rc == 1 and "is missing" in err and "hook disable" in err
+    os.makedirs(state.path)
+    with open(state.registry_path, "w") as handle:
+        handle.write('{"half": ')
+    rc, err = hook(state, "prepare", "begin", domain_xml(chain[-1]))
+    assert rc == 1 and "cannot be read" in err
+
+
+def test_turning_the_guard_off_is_explicit(state, chain):
+    state.invalidate([chain[0]], domain="vm0", disk="vda", operation="merge 1")
+    state.set_guard_disabled({"reason": "restore from backup"})
+    assert hook(state, "prepare", "begin", domain_xml(chain[-1]))[0] == 0
+    state.set_guard_disabled(None)
+    assert hook(state, "prepare", "begin", domain_xml(chain[-1]))[0] == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "empty", "half"])
+def test_a_hostile_or_unfinished_marker_neither_stalls_nor_opens_the_guard(state, chain, kind):
+    from vdsm_blockops.core.migrate_plan import marker_name
+
+    folder = os.path.dirname(chain[0])
+    state.invalidate([chain[0]], domain="vm0", disk="vda", operation="merge 1")
+    marker = os.path.join(folder, marker_name("u9"))
+    if kind == "fifo":
+        os.mkfifo(marker)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", marker)
+    else:
+        with open(marker, "w") as handle:
+            handle.write("" if kind == "empty" else '{"files": ["')
+    started = time.monotonic()
+    rc, err = hook(state, "prepare", "begin", domain_xml(chain[-1]))
+    assert time.monotonic() - started < 1.5
+    assert rc == 1 and "invalidated by merge 1" in err  # the registry decides first
+    # Without the registry's refusal: the chain's files are older than the
+    # marker, so it could not name them; a file made after it is refused.
+    state.forget([image_key(chain[0])])
+    assert hook(state, "prepare", "begin", domain_xml(chain[-1])) == (0, "")
+    time.sleep(0.01)
+    late = os.path.join(folder, "late.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", chain[-1], "-F", "qcow2",
+                    late], check=True)
+    rc, err = hook(state, "prepare", "begin", domain_xml(late))
+    assert rc == 1 and "cannot be read" in err and "made after" in err

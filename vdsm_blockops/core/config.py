@@ -70,6 +70,28 @@ def load_config(path: str | None = None) -> Config:
     return Config(**checked)
 
 
+def guard_state_dir(path: str | None = None) -> tuple[str, list[str]]:
+    """The state folder the hook guards with, and what it could not read.
+
+    The guard needs that folder and nothing else, so the config is read
+    leniently here: an unknown key (a typo, a newer version's key) or a
+    malformed command is a warning, never a reason to stop guarding. Only
+    a config file that exists and cannot be opened raises (OSError): then
+    the guard cannot know which registry to read."""
+    explicit = path or os.environ.get(ENV_PATH)
+    path = explicit or DEFAULT_PATH
+    try:
+        return load_config(path).state_dir, []
+    except BadRequest as exc:
+        warning = str(exc)
+    if not os.path.exists(path):
+        return Config.state_dir, [warning]
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    found = re.search(r"""^state_dir: *['"]?(/[^'"#\s]*)""", text, re.MULTILINE)
+    return (found[1] if found else Config.state_dir), [warning]
+
+
 # The simple form most config files have: one ``key: value`` per line,
 # values that are paths, URIs, plain numbers or a flow list of paths. Every
 # scalar admitted here means the same in YAML 1.1 (no yes/no, no octal, no

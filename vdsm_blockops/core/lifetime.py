@@ -15,6 +15,7 @@ from typing import Any
 
 _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
+_AT_SYMLINK_NOFOLLOW = 0x100
 _MAX_HANDLE = 128
 _FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
 _STATX_BTIME = 0x800
@@ -65,16 +66,26 @@ def _generation(path: str, st: os.stat_result) -> int | None:
         os.close(fd)
 
 
-def _birth_time(path: str) -> int | None:
+def _birth_time(path: str, follow: bool = True) -> int | None:
     ctypes, lib, _ = _c()
     buf = ctypes.create_string_buffer(256)  # struct statx
-    if lib.statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_BTIME, buf) != 0:
+    flags = 0 if follow else _AT_SYMLINK_NOFOLLOW
+    if lib.statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_BTIME, buf) != 0:
         return None
     mask = struct.unpack_from("I", buf.raw, 0)[0]
     if not mask & _STATX_BTIME:
         return None
     seconds, nanos = struct.unpack_from("qI", buf.raw, 80)  # stx_btime
     return int(seconds) * 1_000_000_000 + int(nanos)
+
+
+def made_at(path: str, follow: bool = True) -> int:
+    """When ``path`` was made (ns): its birth time, else its last change of
+    content (file systems without birth times). Raises OSError."""
+    born = _birth_time(path, follow)
+    if born is not None:
+        return born
+    return (os.stat(path) if follow else os.lstat(path)).st_mtime_ns
 
 
 def file_life(path: str, st: os.stat_result) -> str:

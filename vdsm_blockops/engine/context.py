@@ -38,7 +38,7 @@ class Context:
 
     @property
     def state(self) -> StateDir:
-        return StateDir(self.config.state_dir)
+        return StateDir(self.config.state_dir, self.budget)
 
     def timed(self, timeout_s: float | None) -> Context:
         """This context for one operation whose timeout starts now."""

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from .state import StateDir
+from .state import StateDir, open_private
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,10 @@ def append(state: StateDir, line: dict[str, Any]) -> None:
         with state.lock("history.lock"):
             if os.path.exists(path) and os.path.getsize(path) > MAX_BYTES:
                 os.replace(path, path + ".1")
-            with open(path, "a", encoding="utf-8") as handle:
+            fd = open_private(path, os.O_WRONLY | os.O_APPEND)
+            with os.fdopen(fd, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line, sort_keys=True) + "\n")
-    except OSError as exc:
+    except Exception as exc:  # an unwritable trail, a lock held past its bound
         log.warning("history not written (%s): %s", path, exc)
 
 

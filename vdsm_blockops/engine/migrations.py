@@ -66,7 +66,7 @@ class MigrationStore:
         return os.path.join(self.folder, f"{uuid}.json")
 
     def save(self, record: MigrationRecord) -> None:
-        os.makedirs(self.folder, mode=0o755, exist_ok=True)
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
         write_json_atomic(self._path(record.uuid), record.to_json())
 
     def advance(self, record: MigrationRecord, phase: MovePhase) -> None:

@@ -12,22 +12,20 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..core.errors import Conflict
-from ..core.identity import (
-    ImageKey,
-    clean_path,
-    existing_key,
-    file_exists,
-    image_key,
-    known_key_form,
-    recorded_key,
-)
+from ..core.identity import ImageKey, clean_path, existing_key
+from .registry import InvalidImages, live_entries, registry_key
+
+if TYPE_CHECKING:
+    from ..core.budget import Budget
 
 REGISTRY_NAME = "invalidated.json"
+GUARD_OFF_NAME = "guard-disabled.json"
 
 
 def fsync_dir(path: str) -> None:
@@ -38,11 +36,19 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def open_private(path: str, flags: int) -> int:
+    """A file descriptor of ``path``, made 0600 if it is created; never
+    through a symlink."""
+    return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
 def write_json_atomic(path: str, data: object, durable: bool = True) -> None:
-    """Replace ``path`` whole. ``durable=False`` for a cache a reader
+    """Replace ``path`` whole (0600). ``durable=False`` for a cache a reader
     rebuilds when it is lost or unreadable: no fsyncs (~2 ms each here)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a killed writer's: it may have another mode
+    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_EXCL), "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1, sort_keys=True)
         if durable:
             handle.flush()
@@ -52,12 +58,47 @@ def write_json_atomic(path: str, data: object, durable: bool = True) -> None:
         fsync_dir(os.path.dirname(path) or ".")
 
 
-class StateDir:
-    def __init__(self, path: str) -> None:
-        self.path = path
+# Without a budget (no --timeout) a lock wait still ends: the node's own
+# locks are held for milliseconds (the registry, a domain's records, the
+# history) or not waited for (disks); only a stuck process holds one longer.
+LOCK_WAIT_S = 60.0
 
-    def _ensure(self) -> None:
-        os.makedirs(os.path.join(self.path, "locks"), mode=0o755, exist_ok=True)
+
+class StateDir:
+    """The node's state folder: root's alone (0700, files 0600), so no other
+    local user can read the registry and the history or hold a lock the
+    tool waits on. ``budget`` (the operation's ``--timeout`` and interrupt)
+    bounds every lock wait."""
+
+    def __init__(self, path: str, budget: Budget | None = None) -> None:
+        self.path = path
+        self.budget = budget
+
+    def ensure(self) -> None:
+        """The folder and its ``locks``, made private (tightened if an
+        earlier version made them readable by all)."""
+        for folder in (self.path, os.path.join(self.path, "locks")):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            if stat.S_IMODE(os.lstat(folder).st_mode) & 0o077:
+                os.chmod(folder, 0o700)
+
+    _ensure = ensure
+
+    def upgrade(self) -> None:
+        """Bring an existing state folder to this version: private (every
+        folder 0700, every file 0600, a lock file left by earlier versions
+        removed once no one holds it) and its registry in today's form."""
+        self.ensure()
+        for top, folders, files in os.walk(self.path):
+            for name in folders:
+                os.chmod(os.path.join(top, name), 0o700, follow_symlinks=False)
+            for name in files:
+                path = os.path.join(top, name)
+                if not os.path.islink(path):
+                    os.chmod(path, 0o600)
+        self.sweep_locks()
+        if os.path.exists(self.registry_path):
+            self.forget([])  # rewrites it converted, keeping what it cannot read
 
     @property
     def registry_path(self) -> str:
@@ -77,9 +118,7 @@ class StateDir:
 
     @contextlib.contextmanager
     def _registry_lock(self) -> Iterator[None]:
-        self._ensure()
-        with open(os.path.join(self.path, "locks", "registry.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self.lock("registry.lock"):
             yield
 
     def invalidate(self, paths: list[str], *, domain: str, disk: str, operation: str) -> None:
@@ -111,14 +150,55 @@ class StateDir:
             data = live_entries(self.invalidated(), gone=keys)
             write_json_atomic(self.registry_path, data)
 
+    # -- the guard turned off, explicitly (``hook disable``)
+    @property
+    def guard_off_path(self) -> str:
+        return os.path.join(self.path, GUARD_OFF_NAME)
+
+    def guard_disabled(self) -> dict[str, Any] | None:
+        """Why the operator turned the guard off, or None while it guards.
+        A file there that cannot be read still says "off": only an operator
+        makes it, and ``hook enable`` removes it."""
+        try:
+            with open(self.guard_off_path, encoding="utf-8") as handle:
+                body = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            return {"reason": f"(unreadable: {exc})"}
+        return body if isinstance(body, dict) else {"reason": "(unreadable)"}
+
+    def set_guard_disabled(self, why: dict[str, Any] | None) -> None:
+        self._ensure()
+        if why is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.guard_off_path)
+                fsync_dir(self.path)
+            return
+        write_json_atomic(self.guard_off_path, why)
+
     def invalid_lookup(self) -> InvalidImages:
         return InvalidImages(self.invalidated())
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """Hold the node-wide lock ``name`` (waiting for it)."""
-        with self._lock_file(name):
+        """Hold the node-wide lock ``name``, waiting for it as long as the
+        budget allows (exit 3 naming the wait) and at most ``LOCK_WAIT_S``
+        (exit 4 naming the holder)."""
+        with self._lock_file(name, between_tries=self._bounded_wait(name)):
             yield
+
+    def _bounded_wait(self, name: str) -> Callable[[], None]:
+        give_up = time.monotonic() + LOCK_WAIT_S
+
+        def step() -> None:
+            if self.budget is not None:
+                self.budget.check(f"the wait for the node's lock {name}")
+            if time.monotonic() >= give_up:
+                raise Conflict(f"the node's lock {os.path.join(self.path, 'locks', name)} has been "
+                               f"held for over {LOCK_WAIT_S:g} s by another process "
+                               "(fuser -v on it names it)", holder="another process")
+        return step
 
     @contextlib.contextmanager
     def _lock_file(self, name: str, wait: bool = True,
@@ -137,7 +217,7 @@ class StateDir:
         self._ensure()
         path = os.path.join(self.path, "locks", name)
         while True:
-            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (closed below)
+            handle = os.fdopen(open_private(path, os.O_RDWR | os.O_APPEND), "a+", encoding="utf-8")
             try:
                 self._flock(handle, wait, between_tries)
             except OSError as exc:
@@ -192,7 +272,7 @@ class StateDir:
             return 0
         swept = 0
         for name in names:
-            if not name.endswith(".lock") or name == "registry.lock":
+            if not name.endswith(".lock"):
                 continue
             try:
                 with self._lock_file(name, wait=False):
@@ -205,7 +285,7 @@ class StateDir:
     def domain_lock(self, domain_uuid: str) -> Iterator[None]:
         """Held around every read-modify-write of one domain's records, so
         two processes on two disks of the domain never lose each other's."""
-        with self._lock_file(f"{domain_uuid}-records.lock"):
+        with self.lock(f"{domain_uuid}-records.lock"):
             yield
 
     @contextlib.contextmanager
@@ -246,71 +326,3 @@ class StateDir:
             handle.write(f"{holder} (pid {os.getpid()})")
             handle.flush()
             yield
-
-
-def registry_key(key: ImageKey) -> str:
-    return ":".join(str(part) for part in key.to_json())
-
-
-def entry_path(name: str, entry: dict[str, Any]) -> str:
-    return str(entry.get("path") or name)
-
-
-def _current_key(name: str, entry: dict[str, Any]) -> ImageKey | None:
-    """The key an entry names, in today's form; None while that cannot be
-    known (an earlier version's entry whose path names nothing now, or
-    another file: ``identity.recorded_key``)."""
-    return recorded_key(entry.get("id"), entry_path(name, entry))
-
-
-def live_entries(data: dict[str, Any],
-                 gone: Sequence[ImageKey] = ()) -> dict[str, dict[str, Any]]:
-    """The registry, keyed in today's form, without the entries whose file
-    is provably gone: in ``gone`` (deleted by the tool), or no longer on its
-    own file system (asked by handle there: a retired file renamed or
-    hard-linked elsewhere still exists; a file system not mounted now proves
-    nothing). An entry that cannot be read in today's form (an earlier
-    version's whose file is not where it was, or a later version's) is kept
-    byte for byte: never dropped unread. Node state does not grow with the
-    node's history."""
-    kept: dict[str, dict[str, Any]] = {}
-    for name, entry in data.items():
-        key = _current_key(name, entry) if isinstance(entry, dict) else None
-        if key is None:
-            kept[name] = entry
-            continue
-        if key in gone or file_exists(key) is False:
-            continue
-        kept[registry_key(key)] = {**entry, "path": entry_path(name, entry), "id": key.to_json()}
-    return kept
-
-
-class InvalidImages:
-    """The registry as a lookup by identity: an entry matches the image
-    it was made for, named by any path (an alias, a new name after a
-    rename, a hard link) -- and never a later file that got its number or
-    its path. An entry whose key is of no form this version knows (a later
-    version's) cannot be matched by identity: it matches its own path, so
-    the guard fails closed on it rather than ignoring it."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-        self._by_key: dict[ImageKey, dict[str, Any]] = {}
-        self._by_path: dict[str, dict[str, Any]] = {}
-        for name, entry in data.items():
-            if not isinstance(entry, dict):
-                continue
-            path = entry_path(name, entry)
-            key = _current_key(name, entry)
-            if key is not None:
-                self._by_key[key] = {**entry, "path": path}
-            elif not known_key_form(entry.get("id")):
-                self._by_path[clean_path(path)] = {**entry, "path": path}
-
-    def __bool__(self) -> bool:
-        return bool(self._by_key or self._by_path)
-
-    def why(self, path: str) -> dict[str, Any] | None:
-        if not self:
-            return None
-        return self._by_key.get(image_key(path)) or self._by_path.get(clean_path(path))

@@ -95,18 +95,21 @@ TRAILED = ("merge", "relocate", "migrate", "snapshot", "abort", "speed", "recove
 
 def _trail(env: commands.Env | None, started: float, exit_code: int,
            body: dict[str, Any]) -> None:
-    if env is None or env.args.verb not in TRAILED or getattr(env.args, "dry_run", False):
+    if env is None or getattr(env.args, "dry_run", False):
         return
     args = env.args
+    guard = args.verb == "hook" and args.action in ("disable", "enable")
+    if args.verb not in TRAILED and not guard:
+        return
     from ..engine.history import append, entry
     from ..engine.state import StateDir
 
     error = body.get("error") or {}
     append(StateDir(env.config.state_dir), entry(
-        source="cli", operation=args.verb, domain=getattr(args, "domain", None),
-        disk=getattr(args, "disk", None), started=started, exit_code=exit_code,
-        outcome=error.get("code") or ("ok" if exit_code == 0 else "failed"), body=body,
-        message=error.get("message")))
+        source="cli", operation=f"hook-{args.action}" if guard else args.verb,
+        domain=getattr(args, "domain", None), disk=getattr(args, "disk", None), started=started,
+        exit_code=exit_code, outcome=error.get("code") or ("ok" if exit_code == 0 else "failed"),
+        body=body, message=error.get("message") or (args.reason if guard else None)))
 
 
 def main(argv: list[str] | None = None) -> int:

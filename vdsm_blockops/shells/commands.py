@@ -106,6 +106,8 @@ def cmd_hook(args: argparse.Namespace, env: Env) -> Report:
     from . import hookctl
 
     hooks_dir = args.hooks_dir or hookctl.HOOKS_DIR
+    if args.action in ("disable", "enable"):
+        return hookctl.set_guard(env.config.state_dir, args.action == "disable", args.reason)
     if args.action == "install":
         return hookctl.install(hooks_dir, config_path=args.config, reload=args.reload)
     return hookctl.uninstall(hooks_dir, reload=args.reload)

@@ -6,11 +6,14 @@ with the domain XML on stdin and waits for it without a timeout, so this
 never calls libvirt (deadlock); it reads only stdin, the node's registry
 and image headers (``headers.py``: only where the host declared qcow2,
 never blocking on what a name points at). It refuses (exit 1, one line on
-stderr) only on positive evidence of danger; its own internal errors are
-logged and the VM goes ahead. The image checks run in a child process under
-a hard deadline (``DEADLINE_S``): a start is never held longer than that,
-whatever the storage does (a hung NFS mount); past it the start proceeds
-and the reason is logged.
+stderr) on evidence of danger -- and, failing closed, wherever it cannot
+decide: a registry it cannot read, a state folder that is missing, checks
+that fail internally or miss their hard deadline (``DEADLINE_S``: a start is
+never held longer than that, whatever the storage does). Each such refusal
+says how to decide. It needs the state folder and nothing else: the config
+is read leniently (``guard_state_dir``). Turning it off is an explicit act
+(``vdsm-blockops hook disable --reason``), written to the history, never the
+side effect of a typo.
 """
 
 from __future__ import annotations
@@ -20,26 +23,32 @@ import logging
 import os
 import select
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
 from typing import BinaryIO
 
 from ..core.chain import parse_domain
-from ..core.config import load_config
+from ..core.config import guard_state_dir
 from ..core.headers import NotAnImage, walk_chain
+from ..core.lifetime import made_at
 from ..core.migrate_plan import MARKER_PREFIX
 from ..engine.migrations import pending_move
 from ..engine.pools import NAMED_POOLS, PoolFiles
 from ..engine.records import records_in_domain_xml
-from ..engine.state import StateDir
+from ..engine.state import StateDir, open_private
 from .logs import add_syslog
 
 log = logging.getLogger("vdsm_blockops.shells.hook")
 
 MAX_XML_BYTES = 4 * 1024 * 1024  # a domain XML is a few KiB; refuse to parse a flood
 QUEUE_OPS = {("reconnect", "begin"), ("started", "begin"), ("release", "end")}
+GUARDED_OPS = {("prepare", "begin"), ("migrate", "begin"), ("restore", "begin")}
 DEADLINE_S = 2.0
+MARKER_MAX_BYTES = 1 << 20  # a marker names a chain's files: a few KiB
+TURN_OFF = ("or, to start VMs unguarded, turn the guard off explicitly: "
+            "'vdsm-blockops hook disable --reason TEXT'")
 # libvirt drops a missing source with these policies instead of failing.
 DROPPABLE = ("optional", "requisite")
 
@@ -50,7 +59,14 @@ class Refusal(Exception):
 
 def check_start(xml: bytes, state: StateDir) -> None:
     """prepare begin: no operation on the shut-off domain may be unfinished,
-    no disk may use an invalidated or missing image."""
+    no disk may use an invalidated or missing image. The registry is read
+    first, before any other file is opened."""
+    try:
+        invalid = state.invalid_lookup()
+    except (OSError, ValueError) as exc:
+        raise Refusal(f"the registry of invalidated images {state.registry_path} cannot be "
+                      f"read ({exc}), so the guard cannot decide: repair it or restore it from "
+                      f"a backup, {TURN_OFF}") from None
     spec = parse_domain(xml)
     for target, record in sorted(records_in_domain_xml(spec.metadata).items()):
         if record.unreadable:
@@ -68,7 +84,6 @@ def check_start(xml: bytes, state: StateDir) -> None:
             f"start refused: {spec.name} is being moved to {move.get('dest_uri')} "
             f"({move.get('phase')}); it may run there already: run "
             f"'vdsm-blockops recover {spec.name}'")
-    invalid = state.invalid_lookup()
     pools = PoolFiles()
     spec = spec.with_volumes(pools.resolve)
     for disk in spec.disks:
@@ -96,6 +111,12 @@ def check_start(xml: bytes, state: StateDir) -> None:
             raise Refusal(f"disk {disk.target}: {exc}") from None
         for path in chain:
             copy = unfinished_copy(path)
+            if copy is not None and "unreadable" in copy:
+                raise Refusal(
+                    f"disk {disk.target} uses {path}, made after {copy['marker']}, the marker of "
+                    f"a move to this node that cannot be read ({copy['unreadable']}): that "
+                    "upload may be unfinished. Run 'vdsm-blockops recover' on the node the move "
+                    "came from; remove the marker once no move into this folder is under way")
             if copy is not None:
                 raise Refusal(
                     f"disk {disk.target} uses {path}, which is being copied here by a move of "
@@ -116,21 +137,52 @@ def check_start(xml: bytes, state: StateDir) -> None:
 
 def unfinished_copy(path: str) -> dict[str, object] | None:
     """The marker a move to this node left beside ``path`` while its
-    upload is unfinished, when it names ``path`` (``ops/migrate.py``)."""
+    upload is unfinished, when it names ``path`` (``ops/migrate.py``).
+
+    Markers are untrusted input (any user who can write to the folder can
+    make one): never followed, opened without blocking, regular files only,
+    size-capped. One that cannot be read could name only files made after
+    it (a move writes its marker before its first file): it is returned,
+    as ``{"marker", "unreadable"}``, for those alone."""
     folder = os.path.dirname(path)
     try:
-        names = [n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX)]
+        names = sorted(n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX))
     except OSError:
         return None
     for name in names:
+        marker = os.path.join(folder, name)
         try:
-            with open(os.path.join(folder, name), encoding="utf-8") as handle:
-                body = json.load(handle)
-        except (OSError, ValueError):
-            return {"domain": "?", "source": "?"}  # half-written marker: an upload began
-        if isinstance(body, dict) and path in body.get("files", []):
+            body = read_marker(marker)
+        except (OSError, ValueError) as exc:
+            try:
+                newer = made_at(path) >= made_at(marker, follow=False)
+            except OSError:
+                newer = True
+            if newer:
+                return {"marker": marker, "unreadable": str(exc) or type(exc).__name__}
+            continue
+        files = body.get("files")
+        if isinstance(files, list) and path in files:
             return body
     return None
+
+
+def read_marker(path: str) -> dict[str, object]:
+    """A marker's body; OSError or ValueError when it is not a whole one."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MARKER_MAX_BYTES:
+            raise ValueError(f"larger than {MARKER_MAX_BYTES} bytes")
+        data = os.read(fd, MARKER_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    body = json.loads(data)  # empty or half-written: ValueError
+    if not isinstance(body, dict) or not isinstance(body.get("files"), list):
+        raise ValueError("not a marker's body")
+    return body
 
 
 def check_no_operation(xml: bytes, what: str) -> None:
@@ -146,15 +198,18 @@ def check_no_operation(xml: bytes, what: str) -> None:
 
 def queue_recovery(state: StateDir, domain: str) -> None:
     """Hand work to ``recover --queued`` without waiting for it."""
+    state.ensure()
     folder = os.path.join(state.path, "queue")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, domain.replace("/", "_")), "w") as handle:
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = open_private(os.path.join(folder, domain.replace("/", "_")), os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as handle:
         handle.write(f"{time.time()}\n")
 
 
 def within_deadline(check: Callable[[], None], deadline_s: float) -> str | None:
-    """Run ``check`` in a child process; the refusal message it raised, or
-    None when it passed, failed internally, or missed the deadline.
+    """Run ``check`` in a child process; None when it passed, else the
+    refusal: the one it raised, or -- failing closed -- why it could not
+    decide (it failed internally, or missed the deadline).
 
     A child, not a thread: a thread stuck in the kernel (a dead NFS server)
     would keep this process, and so libvirt, waiting. The child gets no
@@ -198,16 +253,17 @@ def within_deadline(check: Callable[[], None], deadline_s: float) -> str | None:
         except ProcessLookupError:
             pass
         os.waitpid(pid, os.WNOHANG)
-        log.error("image checks missed the %g s deadline; letting the start proceed unchecked",
-                  deadline_s)
-        return None
+        return (f"the image checks did not finish within {deadline_s:g} s (storage not "
+                "answering?), so the guard cannot decide: start again once the images' "
+                f"storage answers, {TURN_OFF}")
     os.waitpid(pid, 0)
     text = answer.decode("utf-8", "replace")
     if text.startswith("refuse:"):
         return text[len("refuse:"):]
     if text.startswith("error:"):
-        log.error("image checks failed internally, letting the start proceed: %s", text[6:])
-    return None
+        return (f"the image checks failed ({text[6:]}), so the guard cannot decide: "
+                f"see the system log, {TURN_OFF}")
+    return None if text == "ok" else "the image checks gave no answer; " + TURN_OFF
 
 
 def run(argv: list[str], stdin: BinaryIO, state: StateDir, deadline_s: float = DEADLINE_S) -> int:
@@ -215,6 +271,15 @@ def run(argv: list[str], stdin: BinaryIO, state: StateDir, deadline_s: float = D
         return 0
     domain, op, sub = argv[0], argv[1], argv[2]
     try:
+        off = state.guard_disabled() if os.path.isdir(state.path) else None
+        if off is not None:
+            log.warning("guard disabled (%s): %s %s %s not checked", off.get("reason"),
+                        domain, op, sub)
+            return 0
+        if (op, sub) == ("prepare", "begin") and not os.path.isdir(state.path):
+            raise Refusal(f"the state folder {state.path} is missing, so the guard cannot "
+                          "know which images are invalidated: mount or restore it (or run "
+                          f"'vdsm-blockops hook install' to make an empty one), {TURN_OFF}")
         if (op, sub) == ("prepare", "begin"):
             xml = read_xml(stdin)
             refusal = within_deadline(lambda: check_start(xml, state), deadline_s)
@@ -228,14 +293,22 @@ def run(argv: list[str], stdin: BinaryIO, state: StateDir, deadline_s: float = D
         sys.stderr.write(f"vdsm-blockops: {domain}: {exc}\n")
         _trail_refusal(state, domain, op, str(exc))
         return 1
-    except Exception as exc:  # never block a VM on our own bug
-        log.error("hook %s %s %s: internal error, letting it go: %s", domain, op, sub, exc)
+    except Exception as exc:  # fail closed, out loud
+        message = (f"vdsm-blockops: {domain}: the guard failed ({type(exc).__name__}: {exc}) "
+                   f"and cannot decide; {TURN_OFF}")
+        log.error("hook %s %s %s: %s", domain, op, sub, message)
+        if (op, sub) not in GUARDED_OPS:
+            return 0  # a lifecycle notice, not a decision: nothing to refuse
+        sys.stderr.write(message + "\n")
+        return 1
     return 0
 
 
 def _trail_refusal(state: StateDir, domain: str, op: str, why: str) -> None:
     from ..engine import history
 
+    if not os.path.isdir(state.path):
+        return  # a missing state folder is not made here (an unmounted file system?)
     history.append(state, history.entry(
         source="hook", operation="start" if op == "prepare" else op, domain=domain, disk=None,
         started=time.time(), exit_code=1, outcome="refused", message=why))
@@ -252,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     add_syslog(log, "vdsm-blockops-hook", logging.NOTSET)
     try:
-        state = StateDir(load_config().state_dir)
-    except Exception as exc:
-        sys.stderr.write(f"vdsm-blockops hook: config unreadable, not guarding: {exc}\n")
-        log.error("config unreadable, not guarding %s: %s", " ".join(argv[:3]), exc)
-        return 0
-    return run(argv, sys.stdin.buffer, state)
+        state_dir, warnings = guard_state_dir()
+    except OSError as exc:
+        sys.stderr.write(f"vdsm-blockops hook: the config cannot be read ({exc}), so the guard "
+                         f"does not know its state folder: make it readable, {TURN_OFF}\n")
+        return 1 if tuple(argv[1:3]) in GUARDED_OPS else 0
+    for warning in warnings:  # guarding goes on: only the state folder is needed
+        log.warning("config read leniently, still guarding: %s", warning)
+    return run(argv, sys.stdin.buffer, StateDir(state_dir))

@@ -104,4 +104,4 @@ def shipped_hook() -> str:
     install`` writes, for a package installed into the system's python3."""
     from .hookctl import hook_script
 
-    return hook_script(None, python="/usr/bin/python3")
+    return hook_script(None, "/var/lib/vdsm-blockops", python="/usr/bin/python3")

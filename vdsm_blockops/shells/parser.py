@@ -224,7 +224,10 @@ def _recover_args(p: argparse.ArgumentParser) -> None:
 
 
 def _hook_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["install", "uninstall"], help="install or uninstall")
+    p.add_argument("action", choices=["install", "uninstall", "disable", "enable"],
+                   help="install or uninstall the guard; disable it (starts go unchecked: "
+                        "needs --reason, written to the history) or enable it again")
+    p.add_argument("--reason", help="why the guard is disabled (hook disable)")
     p.add_argument("--hooks-dir", default=None, help="default /etc/libvirt/hooks/qemu.d")
     p.add_argument("--reload", action="store_true", help="SIGHUP libvirtd so it sees the change")
 
