@@ -77,3 +77,90 @@ def test_a_retired_layer_stays_refused_after_a_remount_from_another_device(
         rc, out, err = rig.cli("recover", config=config)
         assert rc == 0, err
         assert "invalidated" in start_refused(make_vm, D, disk.reference)
+
+
+def test_a_config_typo_still_refuses_an_invalidated_image(make_vm, config, installed_hook):
+    vm = make_vm()
+    disk = vm.add_chain("vda", rig.four_layers())
+    vm.start()
+    A, B, C, D = disk.layers
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", B, "--strategy", "commit",
+                           config=config)
+    assert rc == 0, err
+    with open(config, "a") as handle:  # a typo, and a newer version's key
+        handle.write("storage_root: [/srv]\nvolume_extend_command: [lvextend]\n")
+    assert "invalidated" in start_refused(make_vm, D, disk.reference)
+    vm.restart()  # its own verified chain still starts
+    disk.assert_guest_data()
+
+
+def test_hostile_markers_neither_stall_nor_open_the_guard(make_vm, config, installed_hook):
+    from vdsm_blockops.core.migrate_plan import marker_name
+
+    vm = make_vm()
+    disk = vm.add_chain("vda", rig.four_layers())
+    vm.start()
+    A, B, C, D = disk.layers
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", B, "--strategy", "commit",
+                           config=config)
+    assert rc == 0, err
+    os.mkfifo(os.path.join(vm.dir, marker_name("fifo")))
+    os.symlink("/dev/zero", os.path.join(vm.dir, marker_name("zero")))
+    import time
+
+    started = time.monotonic()
+    assert "invalidated" in start_refused(make_vm, D, disk.reference)
+    assert time.monotonic() - started < 10
+    vm.restart()  # older than the markers: they could not name its images
+    disk.assert_guest_data()
+
+
+def test_another_user_holding_a_lock_delays_no_operation_past_its_timeout(vm4, config, workdir):
+    import subprocess
+    import time
+
+    state = os.path.join(workdir, "state")
+    locks = os.path.join(state, "locks")
+    os.makedirs(locks)
+    for folder in (state, locks):  # as earlier versions left it
+        os.chmod(folder, 0o755)
+    lock = os.path.join(locks, "registry.lock")
+    open(lock, "a").close()
+    os.chmod(lock, 0o644)
+    holder = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+         "-c", "import fcntl,sys,time; f=open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+               "print('held', flush=True); time.sleep(300)", lock], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        disk = vm4.disks["vda"]
+        A, B, C, D = disk.layers
+        started = time.monotonic()
+        rc, out, err = rig.cli("merge", vm4.name, "vda", "--base", B, "--strategy", "commit",
+                               "--timeout", "10", config=config)
+        assert time.monotonic() - started < 20
+        assert rc == 3 and "registry.lock" in out["error"]["message"], out
+    finally:
+        holder.kill()
+        holder.wait()
+    # The folder is root's alone now: that user cannot open a lock again.
+    assert os.stat(state).st_mode & 0o077 == 0
+    probe = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+         "-c", "import sys; open(sys.argv[1], 'a')", lock], capture_output=True, text=True)
+    assert probe.returncode != 0 and "Permission denied" in probe.stderr
+    rc, out, err = rig.cli("recover", vm4.name, config=config)
+    assert rc == 0, err
+    rc, out, err = rig.cli("verify", vm4.name, config=config)
+    assert rc == 0 and out["ok"], out
+    disk.assert_guest_data()
+    assert "invalidated" in start_refused_by_registry(config, D)
+
+
+def start_refused_by_registry(config: str, path: str) -> str:
+    """The registry's entry for ``path``, as the guard would read it."""
+    from vdsm_blockops.core.config import load_config
+    from vdsm_blockops.engine.state import StateDir
+
+    why = StateDir(load_config(config).state_dir).invalid_lookup().why(path)
+    return "invalidated" if why else "not invalidated"
