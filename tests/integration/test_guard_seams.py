@@ -164,3 +164,39 @@ def start_refused_by_registry(config: str, path: str) -> str:
 
     why = StateDir(load_config(config).state_dir).invalid_lookup().why(path)
     return "invalidated" if why else "not invalidated"
+
+
+def test_a_move_record_of_a_later_version_stops_only_its_own_domain(vm4, config, workdir):
+    import json
+
+    folder = os.path.join(workdir, "state", "migrations")
+    os.makedirs(folder, mode=0o700)
+    later = os.path.join(folder, "0b5e8f2e-0000-4000-8000-000000000001.json")
+    body = json.dumps({"domain": "elsewhere", "uuid": "0b5e8f2e-0000-4000-8000-000000000001",
+                       "dest_uri": "qemu+tcp://node-c/system", "phase": "moved", "request": {},
+                       "plan": {}, "proof": "sample"})  # a field this version does not know
+    with open(later, "w") as handle:
+        handle.write(body)
+    rc, out, err = rig.cli("jobs", config=config)
+    assert rc == 0, err
+    assert [o["phase"] for o in out["operations"] if o["domain"] == "elsewhere"] == ["unreadable"]
+    disk = vm4.disks["vda"]
+    A, B, C, D = disk.layers
+    rc, out, err = rig.cli("merge", vm4.name, "vda", "--base", B, config=config)
+    assert rc == 0, err
+    rc, out, err = rig.cli("recover", vm4.name, config=config)
+    assert rc == 0, err
+    queue = os.path.join(workdir, "state", "queue")
+    os.makedirs(queue)
+    open(os.path.join(queue, vm4.name), "w").close()
+    rc, out, err = rig.cli("recover", "--queued", config=config)
+    assert rc == 0, err
+    assert not os.path.exists(os.path.join(workdir, "state", "failed", vm4.name))
+    rc, out, err = rig.cli("recover", config=config)  # every domain: that one is reported
+    assert rc != 0 and [r["result"] for r in out["records"]
+                        if r["domain"] == "elsewhere"] == ["unreadable"], out
+    rc, out, err = rig.cli("abort", "elsewhere", "all", config=config)
+    assert rc == 1 and "cannot read" in out["error"]["message"], out
+    with open(later) as handle:
+        assert handle.read() == body  # kept byte for byte
+    disk.assert_guest_data()

@@ -49,12 +49,26 @@ class MigrationRecord:
     id: str = field(default_factory=lambda: os.urandom(6).hex())
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+    # Set only on a record this version cannot read (a later version's
+    # field, a hand edit): why. Such a record is kept as it is on disk and
+    # stops only its own domain.
+    unreadable: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "phase": self.phase.value}
+        body = {**asdict(self), "phase": self.phase.value}
+        del body["unreadable"]
+        return body
+
+    def describe(self) -> str:
+        if self.unreadable:
+            return (f"move record {self.uuid} (which this version cannot read: {self.unreadable}; "
+                    "settle it with the version that wrote it, or put it right by hand)")
+        return f"move {self.id} to {self.dest_uri} ({self.phase.value})"
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> MigrationRecord:
+        if "unreadable" in body:
+            raise ValueError("a field named unreadable")
         return cls(**{**body, "phase": MovePhase(body["phase"])})
 
 
@@ -66,6 +80,8 @@ class MigrationStore:
         return os.path.join(self.folder, f"{uuid}.json")
 
     def save(self, record: MigrationRecord) -> None:
+        if record.unreadable:  # kept byte for byte: never overwritten
+            raise StateError(f"{record.describe()} cannot be changed by this version")
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         write_json_atomic(self._path(record.uuid), record.to_json())
 
@@ -74,20 +90,27 @@ class MigrationStore:
         self.save(record)
 
     def load(self, uuid: str) -> MigrationRecord | None:
+        """The record of domain ``uuid``'s move, None when there is none. A
+        record this version cannot read comes back with ``unreadable`` set
+        (and what of it could be read): it concerns its own domain only."""
         import json
 
+        body: object = None
         try:
             with open(self._path(uuid), encoding="utf-8") as handle:
                 body = json.load(handle)
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            return MigrationRecord.from_json(body)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise StateError(f"migration record {self._path(uuid)} cannot be read: {exc}") from exc
-        try:
-            return MigrationRecord.from_json(body)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise StateError(f"migration record {self._path(uuid)} is not one this version "
-                             f"reads ({exc}); recover it with the version that wrote it") from exc
+        except (OSError, TypeError, ValueError, KeyError) as exc:
+            got = body if isinstance(body, dict) else {}
+            text = {k: str(got[k]) for k in ("domain", "dest_uri", "id") if k in got}
+            return MigrationRecord(domain=text.get("domain", uuid), uuid=uuid,
+                                   dest_uri=text.get("dest_uri", "?"), request={}, plan={},
+                                   id=text.get("id", "?"), pid=0, started_at=0.0,
+                                   unreadable=f"{self._path(uuid)}: {exc}")
 
     def all(self, domain: str | None = None) -> list[MigrationRecord]:
         """Every record, or those of ``domain`` (its name or uuid: it may

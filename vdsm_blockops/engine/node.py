@@ -185,7 +185,8 @@ def moves_in(state: StateDir, domain_name: str | None) -> list[OperationRow]:
     from .migrations import MigrationStore
 
     return [OperationRow(domain=r.domain, disk="all", operation="migrate",
-                         method=f"to {r.dest_uri}", phase=r.phase.value, online=True,
+                         method=f"to {r.dest_uri}",
+                         phase="unreadable" if r.unreadable else r.phase.value, online=True,
                          record=r.id, pid=r.pid, running=owner_alive(r.pid, r.started_at),
                          started_at=r.started_at)
             for r in MigrationStore(state).all(domain_name)]

@@ -106,6 +106,8 @@ def _abort_move(ctx: Context, record: MigrationRecord, target: str,
     rolls back; whatever it leaves is settled as recover would -- rolled
     back while the domain still runs here, finished if it already runs
     there (a migration past its switchover cannot be undone)."""
+    if record.unreadable:
+        raise errors.StateError(f"{record.domain}: {record.describe()}")
     disks = [d["disk"] for d in record.plan.get("disks", [])]
     if target != "all" and target not in disks:
         raise errors.BadRequest(f"{record.domain} is being moved to {record.dest_uri} with "

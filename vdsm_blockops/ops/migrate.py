@@ -74,8 +74,8 @@ def migrate(ctx: Context, req: MigrateRequest) -> MigrateReport:
     domain = running_domain(ctx, req.domain)
     refuse_vdsm_managed(ctx, domain)
     store = MigrationStore(ctx.state)
-    if store.load(domain.uuid) is not None:
-        raise errors.Conflict(f"{domain.name} has an unfinished move to another node: "
+    if (unfinished := store.load(domain.uuid)) is not None:
+        raise errors.Conflict(f"{domain.name} has an unfinished {unfinished.describe()}: "
                               f"run 'vdsm-blockops recover {domain.name}'")
     dest = RemoteNode(req.dest_uri)
     try:

@@ -280,6 +280,11 @@ def recover_moves(ctx: Context, name: str | None, timeout_s: float | None) -> li
     for record in store.all(name):
         outcome = RecordOutcome(domain=record.domain, disk="all", record=record.id,
                                 operation="migrate", phase=record.phase.value, result="")
+        if record.unreadable:
+            outcome.phase, outcome.result = "?", "unreadable"
+            outcome.message = f"{record.describe()}: kept as it is"
+            outcomes.append(outcome)
+            continue
         try:
             with ctx.state.disk_lock(record.uuid, MOVE_LOCK, f"recover of {record.domain}"):
                 dest = RemoteNode(record.dest_uri)
