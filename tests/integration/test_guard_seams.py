@@ -200,3 +200,91 @@ def test_a_move_record_of_a_later_version_stops_only_its_own_domain(vm4, config,
     with open(later) as handle:
         assert handle.read() == body  # kept byte for byte
     disk.assert_guest_data()
+
+
+VOLUME_TOOL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "volume-tool")
+
+
+def chain_with_a_volume(make_vm, workdir, name: str, link: bool = False):
+    """A (raw) <- B <- C (qcow2 on a loop device: a stand-in LV; through a
+    symlink as LVM's /dev/vg/lv with ``link``) <- D, running."""
+    from rig import LayerSpec, Write
+
+    vm = make_vm()
+    if link:
+        rig.run(VOLUME_TOOL, "create", vm.dir, "C-volume", str(64 * rig.MIB))
+        volume = os.path.join(vm.dir, "C-volume")
+    else:
+        volume = rig.loop_device(workdir, name, 64)
+    disk = vm.add_layers("vda", [
+        (f"{vm.dir}/A.raw", None, LayerSpec("A", [Write(0xA1, 0, 4)], fmt="raw")),
+        (f"{vm.dir}/B.qcow2", f"{vm.dir}/A.raw", LayerSpec("B", [Write(0xB1, 4, 1)])),
+        (volume, f"{vm.dir}/B.qcow2", LayerSpec("C", [Write(0xC1, 6, 2)])),
+        (f"{vm.dir}/D.qcow2", volume, LayerSpec("D", [Write(0xD1, 9, 1)]))])
+    vm.start()
+    return vm, disk, volume
+
+
+@pytest.mark.parametrize("remover", [False, True], ids=["no-remove-command", "remove-command"])
+def test_delete_retired_never_unlinks_a_dev_node(make_vm, config, workdir, remover):
+    vm, disk, volume = chain_with_a_volume(make_vm, workdir, "C", link=remover)
+    A, B, C, D = disk.layers
+    node = os.path.realpath(C)
+    if remover:
+        with open(config, "a") as handle:
+            handle.write(f'volume_remove_command: [{VOLUME_TOOL}, remove, "{{path}}"]\n')
+    try:
+        rc, out, err = rig.cli("merge", vm.name, "vda", "--base", A, "--strategy", "commit",
+                               "--delete-retired", config=config)
+        assert rc == 0, err
+        assert {r["path"] for r in out["retired"] if not r["valid"]} == {C, D}
+        assert os.path.exists(node) and rig.is_device(node)  # the /dev node stays
+        if remover:  # removed as a volume, then forgotten
+            assert set(out["deleted"]) == {C, D} and not os.path.lexists(C)
+        else:  # kept, said so, and still refused
+            assert out["deleted"] == [D]
+            assert [k["path"] for k in out["kept"]] == [C] and "volume" in out["kept"][0]["why"]
+            assert start_refused_by_registry(config, C) == "invalidated"
+        disk.assert_guest_data()
+    finally:
+        if not remover:
+            rig.remove_loop_device(volume)
+
+
+def test_a_hung_extend_command_ends_within_the_timeout_with_its_children(
+        make_vm, config, workdir):
+    import subprocess
+    import time
+
+    from rig import LayerSpec, Write
+
+    vm = make_vm()
+    B = rig.loop_device(workdir, "B", 8)
+    try:
+        disk = vm.add_layers("vda", [
+            (f"{vm.dir}/A.raw", None, LayerSpec("A", [Write(0xA1, 0, 8)], fmt="raw")),
+            (B, f"{vm.dir}/A.raw", LayerSpec("B", [Write(0xB1, 4, 1)])),
+            (f"{vm.dir}/C.qcow2", B, LayerSpec("C", [Write(0xC1, 10, 16)])),
+            (f"{vm.dir}/D.qcow2", f"{vm.dir}/C.qcow2", LayerSpec("D", [Write(0xD1, 30, 1)]))])
+        vm.start()
+        A, _, C, D = disk.layers
+        marker = f"hung-extend-{vm.name}"
+        with open(config, "a") as handle:  # an lvextend waiting on a busy volume group
+            handle.write("volume_margin_mib: 4\n"
+                         f'volume_extend_command: [sh, -c, "sleep 60 # {marker}", "{{path}}", '
+                         '"{size_bytes}"]\n')
+        started = time.monotonic()
+        rc, out, err = rig.cli("merge", vm.name, "vda", "--top", C, "--base", A, "--strategy",
+                               "commit", "--timeout", "5", config=config)
+        assert time.monotonic() - started < 15
+        assert rc == 3 and "extension" in out["error"]["message"], out
+        time.sleep(0.5)
+        left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+        assert not left, f"the extend command outlived the operation: pids {left}"
+        assert disk.chain() == [D, C, B, A]
+        rc, out, err = rig.cli("verify", vm.name, config=config)
+        assert rc == 0 and out["ok"], out
+        disk.assert_guest_data()
+    finally:
+        vm.destroy()
+        rig.remove_loop_device(B)

@@ -68,7 +68,7 @@ class Retired(View):
 @dataclass
 class MergeReport(Report):
     OPERATION = "merge"
-    OPTIONAL = ("deleted", "record", "duration_s", "volume")
+    OPTIONAL = ("deleted", "kept", "record", "duration_s", "volume")
     domain: str
     disk: str
     strategy: Strategy
@@ -88,6 +88,7 @@ class MergeReport(Report):
     verified: bool
     online: bool = True  # False: a shut-off domain, done with qemu-img
     deleted: list[str] | None = None
+    kept: list[dict[str, str]] | None = None  # asked to delete, kept: {"path", "why"}
     record: str | None = None
     duration_s: float | None = None
     # a qcow2 on a block device written into: its size, where its data ends,
@@ -98,7 +99,8 @@ class MergeReport(Report):
 @dataclass
 class RelocateReport(Report):
     OPERATION = "relocate"
-    OPTIONAL = ("persistent_definition_fixed", "deleted", "record", "duration_s", "volume")
+    OPTIONAL = ("persistent_definition_fixed", "deleted", "kept", "record", "duration_s",
+                "volume")
     domain: str
     disk: str
     mode: Mode
@@ -118,6 +120,7 @@ class RelocateReport(Report):
     online: bool = True
     persistent_definition_fixed: bool | None = None
     deleted: list[str] | None = None
+    kept: list[dict[str, str]] | None = None  # asked to delete, kept: {"path", "why"}
     record: str | None = None
     duration_s: float | None = None
     volume: dict[str, Any] | None = None  # DEST a block device: its size, the room needed

@@ -13,6 +13,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..core.chain import Disk
 from ..core.errors import OperationFailed
@@ -27,18 +28,53 @@ from ..core.headers import (
 )
 from ..core.identity import clean_path, device_size, is_block_device
 
+if TYPE_CHECKING:
+    from ..core.budget import Budget
+
 Runner = Callable[[Sequence[str]], str]
 
 
-def run_command(argv: Sequence[str]) -> str:
+def run_command(argv: Sequence[str], budget: Budget | None = None, doing: str = "") -> str:
+    """Run ``argv``; its stdout. With ``budget`` the wait ends with the
+    operation's (``--timeout``: JobTimeout naming ``doing``; Ctrl-C). The
+    command runs in a session of its own, and a command stopped -- by the
+    budget, Ctrl-C or SIGTERM of this process -- is stopped with all its
+    children (a configured ``lvextend`` wrapper, say): none outlives us."""
     import subprocess  # most commands read chains from headers and never run one
 
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if budget is not None:
+                    budget.check(doing or argv[0])
+    finally:
+        if proc.poll() is None:
+            _stop_group(proc)
     if proc.returncode != 0:
-        raise OperationFailed(
-            f"{argv[0]} failed: {proc.stderr.strip() or proc.returncode}"
-        )
-    return proc.stdout
+        raise OperationFailed(f"{argv[0]} failed: {err.strip() or proc.returncode}")
+    return out
+
+
+def _stop_group(proc: Any) -> None:
+    """SIGTERM to the command's whole process group, SIGKILL after 2 s."""
+    import signal
+    import subprocess
+
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.communicate(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from lxml import etree
 
 from ..core import errors
 from ..core.chain import parse_xml, source_kind
-from ..core.identity import ImageSet, existing_key, image_key, is_block_device, under_root
+from ..core.identity import ImageKey, ImageSet, existing_key, image_key, is_block_device, under_root
 from .images import reserve_file, run_command
 from .records import OperationRecord, RecordStore
 from .users import chain_users
@@ -110,28 +110,49 @@ def remove_created_files(record: OperationRecord, live_paths: list[str],
     return removed
 
 
-def delete_unused(ctx: Context, domain: Domain, target: str, paths: list[str]) -> list[str]:
-    """Unlink those of ``paths`` no chain uses -- decided by identity, so a
-    layer another VM names through an alias is kept."""
+def delete_unused(ctx: Context, domain: Domain, target: str,
+                  paths: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Delete those of ``paths`` no chain uses -- decided by identity, so a
+    layer another VM names through an alias is kept; (deleted, kept with
+    why) as the report says them."""
     users = chain_users(ctx.conn, paths, exclude=(domain.uuid, target), cache_dir=ctx.state.path)
     live = ImageSet(domain.spec().disk(target).paths)
-    unused = []
+    unused, kept = [], []
     for path in paths:
         if users.get(path) or path in live:
-            log.warning("keeping %s: still used by %s", path, users.get(path) or "this disk")
+            why = f"still used by {users.get(path) or 'this disk'}"
+            log.warning("keeping %s: %s", path, why)
+            kept.append({"path": path, "why": why})
         else:
             unused.append(path)
-    return unlink_images(ctx, unused)
+    deleted, not_removed = unlink_images(ctx, unused)
+    return deleted, kept + not_removed
 
 
-def unlink_images(ctx: Context, paths: list[str]) -> list[str]:
-    """Unlink the images ``paths`` name (the caller decided no chain uses
-    them), each only while it is the file that was decided on, and drop
-    them from the registry; the files deleted."""
-    deleted, keys = [], []
+def unlink_images(ctx: Context, paths: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Delete the images ``paths`` name (the caller decided no chain uses
+    them), each only while it is the image that was decided on, and drop
+    them from the registry; (deleted, kept with why).
+
+    A file is unlinked. A block device is a volume, not a file: unlinking
+    its ``/dev`` node frees nothing, and the node comes back at the next
+    udev trigger or reboot -- while its invalidation would be forgotten. So
+    it is removed by ``volume_remove_command`` and forgotten only once it
+    is gone, or kept (and still refused by the hook) when no command is
+    configured or the command failed."""
+    deleted, keys, kept = [], [], []
     for path in paths:
         key = existing_key(path)
         if key is None:
+            continue
+        if key.kind == "block":
+            why = _remove_volume(ctx, path, key)
+            if why:
+                log.warning("keeping the volume %s: %s", path, why)
+                kept.append({"path": path, "why": why})
+                continue
+            deleted.append(path)
+            keys.append(key)
             continue
         # The decision was about the image, not the name: a layer reached
         # through a symlink is the file it points to. Unlinking the link
@@ -139,6 +160,7 @@ def unlink_images(ctx: Context, paths: list[str]) -> list[str]:
         real = os.path.realpath(path) if os.path.islink(path) else path
         if image_key(real) != key:
             log.warning("keeping %s: it changed while it was being deleted", path)
+            kept.append({"path": path, "why": "it changed while it was being deleted"})
             continue
         os.unlink(real)
         if real != path:
@@ -147,7 +169,23 @@ def unlink_images(ctx: Context, paths: list[str]) -> list[str]:
         deleted.append(real)
         keys.append(key)
     ctx.state.forget(keys)
-    return deleted
+    return deleted, kept
+
+
+def _remove_volume(ctx: Context, path: str, key: ImageKey) -> str:
+    """Remove the block volume ``path`` with the configured command; why it
+    is still there, or "" once it is gone."""
+    command = ctx.config.volume_remove_command
+    if not command:
+        return ("a block volume: the tool never unlinks a /dev node; remove it with your volume "
+                "manager (lvremove), or set volume_remove_command")
+    try:
+        run_command(node_command(command, path=path))
+    except errors.OperationFailed as exc:
+        return f"volume_remove_command failed: {exc}"
+    if existing_key(path) == key:
+        return "still there after volume_remove_command"
+    return ""
 
 
 def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str,

@@ -25,6 +25,7 @@ from ..core.identity import device_size, is_block_device
 from .images import ImageInfo, Runner, create_image, create_overlay, run_command
 
 if TYPE_CHECKING:
+    from ..core.budget import Budget
     from ..core.config import Config
     from ..core.model import ThresholdEvent
     from ..virt import Domain
@@ -147,14 +148,20 @@ def refuse_if_short(room: Room | None, extend_command: Sequence[str]) -> None:
             f"lvextend -L {room.needed}b {room.path}) or configure volume_extend_command")
 
 
-def extend(path: str, size: int, command: Sequence[str], run: Runner = run_command) -> int:
+def extend(path: str, size: int, command: Sequence[str], run: Runner = run_command,
+           budget: Budget | None = None) -> int:
     """Run the node's extend command for ``path`` to ``size`` bytes; the
-    size is read back from the device, which must now be big enough."""
+    size is read back from the device, which must now be big enough. A
+    command still running when ``budget`` runs out is stopped, its children
+    with it (JobTimeout names it)."""
     before = device_size(path)
     argv = node_command(command, path=path, size_bytes=size)
     log.info("extending %s from %d to %d bytes: %s", path, before, size, " ".join(argv))
     try:
-        run(argv)
+        if budget is not None:
+            run_command(argv, budget, f"the extension of {path} ({argv[0]})")
+        else:
+            run(argv)
     except errors.OperationFailed as exc:
         raise errors.VolumeNotExtended(f"extending {path} to {size} bytes failed: {exc}") from exc
     after = device_size(path)
@@ -163,11 +170,11 @@ def extend(path: str, size: int, command: Sequence[str], run: Runner = run_comma
     return after
 
 
-def make_room(room: dict[str, Any], command: Sequence[str]) -> None:
+def make_room(room: dict[str, Any], command: Sequence[str], budget: Budget | None = None) -> None:
     """Extend a planned room's volume (``room`` as the report carries it)
     where it is short, noting ``extended_to``."""
     if room["needed"] > room["size"]:
-        room["extended_to"] = extend(room["path"], room["needed"], command)
+        room["extended_to"] = extend(room["path"], room["needed"], command, budget=budget)
 
 
 class VolumeGuard:

@@ -251,7 +251,8 @@ class Merge:
     def execute(self, ctx: Context, domain: Domain, plan: MergePlan, store: RecordStore,
                 record: OperationRecord) -> MergeReport:
         if plan.disk in self.volumes:
-            volumes.make_room(self.volumes[plan.disk], ctx.config.volume_extend_command)
+            volumes.make_room(self.volumes[plan.disk], ctx.config.volume_extend_command,
+                              ctx.budget)
         if not self.online:
             # No phases: each would rewrite the persistent definition (the
             # only copy of a shut-off domain's record), and recover reads
@@ -313,6 +314,7 @@ class Merge:
         require_chain(domain, plan.disk, plan.chain_after)
         report = self.report(domain, plan, chain_after=chain_now, verified=True)
         if record.request.get("delete_retired"):
-            report.deleted = delete_unused(ctx, domain, plan.disk, [r.path for r in plan.retired])
+            report.deleted, report.kept = delete_unused(ctx, domain, plan.disk,
+                                                        [r.path for r in plan.retired])
         store.finish(record)
         return report

@@ -251,7 +251,7 @@ def retire_source(ctx: Context, plan: MigratePlan,
     retired = [Retired(path=p, valid=p not in unused) for p in paths]
     if not delete:
         return retired, None
-    return retired, unlink_images(ctx, unused)
+    return retired, unlink_images(ctx, unused)[0]  # the plan refused block layers
 
 
 # ------------------------------------------------------------ report

@@ -59,7 +59,7 @@ def prepare_device(ctx: Context, plan: RelocatePlan, images: dict[str, ImageInfo
     """Extend DEST where it is short (a raw one to the disk's size exactly:
     LVM may round past it), then write the image onto it."""
     active = images[plan.chain_before[0]]
-    volumes.make_room(room, ctx.config.volume_extend_command)
+    volumes.make_room(room, ctx.config.volume_extend_command, ctx.budget)
     grown = room.get("extended_to", active.virtual_size)
     if plan.format is ImageFormat.RAW and grown != active.virtual_size:
         raise errors.VolumeNotExtended(

@@ -308,6 +308,7 @@ class Relocate:
         kept = ImageSet(plan.chain_after)
         report.retired = [Retired(p, True) for p in plan.chain_before if p not in kept]
         if record.request.get("delete_source"):
-            report.deleted = delete_unused(ctx, domain, plan.disk, [r.path for r in report.retired])
+            report.deleted, report.kept = delete_unused(ctx, domain, plan.disk,
+                                                        [r.path for r in report.retired])
         store.finish(record)
         return report

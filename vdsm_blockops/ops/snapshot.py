@@ -147,7 +147,7 @@ class Snapshot:
                         room: dict[str, Any]) -> None:
         """Extend OVERLAY's device where it is short, and write the empty
         overlay onto it (over the active image), for libvirt to reuse."""
-        volumes.make_room(room, ctx.config.volume_extend_command)
+        volumes.make_room(room, ctx.config.volume_extend_command, ctx.budget)
         active = planned_disk(domain.spec().disk(plan.disk))[1][0]
         volumes.format_destination(plan.overlay, "qcow2", active.virtual_size, active.path,
                                    active.format)

@@ -118,6 +118,11 @@ def _(report: DiskFailure) -> list[str]:
     return [f"{report.disk}: failed ({report.error.get('code')}): {report.error.get('message')}"]
 
 
+def _deletions(deleted: list[str] | None, kept: list[dict[str, str]] | None) -> list[str]:
+    out = [f"  deleted: {', '.join(deleted)}"] if deleted else []
+    return out + [f"  kept: {k['path']} ({k['why']})" for k in kept or []]
+
+
 @lines.register
 def _(report: RelocateReport) -> list[str]:
     verb = "would relocate" if report.dry_run else "relocated"
@@ -127,8 +132,7 @@ def _(report: RelocateReport) -> list[str]:
            f"  after:  {_chain(report.chain_after)}"]
     if not report.pivot:
         out.append(f"  not pivoted: the VM stays on its source; copy at {report.dest}")
-    if report.deleted:
-        out.append(f"  deleted: {', '.join(report.deleted)}")
+    out += _deletions(report.deleted, report.kept)
     if report.verified:
         out.append(f"  verified in {report.duration_s or 0:.2f} s")
     return out
@@ -171,8 +175,7 @@ def _(report: MergeReport) -> list[str]:
     for r in report.retired:
         state = "still a valid point in time" if r.valid else "INVALID, never use again"
         out.append(f"  retired: {r.path} ({state})")
-    if report.deleted:
-        out.append(f"  deleted: {', '.join(report.deleted)}")
+    out += _deletions(report.deleted, report.kept)
     if not report.dry_run and not report.finished:
         out.append("  job started; follow it with 'vdsm-blockops jobs'")
     elif report.verified:
