@@ -288,3 +288,42 @@ def test_a_hung_extend_command_ends_within_the_timeout_with_its_children(
     finally:
         vm.destroy()
         rig.remove_loop_device(B)
+
+
+def test_abort_stops_an_operation_whose_command_line_does_not_name_the_tool(
+        make_vm, config, workdir):
+    """As an Ansible module run with pipelining: plain python reading its
+    program from stdin; its command line names no vdsm-blockops."""
+    import subprocess
+    import sys
+    import time
+
+    from rig import LayerSpec, Write
+
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 24)]),
+                                LayerSpec("B", [Write(0x22, 30, 1)])])
+    vm.start()
+    A, B = disk.layers
+    dest = os.path.join(workdir, "flat.qcow2")
+    program = ("import sys\nfrom vdsm_blockops.shells.cli import main\n"
+               f"sys.exit(main({['relocate', vm.name, 'vda', dest, '--mode', 'full', '--method', 'flatten', '--bandwidth', '1', '--json', '--config', config]!r}))\n")
+    proc = subprocess.Popen([sys.executable], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(program)
+    proc.stdin.close()
+    with open(f"/proc/{proc.pid}/cmdline", "rb") as handle:
+        assert b"blockops" not in handle.read()
+    deadline = time.monotonic() + 30
+    while True:
+        rc, out, err = rig.cli("jobs", vm.name, config=config)
+        if out["operations"]:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    assert out["operations"][0]["running"] is True, out
+    rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
+    assert rc == 0 and [r["result"] for r in out["recover"]] == ["rolled-back"], (out, err)
+    assert proc.wait(timeout=10) != 0  # stopped, not left copying on
+    assert not os.path.exists(dest) and disk.live_chain() == [B, A]
+    disk.assert_guest_data()

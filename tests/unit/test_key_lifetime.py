@@ -180,29 +180,42 @@ def test_recover_sweeps_lock_files_no_one_holds(tmp_path):
     assert os.listdir(folder) == []
 
 
-def test_a_records_pid_is_its_owner_only_while_that_process_lives():
-    """A pid is handed on too: the owner must be a vdsm-blockops process
-    that started before the record, and not a zombie."""
+def test_a_records_owner_is_its_process_for_its_whole_life_only():
+    """Liveness by the kernel's identity of the owner (boot, pid, start
+    time), whatever its command line (a pipelined Ansible module runs as
+    plain python3) or the wall clock says; a zombie is gone; a later
+    process on the same pid is not the owner."""
     import subprocess
     import sys
     import time
 
+    from vdsm_blockops.core.lifetime import process_identity
     from vdsm_blockops.engine.node import owner_alive
 
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # vdsm_blockops"])
-    other = subprocess.Popen(["sleep", "30"])
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         time.sleep(0.3)
-        assert owner_alive(ours.pid, time.time())
-        assert not owner_alive(other.pid, time.time())  # not ours: never signalled
-        assert not owner_alive(ours.pid, time.time() - 3600)  # started after the record
-        ours.kill()
+        owner = process_identity(plain.pid)
+        assert owner_alive(plain.pid, time.time() - 3600, owner)  # a clock step: still alive
+        boot, pid, ticks = owner.split("/")
+        later = f"{boot}/{pid}/{int(ticks) + 1}"  # the same pid, another process
+        assert not owner_alive(plain.pid, time.time(), later)
+        assert not owner_alive(plain.pid, time.time(), f"another-boot/{pid}/{ticks}")
+        plain.kill()
         time.sleep(0.3)
-        assert not owner_alive(ours.pid, time.time())  # a zombie is gone
+        assert not owner_alive(plain.pid, time.time(), owner)  # a zombie is gone
     finally:
-        for proc in (ours, other):
-            proc.kill()
-            proc.wait()
+        plain.kill()
+        plain.wait()
+    # An earlier version's record (no owner): the pid, started before it.
+    old = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.3)
+        assert owner_alive(old.pid, time.time())
+        assert not owner_alive(old.pid, time.time() - 3600)  # started after the record
+    finally:
+        old.kill()
+        old.wait()
 
 
 def test_a_registry_of_0_1_0_still_refuses_its_images(tmp_path):

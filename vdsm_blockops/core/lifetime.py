@@ -285,3 +285,48 @@ def volume_identity(rdev: int) -> str:
         return f"wwid:{wwid}"
     seq = _sysfs(dev_dir, "diskseq")
     return f"dev:{major}:{minor}" + (f":seq{seq}" if seq else "")
+
+
+# -- processes: a pid is handed on too
+
+def _proc_start(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of process ``pid``:
+    the kernel's own, unmoved by clock steps."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])  # field 3: state; field 22: starttime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def process_identity(pid: int | None = None) -> str:
+    """What names process ``pid`` (default: this one) for its whole life and
+    no other: the boot, the pid, and the kernel's start time of the pid."""
+    pid = os.getpid() if pid is None else pid
+    start = _proc_start(pid)
+    return f"{_boot_id()}/{pid}/{start[1] if start else 0}"
+
+
+def process_alive(identity: str) -> bool | None:
+    """Whether the process ``identity`` names still runs (a zombie does
+    not); None when ``identity`` is not one (an earlier version's record)."""
+    try:
+        boot, pid, ticks = identity.split("/")
+        number, started = int(pid), int(ticks)
+    except ValueError:
+        return None
+    if not boot or started <= 0:
+        return None
+    if boot != _boot_id():
+        return False  # another boot: every process of that one is gone
+    now = _proc_start(number)
+    return now is not None and now[1] == started and now[0] != "Z"

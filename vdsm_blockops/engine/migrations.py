@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..core.errors import StateError
+from ..core.lifetime import process_identity
 from ..core.model import StrEnum
 from .state import StateDir, write_json_atomic
 
@@ -49,6 +50,7 @@ class MigrationRecord:
     id: str = field(default_factory=lambda: os.urandom(6).hex())
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+    owner: str = field(default_factory=process_identity)  # ``node.owner_alive``
     # Set only on a record this version cannot read (a later version's
     # field, a hand edit): why. Such a record is kept as it is on disk and
     # stops only its own domain.
@@ -69,7 +71,8 @@ class MigrationRecord:
     def from_json(cls, body: dict[str, Any]) -> MigrationRecord:
         if "unreadable" in body:
             raise ValueError("a field named unreadable")
-        return cls(**{**body, "phase": MovePhase(body["phase"])})
+        # earlier versions wrote no owner: their liveness falls back on pid
+        return cls(**{"owner": "", **body, "phase": MovePhase(body["phase"])})
 
 
 class MigrationStore:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..core import errors
 from ..core.chain import Disk, Layer
 from ..core.identity import clean_path, device_size, image_key, is_block_device
+from ..core.lifetime import process_alive
 from ..core.reports import ChainReport, DiskView, JobRow, JobsReport, LayerView, OperationRow
 from .images import ImageInfo, chain_problems, missing_images, read_chain
 from .records import RecordStore
@@ -187,7 +188,8 @@ def moves_in(state: StateDir, domain_name: str | None) -> list[OperationRow]:
     return [OperationRow(domain=r.domain, disk="all", operation="migrate",
                          method=f"to {r.dest_uri}",
                          phase="unreadable" if r.unreadable else r.phase.value, online=True,
-                         record=r.id, pid=r.pid, running=owner_alive(r.pid, r.started_at),
+                         record=r.id, pid=r.pid,
+                         running=owner_alive(r.pid, r.started_at, r.owner),
                          started_at=r.started_at)
             for r in MigrationStore(state).all(domain_name)]
 
@@ -203,29 +205,31 @@ def operations_on(domains: list[Domain]) -> list[OperationRow]:
                 method=str(plan.get("method") or plan.get("strategy") or ""),
                 phase="?" if record.unreadable else record.phase.value, online=record.online,
                 record=record.id, pid=record.pid,
-                running=owner_alive(record.pid, record.started_at),
+                running=owner_alive(record.pid, record.started_at, record.owner),
                 started_at=record.started_at))
     return rows
 
 
-def owner_alive(pid: int, since: float) -> bool:
+def owner_alive(pid: int, since: float, owner: str = "") -> bool:
     """Whether the process that wrote a record (at ``since``) still runs.
 
-    A pid has a lifetime too: the number is handed on once the process is
-    gone. So the process must be a vdsm-blockops one (its command line
-    says so: the command, ``python -m vdsm_blockops``, an Ansible module
-    of the collection) that started before the record was written, and not
-    a zombie waiting to be reaped."""
+    Decided by ``owner``, the record's process identity (boot, pid and the
+    kernel's start time of that pid: ``lifetime.process_identity``) --
+    never by the command line, which an Ansible module run with pipelining
+    (``/usr/bin/python3``) does not share, and never by the wall clock,
+    which may step. A record of an earlier version has no identity: then
+    the pid must have started (by the boot time) before the record."""
+    alive = process_alive(owner)
+    if alive is not None:
+        return alive
     if pid <= 0:
         return False
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            cmdline = handle.read()
         with open("/proc/stat", encoding="ascii") as handle:
             boot = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
     except (OSError, IndexError, StopIteration, ValueError):
         return False
     started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time
-    return fields[0] != "Z" and b"blockops" in cmdline and started <= since + 2
+    return fields[0] != "Z" and started <= since + 2

@@ -25,6 +25,7 @@ from lxml import etree
 from ..core.chain import METADATA_NS, parse_xml
 from ..core.errors import Conflict, StateError
 from ..core.identity import existing_key, image_key, recorded_key
+from ..core.lifetime import process_identity
 from ..core.model import StrEnum
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class OperationRecord:
     created_files: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+    # the process that runs it, for its whole life (``owner_alive``)
+    owner: str = field(default_factory=process_identity)
     # False: the domain was shut off and the operation runs with qemu-img;
     # the hook refuses to start the domain until the record is gone.
     online: bool = True

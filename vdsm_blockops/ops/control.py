@@ -74,19 +74,19 @@ def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool)
     if pivot:
         raise errors.BadRequest(f"{record.operation} {record.id} on {domain.name} {target} runs "
                                 "no block job: there is nothing to pivot")
-    _stop_owner(ctx, record.pid, record.started_at, f"{record.operation} {record.id}")
+    _stop_owner(ctx, record.pid, record.started_at, record.owner, f"{record.operation} {record.id}")
     report = AbortReport(domain=domain.name, disk=target, pivot=False, chain_after=[])
     return _settled(ctx, domain, target, report, True)
 
 
-def _stop_owner(ctx: Context, pid: int, since: float, what: str) -> None:
+def _stop_owner(ctx: Context, pid: int, since: float, owner: str, what: str) -> None:
     """The command that runs ``what`` stopped as Ctrl-C would stop it
     (it hands over or rolls back what it started), and gone."""
-    if pid == os.getpid() or not owner_alive(pid, since):
+    if pid == os.getpid() or not owner_alive(pid, since, owner):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = ctx.clock() + STOP_WAIT_S
-    while owner_alive(pid, since):
+    while owner_alive(pid, since, owner):
         if ctx.clock() > deadline:
             raise errors.JobTimeout(f"pid {pid} ({what}) did not stop within {STOP_WAIT_S:g} s")
         ctx.sleep(0.1)
@@ -115,7 +115,7 @@ def _abort_move(ctx: Context, record: MigrationRecord, target: str,
     if pivot:
         raise errors.BadRequest(f"{record.domain} is being moved to {record.dest_uri}: a move "
                                 "has no pivot, abort stops it")
-    _stop_owner(ctx, record.pid, record.started_at, f"migrate {record.id}")
+    _stop_owner(ctx, record.pid, record.started_at, record.owner, f"migrate {record.id}")
     from .moved import recover_moves, source_domain
 
     outcomes = recover_moves(ctx, record.uuid, timeout_s=STOP_WAIT_S)
