@@ -327,3 +327,51 @@ def test_abort_stops_an_operation_whose_command_line_does_not_name_the_tool(
     assert proc.wait(timeout=10) != 0  # stopped, not left copying on
     assert not os.path.exists(dest) and disk.live_chain() == [B, A]
     disk.assert_guest_data()
+
+
+def test_a_latin1_backing_name_passes_the_guard_and_hostile_names_are_escaped(make_vm, config,
+                                                                   installed_hook, workdir):
+    import json
+    import subprocess
+
+    from rig import LayerSpec, Write
+
+    vm = make_vm()
+    base = os.path.join(vm.dir, "caf\udce9.raw")  # b"caf\xe9.raw": no UTF-8, QEMU opens it
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"raw", os.fsencode(base), b"64M"],
+                   check=True)
+    subprocess.run([b"qemu-io", b"-f", b"raw", b"-c", b"write -P 0x41 0 4M", os.fsencode(base)],
+                   check=True, capture_output=True)
+    top = os.path.join(vm.dir, "vda-top.qcow2")
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"qcow2", b"-F", b"raw", b"-b",
+                    b"caf\xe9.raw", os.fsencode(top)], check=True)
+    disk = vm.add_layers("vda", [(top, None, LayerSpec("top", [Write(0x42, 8, 1)]))])
+    # The guard finds the file QEMU would open and lets the start go on;
+    # libvirt 9.0 itself then fails on the name (it puts it into QMP JSON
+    # as text: "failed to convert virJSONValue to yajl data").
+    with pytest.raises(libvirt.libvirtError) as failed:
+        vm.start()
+    assert "vdsm-blockops" not in str(failed.value) and "yajl" in str(failed.value)
+    rc, out, err = rig.cli("chain", vm.name, config=config)
+    assert rc == 0 and out["disks"][0]["chain"][1]["path"] == base, out
+    # A name with a newline and an ESC, missing: one history line, no
+    # escape sequence printed.
+    hostile = make_vm()
+    evil = os.path.join(hostile.dir, "vda-evil.qcow2")
+    rig.run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b",
+            "gone\n{\"forged\": 1}\x1b[2J.qcow2", evil, "64M")
+    hostile.disks["vda"] = rig.Disk(hostile, "vda", 0, [evil], disk.reference)
+    history = os.path.join(workdir, "state", "history.jsonl")
+    before = open(history).read().count("\n") if os.path.exists(history) else 0
+    with pytest.raises(libvirt.libvirtError) as refused:
+        hostile.start()
+    assert "missing" in str(refused.value) and "\x1b" not in str(refused.value)
+    with open(history) as handle:
+        lines = handle.read().splitlines()
+    assert len(lines) == before + 1 and json.loads(lines[-1])["outcome"] == "refused"
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "vdsm_blockops", "history", "--config", config],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and "refused" in shown.stdout
+    assert "\x1b" not in shown.stdout and "gone\\x0a" in shown.stdout, shown.stdout

@@ -413,3 +413,15 @@ def test_a_hostile_or_unfinished_marker_neither_stalls_nor_opens_the_guard(state
                     late], check=True)
     rc, err = hook(state, "prepare", "begin", domain_xml(late))
     assert rc == 1 and "cannot be read" in err and "made after" in err
+
+
+def test_a_backing_name_that_is_no_utf8_is_the_file_qemu_opens(state, tmp_path):
+    base = os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.raw")
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"raw", base, b"1M"], check=True)
+    top = str(tmp_path / "top.qcow2")
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"qcow2", b"-F", b"raw", b"-b",
+                    b"caf\xe9.raw", os.fsencode(top)], check=True)
+    assert hook(state, "prepare", "begin", domain_xml(top)) == (0, "")
+    os.unlink(base)
+    rc, err = hook(state, "prepare", "begin", domain_xml(top))
+    assert rc == 1 and "caf\\xe9.raw" in err and "missing" in err  # escaped when printed

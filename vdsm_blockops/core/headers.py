@@ -131,7 +131,11 @@ def parse_qcow2_header(pread: Reader, with_bitmaps: bool = False) -> Qcow2Header
     if backing_offset and 0 < backing_size <= 1023:  # QEMU's limit for the name
         # QEMU copies the name with strndup: a NUL byte ends it there.
         raw_name = pread(backing_size, backing_offset).split(b"\0", 1)[0]
-        name = raw_name.decode("utf-8", "replace") or None
+        # Bytes, as QEMU opens them: a name that is no UTF-8 (Latin-1's
+        # caf\xe9.raw) keeps its bytes through surrogateescape, so the
+        # file QEMU opens is the file looked at here. Printed names are
+        # escaped (``core.text.printable``).
+        name = os.fsdecode(raw_name) or None
     fmt = None
     offset = struct.unpack(">I", header[100:104])[0] if version >= 3 and len(header) >= 104 else 72
     for _ in range(64):

@@ -72,7 +72,9 @@ def _fail(error: errors.BlockOpsError, as_json: bool, env: commands.Env | None =
     else:
         if error.usage:
             sys.stderr.write(error.usage)
-        print(f"vdsm-blockops: error: {error}", file=sys.stderr)
+        from ..core.text import printable
+
+        print(f"vdsm-blockops: error: {printable(str(error))}", file=sys.stderr)
     return error.exit_code
 
 

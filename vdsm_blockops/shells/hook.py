@@ -34,6 +34,7 @@ from ..core.config import guard_state_dir
 from ..core.headers import NotAnImage, walk_chain
 from ..core.lifetime import made_at
 from ..core.migrate_plan import MARKER_PREFIX
+from ..core.text import printable
 from ..engine.migrations import pending_move
 from ..engine.pools import NAMED_POOLS, PoolFiles
 from ..engine.records import records_in_domain_xml
@@ -290,12 +291,12 @@ def run(argv: list[str], stdin: BinaryIO, state: StateDir, deadline_s: float = D
         elif (op, sub) in QUEUE_OPS:
             queue_recovery(state, domain)
     except Refusal as exc:
-        sys.stderr.write(f"vdsm-blockops: {domain}: {exc}\n")
+        sys.stderr.write(f"vdsm-blockops: {printable(domain)}: {printable(str(exc))}\n")
         _trail_refusal(state, domain, op, str(exc))
         return 1
     except Exception as exc:  # fail closed, out loud
-        message = (f"vdsm-blockops: {domain}: the guard failed ({type(exc).__name__}: {exc}) "
-                   f"and cannot decide; {TURN_OFF}")
+        message = printable(f"vdsm-blockops: {domain}: the guard failed ({type(exc).__name__}: "
+                            f"{exc}) and cannot decide; {TURN_OFF}")
         log.error("hook %s %s %s: %s", domain, op, sub, message)
         if (op, sub) not in GUARDED_OPS:
             return 0  # a lifecycle notice, not a decision: nothing to refuse

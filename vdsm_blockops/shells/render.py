@@ -23,6 +23,7 @@ from ..core.reports import (
     TextReport,
     VerifyReport,
 )
+from ..core.text import printable
 
 MIB = 1024 * 1024
 
@@ -47,7 +48,10 @@ def lines(report: Report) -> list[str]:
 
 
 def render(report: Report) -> str:
-    return "\n".join(lines(report))
+    """The report as text lines; names in them escaped (``printable``): a
+    newline or an ESC in an image's name neither forges a line nor drives
+    the terminal."""
+    return "\n".join(printable(line) for line in lines(report))
 
 
 @lines.register
