@@ -228,9 +228,10 @@ def within_deadline(check: Callable[[], None], deadline_s: float) -> str | None:
                 check()
                 answer = b"ok"
             except Refusal as exc:
-                answer = b"refuse:" + str(exc).encode()
-            except Exception as exc:  # our own bug or unreadable storage: not evidence
-                answer = b"error:" + f"{type(exc).__name__}: {exc}".encode()
+                answer = b"refuse:" + str(exc).encode("utf-8", "surrogateescape")
+            except Exception as exc:  # our own bug or unreadable storage: cannot decide
+                answer = b"error:" + f"{type(exc).__name__}: {exc}".encode("utf-8",
+                                                                          "surrogateescape")
             os.write(write_fd, answer[:65536])
         finally:
             os._exit(0)
@@ -258,7 +259,7 @@ def within_deadline(check: Callable[[], None], deadline_s: float) -> str | None:
                 "answering?), so the guard cannot decide: start again once the images' "
                 f"storage answers, {TURN_OFF}")
     os.waitpid(pid, 0)
-    text = answer.decode("utf-8", "replace")
+    text = answer.decode("utf-8", "surrogateescape")  # names keep their bytes
     if text.startswith("refuse:"):
         return text[len("refuse:"):]
     if text.startswith("error:"):
