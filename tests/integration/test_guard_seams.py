@@ -375,3 +375,34 @@ def test_a_latin1_backing_name_passes_the_guard_and_hostile_names_are_escaped(ma
                            capture_output=True, text=True)
     assert shown.returncode == 0 and "refused" in shown.stdout
     assert "\x1b" not in shown.stdout and "gone\\x0a" in shown.stdout, shown.stdout
+
+
+def test_a_start_racing_a_shut_off_relocation_loses_no_write(make_vm, config, workdir):
+    """No hook installed: the copies' image locks alone make the start
+    fail while they run; the relocation then completes and the VM starts
+    on the copy with every write."""
+    import time
+
+    from rig import LayerSpec, Write
+
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 12)]),
+                                LayerSpec("B", [Write(0x22, 20, 4)])])
+    vm.define()
+    dest = os.path.join(workdir, "moved", "vda.qcow2")
+    os.makedirs(os.path.dirname(dest))
+    proc = rig.cli_background("relocate", vm.name, "vda", dest, "--bandwidth", "2",
+                              config=config)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(dest) or os.path.getsize(dest) < 1024 * 1024:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    with pytest.raises(libvirt.libvirtError) as refused:
+        vm.dom.create()
+    assert "lock" in str(refused.value), refused.value
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (out, err)
+    vm.dom.create()
+    assert disk.live_chain()[0] == dest
+    disk.guest_write(0x33, 30, 1)
+    disk.assert_guest_data()

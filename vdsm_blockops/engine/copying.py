@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..core import errors
 from ..core.budget import Budget, wait_all
 from ..core.identity import device_size
+from .imagelock import lock_for_copy
 from .images import ImageInfo, backing_name_for, create_image, create_overlay, set_backing
 from .state import fsync_dir
 from .storage import FileCreator
@@ -117,6 +118,7 @@ def copy_image_file(src: str, dst: str, workers: int = 2, reserved: bool = False
     device has none) fails the copy: the chunks read early would be stale.
     """
     with open(src, "rb") as source, open(dst, "r+b" if reserved else "x+b") as target:
+        lock_for_copy(source.fileno(), src)  # a VM start meanwhile fails, as beside qemu-img
         before = os.fstat(source.fileno())
         # A block device's st_size is 0: its size is where its end is.
         size = os.lseek(source.fileno(), 0, os.SEEK_END)

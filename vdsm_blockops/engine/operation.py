@@ -115,8 +115,12 @@ def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: Plan
         record = OperationRecord(operation=op.kind.value, disk=plan.disk,
                                  request=op.request_json(), plan=op.plan_json(plan),
                                  online=op.online)
-        store.begin(record)
+        store.begin(record)  # the hook refuses a start of a shut-off domain from here on
         try:
+            if not op.online and domain.is_active():
+                raise errors.Conflict(f"{domain.name} was started while the {op.kind.value} was "
+                                      "planned for it shut off: nothing was changed; run the "
+                                      "command again")
             return op.execute(ctx, domain, plan, store, record)
         except (errors.VerificationFailed, errors.Interrupted):
             # The chain moved but does not check out, or the command was

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..core.identity import is_block_device
+from ..core import errors
+from ..core.identity import image_key, is_block_device
 from ..core.model import Mode, Strategy
 from ..engine import prepared, qemuimg
 from ..engine.copying import copy_proven
@@ -93,8 +94,11 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
     """Copy (chain, shallow: the files, each chunk compared as written; full: qemu-img
     convert, flushed), relink, then point the persistent definition at DEST.
     ``targets``: the prepared files of --reuse-external, checked (a
-    prepared device is formatted by the tool instead)."""
+    prepared device is formatted by the tool instead). Before the
+    definition names DEST, the domain is checked to be still shut off and
+    its images unchanged since the record was written."""
     active = images[plan.chain_before[0]]
+    seen = {path: _fingerprint(path) for path in plan.chain_before}
     if plan.mode is Mode.FULL:
         if not reuse_external:
             creator.reserve(plan.dest)
@@ -127,6 +131,7 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
             # gets its layer's data, proven; their own backing names stay.
             prepared.fill(copies, {p: i.format for p, i in images.items()},
                           prepared.backings(targets), rate_mib_s, ctx.budget)
+            _still_off_and_unchanged(domain, seen)
             point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
             return
         copy_proven(copies, creator, rate_mib_s, ctx.budget)
@@ -142,7 +147,28 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
                 set_backing(new, image.backing_path,
                             image.backing_format or images[image.backing_path].format)
         fsync_dir(os.path.dirname(plan.dest))
+    _still_off_and_unchanged(domain, seen)
     point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
+
+
+def _fingerprint(path: str) -> tuple[object, ...]:
+    st = os.stat(path)
+    return image_key(path), st.st_size, st.st_mtime_ns
+
+
+def _still_off_and_unchanged(domain: Domain, seen: dict[str, tuple[object, ...]]) -> None:
+    """Before the definition names the copies: the domain is still shut off
+    and its images are the ones copied, unchanged (identity, size, mtime).
+    The copies held QEMU's image locks, so a start during them failed; a
+    start since (with the hook not installed) would have written to the
+    source: then the copies are not used (Conflict: the settlement rolls
+    them back) rather than a definition pointed at stale data."""
+    if domain.is_active():
+        raise errors.Conflict(f"{domain.name} was started during the copy: its images may have "
+                              "been written since, so the copies are not used")
+    for path, before in seen.items():
+        if _fingerprint(path) != before:
+            raise errors.Conflict(f"{path} changed during the copy: the copies are not used")
 
 
 @contextlib.contextmanager
