@@ -1,3 +1,4 @@
+import os
 import multiprocessing
 
 import pytest
@@ -207,3 +208,27 @@ def test_records_of_other_versions_are_kept_never_dropped():
     assert {d: r.raw for d, r in again.items() if r.unreadable} == before
     assert again["vda"].extra == {"future_field": {"k": [1, 2]}}
     assert again["vda"].phase is Phase.COMPLETED
+
+
+def test_history_is_in_the_order_operations_started(tmp_path):
+    from vdsm_blockops.engine import history
+
+    state = StateDir(str(tmp_path / "state"))
+    long = history.entry(source="cli", operation="merge", domain="a", disk="vda",
+                         started=1000.0, exit_code=0, outcome="ok")
+    short = history.entry(source="cli", operation="merge", domain="b", disk="vda",
+                          started=1005.0, exit_code=0, outcome="ok")
+    history.append(state, short)  # written when it ended: before the long one
+    history.append(state, long)
+    assert [e["domain"] for e in history.read(state)] == ["a", "b"]
+
+
+def test_units_uninstall_enable_without_systemd_removes_the_units(tmp_path, monkeypatch):
+    from vdsm_blockops.core.config import Config
+    from vdsm_blockops.shells import units
+
+    units.install(Config(state_dir=str(tmp_path / "state")), None, unit_dir=str(tmp_path))
+    monkeypatch.setattr(units, "_systemd_running", lambda: False)
+    report = units.uninstall(str(tmp_path), disable=True)
+    assert len(report.units) == 3 and not [n for n in os.listdir(tmp_path) if "recover" in n]
+    assert "nothing to disable" in report.note

@@ -339,7 +339,8 @@ class InstallReport(Report):
 
 @dataclass
 class HistoryReport(Report):
-    """The node's trail of operations, oldest first."""
+    """The node's trail of operations, in the order they started (each with its
+    start and end)."""
 
     operation: str
     entries: list[dict[str, Any]]

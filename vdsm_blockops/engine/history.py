@@ -68,8 +68,15 @@ def append(state: StateDir, line: dict[str, Any]) -> None:
         log.warning("history not written (%s): %s", path, exc)
 
 
-def read(state: StateDir, domain: str | None = None) -> Iterator[dict[str, Any]]:
-    """The trail, oldest first (the rotated file, then the current one)."""
+def read(state: StateDir, domain: str | None = None) -> list[dict[str, Any]]:
+    """The trail in the order the operations started (each line is written
+    when its operation ends: a long one comes after shorter ones it began
+    before)."""
+    return sorted(_lines(state, domain), key=lambda line: str(line.get("start") or ""))
+
+
+def _lines(state: StateDir, domain: str | None) -> Iterator[dict[str, Any]]:
+    """The lines as written (the rotated file, then the current one)."""
     path = os.path.join(state.path, FILE)
     for name in (path + ".1", path):
         try:

@@ -232,7 +232,7 @@ def point_persistent_definition(domain: Domain, target: str, path: str, fmt: str
         for backing in disk_elem.findall("backingStore"):
             disk_elem.remove(backing)
         domain.define(etree.tostring(root, encoding="unicode"))
-        log.warning("%s %s: pointed the persistent definition at %s", domain.name, target, path)
+        log.info("%s %s: pointed the persistent definition at %s", domain.name, target, path)
         return True
     return False
 

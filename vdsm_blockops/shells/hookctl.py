@@ -73,14 +73,27 @@ def hook_script(config_path: str | None, state_dir: str, python: str = sys.execu
 
 
 def reload_daemons() -> list[str]:
-    """SIGHUP makes libvirtd/virtqemud re-scan the hook folder."""
+    """SIGHUP makes libvirtd/virtqemud re-scan the hook folder -- only this
+    node's: a daemon is found by name but signalled only when it runs in
+    this mount namespace (a libvirtd of another node on the same host, in
+    a container or its own namespace, reads another hook folder)."""
     signalled = []
+    mine = _mount_namespace("self")
     for name in DAEMONS:
         proc = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
         for pid in proc.stdout.split():
+            if mine is None or _mount_namespace(pid) != mine:
+                continue
             os.kill(int(pid), signal.SIGHUP)
             signalled.append(f"{name}[{pid}]")
     return signalled
+
+
+def _mount_namespace(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
 
 
 def install(hooks_dir: str = HOOKS_DIR, config_path: str | None = None,

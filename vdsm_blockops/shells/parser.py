@@ -290,7 +290,8 @@ VERBS = [
          commands.cmd_units, _units_args, local=False),
     Verb("verify", "check a domain's chains against the images' metadata", commands.cmd_verify,
          _verify_args),
-    Verb("history", "show what ran on this node (every domain, or one), oldest first",
+    Verb("history", "show what ran on this node (every domain, or one), in the order it "
+                    "started, with start and end",
          commands.cmd_history, _jobs_args, local=False),
     Verb("completion", "print a shell completion script", _cmd_completion,
          _completion_args, local=False),

@@ -211,8 +211,8 @@ def _(report: HistoryReport) -> list[str]:
     if not report.entries:
         return ["no operations in the history"]
     return [" ".join(str(e.get(k) if e.get(k) is not None else "-")
-                     for k in ("start", "source", "operation", "domain", "disk", "method", "outcome",
-                               "exit_code")) + (f"  {e['message']}" if e.get("message") else "")
+                     for k in ("start", "end", "source", "operation", "domain", "disk", "method",
+                               "outcome", "exit_code")) + (f"  {e['message']}" if e.get("message") else "")
             for e in report.entries]
 
 

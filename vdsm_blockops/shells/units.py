@@ -94,8 +94,14 @@ def install(config: Config, config_path: str | None, unit_dir: str = UNIT_DIR,
 
 
 def uninstall(unit_dir: str = UNIT_DIR, disable: bool = False) -> InstallReport:
-    if disable:
+    """Remove the units; with ``disable``, stop and disable them first --
+    where systemd runs: without it nothing can have enabled them, so there
+    is nothing to disable and the files still go."""
+    note = None
+    if disable and _systemd_running():
         _systemctl("disable", "--now", "vdsm-blockops-recover.path", "vdsm-blockops-recover.timer")
+    elif disable:
+        note = "systemd is not running on this node: nothing was enabled, nothing to disable"
     removed = []
     for name in NAMES:
         path = os.path.join(unit_dir, name)
@@ -104,11 +110,15 @@ def uninstall(unit_dir: str = UNIT_DIR, disable: bool = False) -> InstallReport:
             removed.append(path)
     if not removed:
         raise BadRequest(f"no vdsm-blockops units in {unit_dir}")
-    return InstallReport(operation="units-uninstall", units=removed)
+    return InstallReport(operation="units-uninstall", units=removed, note=note)
+
+
+def _systemd_running() -> bool:
+    return shutil.which("systemctl") is not None and os.path.isdir("/run/systemd/system")
 
 
 def _systemctl(*args: str) -> None:
-    if shutil.which("systemctl") is None or not os.path.isdir("/run/systemd/system"):
+    if not _systemd_running():
         raise OperationFailed("systemd is not running on this node; the units were written "
                               "but cannot be enabled here")
     proc = subprocess.run(["systemctl", *args], capture_output=True, text=True)

@@ -1,0 +1,38 @@
+"""What the operator reads is true (issue 38): only this node's daemons
+are signalled, -q is quiet on success, history is in the order it says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import nodes
+import rig
+from rig import LayerSpec, Write
+
+
+def test_hook_reload_signals_only_this_nodes_libvirtd(node_b, config):
+    conn_b, _ = node_b
+    other = nodes.libvirtd_pid()
+    for action in ("install", "uninstall"):
+        rc, out, err = rig.cli("hook", action, "--reload", config=config)
+        assert rc == 0, err
+        assert out["reloaded"], out  # this node's libvirtd
+        assert not [r for r in out["reloaded"] if r.endswith(f"[{other}]")], out
+    assert conn_b.getVersion()
+
+
+def test_quiet_prints_nothing_on_a_successful_shut_off_operation(make_vm, config, workdir):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 2)]),
+                                LayerSpec("B", [Write(0x22, 4, 1)])])
+    vm.define()
+    A, B = disk.layers
+    for args in (["snapshot", vm.name, "vda", os.path.join(vm.dir, "C.qcow2")],
+                 ["merge", vm.name, "vda", "--base", A],
+                 ["relocate", vm.name, "vda", os.path.join(workdir, "moved.qcow2")]):
+        proc = subprocess.run([sys.executable, "-m", "vdsm_blockops", "-q", *args,
+                               "--config", config], capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", (args, proc)
+    disk.assert_guest_data()
