@@ -36,3 +36,15 @@ def test_quiet_prints_nothing_on_a_successful_shut_off_operation(make_vm, config
                                "--config", config], capture_output=True, text=True)
         assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", (args, proc)
     disk.assert_guest_data()
+
+
+def test_connect_to_another_node_on_this_host_is_refused(node_b, vm4, config):
+    """Node B answers on loopback: the address says local, its host UUID
+    says another node. Verbs on local files refuse it before anything."""
+    disk = vm4.disks["vda"]
+    A, B, C, D = disk.layers
+    for args in (["chain", vm4.name], ["verify", vm4.name],
+                 ["merge", vm4.name, "vda", "--base", B]):
+        rc, out, err = rig.cli("--connect", nodes.URI, *args, config=config)
+        assert rc == 2 and "another node" in out["error"]["message"], (args, out)
+    assert disk.live_chain() == [D, C, B, A]

@@ -50,6 +50,9 @@ class Method(StrEnum):
     MIRROR = "mirror"
     SNAPSHOT_STREAM = "snapshot-stream"
     FLATTEN = "flatten"  # full mode: read-only part by qemu-img, then only the active layer mirrored
+    # What a shut-off domain's relocation runs (reported, never asked for):
+    COPY = "copy"  # the tool's own proven file copies
+    CONVERT = "convert"  # qemu-img convert
 
 
 class ImageFormat(StrEnum):

@@ -234,6 +234,9 @@ class OperationRow(View):
     pid: int
     running: bool  # the process that owns it is alive (else: recover)
     started_at: float
+    # started with --no-wait: its owner returned at once by design, the
+    # block job runs on under the record ('recover' finishes it when done)
+    detached: bool = False
 
 
 @dataclass

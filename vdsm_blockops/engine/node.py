@@ -206,7 +206,7 @@ def operations_on(domains: list[Domain]) -> list[OperationRow]:
                 phase="?" if record.unreadable else record.phase.value, online=record.online,
                 record=record.id, pid=record.pid,
                 running=owner_alive(record.pid, record.started_at, record.owner),
-                started_at=record.started_at))
+                started_at=record.started_at, detached=record.request.get("wait") is False))
     return rows
 
 

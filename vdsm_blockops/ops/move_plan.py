@@ -183,4 +183,4 @@ def checkpoint_xmls(domain: Domain) -> list[str]:
 
 
 def _host_uuid(ctx: Context) -> str:
-    return str(parse_xml(ctx.conn.raw.getCapabilities()).findtext("host/uuid"))
+    return ctx.conn.host_uuid()

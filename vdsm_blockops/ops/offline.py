@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..core import errors
 from ..core.identity import image_key, is_block_device
-from ..core.model import Mode, Strategy
+from ..core.model import Method, Mode, Strategy
 from ..engine import prepared, qemuimg
 from ..engine.copying import copy_proven
 from ..engine.images import (
@@ -86,6 +86,15 @@ def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, Image
         active = images[chain[0]]
         point_persistent_definition(domain, plan.disk, active.path, active.format,
                                     headers_changed=True)
+
+
+def method_used(plan: RelocatePlan) -> Method:
+    """What ``relocate`` below runs for ``plan`` (no mirror runs with the
+    VM off): qemu-img convert for a full copy or onto a device, else the
+    tool's own proven file copies."""
+    if plan.mode is Mode.FULL or is_block_device(plan.dest):
+        return Method.CONVERT
+    return Method.COPY
 
 
 def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str, ImageInfo],

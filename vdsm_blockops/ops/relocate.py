@@ -93,6 +93,9 @@ class Relocate:
         self.into_files: dict[str, str] = {}  # per disk: the folder its copy is written into
         self.mode: Mode = _enum(Mode, req.mode, "mode")
         self.method: Method = _enum(Method, req.method, "method")
+        if self.method in (Method.COPY, Method.CONVERT):
+            raise errors.BadRequest(f"--method {self.method.value} is what a shut-off VM's "
+                                    "relocation reports, not a choice: leave --method out")
         self.format: ImageFormat = _enum(ImageFormat, req.format, "format")
         if self.format is ImageFormat.RAW and self.mode is not Mode.FULL:
             raise errors.BadRequest(
@@ -257,8 +260,11 @@ class Relocate:
                chain_now: list[str] | None = None, verified: bool = False) -> RelocateReport:
         if dry_run:
             chain_now = plan.chain_after if self.req.pivot else plan.chain_before
+        from .offline import method_used
+
         return RelocateReport(
-            domain=domain.name, disk=plan.disk, mode=plan.mode, method=plan.method,
+            domain=domain.name, disk=plan.disk, mode=plan.mode,
+            method=plan.method if self.online else method_used(plan),
             format=plan.format, dest=plan.dest, dry_run=dry_run, changed=not dry_run,
             pivot=self.req.pivot, chain_before=plan.chain_before,
             chain_after=chain_now if chain_now is not None else plan.chain_before,

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         env = commands.Env(args)
         if args.local:
             require_local_uri(env.uri)
+            env.require_this_node()
         report = args.func(args, env)
         _trail(env, started, report.exit_code, report.to_json())
         if as_json or not args.quiet or not report.ok:

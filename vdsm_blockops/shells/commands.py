@@ -151,6 +151,13 @@ class Env:
             self._conn = open_connection(self.uri)
         return self._conn
 
+    def require_this_node(self) -> None:
+        """A URI naming a host must reach this very node (host UUID)."""
+        if "://" in self.uri and not self.uri.split("://", 1)[1].startswith("/"):
+            from ..virt.connection import require_this_node
+
+            require_this_node(self.conn)
+
     def context(self, progress: bool = False) -> Context:
         from ..engine.context import Context
         from ..engine.progress import make_progress

@@ -146,7 +146,7 @@ def _relocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", help="path of the new active image")
     p.add_argument("--mode", default="chain", choices=choices(Mode),
                    help="what moves (default chain: every layer, keeping the snapshots)")
-    p.add_argument("--method", default="auto", choices=choices(Method),
+    p.add_argument("--method", default="auto", choices=choices(Method, exclude=("copy", "convert")),
                    help="how the data moves (default auto: flatten for --mode full when the "
                         "read-only layers hold most data, else mirror)")
     p.add_argument("--format", default="qcow2", choices=choices(ImageFormat),

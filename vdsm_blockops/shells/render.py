@@ -91,7 +91,9 @@ def _(report: JobsReport) -> list[str]:
         out.append(f"{job.domain} {job.disk}: {job.type} {pct} ({job.cur}/{job.end}), "
                    f"bandwidth {bw}, ready={'yes' if job.ready else 'no'}")
     for op in report.operations:
-        owner = f"pid {op.pid}" if op.running else f"pid {op.pid} gone: run 'recover'"
+        owner = (f"pid {op.pid}" if op.running else
+                 "started with --no-wait: its job runs on; 'recover' finishes it once done"
+                 if op.detached else f"pid {op.pid} gone: run 'recover'")
         out.append(f"{op.domain} {op.disk}: {op.operation} ({op.method or '-'}) {op.record}, "
                    f"phase {op.phase}, {'live' if op.online else 'shut off'}, {owner}")
     return out
@@ -167,13 +169,14 @@ def _(report: SnapshotReport) -> list[str]:
 
 @lines.register
 def _(report: MergeReport) -> list[str]:
-    verb = "would merge" if report.dry_run else "merged"
+    verb = "would merge" if report.dry_run else "merged" if report.finished else "started merge"
     if report.strategy is Strategy.NOOP:
         out = [f"{report.domain} {report.disk}: nothing to merge (segment is one layer)"]
     else:
         out = [f"{report.domain} {report.disk}: {verb} by {report.strategy.value} "
                f"({report.libvirt_call}), {size(report.bytes_to_copy)} to copy"]
-    out += [f"  before: {_chain(report.chain_before)}", f"  after:  {_chain(report.chain_after)}"]
+    after = "after:  " if report.finished or report.dry_run else "when done: "
+    out += [f"  before: {_chain(report.chain_before)}", f"  {after}{_chain(report.chain_after)}"]
     if report.keep_relative:
         out.append("  relative backing names kept (the chain uses them)")
     for r in report.retired:

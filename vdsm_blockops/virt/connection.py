@@ -169,6 +169,10 @@ class Connection:
             raise errors.ConnectionLost(f"not connected to {self.uri}")
         return self._conn
 
+    def host_uuid(self) -> str:
+        """The node's identity as its libvirt gives it (capabilities)."""
+        return host_uuid_of(self.raw)
+
     # -- domains
     def domain(self, name_or_uuid: str) -> Domain:
         with libvirt_errors(f"domain {name_or_uuid}"):
@@ -243,6 +247,42 @@ class RunningChain:
     name: str
     target: str
     paths: list[str]
+
+
+def host_uuid_of(conn: libvirt.virConnect) -> str:
+    from ..core.chain import parse_xml
+
+    return str(parse_xml(conn.getCapabilities()).findtext("host/uuid"))
+
+
+def require_this_node(conn: Connection) -> None:
+    """A URI that names a host may still reach this node (loopback, this
+    node's own name) -- or another libvirt node on the same host (a
+    container, a second daemon on another port). Verbs that read, copy or
+    delete image files act on this node only: decided by the node's
+    identity, its host UUID against that of the local daemon, never by the
+    address."""
+    import re
+    from urllib.parse import urlsplit
+
+    if re.fullmatch(r"[a-z0-9+]+:///[^?#]*", conn.uri):
+        return  # no host: the local daemon
+    parts = urlsplit(conn.uri)
+    local = f"{parts.scheme.split('+', 1)[0]}://{parts.path}"
+    try:
+        here = libvirt.open(local)
+    except libvirt.libvirtError as exc:
+        raise errors.BadRequest(f"cannot tell whether {conn.uri} is this node: the local "
+                                f"{local} does not answer ({exc}); connect to {local}") from None
+    try:
+        ours, theirs = host_uuid_of(here), conn.host_uuid()
+    finally:
+        here.close()
+    if ours != theirs:
+        raise errors.BadRequest(
+            f"{conn.uri} reaches another node (host UUID {theirs}; this node's is {ours}): "
+            "this verb reads and writes image files, so it acts only on the node it runs on. "
+            "Run it there, or use the Ansible modules, which run on each node")
 
 
 def open_connection(uri: str) -> Connection:

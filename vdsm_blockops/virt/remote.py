@@ -28,6 +28,7 @@ import libvirt
 from ..core import errors
 from ..core.chain import parse_xml
 from ..core.migrate_plan import MARKER_PREFIX
+from .connection import host_uuid_of
 from .errors import libvirt_errors
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,11 @@ class RemoteNode:
         self.uri = uri
         with libvirt_errors(f"cannot connect to the destination {uri}"):
             self.conn = libvirt.open(uri)
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self.conn.setKeepAlive(5, 3)
-        except libvirt.libvirtError:
-            pass
         with libvirt_errors(f"{uri}: hostname"):
             self.hostname = str(self.conn.getHostname())
-            self.host_uuid = str(parse_xml(self.conn.getCapabilities()).findtext("host/uuid"))
+            self.host_uuid = host_uuid_of(self.conn)
 
     def close(self) -> None:
         try:
