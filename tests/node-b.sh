@@ -1,6 +1,6 @@
 #!/bin/bash
-# A second libvirt node on this machine (docs: shared libvirt-reference
-# section 11): run as `unshare --mount --uts --fork bash tests/node-b.sh ROOT
+# A second libvirt node on this machine (how and why: docs/libvirt-notes.rst,
+# "Moving a VM to another node"): run as `unshare --mount --uts --fork bash tests/node-b.sh ROOT
 # IMAGES PORT`. In its own mount and UTS namespace it gets its own
 # /etc/libvirt (no hooks, no autostart, its own host UUID, TCP on
 # 127.0.0.1:PORT without auth -- loopback, tests only), its own

@@ -59,6 +59,8 @@ def test_flatten_honours_timeout_and_abort(make_vm, config, workdir):
     rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
     assert rc == 0 and [r["result"] for r in out["recover"]] == ["rolled-back"], (out, err)
     assert proc.wait(timeout=10) == 1
+    stopped = json.loads(proc.stdout.read())["error"]  # says who stopped it, not Ctrl-C's text
+    assert stopped["code"] == "aborted" and "'vdsm-blockops abort'" in stopped["message"], stopped
     assert not os.path.exists(dest) and disk.live_chain() == [B, A]
     disk.assert_guest_data()
     # Nothing was left behind: the same relocation runs now.

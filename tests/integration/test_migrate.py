@@ -365,8 +365,8 @@ def test_abort_stops_a_move_and_rolls_it_back(make_vm, node_b, config, workdir):
     assert rc == 0, (out, err)
     assert [(r["operation"], r["result"]) for r in out["recover"]] == [("migrate", "rolled-back")]
     rc, moved, err = finish(proc)
-    assert rc == 1 and moved["error"]["code"] == "interrupted", (moved, err)
-    assert "rolled back" in moved["error"]["message"]
+    assert rc == 1 and moved["error"]["code"] == "aborted", (moved, err)
+    assert "rolled back" in moved["error"]["message"] and "abort" in moved["error"]["message"]
     assert b_files(root, vm) == [] and one_running_copy(vm, conn_b) == "a"
     assert b_pools(conn_b, vm.dir) == []
     assert record_of(workdir, vm.dom.UUIDString()) is None

@@ -48,3 +48,32 @@ def test_connect_to_another_node_on_this_host_is_refused(node_b, vm4, config):
         rc, out, err = rig.cli("--connect", nodes.URI, *args, config=config)
         assert rc == 2 and "another node" in out["error"]["message"], (args, out)
     assert disk.live_chain() == [D, C, B, A]
+
+
+def test_a_live_pull_stopped_by_abort_says_so_and_is_logged_so(make_vm, config, workdir):
+    import json
+    import time
+
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 2)]),
+                                LayerSpec("B", [Write(0x22, 4, 24)]),
+                                LayerSpec("C", [Write(0x33, 30, 1)])])
+    vm.start()
+    A, B, C = disk.layers
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", A, "--strategy", "pull",
+                              "--bandwidth", "1", config=config)
+    deadline = time.monotonic() + 30
+    while not vm.dom.blockJobInfo("vda", 0):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    rc, out, err = rig.cli("abort", vm.name, "vda", config=config)
+    assert rc == 0 and [r["result"] for r in out["recover"]] == ["rolled-back"], (out, err)
+    stdout, stderr = proc.communicate(timeout=30)
+    stopped = json.loads(stdout)["error"]
+    assert stopped["code"] == "aborted" and "'vdsm-blockops abort'" in stopped["message"], stopped
+    assert "ended canceled" not in stopped["message"]
+    with open(os.path.join(workdir, "state", "history.jsonl")) as handle:
+        merges = [json.loads(line) for line in handle if '"merge"' in line]
+    assert merges[-1]["outcome"] == "aborted", merges
+    assert disk.live_chain() == [C, B, A]
+    disk.assert_guest_data()

@@ -26,9 +26,9 @@ from .errors import Interrupted, JobTimeout
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-INTERRUPTED = ("interrupted: the command stopped. A block job it started runs on under its "
-               "record ('jobs' lists it): 'recover' finishes it, 'abort' rolls it back; "
-               "qemu-img and copies of its own stopped, and either verb rolls them back")
+INTERRUPTED = ("Whatever it ran itself (qemu-img, its own copies) stopped with it; a block "
+               "job it started runs on under its record ('jobs' lists both): 'recover' "
+               "finishes or rolls back what it left, 'abort' rolls it back")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Budget:
     def check(self, doing: str = "the operation") -> None:
         """Raise Interrupted or JobTimeout when the operation must stop."""
         if self.interrupted.is_set():
-            raise Interrupted(INTERRUPTED)
+            raise Interrupted(f"the command was interrupted. {INTERRUPTED}")
         if self.at is not None and self.clock() >= self.at:
             raise JobTimeout(f"{doing} did not finish within the timeout of "
                              f"{self.timeout_s:g} s")

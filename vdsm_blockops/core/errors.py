@@ -11,6 +11,8 @@ which reads as one sentence::
      │    ├── UnknownImage
      │    └── UnsafeRequest            e.g. commit into a layer another VM uses
      ├── OperationFailed               exit 1   libvirt/QEMU said no mid-way
+     │    ├── Interrupted              Ctrl-C or SIGTERM stopped the command
+     │    ├── Aborted                  'abort' from another process stopped it
      │    ├── JobFailed                a block job ended FAILED or CANCELED
      │    ├── VolumeNotExtended        a block volume could not be extended
      │    ├── VerificationFailed       result does not match the plan/metadata
@@ -103,6 +105,12 @@ class Interrupted(OperationFailed):
     over to ``recover`` under its record)."""
 
     code = "interrupted"
+
+
+class Aborted(OperationFailed):
+    """'abort' from another process stopped the operation (and settles it)."""
+
+    code = "aborted"
 
 
 class JobFailed(OperationFailed):

@@ -284,6 +284,13 @@ class JobRunner:
         finally:
             if guard is not None:
                 guard.disarm()
+        if outcome is Outcome.CANCELED and self.record is not None:
+            from .aborts import find, stopped_by_abort
+
+            note = find(self.ctx.state, self.record.id)
+            if note is not None:
+                raise errors.Aborted(stopped_by_abort(
+                    note, f"the {self.record.operation} of {self.domain.name} {self.disk}"))
         if outcome in (Outcome.FAILED, Outcome.CANCELED):
             raise errors.JobFailed(
                 f"the block job on {self.domain.name} {self.disk} ended {outcome.value}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import TYPE_CHECKING
 
 from ..core import errors
 from ..core.reports import AbortReport, RecordOutcome, SpeedReport
+from ..engine import aborts
 from ..engine.context import Context, check_bandwidth, refuse_vdsm_managed
 from ..engine.migrations import MigrationRecord, MigrationStore
 from ..engine.node import current_chain, owner_alive
@@ -41,14 +43,17 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
                                 "itself and has no pivot: abort it without --pivot")
     record = RecordStore(domain).load().get(target)
     report = AbortReport(domain=domain.name, disk=target, pivot=pivot, chain_after=[])
-    if pivot or record is None or not _finished_copy_kept(domain, target, record):
-        domain.abort_job(target, pivot=pivot)
-        if record is not None and _is_snapshot_stream(record):
-            _undo_snapshot_stream(ctx, domain, record)
-    # Settled at once: a finished --no-pivot copy is ended by recover as the
-    # command would have (the job cancelled, DEST kept); anything else
-    # aborted is rolled back (what the operation made removed).
-    return _settled(ctx, domain, target, report, record is not None)
+    with contextlib.ExitStack() as note:
+        if record is not None and not pivot:
+            note.enter_context(aborts.noted(ctx.state, record.id, record.pid))
+        if pivot or record is None or not _finished_copy_kept(domain, target, record):
+            domain.abort_job(target, pivot=pivot)
+            if record is not None and _is_snapshot_stream(record):
+                _undo_snapshot_stream(ctx, domain, record)
+        # Settled at once: a finished --no-pivot copy is ended by recover as
+        # the command would have (the job cancelled, DEST kept); anything
+        # else aborted is rolled back (what the operation made removed).
+        return _settled(ctx, domain, target, report, record is not None)
 
 
 def _settled(ctx: Context, domain: Domain, target: str, report: AbortReport,
@@ -74,9 +79,11 @@ def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool)
     if pivot:
         raise errors.BadRequest(f"{record.operation} {record.id} on {domain.name} {target} runs "
                                 "no block job: there is nothing to pivot")
-    _stop_owner(ctx, record.pid, record.started_at, record.owner, f"{record.operation} {record.id}")
-    report = AbortReport(domain=domain.name, disk=target, pivot=False, chain_after=[])
-    return _settled(ctx, domain, target, report, True)
+    with aborts.noted(ctx.state, record.id, record.pid):
+        _stop_owner(ctx, record.pid, record.started_at, record.owner,
+                    f"{record.operation} {record.id}")
+        report = AbortReport(domain=domain.name, disk=target, pivot=False, chain_after=[])
+        return _settled(ctx, domain, target, report, True)
 
 
 def _stop_owner(ctx: Context, pid: int, since: float, owner: str, what: str) -> None:
@@ -115,10 +122,11 @@ def _abort_move(ctx: Context, record: MigrationRecord, target: str,
     if pivot:
         raise errors.BadRequest(f"{record.domain} is being moved to {record.dest_uri}: a move "
                                 "has no pivot, abort stops it")
-    _stop_owner(ctx, record.pid, record.started_at, record.owner, f"migrate {record.id}")
     from .moved import recover_moves, source_domain
 
-    outcomes = recover_moves(ctx, record.uuid, timeout_s=STOP_WAIT_S)
+    with aborts.noted(ctx.state, record.id, record.pid):
+        _stop_owner(ctx, record.pid, record.started_at, record.owner, f"migrate {record.id}")
+        outcomes = recover_moves(ctx, record.uuid, timeout_s=STOP_WAIT_S)
     domain = source_domain(ctx, record.uuid)
     here = domain is not None and domain.is_active()
     if not outcomes:  # the command settled it itself

@@ -106,7 +106,15 @@ def migrate(ctx: Context, req: MigrateRequest) -> MigrateReport:
                 raise failure.with_message(f"{failure}; {outcome}") from exc
             except KeyboardInterrupt:
                 outcome = moved.after_failure(ctx, domain, dest, record, store)
-                raise errors.Interrupted(f"interrupted: {outcome}") from None
+                from ..engine.aborts import find
+
+                note = find(ctx.state, record.id)
+                if note is not None:
+                    raise errors.Aborted(f"the move of {domain.name} was stopped by "
+                                         f"'vdsm-blockops abort' (pid {note.get('by_pid')}) "
+                                         f"from another process: {outcome}") from None
+                raise errors.Interrupted(f"the move of {domain.name} was interrupted: "
+                                         f"{outcome}") from None
     finally:
         dest.close()
     report.duration_s = round(ctx.clock() - started, 3)
@@ -244,9 +252,21 @@ def run_migration(ctx: Context, domain: Domain, plan: MigratePlan, record: Migra
         thread.join()
         raise
     if failure:
-        raise failure[0]
+        raise _with_hint(failure[0], req)
     log.info("%s migrated to %s in %.2f s", domain.name, req.dest_uri, time.monotonic() - started)
     store.advance(record, MovePhase.MOVED)
+
+
+def _with_hint(failure: BaseException, req: MigrateRequest) -> BaseException:
+    """libvirt migrates to the address the destination names itself by; a
+    name this node cannot resolve fails the migration late -- say how to
+    pass the address instead."""
+    if req.migrate_uri or "address resolution failed" not in str(failure) or \
+            not isinstance(failure, errors.BlockOpsError):
+        return failure
+    return failure.with_message(
+        f"{failure}: this node cannot resolve the destination's own name; pass its address "
+        "with --migrate-uri tcp://ADDRESS (Ansible: migrate_uri)")
 
 
 def settle_unfinished(ctx: Context, req: MigrateRequest) -> str | None:

@@ -78,11 +78,33 @@ def _fail(error: errors.BlockOpsError, as_json: bool, env: commands.Env | None =
     return error.exit_code
 
 
+_STOPPED_BY = "Ctrl-C"  # or SIGTERM (systemd, kill, 'abort')
+
+
+def _interrupted(env: commands.Env | None) -> errors.BlockOpsError:
+    """What stopped the command, and what it names: by 'abort' from another
+    process (its note: that process settles what this one started), else
+    by Ctrl-C or SIGTERM (the work is handed over to 'recover')."""
+    args = env.args if env is not None else None
+    what = " ".join(str(getattr(args, k)) for k in ("verb", "domain", "disk")
+                    if getattr(args, k, None)) or "the command"
+    if env is not None:
+        from ..engine import aborts
+        from ..engine.state import StateDir
+
+        note = aborts.find(StateDir(env.config.state_dir), owner_pid=os.getpid())
+        if note is not None:
+            return errors.Aborted(aborts.stopped_by_abort(note, what))
+    return errors.Interrupted(f"{what}: stopped by {_STOPPED_BY}. {INTERRUPTED}")
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM (systemd, kill) ends the command as Ctrl-C does."""
     import signal
 
     def stop(_signum: int, _frame: object) -> None:
+        global _STOPPED_BY
+        _STOPPED_BY = "SIGTERM"
         raise KeyboardInterrupt
 
     try:
@@ -140,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         # over as it stands -- a libvirt job runs on, its record tells
         # 'recover' what to finish or roll back. One error contract still:
         # exit 1 and, under --json, one JSON object.
-        return _fail(errors.Interrupted(INTERRUPTED), as_json, env, started)
+        return _fail(_interrupted(env), as_json, env, started)
     except Exception as exc:  # one error contract: exit 1 and one JSON object, whatever broke
         # The traceback goes to the log; on stderr only with --debug.
         log.error("unexpected error: %s", exc, exc_info=True, extra={"log_only": True})
