@@ -77,3 +77,27 @@ def test_a_live_pull_stopped_by_abort_says_so_and_is_logged_so(make_vm, config, 
     assert merges[-1]["outcome"] == "aborted", merges
     assert disk.live_chain() == [C, B, A]
     disk.assert_guest_data()
+
+
+def test_a_paced_relocation_reports_each_phase_and_never_passes_100(make_vm, config, workdir):
+    import re
+
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 6)]),
+                                LayerSpec("B", [Write(0x22, 8, 2)])])
+    vm.start()
+    dest = os.path.join(workdir, "paced.qcow2")
+    proc = subprocess.run([sys.executable, "-m", "vdsm_blockops", "relocate", vm.name, "vda", dest,
+                           "--mode", "full", "--method", "mirror", "--bandwidth", "4",
+                           "--config", config], capture_output=True, text=True)
+    assert proc.returncode == 0, proc
+    shown = [float(p) for p in re.findall(r"([0-9.]+)%", proc.stdout + proc.stderr)]
+    assert shown and max(shown) <= 100.0, proc.stdout + proc.stderr
+    assert re.search(r"copied in [0-9.]+ s, verified in [0-9.]+ s", proc.stdout), proc.stdout
+    rc, out, err = rig.cli("relocate", vm.name, "vda", os.path.join(workdir, "back.qcow2"),
+                           "--mode", "full", "--bandwidth", "4", config=config)
+    assert rc == 0, (out, err)
+    phases = out["phases_s"]
+    assert set(phases) == {"copy", "verification"} and phases["copy"] > 0, out
+    assert phases["copy"] + phases["verification"] <= out["duration_s"]
+    disk.assert_guest_data()

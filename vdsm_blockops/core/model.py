@@ -96,7 +96,8 @@ class JobInfo:
         # 0/1 means "unknown yet" (libvirt docs).
         if self.end <= 0 or (self.cur == 0 and self.end == 1):
             return None
-        return round(100.0 * self.cur / self.end, 1)
+        # a figure never passes 100% (a cursor may run past a stale end)
+        return round(min(100.0, 100.0 * self.cur / self.end), 1)
 
 
 # Who hears a job's progress: (disk, info), from the waiting thread.

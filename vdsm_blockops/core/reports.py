@@ -100,7 +100,7 @@ class MergeReport(Report):
 class RelocateReport(Report):
     OPERATION = "relocate"
     OPTIONAL = ("persistent_definition_fixed", "deleted", "kept", "record", "duration_s",
-                "volume")
+                "phases_s", "volume")
     domain: str
     disk: str
     mode: Mode
@@ -122,7 +122,8 @@ class RelocateReport(Report):
     deleted: list[str] | None = None
     kept: list[dict[str, str]] | None = None  # asked to delete, kept: {"path", "why"}
     record: str | None = None
-    duration_s: float | None = None
+    duration_s: float | None = None  # the whole operation, planning included
+    phases_s: dict[str, float] | None = None  # {"copy", "verification"}: each phase's time
     volume: dict[str, Any] | None = None  # DEST a block device: its size, the room needed
 
 

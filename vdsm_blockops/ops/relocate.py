@@ -276,11 +276,13 @@ class Relocate:
                 record: OperationRecord) -> RelocateReport:
         """prepare -> run -> finish, on the mover the plan names."""
         mover = movers.choose(self.move(ctx, domain, plan, store, record))
+        started = ctx.clock()
         outcome = mover.run()
+        copied = ctx.clock()
         if mover.extensions is not None and plan.disk in self.volumes:
             self.volumes[plan.disk]["extensions_during_job"] = mover.extensions
         if not mover.phases:  # copied in one go (VM off): nothing to wait for
-            return self.finish(ctx, domain, plan, store, record)
+            return self._timed(self.finish(ctx, domain, plan, store, record), ctx, started, copied)
         if outcome is None:
             report = self.report(domain, plan)
             report.record = record.id
@@ -290,7 +292,16 @@ class Relocate:
             store.finish(record)
             return self.report(domain, plan, chain_now=plan.chain_before, verified=True)
         store.advance(record, Phase.COMPLETED)
-        return self.finish(ctx, domain, plan, store, record)
+        return self._timed(self.finish(ctx, domain, plan, store, record), ctx, started, copied)
+
+    @staticmethod
+    def _timed(report: RelocateReport, ctx: Context, started: float,
+               copied: float) -> RelocateReport:
+        """The report with the time of each phase: the copy (the job up to
+        its pivot, or the shut-off VM's copies) and the verification."""
+        report.phases_s = {"copy": round(copied - started, 3),
+                           "verification": round(ctx.clock() - copied, 3)}
+        return report
 
     def move(self, ctx: Context, domain: Domain, plan: RelocatePlan, store: RecordStore,
              record: OperationRecord, online: bool | None = None) -> movers.Move:

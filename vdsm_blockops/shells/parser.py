@@ -94,7 +94,8 @@ def _add_vdsm_override(parser: argparse.ArgumentParser) -> None:
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", type=int, metavar="MIB_PER_S", default=0,
-                        help="throttle the job (MiB/s, 0 = unlimited)")
+                        help="throttle every copy of the operation (MiB/s, 0 = unlimited); a "
+                             "live mirror is paced by QEMU over the whole disk, holes included")
     parser.add_argument("--timeout", type=seconds, metavar="SECONDS",
                         help="abort the job after this long (exit 3)")
     parser.add_argument("--no-wait", action="store_true",

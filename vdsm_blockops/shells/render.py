@@ -139,8 +139,12 @@ def _(report: RelocateReport) -> list[str]:
     if not report.pivot:
         out.append(f"  not pivoted: the VM stays on its source; copy at {report.dest}")
     out += _deletions(report.deleted, report.kept)
-    if report.verified:
-        out.append(f"  verified in {report.duration_s or 0:.2f} s")
+    if report.verified and report.phases_s:
+        out.append(f"  copied in {report.phases_s['copy']:.2f} s, verified in "
+                   f"{report.phases_s['verification']:.2f} s ({report.duration_s or 0:.2f} s "
+                   "in all)")
+    elif report.verified:
+        out.append(f"  done and verified in {report.duration_s or 0:.2f} s")
     return out
 
 
@@ -186,7 +190,7 @@ def _(report: MergeReport) -> list[str]:
     if not report.dry_run and not report.finished:
         out.append("  job started; follow it with 'vdsm-blockops jobs'")
     elif report.verified:
-        out.append(f"  verified in {report.duration_s or 0:.2f} s")
+        out.append(f"  done and verified in {report.duration_s or 0:.2f} s")
     return out
 
 
