@@ -53,7 +53,7 @@ setup(
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["vdsm-blockops=vdsm_blockops.shells.cli:run"]},
-    package_data={"vdsm_blockops": ["py.typed"]},
+    package_data={"vdsm_blockops": ["py.typed", "shells/verbs.rst"]},
     # Where man and bash-completion look beside a bin folder on PATH (a
     # venv's too); made from the parser by scripts/make-docs.sh.
     data_files=[

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from vdsm_blockops.shells.manual import SHIPPED, shipped_hook
+from vdsm_blockops.shells.manual import SHIPPED, readme_with_verbs, shipped_hook
 from vdsm_blockops.shells.parser import shipped_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,6 +73,9 @@ def test_shipped_manual_completions_and_hook_are_current():
     hook = os.path.join(ROOT, "hooks", "vdsm-blockops-guard")
     if open(hook, encoding="utf-8").read() != shipped_hook():
         stale.append("hooks/vdsm-blockops-guard")
+    readme = open(os.path.join(ROOT, "README.rst"), encoding="utf-8").read()
+    if readme_with_verbs(readme) != readme:
+        stale.append("README.rst (its verbs section)")
     assert stale == [], "stale: run scripts/make-docs.sh"
     assert os.access(hook, os.X_OK)
 
@@ -84,8 +87,12 @@ def test_the_manual_page_can_be_indexed_and_has_every_section(tmp_path):
     assert proc.returncode == 0 and "vdsm-blockops - live block operations" in proc.stdout, proc
     text = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,
                           env={**os.environ, "MANPAGER": "cat", "COLUMNS": "100"}).stdout
-    for heading in ("NAME", "SYNOPSIS", "EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"):
+    for heading in ("NAME", "SYNOPSIS", "VERBS", "EXAMPLES", "EXIT STATUS", "ENVIRONMENT",
+                    "FILES", "SEE ALSO"):
         assert f"\n{heading}\n" in text, heading
+    # what a verb means, not only its options: the README's own words
+    assert "names the image that stays, as the backing file" in " ".join(text.split())
+    assert "vdsm-blockops merge web01 vda --base" in text.split("\nEXAMPLES\n")[1]
     for verb in ("merge", "relocate", "jobs", "abort", "recover", "verify", "hook"):
         assert f"COMMAND 'vdsm-blockops {verb}'" in text, verb
 

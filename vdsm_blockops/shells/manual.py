@@ -13,6 +13,8 @@ copies (and ``hooks/vdsm-blockops-guard``; ``parser.shipped_text``) are regenera
 from __future__ import annotations
 
 import argparse
+import os
+import re
 
 from .. import __version__
 
@@ -87,10 +89,69 @@ def manual_page(parser: argparse.ArgumentParser) -> str:
     page.date = RELEASE_DATE
     page.source = f"vdsm-blockops {__version__}"
     page.manual = "vdsm-blockops manual"
-    for heading, text in (("exit status", _EXIT_STATUS), ("environment", _ENVIRONMENT),
+    guide = verbs_text()
+    for heading, text in (("verbs", _roff(guide)), ("examples", _examples(guide)),
+                          ("exit status", _EXIT_STATUS), ("environment", _ENVIRONMENT),
                           ("files", _FILES), ("see also", _SEE_ALSO)):
         page.add_section(heading, "=", text.strip("\n"))
     return str(page)
+
+
+# -- what each verb means: one text (verbs.rst, shipped in the package),
+# made into README's "Verbs" section and the manual's VERBS and EXAMPLES
+
+README_BEGIN = (".. The verbs below are made from vdsm_blockops/shells/verbs.rst by\n"
+                ".. scripts/make-docs.sh (the manual page is made from the same file).\n\n")
+README_END = "\n.. End of the verbs made from vdsm_blockops/shells/verbs.rst.\n"
+
+
+def verbs_text() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "verbs.rst"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def readme_with_verbs(readme: str) -> str:
+    """README.rst with its verbs section made anew from verbs.rst."""
+    start = readme.index(README_BEGIN) + len(README_BEGIN)
+    return readme[:start] + verbs_text() + readme[readme.index(README_END):]
+
+
+def _inline(text: str) -> str:
+    """The reStructuredText this file uses, in roff: ``code`` and **strong**
+    in bold, *emphasis* in italics; roff's own characters escaped."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    text = re.sub(r"``(.+?)``", r"\\fB\1\\fR", text, flags=re.DOTALL)
+    text = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", text, flags=re.DOTALL)
+    text = re.sub(r"(?<![\w*])\*(\S.*?)\*", r"\\fI\1\\fR", text, flags=re.DOTALL)
+    return re.sub(r"^([.'])", r"\\&\1", text, flags=re.MULTILINE)
+
+
+def _roff(guide: str) -> str:
+    """verbs.rst as roff: each verb a tagged paragraph, its paragraphs
+    indented under it, its examples unfilled."""
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n", guide.strip("\n")):
+        lines = block.split("\n")
+        if not block.startswith(" "):  # a verb's term line, then its first paragraph
+            out += [".TP", _inline(lines[0])]
+            lines = lines[1:]
+        body = "\n".join(line.strip() for line in lines)
+        if not body:
+            continue
+        if lines and lines[0].startswith("        "):  # a literal block (an example)
+            out += [".IP", ".nf", _inline(body), ".fi"]
+            continue
+        if out and out[-1] != _inline(block.split("\n")[0]):
+            out.append(".IP")
+        out.append(_inline(body[:-1] if body.endswith("::") else body))
+    return "\n".join(out)
+
+
+def _examples(guide: str) -> str:
+    """Every example of verbs.rst, one after the other."""
+    commands = [line.strip() for line in guide.split("\n")
+                if line.startswith("        vdsm-blockops ")]
+    return ".nf\n" + _inline("\n".join(commands)) + "\n.fi"
 
 
 def completion(parser: argparse.ArgumentParser, shell: str) -> str:
