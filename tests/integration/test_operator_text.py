@@ -101,3 +101,23 @@ def test_a_paced_relocation_reports_each_phase_and_never_passes_100(make_vm, con
     assert set(phases) == {"copy", "verification"} and phases["copy"] > 0, out
     assert phases["copy"] + phases["verification"] <= out["duration_s"]
     disk.assert_guest_data()
+
+
+def test_completion_offers_domain_and_disk_names(vm4, config):
+    """bash completion asks the tool ('names'), which asks libvirt."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "share", "bash-completion", "completions", "vdsm-blockops")
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(("vdsm-blockops",) + words)
+        program = (f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words)}; "
+                   f"_shtab_vdsm_blockops vdsm-blockops '{words[-1]}' '{words[-2]}'; "
+                   'printf "%s\\n" "${COMPREPLY[@]}"')
+        env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+               "VDSM_BLOCKOPS_CONFIG": config}
+        proc = subprocess.run(["bash", "-c", program], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc
+        return proc.stdout.split()
+
+    assert vm4.name in complete("chain", "")
+    assert complete("merge", "--bandwidth", "3", vm4.name, "") == ["vda", "all"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..core import errors
 from ..core.config import load_config
 from ..core.reports import Report
 
@@ -127,6 +128,17 @@ def cmd_verify(args: argparse.Namespace, env: Env) -> Report:
 
     return verify(env.conn.domain(args.domain), args.disk, env.context().state,
                   checkpoints=args.checkpoints)
+
+
+def disk_names(env: Env, domain: str | None) -> list[str]:
+    """The disks of ``domain`` and 'all' (for completion); none when it
+    is not one."""
+    if not domain or domain == "-":
+        return []
+    try:
+        return [d.target for d in env.conn.domain(domain).spec().disks] + ["all"]
+    except errors.BlockOpsError:
+        return []
 
 
 class Env:

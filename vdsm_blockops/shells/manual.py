@@ -154,10 +154,33 @@ def _examples(guide: str) -> str:
     return ".nf\n" + _inline("\n".join(commands)) + "\n.fi"
 
 
+# Domain and disk names come from the tool itself ('names'), one libvirt
+# call each; nothing is completed when it cannot answer (no libvirtd).
+COMPLETION_PREAMBLE = {
+    "bash": """
+_vdsm_blockops_domains() {
+  compgen -W "$(vdsm-blockops names domains 2>/dev/null)" -- "$1"
+}
+_vdsm_blockops_disks() {
+  compgen -W "$(vdsm-blockops names disks "${COMP_WORDS[@]:1:COMP_CWORD-1}" 2>/dev/null)" -- "$1"
+}
+""",
+    "zsh": """
+_vdsm_blockops_domains() {
+  compadd -- ${(f)"$(vdsm-blockops names domains 2>/dev/null)"}
+}
+_vdsm_blockops_disks() {
+  compadd -- ${(f)"$(vdsm-blockops names disks ${words[2,CURRENT-1]} 2>/dev/null)"}
+}
+""",
+}
+
+
 def completion(parser: argparse.ArgumentParser, shell: str) -> str:
     import shtab
 
-    return str(shtab.complete(parser, shell=shell))
+    return str(shtab.complete(parser, shell=shell,
+                              preamble=COMPLETION_PREAMBLE.get(shell, "")))
 
 
 def shipped_hook() -> str:

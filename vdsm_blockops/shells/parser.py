@@ -5,80 +5,17 @@ itself (completion, manpage) live here too."""
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple, NoReturn
+from typing import NamedTuple
 
 from .. import __version__
 from ..core import errors
 from ..core.model import ImageFormat, Method, Mode, Strategy, choices
 from ..core.reports import Report, TextReport
 from . import commands
-
-EXIT_CODES = """exit codes:
-  0  done
-  1  the operation failed (libvirt/QEMU error, failed verification)
-  2  bad request, refused before anything changed
-  3  timed out: the operation was rolled back (recover: it stopped waiting)
-  4  conflict: another job or operation holds the disk
-
-With --json stdout holds exactly one JSON object, on success and on failure."""
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """argparse makes a formatter for every argument it adds and asks
-    shutil (an import of bz2, lzma, fnmatch: ~3 ms) for the terminal's
-    width; asked here as shutil would, without the import."""
-
-    def __init__(self, prog: str, **kwargs: Any) -> None:
-        if kwargs.get("width") is None:
-            columns = os.environ.get("COLUMNS", "")
-            if not columns.isdigit():
-                try:
-                    columns = str(os.get_terminal_size(1).columns)
-                except OSError:  # not a terminal
-                    columns = "80"
-            kwargs["width"] = int(columns) - 2  # as argparse does
-        super().__init__(prog, **kwargs)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse would print usage and exit 2
-        # One program name per error line: main() prefixes "vdsm-blockops:".
-        verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
-        error = errors.BadRequest(f"{verb}: {message}" if verb else message)
-        error.usage = self.format_usage()  # shown above the error, as argparse does
-        raise error
-
-
-def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
-    parser.add_argument("--connect", metavar="URI", default=default(None),
-                        help="libvirt URI (default: config, else qemu:///system)")
-    parser.add_argument("--json", action="store_true", default=default(False),
-                        help="print exactly one JSON object on stdout")
-    parser.add_argument("--config", metavar="PATH", default=default(None),
-                        help="config file (default /etc/vdsm-blockops/config.yaml)")
-    parser.add_argument("-v", "--verbose", action="count", default=default(0),
-                        help="log what happens on stderr (-vv: and the details)")
-    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
-                        help="print nothing on success (errors still go to stderr)")
-    parser.add_argument("--debug", action="store_true", default=default(False),
-                        help="print tracebacks of unexpected errors on stderr")
-
-
-def seconds(text: str) -> float:
-    """A --timeout: a finite number of seconds above 0 ("nan", "inf" and
-    negatives are refused, exit 2, before anything runs)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"a timeout is a finite number of seconds above 0, "
-                                         f"not {text!r}")
-    return value
+from .argbase import EXIT_CODES, Formatter, Parser, add_common, seconds
 
 
 def _alias(parser: argparse.ArgumentParser, option: str, dest: str) -> None:
@@ -261,6 +198,30 @@ def _cmd_completion(args: argparse.Namespace, env: commands.Env) -> Report:
     return TextReport(operation="completion", text=completion(build_parser(), args.shell))
 
 
+def _names_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["domains", "disks"], help="what to list")
+    p.add_argument("words", nargs=argparse.REMAINDER,
+                   help="disks: the command line so far (its domain is the word after the verb)")
+
+
+def _cmd_names(args: argparse.Namespace, env: commands.Env) -> Report:
+    """Names for the shell's completion, one per line: asked of libvirt by
+    the tool itself (the shell runs no virsh), one call each. ``disks``:
+    of the domain the command line so far names (read by that verb's own
+    parser, so an option's value is never taken for it)."""
+    if args.kind == "domains":
+        return TextReport(operation="names", text="\n".join(d.name for d in env.conn.domains()))
+    names = {verb.name for verb in VERBS}
+    at = next((i for i, word in enumerate(args.words) if word in names), None)
+    domain = None
+    if at is not None:
+        with contextlib.suppress(errors.BlockOpsError, SystemExit):  # "-": not typed yet
+            so_far = build_parser(only=args.words[at]).parse_known_args(
+                args.words[at:] + ["-"] * 3)[0]
+            domain = getattr(so_far, "domain", None)
+    return TextReport(operation="names", text="\n".join(commands.disk_names(env, domain)))
+
+
 def _cmd_manpage(args: argparse.Namespace, env: commands.Env) -> Report:
     from .manual import manual_page
 
@@ -297,29 +258,40 @@ VERBS = [
     Verb("completion", "print a shell completion script", _cmd_completion,
          _completion_args, local=False),
     Verb("manpage", "print the manual page (roff)", _cmd_manpage, None, local=False),
+    Verb("names", "print domain or disk names, one per line (for shell completion)",
+         _cmd_names, _names_args, local=False),
 ]
+
+# Positional arguments whose values the shells complete through 'names'
+# (the functions are defined in ``manual.COMPLETION_PREAMBLE``).
+COMPLETE = {"domain": "domains", "disk": "disks"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or with ``only`` one verb's arguments filled in
     (the others listed by name): each argument costs argparse a formatter,
     and a command needs only its own."""
-    parser = _Parser(prog="vdsm-blockops", epilog=EXIT_CODES,
-                     formatter_class=_Formatter,
+    parser = Parser(prog="vdsm-blockops", epilog=EXIT_CODES,
+                     formatter_class=Formatter,
                      description="Live block operations on libvirt/QEMU VMs: snapshot merge, "
                                  "disk relocation, block-job control, verification.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _add_common(parser, suppress=False)
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    add_common(parser, suppress=False)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     verbs.required = True
     for verb in VERBS:
         sub = verbs.add_parser(verb.name, help=verb.help, description=verb.help, epilog=EXIT_CODES,
-                               formatter_class=_Formatter)
+                               formatter_class=Formatter)
         if only is None or verb.name == only:
-            _add_common(sub, suppress=True)
+            add_common(sub, suppress=True)
             if verb.arguments is not None:
                 verb.arguments(sub)
             sub.set_defaults(func=verb.command, local=verb.local)
+            for action in sub._actions:
+                if action.dest in COMPLETE and not action.option_strings:
+                    kind = COMPLETE[action.dest]
+                    action.complete = {  # type: ignore[attr-defined]
+                        "bash": f"_vdsm_blockops_{kind}", "zsh": f"_vdsm_blockops_{kind}"}
     return parser
 
 

@@ -50,7 +50,9 @@ def lines(report: Report) -> list[str]:
 def render(report: Report) -> str:
     """The report as text lines; names in them escaped (``printable``): a
     newline or an ESC in an image's name neither forges a line nor drives
-    the terminal."""
+    the terminal. A script or a page (TextReport) is printed as it is."""
+    if isinstance(report, TextReport):
+        return report.text.rstrip("\n")
     return "\n".join(printable(line) for line in lines(report))
 
 
