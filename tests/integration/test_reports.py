@@ -18,7 +18,8 @@ from rig import LayerSpec, Write
 STORED = os.path.join(os.path.dirname(__file__), "..", "data", "reports.json")
 VOLATILE_NUMBERS = {"allocation", "bytes_to_copy", "cur", "end", "percent", "virtual_size",
                     "duration_s", "bandwidth_mib_s", "pid", "started_at", "time",
-                    "pull", "commit"}  # the last two: the costs under "alternatives"
+                    "pull", "commit",  # the costs under "alternatives"
+                    "copy", "verification"}  # the times under "phases_s"
 
 
 def mask(value, names):
