@@ -133,7 +133,9 @@ def test_an_interrupted_command_keeps_the_error_contract(make_vm, config, sig):
     assert len(lines) == 1, (out, err)
     body = json.loads(lines[0])
     assert proc.returncode == 1 and body["error"]["code"] == "interrupted", (body, err)
-    assert "recover" in body["error"]["message"]
+    message = body["error"]["message"]
+    assert "recover" in message and vm.name in message and "(record " in message, message
+    assert ("Ctrl-C" if sig == signal.SIGINT else "SIGTERM") in message
     # What it started is handed over: recover finishes it.
     rc, out, err = rig.cli("speed", vm.name, "vda", "0", config=config)
     assert rc == 0 or "no block job" in json.dumps(out), (out, err)

@@ -121,3 +121,19 @@ def test_completion_offers_domain_and_disk_names(vm4, config):
 
     assert vm4.name in complete("chain", "")
     assert complete("merge", "--bandwidth", "3", vm4.name, "") == ["vda", "all"]
+
+
+def test_a_shut_off_relocation_reports_the_method_it_ran(make_vm, config, workdir):
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 2)]),
+                                LayerSpec("B", [Write(0x22, 4, 1)])])
+    vm.define()
+    for mode, method in (("chain", "copy"), ("full", "convert")):
+        dest = os.path.join(workdir, mode, "vda.qcow2")
+        os.makedirs(os.path.dirname(dest))
+        rc, out, err = rig.cli("relocate", vm.name, "vda", dest, "--mode", mode, config=config)
+        assert rc == 0 and out["method"] == method and out["online"] is False, (out, err)
+    rc, out, err = rig.cli("relocate", vm.name, "vda", os.path.join(workdir, "x.qcow2"),
+                           "--method", "copy", config=config)
+    assert rc == 2, out  # reported, never asked for
+    disk.assert_guest_data()

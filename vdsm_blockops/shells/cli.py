@@ -95,7 +95,24 @@ def _interrupted(env: commands.Env | None) -> errors.BlockOpsError:
         note = aborts.find(StateDir(env.config.state_dir), owner_pid=os.getpid())
         if note is not None:
             return errors.Aborted(aborts.stopped_by_abort(note, what))
+        what += _own_records(env)
     return errors.Interrupted(f"{what}: stopped by {_STOPPED_BY}. {INTERRUPTED}")
+
+
+def _own_records(env: commands.Env) -> str:
+    """' (record <id>, ...)' of the records this process wrote, if it can
+    be told (the domain's metadata; nothing when libvirt does not answer)."""
+    domain = getattr(env.args, "domain", None)
+    if not domain or not env.connected:  # never connect in an interrupt
+        return ""
+    try:
+        from ..engine.records import RecordStore
+
+        ids = [r.id for r in RecordStore(env.conn.domain(domain)).load().values()
+               if r.pid == os.getpid()]
+    except Exception:  # the interrupt's own message must not fail
+        return ""
+    return f" (record {', '.join(ids)})" if ids else ""
 
 
 def _stop_on_sigterm() -> None:

@@ -156,6 +156,10 @@ class Env:
         return str(self.args.connect or self.config.connect)
 
     @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
     def conn(self) -> Connection:
         if self._conn is None:
             from ..virt import open_connection
