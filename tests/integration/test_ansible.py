@@ -242,3 +242,53 @@ vdsm.blockops.blockops_merge:
     assert "invalidated" in refusal["message"] and D in refusal["message"]
     rc, out, err = rig.cli("history", other.name, config=config)
     assert [e["source"] for e in out["entries"]] == ["ansible"], out
+
+
+def test_an_interrupted_merge_settles_on_the_next_run_of_the_play(make_vm, inventory, workdir,
+                                                                   config):
+    """A merge whose command died (an async kill, an SSH drop) leaves its
+    record; the play run again settles it first (blockops_recover) and
+    then does what is still to do. Check mode reports it, changes nothing."""
+    import signal
+
+    from test_merge import wait_for_job
+
+    vm = make_vm()
+    disk = vm.add_chain("vda", rig.four_layers())
+    vm.start()
+    A, B, C, D = disk.layers
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", B, "--strategy", "commit",
+                              "--top", C, "--bandwidth", "1", config=config)
+    wait_for_job(vm)
+    proc.send_signal(signal.SIGKILL)  # no hand-over: the record stays
+    proc.wait()
+    rc, out, err = rig.cli("jobs", vm.name, config=config)
+    assert [o["record"] for o in out["operations"]], out
+    settle = f"""
+vdsm.blockops.blockops_recover:
+  domain: {vm.name}
+  timeout: 300
+  uri: "{{{{ blockops_uri }}}}"
+  config: "{{{{ blockops_config }}}}"
+"""
+    rc, recap, out = play(inventory, task_playbook(workdir, "check", [settle]), "--check")
+    assert rc == 0 and recap["node1"]["changed"] == 1, out
+    rc, jobs, err = rig.cli("jobs", vm.name, config=config)
+    assert jobs["operations"], jobs  # check mode settled nothing
+    book = task_playbook(workdir, "settle", [settle, f"""
+vdsm.blockops.blockops_merge:
+  domain: {vm.name}
+  disk: vda
+  base: {A}
+  uri: "{{{{ blockops_uri }}}}"
+  config: "{{{{ blockops_config }}}}"
+"""])
+    rc, recap, out = play(inventory, book)
+    assert rc == 0 and recap["node1"]["failed"] == 0, out
+    rc, jobs, err = rig.cli("jobs", vm.name, config=config)
+    assert not jobs["operations"], jobs
+    chain = disk.live_chain()
+    assert len(chain) == 2 and chain[-1] == A, chain
+    disk.assert_guest_data()
+    rc, recap, out = play(inventory, book)
+    assert rc == 0 and recap["node1"]["changed"] == 0, out  # settled: nothing left to do

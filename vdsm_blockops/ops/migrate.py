@@ -269,6 +269,16 @@ def _with_hint(failure: BaseException, req: MigrateRequest) -> BaseException:
         "with --migrate-uri tcp://ADDRESS (Ansible: migrate_uri)")
 
 
+def unfinished(ctx: Context, domain: str) -> str | None:
+    """What settling would do, without doing it (check mode): the
+    unfinished move of ``domain`` (name or uuid) and its phase, or None."""
+    records = MigrationStore(ctx.state).all(domain)
+    if not records:
+        return None
+    return (f"the unfinished {records[0].describe()} would be settled first: finished if the "
+            "VM runs there, else rolled back")
+
+
 def settle_unfinished(ctx: Context, req: MigrateRequest) -> str | None:
     """What a run again finds (Ansible): an unfinished move of the domain
     settled first -- None when the move is still to be made here, else

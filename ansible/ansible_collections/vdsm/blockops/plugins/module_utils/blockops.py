@@ -28,8 +28,10 @@ COMMON_ARGS = dict(
 
 def require_library(module):
     if not HAS_LIBRARY:
-        module.fail_json(msg="the vdsm-blockops Python package is not installed on this node "
-                             "for the interpreter Ansible uses", exception=IMPORT_ERROR)
+        from ansible.module_utils.basic import missing_required_lib
+
+        # names the interpreter Ansible runs the module with, and this host
+        module.fail_json(msg=missing_required_lib("vdsm-blockops"), exception=IMPORT_ERROR)
 
 
 class _WarnHandler(logging.Handler):
@@ -67,12 +69,21 @@ def context(module):
                    allow_vdsm_managed=bool(module.params.get("allow_vdsm_managed")))
 
 
+def in_module_words(module, message):
+    """The library speaks the CLI's words (--reuse-external); a play sets
+    the module's options (reuse_external): name those."""
+    for name in module.argument_spec:
+        message = message.replace("--" + name.replace("_", "-"), name)
+    return message
+
+
 def run(module, action):
     """Call ``action()``; a library error becomes fail_json with its one line."""
     try:
         return action()
     except _errors.BlockOpsError as exc:
-        module.fail_json(msg=str(exc), error={"code": exc.code, "exit_code": exc.exit_code},
+        module.fail_json(msg=in_module_words(module, str(exc)),
+                         error={"code": exc.code, "exit_code": exc.exit_code},
                          **({"details": exc.details} if exc.details else {}))
     except Exception as exc:  # one error contract here too: a reason, not a crash
         module.fail_json(msg=f"{type(exc).__name__}: {exc}",
@@ -119,3 +130,16 @@ def chain_diff(before, after):
     return {"before": "\n".join(reversed(before)) + "\n",
             "after": "\n".join(reversed(after)) + "\n",
             "before_header": "chain (base first)", "after_header": "chain (base first)"}
+
+
+def chains_now(ctx, domain, disk):
+    """chain_before and chain_after of an operation found already done: the
+    chain the disk runs on (for every disk with disk=all), and verified."""
+    from vdsm_blockops.engine.node import current_chain
+
+    dom = ctx.conn.domain(domain)
+    if disk == "all":
+        chains = {d.target: current_chain(dom, d.target) for d in dom.spec().select("all")}
+        return {"chain_before": chains, "chain_after": chains, "verified": True}
+    chain = current_chain(dom, disk)
+    return {"chain_before": chain, "chain_after": chain, "verified": True}

@@ -123,7 +123,7 @@ results:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, exit_with_report, require_library, run, traced)
+    COMMON_ARGS, chains_now, context, exit_with_report, require_library, run, traced)
 
 
 def main():
@@ -155,7 +155,8 @@ def main():
                        keep_relative=p["keep_relative"], delete_retired=p["delete_retired"])
     done = run(module, lambda: already_done(ctx, req))
     if done:
-        module.exit_json(changed=False, msg=done)
+        now = run(module, lambda: chains_now(ctx, p["domain"], p["disk"]))
+        module.exit_json(changed=False, msg=done, **now)
     report = run(module, lambda: traced(module, ctx, "merge", lambda: merge(ctx, req).to_json()))
     reports = report.get("results", [report])
     changed = any(r.get("strategy") != "noop" for r in reports)

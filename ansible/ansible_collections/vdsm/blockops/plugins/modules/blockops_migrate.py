@@ -87,6 +87,14 @@ moved:
   description: Whether the VM runs on the destination now (moved now, or by an earlier run).
   returned: success
   type: bool
+  sample: true
+would_move:
+  description:
+    - In check mode - whether the move would be made (the plan is possible, or an unfinished
+      move would be settled first, which check mode only reports).
+  returned: success
+  type: bool
+  sample: false
 """
 
 
@@ -111,7 +119,7 @@ def main():
     )
     require_library(module)
     from vdsm_blockops.core.migrate_plan import MigrateRequest
-    from vdsm_blockops.ops.migrate import migrate, settle_unfinished
+    from vdsm_blockops.ops.migrate import migrate, settle_unfinished, unfinished
 
     p = module.params
     ctx = run(module, lambda: context(module))
@@ -119,11 +127,18 @@ def main():
                          migrate_uri=p["migrate_uri"], bandwidth_mib_s=p["bandwidth"],
                          timeout_s=p["timeout"], dry_run=module.check_mode,
                          delete_source=p["delete_source"])
-    done = run(module, lambda: settle_unfinished(ctx, req))
-    if done:
-        module.exit_json(changed=done.startswith("finished"), msg=done, moved=True)
+    if module.check_mode:  # say what settling would do; change nothing
+        pending = run(module, lambda: unfinished(ctx, p["domain"]))
+        if pending:
+            module.exit_json(changed=True, msg=f"check mode: {pending}", moved=False,
+                             would_move=True)
+    else:
+        done = run(module, lambda: settle_unfinished(ctx, req))
+        if done:
+            module.exit_json(changed=done.startswith("finished"), msg=done, moved=True)
     report = run(module, lambda: traced(module, ctx, "migrate", lambda: migrate(ctx, req).to_json()))
-    module.exit_json(**dict(report, changed=not module.check_mode, moved=not module.check_mode))
+    module.exit_json(**dict(report, changed=True, moved=not module.check_mode,
+                            would_move=module.check_mode))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,13 @@ volume:
     needed: {description: The bytes the job may write into it., type: int}
     extended_to: {description: "Its size after the extension before the job, if any.", type: int}
     extensions_during_job: {description: How often it was extended while the job ran., type: int}
+relocated:
+  description:
+    - Whether the disk runs on I(dest) now, verified (relocated now, or by an earlier run) -
+      what a play decides success by. False in check mode and with I(pivot=false).
+  returned: success
+  type: bool
+  sample: true
 results:
   description: One report per disk when I(disk=all).
   returned: when disk is all
@@ -134,7 +141,7 @@ results:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, exit_with_report, require_library, run, traced)
+    COMMON_ARGS, chains_now, context, exit_with_report, require_library, run, traced)
 
 
 def main():
@@ -155,16 +162,19 @@ def main():
             timeout=dict(type="float"),
             **COMMON_ARGS,
         ),
-        required_if=[("method", "snapshot-stream", ("mode",))],
-        mutually_exclusive=[("delete_source", "reuse_external")],
         supports_check_mode=True,
     )
     require_library(module)
     from vdsm_blockops.ops.relocate import RelocateRequest, already_done, relocate
 
     p = module.params
+    # Checked by value: mode and both flags have defaults, so Ansible's
+    # required_if and mutually_exclusive would never (or always) fire.
     if p["method"] in ("snapshot-stream", "flatten") and p["mode"] != "full":
-        module.fail_json(msg=f"method {p['method']} needs mode full")
+        module.fail_json(msg=f"method={p['method']} needs mode=full")
+    if p["delete_source"] and p["reuse_external"]:
+        module.fail_json(msg="delete_source=true and reuse_external=true cannot be combined "
+                             "(the prepared destination is not the source)")
     ctx = run(module, lambda: context(module))
     req = RelocateRequest(domain=p["domain"], disk=p["disk"], dest=p["dest"], mode=p["mode"],
                           method=p["method"], format=p["format"],
@@ -174,9 +184,13 @@ def main():
                           dry_run=module.check_mode)
     done = run(module, lambda: already_done(ctx, req))
     if done:
-        module.exit_json(changed=False, msg=done)
+        now = run(module, lambda: chains_now(ctx, p["domain"], p["disk"]))
+        module.exit_json(changed=False, msg=done, relocated=True, **now)
     report = run(module, lambda: traced(module, ctx, "relocate",
                                         lambda: relocate(ctx, req).to_json()))
+    # the positive word a role decides by: the disk runs on DEST, verified
+    verified = all(r.get("verified") for r in report.get("results") or [report])
+    report["relocated"] = verified and p["pivot"] and not module.check_mode
     exit_with_report(module, report, changed=True)
 
 
