@@ -79,14 +79,21 @@ def test_a_retired_layer_stays_refused_after_a_remount_from_another_device(
         assert "invalidated" in start_refused(make_vm, D, disk.reference)
 
 
-def test_a_config_typo_still_refuses_an_invalidated_image(make_vm, config, installed_hook):
+def merged_vm(make_vm, config):
+    """A running VM whose C and D were committed into B: D is retired,
+    invalid."""
     vm = make_vm()
     disk = vm.add_chain("vda", rig.four_layers())
     vm.start()
-    A, B, C, D = disk.layers
-    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", B, "--strategy", "commit",
-                           config=config)
+    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", disk.layers[1], "--strategy",
+                           "commit", config=config)
     assert rc == 0, err
+    return vm, disk
+
+
+def test_a_config_typo_still_refuses_an_invalidated_image(make_vm, config, installed_hook):
+    vm, disk = merged_vm(make_vm, config)
+    A, B, C, D = disk.layers
     with open(config, "a") as handle:  # a typo, and a newer version's key
         handle.write("storage_root: [/srv]\nvolume_extend_command: [lvextend]\n")
     assert "invalidated" in start_refused(make_vm, D, disk.reference)
@@ -97,13 +104,8 @@ def test_a_config_typo_still_refuses_an_invalidated_image(make_vm, config, insta
 def test_hostile_markers_neither_stall_nor_open_the_guard(make_vm, config, installed_hook):
     from vdsm_blockops.core.migrate_plan import marker_name
 
-    vm = make_vm()
-    disk = vm.add_chain("vda", rig.four_layers())
-    vm.start()
+    vm, disk = merged_vm(make_vm, config)
     A, B, C, D = disk.layers
-    rc, out, err = rig.cli("merge", vm.name, "vda", "--base", B, "--strategy", "commit",
-                           config=config)
-    assert rc == 0, err
     os.mkfifo(os.path.join(vm.dir, marker_name("fifo")))
     os.symlink("/dev/zero", os.path.join(vm.dir, marker_name("zero")))
     import time

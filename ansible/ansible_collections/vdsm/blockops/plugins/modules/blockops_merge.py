@@ -119,6 +119,47 @@ results:
   returned: when disk is all
   type: list
   elements: dict
+alternatives:
+  description: The bytes each strategy would copy, as the planner weighed them.
+  returned: success
+  type: dict
+  sample: {pull: 1048576, commit: 2097152}
+base: {description: The image kept as the backing of the result (none when flattened)., returned: success,
+  type: str, sample: /srv/vm/web01.qcow2}
+bytes_to_copy: {description: 'Bytes the operation copies (allocated data, holes excluded).', returned: success,
+  type: int, sample: 1073741824}
+deleted:
+  description: Files deleted with I(delete_retired) or I(delete_source).
+  returned: success
+  type: list
+  elements: str
+  sample: [/srv/vm/web01-s1.qcow2]
+disk: {description: 'The disk''s target name, or C(all).', returned: success, type: str, sample: vda}
+domain: {description: The domain operated on., returned: success, type: str, sample: web01}
+dry_run: {description: Whether only the plan was made (check mode)., returned: success, type: bool, sample: false}
+duration_s: {description: 'Seconds the whole operation took, planning included.', returned: success, type: float,
+  sample: 4.2}
+finished: {description: Whether the operation ran to its end (false when only started or planned)., returned: success,
+  type: bool, sample: true}
+keep_relative: {description: Whether relative backing names were kept., returned: success, type: bool,
+  sample: false}
+kept:
+  description: Files asked to be deleted and kept, each with why (still used, a block volume without volume_remove_command).
+  returned: success
+  type: list
+  elements: dict
+  sample:
+  - {path: /dev/vg/web01-s1, why: a block volume}
+libvirt_call: {description: The libvirt call made (or C(qemu-img) with the domain shut off)., returned: success,
+  type: str, sample: blockRebase}
+ok: {description: Always true on success (the library's report)., returned: success, type: bool, sample: true}
+online: {description: Whether the domain was running (a libvirt job) or shut off (qemu-img)., returned: success,
+  type: bool, sample: true}
+operation: {description: The operation the report is about., returned: success, type: str, sample: merge}
+record: {description: The operation record's id (C(vdsm-blockops jobs) and C(history) show it)., returned: success,
+  type: str, sample: 3f2a9c1b7d04}
+result_image: {description: The image that holds the merged data., returned: success, type: str, sample: /srv/vm/web01-s2.qcow2}
+top: {description: The highest image of the merged segment., returned: success, type: str, sample: /srv/vm/web01-s2.qcow2}
 """
 
 from ansible.module_utils.basic import AnsibleModule

@@ -13,10 +13,10 @@ description:
     to another node - as C(vdsm-blockops recover) does, from the records on the node. Run it
     before acting again (the roles do), so that running a play again after any interruption
     settles what the last run left.
-  - A job still running is followed until it ends (or I(timeout): then a warning, and it runs
-    on); an operation whose owner still runs is left to it (a warning). The module fails when a
-    record cannot be settled or read by this version of the library.
-version_added: "0.3.0"
+  - A job still running is followed until it ends, or until I(timeout) - then a warning, and
+    the job runs on; an operation whose owner still runs is left to it (a warning). The module
+    fails when a record cannot be settled or read by this version of the library.
+version_added: "0.2.0"
 author: vdsm-blockops developers (@vdsm-blockops)
 extends_documentation_fragment:
   - vdsm.blockops.blockops

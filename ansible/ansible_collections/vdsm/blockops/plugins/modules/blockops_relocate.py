@@ -131,13 +131,75 @@ relocated:
   returned: success
   type: bool
   sample: true
+would_relocate:
+  description: In check mode - whether the relocation would be made (the plan is possible).
+  returned: success
+  type: bool
+  sample: false
 results:
   description: One report per disk when I(disk=all).
   returned: when disk is all
   type: list
   elements: dict
+bytes_to_copy: {description: 'Bytes the operation copies (allocated data, holes excluded).', returned: success,
+  type: int, sample: 1073741824}
+copy_chain:
+  description: The chain at the destination, active image first.
+  returned: success
+  type: list
+  elements: str
+  sample: [/srv/fast/web01/vda.qcow2]
+deleted:
+  description: Files deleted with I(delete_retired) or I(delete_source).
+  returned: success
+  type: list
+  elements: str
+  sample: [/srv/vm/web01-s1.qcow2]
+dest: {description: The new active image (or folder for disk=all)., returned: success, type: str, sample: /srv/fast/web01/vda.qcow2}
+disk: {description: 'The disk''s target name, or C(all).', returned: success, type: str, sample: vda}
+domain: {description: The domain operated on., returned: success, type: str, sample: web01}
+dry_run: {description: Whether only the plan was made (check mode)., returned: success, type: bool, sample: false}
+duration_s: {description: 'Seconds the whole operation took, planning included.', returned: success, type: float,
+  sample: 4.2}
+finished: {description: Whether the operation ran to its end (false when only started or planned)., returned: success,
+  type: bool, sample: true}
+format: {description: The destination's format., returned: success, type: str, sample: qcow2}
+kept:
+  description: Files asked to be deleted and kept, each with why (still used, a block volume without volume_remove_command).
+  returned: success
+  type: list
+  elements: dict
+  sample:
+  - {path: /dev/vg/web01-s1, why: a block volume}
+method: {description: 'How the data moved - mirror, flatten or snapshot-stream with the VM running; copy
+    (the tool''s own proven copies) or convert (qemu-img) with it shut off.', returned: success, type: str,
+  sample: mirror}
+mode: {description: 'chain, full or shallow.', returned: success, type: str, sample: chain}
+ok: {description: Always true on success (the library's report)., returned: success, type: bool, sample: true}
+online: {description: Whether the domain was running (a libvirt job) or shut off (qemu-img)., returned: success,
+  type: bool, sample: true}
+operation: {description: The operation the report is about., returned: success, type: str, sample: relocate}
+persistent_definition_fixed: {description: Whether the tool pointed the persistent definition at dest
+    itself (libvirt had not)., returned: success, type: bool, sample: false}
+phases_s:
+  description: Seconds each phase took - copy (the job up to the pivot, or the copies) and verification.
+  returned: success
+  type: dict
+  sample: {copy: 3.1, verification: 0.2}
+pivot: {description: Whether the VM was moved onto the copy., returned: success, type: bool, sample: true}
+record: {description: The operation record's id (C(vdsm-blockops jobs) and C(history) show it)., returned: success,
+  type: str, sample: 3f2a9c1b7d04}
+retired:
+  description: Images that left the chain, each with whether it is still a valid point in time.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+  - {path: /srv/vm/web01-s1.qcow2, valid: false}
 """
 
+
+import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
@@ -182,6 +244,13 @@ def main():
                           pivot=p["pivot"], delete_source=p["delete_source"],
                           bandwidth_mib_s=p["bandwidth"], timeout_s=p["timeout"],
                           dry_run=module.check_mode)
+    if module.check_mode and not os.path.isdir(p["dest"] if p["disk"] == "all"
+                                               else os.path.dirname(p["dest"])):
+        # An earlier task of the play (a folder to make) did not run in
+        # check mode: predict, say what could not be checked.
+        module.exit_json(changed=True, would_relocate=True, relocated=False,
+                         msg=f"check mode: the destination folder of {p['dest']} does not exist "
+                             "yet; the rest of the plan is checked when it does")
     done = run(module, lambda: already_done(ctx, req))
     if done:
         now = run(module, lambda: chains_now(ctx, p["domain"], p["disk"]))
@@ -191,6 +260,7 @@ def main():
     # the positive word a role decides by: the disk runs on DEST, verified
     verified = all(r.get("verified") for r in report.get("results") or [report])
     report["relocated"] = verified and p["pivot"] and not module.check_mode
+    report["would_relocate"] = module.check_mode
     exit_with_report(module, report, changed=True)
 
 

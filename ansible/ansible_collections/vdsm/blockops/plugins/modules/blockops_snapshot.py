@@ -63,6 +63,30 @@ volume:
     needed: {description: The bytes the job may write into it., type: int}
     extended_to: {description: "Its size after the extension before the job, if any.", type: int}
     extensions_during_job: {description: How often it was extended while the job ran., type: int}
+chain_before:
+  description: Paths of the chain before, active image first.
+  returned: success
+  type: list
+  elements: str
+  sample: [/srv/vm/web01.qcow2]
+disk: {description: 'The disk''s target name, or C(all).', returned: success, type: str, sample: vda}
+domain: {description: The domain operated on., returned: success, type: str, sample: web01}
+duration_s: {description: 'Seconds the whole operation took, planning included.', returned: success, type: float,
+  sample: 4.2}
+ok: {description: Always true on success (the library's report)., returned: success, type: bool, sample: true}
+online: {description: Whether the domain was running (a libvirt job) or shut off (qemu-img)., returned: success,
+  type: bool, sample: true}
+operation: {description: The operation the report is about., returned: success, type: str, sample: snapshot}
+overlay: {description: The new active image., returned: success, type: str, sample: /srv/vm/web01-s1.qcow2}
+retired:
+  description: Images that left the chain, each with whether it is still a valid point in time.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+  - {path: /srv/vm/web01-s1.qcow2, valid: false}
+verified: {description: Whether the result was checked against libvirt and the images., returned: success,
+  type: bool, sample: true}
 """
 
 
