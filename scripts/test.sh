@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, real libvirt included: sets the node up first, runs
-# the static checks (mypy --strict, ruff, ansible-test sanity), then pytest
+# the static checks (mypy --strict, ruff, ansible-test sanity, ansible-lint), then pytest
 # (whose summary closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,13 @@ bash ansible/tests/sanity.sh >/tmp/vdsm-blockops-sanity.log 2>&1 || {
     exit 1
 }
 echo "ansible-test sanity: passed"
+echo "== ansible-lint --profile production (vdsm.blockops collection)"
+bash ansible/tests/lint.sh >/tmp/vdsm-blockops-lint.log 2>&1 || {
+    tail -50 /tmp/vdsm-blockops-lint.log
+    echo "ansible-lint failed" >&2
+    exit 1
+}
+echo "ansible-lint: passed"
 set +e
 .venv/bin/python -m pytest tests "$@"
 rc=$?
