@@ -1,0 +1,67 @@
+"""The roles decide "moved" from the module's own positive word, never from
+missing keys: the outcome expressions of evacuate and drain, rendered by
+Ansible's own templating with the results async_status hands them."""
+
+import ast
+import os
+
+import pytest
+import yaml
+
+ROLES = os.path.join(os.path.dirname(__file__), "..", "..", "ansible", "ansible_collections",
+                     "vdsm", "blockops", "roles")
+
+
+def outcome(role, variable, results, check_mode=False):
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar
+
+    with open(os.path.join(ROLES, role, "tasks", "batch.yml")) as handle:
+        tasks = yaml.safe_load(handle)
+    (noting,) = [t for t in tasks if "ansible.builtin.set_fact" in t]
+    expression = noting["ansible.builtin.set_fact"][variable]
+    prefix = variable.split("_")[0]
+    variables = {variable: [], f"{prefix}_finished": {"results": results},
+                 "ansible_check_mode": check_mode}
+    try:  # ansible-core 2.19 renders only text marked as a template
+        from ansible.template import trust_as_template
+
+        expression = trust_as_template(expression)
+    except ImportError:
+        pass
+    rendered = Templar(loader=DataLoader(), variables=variables).template(expression)
+    # set_fact turns the rendered text into data as this does
+    return ast.literal_eval(rendered) if isinstance(rendered, str) else rendered
+
+
+def job(**result):
+    item = {"domain": "web01", "disk": "vda", "dest": "/new/web01/vda/vda.qcow2"}
+    return {"job": {"item": item}, "finished": 1, **result}
+
+
+NOT_MOVED = {
+    "async timeout": job(msg="Timeout exceeded", failed=True),
+    "crash under async_wrapper": job(failed=True, stderr="Traceback ...", msg="MODULE FAILURE"),
+    "lost job": job(failed=True, msg="could not find job", finished=0),
+    "refused arguments": job(failed=True, msg="argument 'timeout' is of type str"),
+    "finished without its word": job(changed=True),
+}
+
+
+@pytest.mark.parametrize("result", list(NOT_MOVED.values()), ids=list(NOT_MOVED))
+def test_evacuate_reports_a_failure_of_any_kind_as_not_moved(result):
+    (noted,) = outcome("evacuate", "evacuate_results", [result])
+    assert noted["moved"] is False and noted["reason"]
+
+
+def test_evacuate_and_drain_report_moved_only_on_the_modules_word():
+    (noted,) = outcome("evacuate", "evacuate_results", [job(changed=True, relocated=True)])
+    assert noted["moved"] is True
+    (noted,) = outcome("evacuate", "evacuate_results", [job(would_relocate=True)], check_mode=True)
+    assert noted["moved"] is True  # the check-mode prediction
+    (noted,) = outcome("evacuate", "evacuate_results", [job(would_relocate=True)])
+    assert noted["moved"] is False  # a prediction is no move outside check mode
+    (noted,) = outcome("drain", "drain_results", [job(moved=True)])
+    assert noted["moved"] is True
+    (noted,) = outcome("drain", "drain_results", [job(msg="Timeout exceeded", failed=True)])
+    assert noted["moved"] is False
