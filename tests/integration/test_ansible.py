@@ -292,3 +292,36 @@ vdsm.blockops.blockops_merge:
     disk.assert_guest_data()
     rc, recap, out = play(inventory, book)
     assert rc == 0 and recap["node1"]["changed"] == 0, out  # settled: nothing left to do
+
+
+def _snapshot_of(workdir, vms):
+    """What a check run must not change: every chain, every file under the
+    test's folder (its state folder, records and history included) -- but
+    the plays and the cache of domain definitions (rebuilt when stale)."""
+    files = sorted(os.path.relpath(os.path.join(top, name), workdir)
+                   for top, _, names in os.walk(workdir) for name in names
+                   if not name.endswith((".yml", ".ini", ".retry")) and name != "definitions.json")
+    return [vm.disks["vda"].chain() for vm in vms], files
+
+
+def test_roles_in_check_mode_change_nothing_and_predict(make_vm, inventory, workdir):
+    old, new = f"{workdir}/old", f"{workdir}/new"
+    os.makedirs(new, mode=0o755)
+    vms = []
+    for running in (True, False):
+        vm = make_vm()
+        vm.add_chain("vda", rig.four_layers(), directory=f"{old}/node1/{vm.name}")
+        vm.start() if running else vm.define()
+        vms.append(vm)
+    with open(inventory, "a") as handle:
+        handle.write("[nodes:vars]\nsource_path=" + old + "/{{ inventory_hostname }}\n")
+    before = _snapshot_of(workdir, vms)
+    for book, extra in (("evacuate.yml", ["-e", f"dest_path={new}"]),
+                        ("consolidate.yml", ["-e", "max_layers=2"])):
+        rc, recap, out = play(inventory, os.path.join(PLAYBOOKS, book), "--check",
+                              "-e", "target_hosts=node1", *extra)
+        assert rc == 0 and recap["node1"]["failed"] == 0, out
+        assert recap["node1"]["changed"] >= 2, out   # predicted: two disks would change
+        assert _snapshot_of(workdir, vms) == before, book
+    for vm in vms:
+        vm.disks["vda"].assert_guest_data()
