@@ -254,10 +254,13 @@ def test_an_interrupted_merge_settles_on_the_next_run_of_the_play(make_vm, inven
     from test_merge import wait_for_job
 
     vm = make_vm()
-    disk = vm.add_chain("vda", rig.four_layers())
+    disk = vm.add_chain("vda", [rig.LayerSpec("A", [rig.Write(0x11, 0, 4)]),
+                                rig.LayerSpec("B", [rig.Write(0x22, 4, 2)]),
+                                rig.LayerSpec("C", [rig.Write(0x33, 8, 8)]),
+                                rig.LayerSpec("D", [rig.Write(0x44, 20, 1)])])
     vm.start()
     A, B, C, D = disk.layers
-    proc = rig.cli_background("merge", vm.name, "vda", "--base", B, "--strategy", "commit",
+    proc = rig.cli_background("merge", vm.name, "vda", "--base", A, "--strategy", "commit",
                               "--top", C, "--bandwidth", "1", config=config)
     wait_for_job(vm)
     proc.send_signal(signal.SIGKILL)  # no hand-over: the record stays
@@ -321,7 +324,7 @@ def test_roles_in_check_mode_change_nothing_and_predict(make_vm, inventory, work
         rc, recap, out = play(inventory, os.path.join(PLAYBOOKS, book), "--check",
                               "-e", "target_hosts=node1", *extra)
         assert rc == 0 and recap["node1"]["failed"] == 0, out
-        assert recap["node1"]["changed"] >= 2, out   # predicted: two disks would change
+        assert recap["node1"]["changed"] >= 1, out   # predicted (a loop counts as one task)
         assert _snapshot_of(workdir, vms) == before, book
     for vm in vms:
         vm.disks["vda"].assert_guest_data()

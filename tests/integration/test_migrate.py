@@ -406,3 +406,43 @@ def test_node_b_hook_refuses_a_vm_on_a_half_copied_layer(make_vm, node_b, config
         os.unlink(os.path.join(hooks, "vdsm-blockops"))
         os.kill(nodes.libvirtd_pid(), signal.SIGHUP)
         shutil.rmtree(side, ignore_errors=True)
+
+
+def test_a_taken_name_and_a_shared_disk_are_refused_before_any_byte(make_vm, node_b, config,
+                                                                     workdir):
+    """Exit 2 before anything is uploaded: a domain of that name already on
+    the destination (libvirt refused it only after the whole copy), and a
+    <shareable/> disk (its copy would diverge from the disk other VMs use)."""
+    conn_b, root = node_b
+    vm = make_vm()
+    disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 4)]),
+                                LayerSpec("B", [Write(0x22, 8, 1)])])
+    shared = vm.add_layers("vdb", [(os.path.join(vm.dir, "shared.raw"), None,
+                                    LayerSpec("S", [Write(0x33, 0, 1)], fmt="raw"))])
+    xml = vm.xml().replace("<target dev='vdb' bus='virtio'/>",
+                           "<target dev='vdb' bus='virtio'/><shareable/>")
+    xml = xml.replace("<driver name='qemu' type='raw'/>",
+                      "<driver name='qemu' type='raw' cache='none'/>")
+    vm.conn.defineXML(xml)
+    vm.created = True
+    vm.dom.create()
+    rc, out, err = rig.cli("migrate", vm.name, nodes.URI, "--dest-dir", vm.dir, config=config)
+    assert rc == 2 and "shareable" in out["error"]["message"], (out, err)
+    assert b_files(root, vm) == []
+    placeholder = conn_b.defineXML(
+        f"<domain type='qemu'><name>{vm.name}</name><memory unit='MiB'>16</memory>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
+    try:
+        vm.dom.detachDeviceFlags(
+            "<disk type='file' device='disk'><source file='"
+            f"{shared.layers[0]}'/><target dev='vdb' bus='virtio'/></disk>",
+            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        vm.restart()
+        rc, out, err = rig.cli("migrate", vm.name, nodes.URI, "--dest-dir", vm.dir,
+                               "--migrate-uri", MIGRATE_URI, config=config)
+        assert rc == 2 and "already has a domain with the name" in out["error"]["message"], out
+        assert b_files(root, vm) == []  # nothing uploaded
+    finally:
+        placeholder.undefine()
+    assert vm.dom.isActive()
+    disk.assert_guest_data()

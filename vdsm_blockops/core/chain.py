@@ -116,6 +116,7 @@ class Disk:
     alias: str | None = None
     readonly: bool = False
     transient: bool = False
+    shareable: bool = False  # <shareable/>: other VMs write the same image
     mirror: Mirror | None = None
     # True when the XML spelled out the end of the chain (<backingStore/>).
     # The persistent definition usually only names the active image.
@@ -319,6 +320,7 @@ def _parse_disk(disk_elem: etree._Element) -> Disk:
         alias=alias.get("name") if alias is not None else None,
         readonly=disk_elem.find("readonly") is not None,
         transient=disk_elem.find("transient") is not None,
+        shareable=disk_elem.find("shareable") is not None,
         mirror=mirror,
         chain_complete=complete,
         startup_policy=source_elem.get("startupPolicy") if source_elem is not None else None,

@@ -1,16 +1,19 @@
 """Who stopped an operation: ``abort`` leaves a note in the state folder
 (``aborts/<record id>.json``: its own pid, the owner's) before it stops the
-owner or its block job, and removes it once the operation is settled. The
-stopped command reads it to say what happened -- stopped by ``abort``
-from another process, which rolls back or finishes what it started --
-instead of the Ctrl-C text or "the block job ended canceled"."""
+owner or its block job. The stopped command reads it (and removes it) to
+say what happened -- stopped by ``abort`` from another process, which rolls
+back or finishes what it started -- instead of the Ctrl-C text or "the
+block job ended canceled". The owner may read it after ``abort`` is done
+(it sees its job's end when it sees it), so ``abort`` removes the note only
+when the owner is gone; ``recover`` sweeps notes a day old."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .state import StateDir, write_json_atomic
@@ -21,8 +24,10 @@ def _folder(state: StateDir) -> str:
 
 
 @contextlib.contextmanager
-def noted(state: StateDir, record_id: str, owner_pid: int) -> Iterator[None]:
-    """While ``abort`` stops the operation of record ``record_id``."""
+def noted(state: StateDir, record_id: str, owner_pid: int,
+          owner_running: Callable[[], bool]) -> Iterator[None]:
+    """While ``abort`` stops the operation of record ``record_id``; the note
+    stays for the owner to read while ``owner_running()``."""
     path = os.path.join(_folder(state), f"{record_id}.json")
     try:
         state.ensure()
@@ -34,14 +39,15 @@ def noted(state: StateDir, record_id: str, owner_pid: int) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        if not owner_running():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def find(state: StateDir, record_id: str | None = None,
          owner_pid: int | None = None) -> dict[str, Any] | None:
     """The note about record ``record_id``, or about an operation of the
-    process ``owner_pid``."""
+    process ``owner_pid`` -- read once: it is removed."""
     try:
         names = os.listdir(_folder(state))
     except OSError:
@@ -55,8 +61,23 @@ def find(state: StateDir, record_id: str | None = None,
         except (OSError, ValueError):
             continue
         if isinstance(note, dict) and (owner_pid is None or note.get("owner_pid") == owner_pid):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(_folder(state), name))
             return note
     return None
+
+
+def sweep(state: StateDir, older_than_s: float = 86400.0) -> None:
+    """Remove the notes no stopped command read (it died first)."""
+    try:
+        names = os.listdir(_folder(state))
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(_folder(state), name)
+        with contextlib.suppress(OSError):
+            if time.time() - os.stat(path).st_mtime > older_than_s:
+                os.unlink(path)
 
 
 def stopped_by_abort(note: dict[str, Any], what: str) -> str:

@@ -45,7 +45,8 @@ def abort(ctx: Context, domain_name: str, target: str, pivot: bool) -> AbortRepo
     report = AbortReport(domain=domain.name, disk=target, pivot=pivot, chain_after=[])
     with contextlib.ExitStack() as note:
         if record is not None and not pivot:
-            note.enter_context(aborts.noted(ctx.state, record.id, record.pid))
+            note.enter_context(aborts.noted(ctx.state, record.id, record.pid,
+                                            lambda: _alive(record)))
         if pivot or record is None or not _finished_copy_kept(domain, target, record):
             domain.abort_job(target, pivot=pivot)
             if record is not None and _is_snapshot_stream(record):
@@ -79,11 +80,15 @@ def _abort_own_operation(ctx: Context, domain: Domain, target: str, pivot: bool)
     if pivot:
         raise errors.BadRequest(f"{record.operation} {record.id} on {domain.name} {target} runs "
                                 "no block job: there is nothing to pivot")
-    with aborts.noted(ctx.state, record.id, record.pid):
+    with aborts.noted(ctx.state, record.id, record.pid, lambda: _alive(record)):
         _stop_owner(ctx, record.pid, record.started_at, record.owner,
                     f"{record.operation} {record.id}")
         report = AbortReport(domain=domain.name, disk=target, pivot=False, chain_after=[])
         return _settled(ctx, domain, target, report, True)
+
+
+def _alive(record: OperationRecord | MigrationRecord) -> bool:
+    return owner_alive(record.pid, record.started_at, record.owner)
 
 
 def _stop_owner(ctx: Context, pid: int, since: float, owner: str, what: str) -> None:
@@ -124,7 +129,7 @@ def _abort_move(ctx: Context, record: MigrationRecord, target: str,
                                 "has no pivot, abort stops it")
     from .moved import recover_moves, source_domain
 
-    with aborts.noted(ctx.state, record.id, record.pid):
+    with aborts.noted(ctx.state, record.id, record.pid, lambda: _alive(record)):
         _stop_owner(ctx, record.pid, record.started_at, record.owner, f"migrate {record.id}")
         outcomes = recover_moves(ctx, record.uuid, timeout_s=STOP_WAIT_S)
     domain = source_domain(ctx, record.uuid)

@@ -48,6 +48,12 @@ def make_plan(ctx: Context, domain: Domain, dest: RemoteNode,
     refusal happens here."""
     if dest.host_uuid == _host_uuid(ctx):
         raise errors.BadRequest(f"{req.dest_uri} is this node: nothing to move")
+    for there, how in ((dest.domain(domain.uuid), f"UUID {domain.uuid}"),
+                       (dest.domain_by_name(domain.name), f"name {domain.name}")):
+        if there is not None:  # libvirt would refuse only after the whole copy
+            raise errors.BadRequest(
+                f"{dest.hostname} already has a domain with the {how} ({there.name()}): "
+                "undefine it there first, or move this VM elsewhere")
     if RecordStore(domain, ctx.state).load():
         raise errors.Conflict(f"{domain.name} has an unfinished operation on its disks: "
                               f"run 'vdsm-blockops recover {domain.name}' first")
@@ -59,8 +65,22 @@ def make_plan(ctx: Context, domain: Domain, dest: RemoteNode,
         if disk.device != "disk" or disk.readonly:
             raise errors.UnsafeRequest(f"disk {disk.target} is a read-only {disk.device}: "
                                        "migrate moves writable disks; eject it first")
+        if disk.shareable:
+            raise errors.UnsafeRequest(
+                f"disk {disk.target} is shareable (other VMs write {disk.chain[0].path} too): a "
+                "copy on another node would diverge from it. Detach it before the move and "
+                "attach it there from storage both nodes reach, or keep the VMs together")
         for layer in disk.chain:
             _refuse_kind(disk.target, layer.source_type, layer.path)
+            if layer.volume:
+                raise errors.UnsafeRequest(
+                    f"disk {disk.target}: {layer.path} is volume {layer.volume} of a storage "
+                    "pool; migrate moves plain files (relocate the disk to a file first)")
+            if layer.encrypted:
+                raise errors.UnsafeRequest(
+                    f"disk {disk.target}: {layer.path} is encrypted; migrate would create its "
+                    "active layer on the destination in plaintext, so it refuses before any "
+                    "byte is sent (move the VM with virsh migrate --copy-storage-all)")
         if domain.block_job_info(disk.target) is not None:
             raise errors.Conflict(f"disk {disk.target} has a block job running")
         chains[disk.target] = [_source_image(disk.target, info)

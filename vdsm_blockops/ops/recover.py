@@ -24,6 +24,7 @@ from ..core import errors
 from ..core.planner import MergePlan
 from ..core.relocate_plan import RelocatePlan, RelocateRequest
 from ..core.reports import RecordOutcome, RecoverReport
+from ..engine import aborts
 from ..engine.context import Context, check_timeout
 from ..engine.jobs import Guard, JobRunner, Outcome
 from ..engine.operation import settle
@@ -48,6 +49,7 @@ def recover(ctx: Context, domain_name: str | None = None, timeout_s: float | Non
     check_timeout(timeout_s)
     if domain_name is None:
         ctx.state.sweep_locks()
+        aborts.sweep(ctx.state)
     # moves to another node first: their domain may have left this node
     outcomes = [] if disk else recover_moves(ctx, domain_name, timeout_s)
     try:
