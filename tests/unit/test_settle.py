@@ -206,3 +206,22 @@ def test_a_failure_of_all_names_each_failed_disk_its_code_and_cause():
     each = caught.value.results
     assert [r.get("disk") for r in each] == ["vda", None, "vdc"]
     assert each[2]["error"]["code"] == "job-failed"
+
+
+def test_a_move_past_its_switchover_is_never_rolled_back(monkeypatch):
+    """Phase moved: the guest wrote to the destination's copies. Whatever
+    became of the VM since, recover finishes or waits -- never rolls back."""
+    from vdsm_blockops.engine.migrations import MigrationRecord, MovePhase
+    from vdsm_blockops.ops import moved
+
+    record = MigrationRecord(domain="web01", uuid="u1", dest_uri="qemu+tls://b/system",
+                             request={}, plan={}, phase=MovePhase.MOVED)
+    rolled = []
+    monkeypatch.setattr(moved, "where", lambda ctx, rec, dest: moved.Where.SOURCE)
+    monkeypatch.setattr(moved, "roll_back", lambda *args: rolled.append(args))
+    with pytest.raises(errors.VerificationFailed, match="never rolled back"):
+        moved.settle(None, None, record, None)
+    assert rolled == []
+    record.phase = MovePhase.MIGRATING  # before the switchover: rolled back as before
+    assert moved.settle(None, None, record, None) == ("rolled-back", None)
+    assert len(rolled) == 1
