@@ -446,3 +446,23 @@ def test_a_taken_name_and_a_shared_disk_are_refused_before_any_byte(make_vm, nod
         placeholder.undefine()
     assert vm.dom.isActive()
     disk.assert_guest_data()
+
+
+def test_abort_of_a_move_whose_command_died_aborts_its_migration(make_vm, node_b, config,
+                                                                 workdir):
+    """The command killed during a slow migration leaves the migration job
+    running: abort stops that job and rolls the move back at once (it
+    waited 60 s, said "waiting" and exited 0)."""
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=2, top_mib=40)  # the migration copies the top
+    proc = migrate(vm, config, vm.dir, "--bandwidth", "1")
+    wait_for_phase(workdir, vm.dom.UUIDString(), ["migrating"], proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    started = time.monotonic()
+    rc, out, err = rig.cli("abort", vm.name, "all", config=config)
+    assert rc == 0 and [o["result"] for o in out["recover"]] == ["rolled-back"], (out, err)
+    assert time.monotonic() - started < 30
+    assert one_running_copy(vm, conn_b) == "a" and b_files(root, vm) == []
+    assert record_of(workdir, vm.dom.UUIDString()) is None
+    disk.assert_guest_data()

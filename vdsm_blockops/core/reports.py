@@ -288,14 +288,12 @@ class RecordOutcome(View):
         return self.result not in ("failed", "busy", "unreadable", "waiting")
 
 
-@dataclass
-class RecoverReport(Report):
-    OPERATION = "recover"
-    OPTIONAL = ("queued", "error")
-    domain: str
-    records: list[RecordOutcome]
-    queued: list[str] | None = None
-    error: JSON | None = None
+class _Settles:
+    """A report on settling records: failed when some could not be
+    settled (``error``), exit 3 when it only stopped waiting on a job that
+    still runs (nothing failed)."""
+
+    error: JSON | None
 
     @property
     def ok(self) -> bool:
@@ -303,21 +301,31 @@ class RecoverReport(Report):
 
     @property
     def exit_code(self) -> int:
-        # 3: it stopped waiting on a job that still runs (nothing failed)
-        if self.error is not None and self.error.get("code") == "timeout":
-            return 3
-        return super().exit_code
+        if self.error is None:
+            return 0
+        return 3 if self.error.get("code") == "timeout" else 1
 
 
 @dataclass
-class AbortReport(Report):
+class RecoverReport(_Settles, Report):
+    OPERATION = "recover"
+    OPTIONAL = ("queued", "error")
+    domain: str
+    records: list[RecordOutcome]
+    queued: list[str] | None = None
+    error: JSON | None = None
+
+
+@dataclass
+class AbortReport(_Settles, Report):
     OPERATION = "abort"
-    OPTIONAL = ("recover",)
+    OPTIONAL = ("recover", "error")
     domain: str
     disk: str
     pivot: bool
     chain_after: list[str]
     recover: list[RecordOutcome] | None = None
+    error: JSON | None = None
 
 
 @dataclass

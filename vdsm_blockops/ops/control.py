@@ -131,6 +131,12 @@ def _abort_move(ctx: Context, record: MigrationRecord, target: str,
 
     with aborts.noted(ctx.state, record.id, record.pid, lambda: _alive(record)):
         _stop_owner(ctx, record.pid, record.started_at, record.owner, f"migrate {record.id}")
+        # A command that died left its migration job running: abort it,
+        # as the command would have (a job past its switchover refuses).
+        source = source_domain(ctx, record.uuid)
+        if source is not None and source.is_active() and source.migration_progress():
+            with contextlib.suppress(errors.BlockOpsError):
+                source.abort_migration()
         outcomes = recover_moves(ctx, record.uuid, timeout_s=STOP_WAIT_S)
     domain = source_domain(ctx, record.uuid)
     here = domain is not None and domain.is_active()
@@ -139,8 +145,15 @@ def _abort_move(ctx: Context, record: MigrationRecord, target: str,
                                   operation="migrate", phase=record.phase.value,
                                   result="rolled-back" if here else "finished")]
     chain = current_chain(domain, target) if here and domain and target != "all" else []
-    return AbortReport(domain=record.domain, disk=target, pivot=False, chain_after=chain,
-                       recover=outcomes)
+    report = AbortReport(domain=record.domain, disk=target, pivot=False, chain_after=chain,
+                         recover=outcomes)
+    unsettled = [o for o in outcomes if not o.settled]
+    if unsettled:  # said with its exit code, not as a success
+        report.error = {"code": "timeout" if all(o.result == "waiting" for o in unsettled)
+                        else "recover-incomplete",
+                        "message": "; ".join(f"the move is {o.result}: {o.message}"
+                                             for o in unsettled)}
+    return report
 
 
 def _is_snapshot_stream(record: OperationRecord) -> bool:
