@@ -466,3 +466,22 @@ def test_abort_of_a_move_whose_command_died_aborts_its_migration(make_vm, node_b
     assert one_running_copy(vm, conn_b) == "a" and b_files(root, vm) == []
     assert record_of(workdir, vm.dom.UUIDString()) is None
     disk.assert_guest_data()
+
+
+def test_a_layer_that_changes_during_its_upload_is_not_taken_as_proven(make_vm, node_b, config,
+                                                                       workdir):
+    """The read back proves what was sent arrived; a layer rewritten while
+    it was sent (libvirt's checkpoint-delete rewrites bitmaps in backing
+    layers) may mix two versions: the move fails and rolls back."""
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=12, top_mib=1)
+    base = disk.layers[0]
+    proc = migrate(vm, config, vm.dir, "--bandwidth", "2")
+    wait_for_phase(workdir, vm.dom.UUIDString(), ["copying"], proc)
+    time.sleep(1)
+    os.utime(base)  # its mtime moves, as any write would move it
+    rc, out, err = finish(proc)
+    assert rc == 1 and "changed while it was uploaded" in out["error"]["message"], (out, err)
+    assert "rolled back" in out["error"]["message"]
+    assert one_running_copy(vm, conn_b) == "a" and b_files(root, vm) == []
+    disk.assert_guest_data()

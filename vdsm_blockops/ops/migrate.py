@@ -26,12 +26,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import libvirt
 
 from ..core import errors
 from ..core.headers import NotAnImage
+from ..core.identity import image_key, same_images
 from ..core.migrate_plan import (
     LayerMove,
     MigratePlan,
@@ -89,6 +90,7 @@ def migrate(ctx: Context, req: MigrateRequest) -> MigrateReport:
             for move in plan.disks:
                 locks.enter_context(ctx.state.disk_lock(domain.uuid, move.disk,
                                                         f"migrate of {domain.name}"))
+            _plan_still_holds(domain, plan)
             record = MigrationRecord(domain=domain.name, uuid=domain.uuid, dest_uri=req.dest_uri,
                                      request=vars(req), plan=plan.to_json(),
                                      checkpoints=checkpoint_xmls(domain))
@@ -121,6 +123,18 @@ def migrate(ctx: Context, req: MigrateRequest) -> MigrateReport:
     return report
 
 
+def _plan_still_holds(domain: Domain, plan: MigratePlan) -> None:
+    """Under the locks: every chain is still the planned one, by identity.
+    A merge or snapshot that ended while the plan was made would have made
+    a planned read-only layer active (written to while uploaded)."""
+    live = {d.target: d.paths for d in domain.spec().disks}
+    for move in plan.disks:
+        if not same_images(live.get(move.disk, []), move.chain_before):
+            raise errors.Conflict(f"the chain of {move.disk} changed while the move was planned "
+                                  f"(now {live.get(move.disk)}): nothing was changed; run the "
+                                  "command again")
+
+
 # ------------------------------------------------------------ copy
 def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: MigrationRecord,
                 store: MigrationStore, reused: list[str]) -> None:
@@ -150,8 +164,15 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
             source = _empty_active(move, scratch) if move.active else move.source
             started = time.monotonic()
             with open(source, "rb") as handle:
+                before = _unchanging(handle)
                 chunks = _paced(ctx, layer_chunks(move, handle), pace, counts)
                 sent = dest.upload(move.dest, chunks, os.fstat(handle.fileno()).st_size)
+                if _unchanging(handle) != before:
+                    # what was sent may mix two versions: the proof below
+                    # would only show that they arrived
+                    raise errors.OperationFailed(f"{move.source} changed while it was uploaded "
+                                                 "(a checkpoint deleted, a merge?): the copy is "
+                                                 "not proven")
             uploaded = time.monotonic()
             ctx.budget.check("the copy of the layers")
             if dest.digest(move.dest, lambda: ctx.budget.check("the proof of the copies")) != sent:
@@ -165,6 +186,13 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
         dest.delete(marker)
         record.markers.remove(marker)
     store.advance(record, MovePhase.COPIED)
+
+
+def _unchanging(handle: IO[bytes]) -> tuple[object, ...]:
+    """What tells a layer changed while it was read: its identity, size
+    and mtime (as local copies check)."""
+    st = os.fstat(handle.fileno())
+    return image_key(handle.name), st.st_size, st.st_mtime_ns
 
 
 def _paced(ctx: Context, chunks: Iterator[bytes], pace: Pace,
