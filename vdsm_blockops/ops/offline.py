@@ -48,8 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _progress(ctx: Context, disk: str, job: str) -> qemuimg.Progress | None:
-    return qemuimg.Progress(disk, job, ctx.observer) if ctx.observer is not None else None
+def _progress(ctx: Context, disk: str, job: str,
+              total_bytes: int = 0) -> qemuimg.Progress | None:
+    return (qemuimg.Progress(disk, job, ctx.observer, total_bytes)
+            if ctx.observer is not None else None)
 
 
 def merge(ctx: Context, domain: Domain, plan: MergePlan, images: dict[str, ImageInfo],
@@ -116,8 +118,9 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
         # flushed, then verified like a job's (chain and headers).
         carry = plan.format.value == "qcow2" and active.format == "qcow2"
         qemuimg.convert(active.path, active.format, plan.dest, plan.format.value,
-                        _progress(ctx, plan.disk, "copy"), rate_mib_s=rate_mib_s,
-                        dest_is_new=not reuse_external, bitmaps=carry, budget=ctx.budget)
+                        _progress(ctx, plan.disk, "copy", plan.bytes_to_copy),
+                        rate_mib_s=rate_mib_s, dest_is_new=not reuse_external, bitmaps=carry,
+                        budget=ctx.budget)
         if carry:  # convert carried the active layer's bitmaps; merge in their copies below
             _carry_bitmaps(replace(active, path=plan.dest), active,
                            [images[p] for p in plan.chain_before[1:]])
