@@ -9,20 +9,18 @@ echo "== mypy --strict, ruff, vermin (Python 3.9 is the oldest supported)"
 .venv/bin/mypy vdsm_blockops
 .venv/bin/ruff check vdsm_blockops tests
 .venv/bin/vermin -q -t=3.9- --violations --no-tips vdsm_blockops ansible/ansible_collections/vdsm/blockops/plugins
-echo "== ansible-test sanity (vdsm.blockops collection)"
-bash ansible/tests/sanity.sh >/tmp/vdsm-blockops-sanity.log 2>&1 || {
-    tail -50 /tmp/vdsm-blockops-sanity.log
-    echo "ansible-test sanity failed" >&2
-    exit 1
+# A check of the collection: its long output goes to a log, shown on failure.
+collection_check() {  # NAME SCRIPT
+    echo "== $1 (vdsm.blockops collection)"
+    bash "$2" >"/tmp/vdsm-blockops-$(basename "$2" .sh).log" 2>&1 || {
+        tail -50 "/tmp/vdsm-blockops-$(basename "$2" .sh).log"
+        echo "$1 failed" >&2
+        exit 1
+    }
+    echo "$1: passed"
 }
-echo "ansible-test sanity: passed"
-echo "== ansible-lint --profile production (vdsm.blockops collection)"
-bash ansible/tests/lint.sh >/tmp/vdsm-blockops-lint.log 2>&1 || {
-    tail -50 /tmp/vdsm-blockops-lint.log
-    echo "ansible-lint failed" >&2
-    exit 1
-}
-echo "ansible-lint: passed"
+collection_check "ansible-test sanity" ansible/tests/sanity.sh
+collection_check "ansible-lint --profile production" ansible/tests/lint.sh
 set +e
 .venv/bin/python -m pytest tests "$@"
 rc=$?
