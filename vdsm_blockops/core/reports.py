@@ -99,8 +99,8 @@ class MergeReport(Report):
 @dataclass
 class RelocateReport(Report):
     OPERATION = "relocate"
-    OPTIONAL = ("persistent_definition_fixed", "deleted", "kept", "record", "duration_s",
-                "phases_s", "volume")
+    OPTIONAL = ("persistent_definition_fixed", "deleted", "kept", "record", "duration_s", "phases_s",
+                "volume")
     domain: str
     disk: str
     mode: Mode
@@ -289,9 +289,7 @@ class RecordOutcome(View):
 
 
 class _Settles:
-    """A report on settling records: failed when some could not be
-    settled (``error``), exit 3 when it only stopped waiting on a job that
-    still runs (nothing failed)."""
+    """A report on settling records: failed while ``error`` says some were not."""
 
     error: JSON | None
 
@@ -300,10 +298,8 @@ class _Settles:
         return self.error is None
 
     @property
-    def exit_code(self) -> int:
-        if self.error is None:
-            return 0
-        return 3 if self.error.get("code") == "timeout" else 1
+    def exit_code(self) -> int:  # 3: it only stopped waiting on a job that still runs
+        return 0 if self.error is None else 3 if self.error.get("code") == "timeout" else 1
 
 
 @dataclass
@@ -351,8 +347,7 @@ class InstallReport(Report):
 
 @dataclass
 class HistoryReport(Report):
-    """The node's trail of operations, in the order they started (each with its
-    start and end)."""
+    """The node's trail of operations, in the order they started."""
 
     operation: str
     entries: list[dict[str, Any]]
@@ -360,7 +355,6 @@ class HistoryReport(Report):
 
 @dataclass
 class TextReport(Report):
-    """A completion script or the manual page."""
-
+    """A completion script, the manual page, names for completion."""
     operation: str
     text: str
