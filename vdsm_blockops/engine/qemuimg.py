@@ -70,6 +70,13 @@ def run(argv: Sequence[str], progress: Progress | None = None, budget: Budget | 
     if proc.returncode != 0:
         raise OperationFailed(f"qemu-img {argv[1]} failed: "
                               f"{err.decode(errors='replace').strip() or proc.returncode}")
+    if progress is not None and progress.total_bytes:
+        # done: every byte to do is (the total counts the layers' data,
+        # which overlaps, so the bytes written may stop short of it)
+        total = progress.total_bytes
+        progress.observer(progress.disk, JobInfo(
+            disk=progress.disk, job_type=progress.job, cur=total, end=total,
+            bandwidth_bytes_s=0, in_bytes=True))
 
 
 def _watch(proc: subprocess.Popen[bytes], progress: Progress | None, budget: Budget | None,
