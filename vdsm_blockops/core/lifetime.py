@@ -289,7 +289,7 @@ def volume_identity(rdev: int) -> str:
 
 # -- processes: a pid is handed on too
 
-def _proc_start(pid: int) -> tuple[str, int] | None:
+def proc_start(pid: int) -> tuple[str, int] | None:
     """(state, start time in clock ticks since boot) of process ``pid``:
     the kernel's own, unmoved by clock steps."""
     try:
@@ -312,7 +312,7 @@ def process_identity(pid: int | None = None) -> str:
     """What names process ``pid`` (default: this one) for its whole life and
     no other: the boot, the pid, and the kernel's start time of the pid."""
     pid = os.getpid() if pid is None else pid
-    start = _proc_start(pid)
+    start = proc_start(pid)
     return f"{_boot_id()}/{pid}/{start[1] if start else 0}"
 
 
@@ -328,5 +328,5 @@ def process_alive(identity: str) -> bool | None:
         return None
     if boot != _boot_id():
         return False  # another boot: every process of that one is gone
-    now = _proc_start(number)
+    now = proc_start(number)
     return now is not None and now[1] == started and now[0] != "Z"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..core import errors
 from ..core.chain import Disk, Layer
 from ..core.identity import clean_path, device_size, image_key, is_block_device
-from ..core.lifetime import process_alive
+from ..core.lifetime import proc_start, process_alive
 from ..core.reports import ChainReport, DiskView, JobRow, JobsReport, LayerView, OperationRow
 from .images import ImageInfo, chain_problems, missing_images, read_chain
 from .records import RecordStore
@@ -222,14 +222,13 @@ def owner_alive(pid: int, since: float, owner: str = "") -> bool:
     alive = process_alive(owner)
     if alive is not None:
         return alive
-    if pid <= 0:
+    now = proc_start(pid) if pid > 0 else None
+    if now is None:
         return False
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
         with open("/proc/stat", encoding="ascii") as handle:
             boot = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
     except (OSError, IndexError, StopIteration, ValueError):
         return False
-    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time
-    return fields[0] != "Z" and started <= since + 2
+    state, ticks = now
+    return state != "Z" and boot + ticks / os.sysconf("SC_CLK_TCK") <= since + 2

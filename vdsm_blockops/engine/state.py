@@ -82,7 +82,6 @@ class StateDir:
             if stat.S_IMODE(os.lstat(folder).st_mode) & 0o077:
                 os.chmod(folder, 0o700)
 
-    _ensure = ensure
 
     def upgrade(self) -> None:
         """Bring an existing state folder to this version: private (every
@@ -169,7 +168,7 @@ class StateDir:
         return body if isinstance(body, dict) else {"reason": "(unreadable)"}
 
     def set_guard_disabled(self, why: dict[str, Any] | None) -> None:
-        self._ensure()
+        self.ensure()
         if why is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.guard_off_path)
@@ -214,7 +213,7 @@ class StateDir:
         safe because a taker checks, once locked, that the path still names
         the file it locked; if the holder it waited for removed it, it
         starts again on the new file."""
-        self._ensure()
+        self.ensure()
         path = os.path.join(self.path, "locks", name)
         while True:
             handle = os.fdopen(open_private(path, os.O_RDWR | os.O_APPEND), "a+", encoding="utf-8")
