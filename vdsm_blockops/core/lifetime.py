@@ -179,8 +179,10 @@ def filesystem_home(path: str, st: os.stat_result) -> str:
     return f"dev:{os.major(dev)}:{os.minor(dev)}"
 
 
-def _mountinfo() -> list[tuple[int, str, str, str]]:
-    """(device number, mount point, fs type, source) of every mount here."""
+def mounts() -> list[tuple[int, str, str, str]]:
+    """(device number, mount point, fs type, source) of every mount here
+    (``/proc/self/mountinfo``, its escapes undone); [] when it cannot be
+    read."""
     mounts = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
@@ -199,7 +201,7 @@ def _mountinfo() -> list[tuple[int, str, str, str]]:
 
 
 def _mount_source(dev: int) -> str:
-    for number, _, fstype, source in _mountinfo():
+    for number, _, fstype, source in mounts():
         if number == dev and fstype.startswith("nfs"):
             return source
     return ""
@@ -218,7 +220,7 @@ def _mount_point(home: str) -> str | None:
     if known is not None and _home_of_folder(known) == home:
         return known
     kind = home.split(":", 1)[0]
-    for dev, point, fstype, source in _mountinfo():
+    for dev, point, fstype, source in mounts():
         if kind == "fsid" and fstype not in ("ext2", "ext3", "ext4", "btrfs"):
             continue
         if kind == "nfs" and (not fstype.startswith("nfs") or home != f"nfs:{source}"):

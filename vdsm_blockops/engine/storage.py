@@ -15,6 +15,7 @@ from lxml import etree
 from ..core import errors
 from ..core.chain import parse_xml, source_kind
 from ..core.identity import ImageKey, ImageSet, existing_key, image_key, is_block_device, under_root
+from ..core.lifetime import mounts
 from .images import reserve_file, run_command
 from .records import OperationRecord, RecordStore
 from .users import chain_users
@@ -241,13 +242,11 @@ def filesystem_type(path: str) -> str:
     """The type of the file system ``path`` lies on (``/proc/self/mountinfo``:
     the longest mount point above its real path), e.g. ``ext4``, ``nfs4``."""
     real = os.path.realpath(path)
+    found = mounts()
+    if not found:
+        raise OSError("cannot read /proc/self/mountinfo")
     best, fstype = "", ""
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        for line in handle:
-            fields = line.split()
-            sep = fields.index("-")
-            # mount points escape blanks as \040
-            point = fields[4].encode().decode("unicode_escape")
-            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, fstype = point, fields[sep + 1]
+    for _, point, kind, _ in found:
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, kind
     return fstype
