@@ -45,6 +45,12 @@ class Progress:
     observer: Observer
     total_bytes: int = 0
 
+    def bytes_done(self, done: int) -> None:
+        """Tell the observer ``done`` of ``total_bytes`` are written."""
+        self.observer(self.disk, JobInfo(
+            disk=self.disk, job_type=self.job, cur=min(done, self.total_bytes),
+            end=self.total_bytes, bandwidth_bytes_s=0, in_bytes=True))
+
 
 def run(argv: Sequence[str], progress: Progress | None = None, budget: Budget | None = None,
         pace_mib_s: int = 0) -> None:
@@ -73,10 +79,7 @@ def run(argv: Sequence[str], progress: Progress | None = None, budget: Budget | 
     if progress is not None and progress.total_bytes:
         # done: every byte to do is (the total counts the layers' data,
         # which overlaps, so the bytes written may stop short of it)
-        total = progress.total_bytes
-        progress.observer(progress.disk, JobInfo(
-            disk=progress.disk, job_type=progress.job, cur=total, end=total,
-            bandwidth_bytes_s=0, in_bytes=True))
+        progress.bytes_done(progress.total_bytes)
 
 
 def _watch(proc: subprocess.Popen[bytes], progress: Progress | None, budget: Budget | None,
@@ -95,10 +98,7 @@ def _watch(proc: subprocess.Popen[bytes], progress: Progress | None, budget: Bud
             # by the bytes written, looked at twice a second (qemu-img
             # prints only when its own percentage moves)
             last = time.monotonic()
-            total = progress.total_bytes
-            progress.observer(progress.disk, JobInfo(
-                disk=progress.disk, job_type=progress.job, cur=min(_written(proc.pid), total),
-                end=total, bandwidth_bytes_s=0, in_bytes=True))
+            progress.bytes_done(_written(proc.pid))
         # paced: looked at every 10 ms, so that a burst between two looks
         # stays small (qemu-img writes a small image in less than 0.2 s)
         wait = 0.01 if pace else 0.2 if budget or (progress and progress.total_bytes) else None
