@@ -196,6 +196,14 @@ def image_key(path: str) -> ImageKey:
     return ImageKey("path", "", 0, "", clean_path(path))
 
 
+def fingerprint(path: str) -> tuple[ImageKey, int, int]:
+    """What tells an image changed while it was read or copied: its
+    identity, size and mtime (a guard, not a proof: mtime ticks coarsely).
+    Raises OSError."""
+    st = os.stat(path)
+    return image_key(path), st.st_size, st.st_mtime_ns
+
+
 def existing_key(path: str) -> ImageKey | None:
     key = image_key(path)
     return None if key.kind == "path" else key

@@ -26,13 +26,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 
 from ..core import errors
 from ..core.headers import NotAnImage
-from ..core.identity import image_key, same_images
+from ..core.identity import fingerprint, same_images
 from ..core.migrate_plan import (
     LayerMove,
     MigratePlan,
@@ -164,10 +164,10 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
             source = _empty_active(move, scratch) if move.active else move.source
             started = time.monotonic()
             with open(source, "rb") as handle:
-                before = _unchanging(handle)
+                before = fingerprint(source)
                 chunks = _paced(ctx, layer_chunks(move, handle), pace, counts)
                 sent = dest.upload(move.dest, chunks, os.fstat(handle.fileno()).st_size)
-                if _unchanging(handle) != before:
+                if fingerprint(source) != before:
                     # what was sent may mix two versions: the proof below
                     # would only show that they arrived
                     raise errors.OperationFailed(f"{move.source} changed while it was uploaded "
@@ -186,13 +186,6 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
         dest.delete(marker)
         record.markers.remove(marker)
     store.advance(record, MovePhase.COPIED)
-
-
-def _unchanging(handle: IO[bytes]) -> tuple[object, ...]:
-    """What tells a layer changed while it was read: its identity, size
-    and mtime (as local copies check)."""
-    st = os.fstat(handle.fileno())
-    return image_key(handle.name), st.st_size, st.st_mtime_ns
 
 
 def _paced(ctx: Context, chunks: Iterator[bytes], pace: Pace,

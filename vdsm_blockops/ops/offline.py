@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..core import errors
-from ..core.identity import image_key, is_block_device
+from ..core.identity import ImageKey, fingerprint, is_block_device
 from ..core.model import Method, Mode, Strategy
 from ..engine import prepared, qemuimg
 from ..engine.copying import copy_proven
@@ -109,7 +109,7 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
     definition names DEST, the domain is checked to be still shut off and
     its images unchanged since the record was written."""
     active = images[plan.chain_before[0]]
-    seen = {path: _fingerprint(path) for path in plan.chain_before}
+    seen = {path: fingerprint(path) for path in plan.chain_before}
     if plan.mode is Mode.FULL:
         if not reuse_external:
             creator.reserve(plan.dest)
@@ -163,12 +163,7 @@ def relocate(ctx: Context, domain: Domain, plan: RelocatePlan, images: dict[str,
     point_persistent_definition(domain, plan.disk, plan.dest, plan.format.value)
 
 
-def _fingerprint(path: str) -> tuple[object, ...]:
-    st = os.stat(path)
-    return image_key(path), st.st_size, st.st_mtime_ns
-
-
-def _still_off_and_unchanged(domain: Domain, seen: dict[str, tuple[object, ...]]) -> None:
+def _still_off_and_unchanged(domain: Domain, seen: dict[str, tuple[ImageKey, int, int]]) -> None:
     """Before the definition names the copies: the domain is still shut off
     and its images are the ones copied, unchanged (identity, size, mtime).
     The copies held QEMU's image locks, so a start during them failed; a
@@ -179,7 +174,7 @@ def _still_off_and_unchanged(domain: Domain, seen: dict[str, tuple[object, ...]]
         raise errors.Conflict(f"{domain.name} was started during the copy: its images may have "
                               "been written since, so the copies are not used")
     for path, before in seen.items():
-        if _fingerprint(path) != before:
+        if fingerprint(path) != before:
             raise errors.Conflict(f"{path} changed during the copy: the copies are not used")
 
 
