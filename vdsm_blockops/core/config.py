@@ -182,11 +182,17 @@ def _check(path: str, key: str, value: object) -> object:
 LOCAL_HOSTS = {"", "localhost", "localhost.localdomain", "127.0.0.1", "::1"}
 
 
+def names_a_host(uri: str) -> bool:
+    """Whether the libvirt URI ``uri`` names a host (``qemu:///system``
+    names none: the local daemon)."""
+    return not re.fullmatch(r"[a-z0-9+]+:///[^?#]*", uri)
+
+
 def require_local_uri(uri: str) -> None:
     """Verbs that read, copy or delete image files act on this node only: a
     libvirt URI naming another host would run jobs there while files are
     handled here. Refused (exit 2) before anything happens."""
-    if re.fullmatch(r"[a-z0-9+]+:///[^?#]*", uri):  # no host at all: the usual case
+    if not names_a_host(uri):  # the usual case
         return
     from urllib.parse import urlsplit
 

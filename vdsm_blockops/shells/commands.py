@@ -8,7 +8,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..core import errors
-from ..core.config import load_config
+from ..core.config import load_config, names_a_host
 from ..core.reports import Report
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class Env:
 
     def require_this_node(self) -> None:
         """A URI naming a host must reach this very node (host UUID)."""
-        if "://" in self.uri and not self.uri.split("://", 1)[1].startswith("/"):
+        if names_a_host(self.uri):  # else the local daemon: no connection needed to know
             from ..virt.connection import require_this_node
 
             require_this_node(self.conn)

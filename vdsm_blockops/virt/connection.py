@@ -262,10 +262,11 @@ def require_this_node(conn: Connection) -> None:
     delete image files act on this node only: decided by the node's
     identity, its host UUID against that of the local daemon, never by the
     address."""
-    import re
     from urllib.parse import urlsplit
 
-    if re.fullmatch(r"[a-z0-9+]+:///[^?#]*", conn.uri):
+    from ..core.config import names_a_host
+
+    if not names_a_host(conn.uri):
         return  # no host: the local daemon
     parts = urlsplit(conn.uri)
     local = f"{parts.scheme.split('+', 1)[0]}://{parts.path}"
