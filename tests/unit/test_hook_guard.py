@@ -425,3 +425,18 @@ def test_a_backing_name_that_is_no_utf8_is_the_file_qemu_opens(state, tmp_path):
     os.unlink(base)
     rc, err = hook(state, "prepare", "begin", domain_xml(top))
     assert rc == 1 and "caf\\xe9.raw" in err and "missing" in err  # escaped when printed
+
+
+def test_a_folder_whose_markers_cannot_be_listed_refuses(state, chain, monkeypatch):
+    """Markers unknown is no start allowed: the guard cannot decide."""
+    real = os.listdir
+    folder = os.path.dirname(chain[0])
+
+    def listdir(path="."):
+        if os.fspath(path) == folder:
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    rc, err = hook(state, "prepare", "begin", domain_xml(chain[-1]))
+    assert rc == 1 and "cannot decide" in err and "Input/output error" in err

@@ -146,10 +146,9 @@ def unfinished_copy(path: str) -> dict[str, object] | None:
     it (a move writes its marker before its first file): it is returned,
     as ``{"marker", "unreadable"}``, for those alone."""
     folder = os.path.dirname(path)
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX))
-    except OSError:
-        return None
+    # A folder that cannot be listed (an I/O error) may hold a marker: the
+    # OSError goes up and the guard, unable to decide, refuses.
+    names = sorted(n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX))
     for name in names:
         marker = os.path.join(folder, name)
         try:
