@@ -48,13 +48,11 @@ def find(state: StateDir, record_id: str | None = None,
          owner_pid: int | None = None) -> dict[str, Any] | None:
     """The note about record ``record_id``, or about an operation of the
     process ``owner_pid`` -- read once: it is removed."""
-    try:
-        names = os.listdir(_folder(state))
+    try:  # a record's note by its name; an owner's among them all
+        names = [f"{record_id}.json"] if record_id is not None else os.listdir(_folder(state))
     except OSError:
         return None
     for name in names:
-        if record_id is not None and name != f"{record_id}.json":
-            continue
         try:
             with open(os.path.join(_folder(state), name), encoding="utf-8") as handle:
                 note = json.load(handle)
