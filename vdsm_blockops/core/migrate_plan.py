@@ -12,6 +12,7 @@ the top). A layer shared by several disks (a template) is copied once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,9 @@ from .reports import JSON, Report, Retired
 # The qcow2 header fields that hold the backing name (qcow2 spec).
 BACKING_OFFSET = struct.Struct(">QI")  # offset, size at byte 8
 CLUSTER_BITS_AT = 20
-MARKER_PREFIX = ".vdsm-blockops-incoming-"  # beside the files of an unfinished upload
+MARKER_PREFIX = ".vdsm-blockops-incoming-"  # beside a file whose upload is unfinished
+# beside the files a move counts on there (made or reused), until it ended
+CLAIM_PREFIX = ".vdsm-blockops-uses-"
 
 
 @dataclass
@@ -229,5 +232,12 @@ def checkpoint_order(parents: dict[str, str | None]) -> list[str]:
     return ordered
 
 
-def marker_name(uuid: str) -> str:
-    return f"{MARKER_PREFIX}{uuid}.json"
+def marker_name(uuid: str, dest: str = "") -> str:
+    """The marker of the unfinished upload of ``dest`` by the move of
+    domain ``uuid`` (one per file: a file is named until it is proven)."""
+    tag = f"-{hashlib.sha1(os.path.basename(dest).encode()).hexdigest()[:12]}" if dest else ""
+    return f"{MARKER_PREFIX}{uuid}{tag}.json"
+
+
+def claim_name(uuid: str) -> str:
+    return f"{CLAIM_PREFIX}{uuid}.json"

@@ -46,6 +46,10 @@ class MigrationRecord:
     # the digest tells ours from a file someone else put there since
     created: list[dict[str, Any]] = field(default_factory=list)
     markers: list[str] = field(default_factory=list)  # beside an unfinished upload
+    # the claims this move left on the destination (``ops/dest_files.py``),
+    # and the layers it found there with its bytes and did not upload
+    claims: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)  # XML, parents first
     id: str = field(default_factory=lambda: os.urandom(6).hex())
     started_at: float = field(default_factory=time.time)

@@ -18,11 +18,8 @@ lets the destination's hook refuse a domain that would start on them.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from ..core import errors
-from ..core.headers import NotAnImage
 from ..core.identity import fingerprint, same_images
 from ..core.migrate_plan import (
     LayerMove,
@@ -51,11 +47,10 @@ from ..engine.context import (
     running_domain,
 )
 from ..engine.copying import Pace
-from ..engine.images import run_command
 from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
 from ..virt.remote import RemoteNode
-from . import moved
-from .move_plan import checkpoint_xmls, layer_chunks, make_plan
+from . import dest_files, moved
+from .move_plan import checkpoint_xmls, empty_active, layer_chunks, local_digest, make_plan
 from .moved import MOVE_LOCK
 
 if TYPE_CHECKING:
@@ -138,19 +133,17 @@ def _plan_still_holds(domain: Domain, plan: MigratePlan) -> None:
 # ------------------------------------------------------------ copy
 def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: MigrationRecord,
                 store: MigrationStore, reused: list[str]) -> None:
-    """Every read-only layer uploaded and proven, then every active layer
-    created on its chain; the marker beside them until all are proven."""
+    """Every read-only layer uploaded and proven -- or found there already
+    with our bytes (a template: another move's upload of it awaited, never
+    written beside) -- then every active layer created on its chain. The
+    move's claims stand in every destination folder from before its first
+    byte (``ops/dest_files.py``), a marker beside each file until proven."""
     store.advance(record, MovePhase.COPYING)
     dest.make_folders(plan.dest_folders)
+    dest_files.claim(dest, plan, record, store)
+    record.reused = list(reused)
+    store.save(record)
     new = [m for m in plan.layers if m.dest not in reused]
-    marker_body = json.dumps({"domain": plan.domain, "uuid": plan.uuid, "record": record.id,
-                              "source": socket.gethostname(),
-                              "files": [m.dest for m in new]}).encode()
-    for folder in sorted({os.path.dirname(m.dest) for m in new}):
-        marker = os.path.join(folder, marker_name(plan.uuid))
-        record.markers.append(marker)
-        store.save(record)
-        dest.upload(marker, iter([marker_body]), len(marker_body))
     pace = Pace(req_rate(record), ctx.budget)
     counts = [0, sum(m.size for m in new if not m.active)]  # bytes sent, in all
     # One at a time: two uploads side by side moved no more bytes per
@@ -158,34 +151,79 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
     # other in 4.2 s too).
     with contextlib.ExitStack() as scratch:  # the active layers made here
         for move in new:
-            entry: dict[str, Any] = {"path": move.dest, "digest": "", "active": move.active}
-            record.created.append(entry)  # before it exists: a crash mid-upload leaves it named
-            store.save(record)
-            source = _empty_active(move, scratch) if move.active else move.source
-            started = time.monotonic()
-            with open(source, "rb") as handle:
-                before = fingerprint(source)
-                chunks = _paced(ctx, layer_chunks(move, handle), pace, counts)
-                sent = dest.upload(move.dest, chunks, os.fstat(handle.fileno()).st_size)
-                if fingerprint(source) != before:
-                    # what was sent may mix two versions: the proof below
-                    # would only show that they arrived
-                    raise errors.OperationFailed(f"{move.source} changed while it was uploaded "
-                                                 "(a checkpoint deleted, a merge?): the copy is "
-                                                 "not proven")
-            uploaded = time.monotonic()
-            ctx.budget.check("the copy of the layers")
-            if dest.digest(move.dest, lambda: ctx.budget.check("the proof of the copies")) != sent:
-                raise errors.OperationFailed(f"the copy of {move.source} on {dest.uri} "
-                                             f"({move.dest}) does not read back as sent")
-            log.info("%s: %d bytes uploaded in %.2f s, proven in %.2f s", move.dest, move.size,
-                     uploaded - started, time.monotonic() - uploaded)
-            entry["digest"] = sent
-            store.save(record)
-    for marker in list(record.markers):
+            while True:
+                if not move.active and _found_there(ctx, dest, move, plan.uuid):
+                    record.reused.append(move.dest)
+                    store.save(record)
+                    break
+                try:
+                    _upload(ctx, dest, move, record, store, (pace, counts), scratch)
+                    break
+                except FileExistsError as exc:  # another move made it since we looked
+                    if move.active:
+                        raise errors.OperationFailed(f"{exc}: made by another meanwhile") from None
+    store.advance(record, MovePhase.COPIED)
+
+
+def _found_there(ctx: Context, dest: RemoteNode, move: LayerMove, uuid: str) -> bool:
+    """Whether the destination holds ``move``'s layer with our bytes (after
+    any upload of it by another move ended); OperationFailed when it holds
+    other bytes under that name."""
+    if dest.size(move.dest) is None:
+        return False
+    dest_files.await_upload(ctx, dest, move.dest, uuid)
+    if dest.size(move.dest) is None:
+        return False  # that upload was rolled back: ours to make
+    if dest.digest(move.dest, lambda: ctx.budget.check("the proof of the copies")) \
+            != local_digest(move):
+        raise errors.OperationFailed(f"{dest.uri} has {move.dest} (for {move.source}) with other "
+                                     "contents, made while this move was planned: choose "
+                                     "another --dest-dir")
+    log.info("%s: on %s already with our bytes: reused", move.dest, dest.uri)
+    return True
+
+
+def _upload(ctx: Context, dest: RemoteNode, move: LayerMove, record: MigrationRecord,
+            store: MigrationStore, pacing: tuple[Pace, list[int]],
+            scratch: contextlib.ExitStack) -> None:
+    """One layer made there: marker, upload, proof, marker removed.
+    FileExistsError (nothing of ours left) when the file is already there."""
+    marker = os.path.join(os.path.dirname(move.dest), marker_name(record.uuid, move.dest))
+    record.markers.append(marker)
+    entry: dict[str, Any] = {"path": move.dest, "digest": "", "active": move.active}
+    record.created.append(entry)  # before it exists: a crash mid-upload leaves it named
+    store.save(record)
+    try:
+        dest_files.put_note(dest, marker, dest_files.note_body(record, [move.dest]))
+        source = empty_active(move, scratch) if move.active else move.source
+        started = time.monotonic()
+        with open(source, "rb") as handle:
+            before = fingerprint(source)
+            chunks = _paced(ctx, layer_chunks(move, handle), *pacing)
+            sent = dest.upload(move.dest, chunks, os.fstat(handle.fileno()).st_size)
+    except FileExistsError:
+        record.created.remove(entry)
         dest.delete(marker)
         record.markers.remove(marker)
-    store.advance(record, MovePhase.COPIED)
+        store.save(record)
+        raise
+    if fingerprint(source) != before:
+        # what was sent may mix two versions: the proof below would only
+        # show that they arrived
+        raise errors.OperationFailed(f"{move.source} changed while it was uploaded (a "
+                                     "checkpoint deleted, a merge?): the copy is not proven")
+    uploaded = time.monotonic()
+    ctx.budget.check("the copy of the layers")
+    if dest.digest(move.dest, lambda: ctx.budget.check("the proof of the copies")) != sent:
+        raise errors.OperationFailed(f"the copy of {move.source} on {dest.uri} "
+                                     f"({move.dest}) does not read back as sent")
+    log.info("%s: %d bytes uploaded in %.2f s, proven in %.2f s", move.dest, move.size,
+             uploaded - started, time.monotonic() - uploaded)
+    entry["digest"] = sent
+    store.save(record)
+    dest.delete(marker)
+    record.markers.remove(marker)
+    store.save(record)
 
 
 def _paced(ctx: Context, chunks: Iterator[bytes], pace: Pace,
@@ -199,30 +237,6 @@ def _paced(ctx: Context, chunks: Iterator[bytes], pace: Pace,
 
 def req_rate(record: MigrationRecord) -> int:
     return int(record.request.get("bandwidth_mib_s") or 0)
-
-
-def _empty_active(move: LayerMove, scratch: contextlib.ExitStack) -> str:
-    """A local file holding the new, empty active layer as the destination
-    needs it: qcow2 on its backing name there, or a sparse raw image."""
-    folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix="vdsm-blockops-"))
-    path = os.path.join(folder, "active")
-    if move.format == "raw":
-        with open(path, "wb") as handle:
-            handle.truncate(move.virtual_size)
-    else:
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={_cluster(move)}"]
-        if move.backing_name:
-            argv += ["-u", "-b", move.backing_name, "-F", move.backing_format or "raw"]
-        run_command(argv + [path, str(move.virtual_size)])
-    return path
-
-
-def _cluster(move: LayerMove) -> int:
-    with open(move.source, "rb") as handle:
-        head = handle.read(24)
-    if head[:4] != b"QFI\xfb":
-        raise NotAnImage(f"{move.source} is not a qcow2 image")
-    return 1 << int.from_bytes(head[20:24], "big")
 
 
 def _progress(ctx: Context, what: str, done: int, total: int) -> None:

@@ -3,12 +3,15 @@ changes on either node: the disks' kinds (files only; network and shared
 file systems have nothing to copy; devices and pool volumes are refused by
 name), encryption secrets the destination lacks, files of the same name
 there (a read-only layer with exactly our bytes is reused: a template an
-earlier move put there), room in each destination folder."""
+earlier move put there; one another move is uploading is awaited by the
+copy), room in each destination folder. And how a layer is made there."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
@@ -16,6 +19,7 @@ import libvirt
 
 from ..core import errors
 from ..core.chain import parse_xml
+from ..core.headers import NotAnImage
 from ..core.migrate_plan import (
     LayerMove,
     MigratePlan,
@@ -26,10 +30,11 @@ from ..core.migrate_plan import (
     with_backing_name,
 )
 from ..engine.context import Context
-from ..engine.images import ImageInfo, read_chain
+from ..engine.images import ImageInfo, read_chain, run_command
 from ..engine.records import RecordStore
 from ..engine.storage import filesystem_type
 from ..virt.remote import RemoteNode
+from .dest_files import uploading
 
 if TYPE_CHECKING:
     from ..virt import Domain
@@ -157,9 +162,12 @@ def _check_destination(ctx: Context, dest: RemoteNode, plan: MigratePlan) -> lis
             exists, _, room = dest.folder_state(above)
         free[above] = room
         for move in (m for m in plan.layers if os.path.dirname(m.dest) == folder):
-            if os.path.basename(move.dest) not in names:
+            if os.path.basename(move.dest) not in names or (
+                    not move.active and uploading(dest, move.dest, plan.uuid)):
+                # absent, or another move's upload of it runs: the copy
+                # waits for it to be proven, then reuses it (or makes it)
                 need[above] = need.get(above, 0) + move.size
-            elif move.active or dest.digest(move.dest) != _local_digest(move):
+            elif move.active or dest.digest(move.dest) != local_digest(move):
                 raise errors.UnsafeRequest(
                     f"{dest.uri} already has {move.dest} (for {move.source}) with other "
                     "contents: nothing was changed; choose another --dest-dir")
@@ -175,7 +183,7 @@ def _check_destination(ctx: Context, dest: RemoteNode, plan: MigratePlan) -> lis
     return reused
 
 
-def _local_digest(move: LayerMove) -> str:
+def local_digest(move: LayerMove) -> str:
     digest = hashlib.sha256()
     with open(move.source, "rb") as handle:
         for chunk in layer_chunks(move, handle):
@@ -204,3 +212,28 @@ def checkpoint_xmls(domain: Domain) -> list[str]:
 
 def _host_uuid(ctx: Context) -> str:
     return ctx.conn.host_uuid()
+
+
+def empty_active(move: LayerMove, scratch: contextlib.ExitStack) -> str:
+    """A local file holding the new, empty active layer as the destination
+    needs it: qcow2 on its backing name there, or a sparse raw image."""
+    folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix="vdsm-blockops-"))
+    path = os.path.join(folder, "active")
+    if move.format == "raw":
+        with open(path, "wb") as handle:
+            handle.truncate(move.virtual_size)
+    else:
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2",
+                "-o", f"cluster_size={cluster_size(move)}"]
+        if move.backing_name:
+            argv += ["-u", "-b", move.backing_name, "-F", move.backing_format or "raw"]
+        run_command(argv + [path, str(move.virtual_size)])
+    return path
+
+
+def cluster_size(move: LayerMove) -> int:
+    with open(move.source, "rb") as handle:
+        head = handle.read(24)
+    if head[:4] != b"QFI\xfb":
+        raise NotAnImage(f"{move.source} is not a qcow2 image")
+    return 1 << int.from_bytes(head[20:24], "big")

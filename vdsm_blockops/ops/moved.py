@@ -36,6 +36,7 @@ from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
 from ..engine.storage import unlink_images
 from ..engine.users import chain_users
 from ..virt.remote import RemoteNode
+from . import dest_files
 
 if TYPE_CHECKING:
     from ..virt import Domain
@@ -130,9 +131,15 @@ def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
     store.advance(record, MovePhase.ROLLING_BACK)
     plan = MigratePlan.from_json(record.plan)
     names = {m.dest: m.backing_name for m in plan.layers}
+    # A file another domain or move there uses (a template a later move
+    # reused) stays, whoever made it: asked on the destination.
+    others = dest_files.kept_by_others(dest, [e["path"] for e in record.created], record.uuid)
     for entry in reversed(record.created):
         path = entry["path"]
-        if not dest.exists(path):
+        if dest.size(path) is None:
+            continue
+        if path in others:
+            log.warning("%s on %s: kept, %s uses it", path, dest.uri, others[path])
             continue
         if entry["digest"] and not entry.get("active"):
             ours = dest.digest(path) == entry["digest"]
@@ -147,6 +154,7 @@ def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
             log.warning("%s on %s changed since the move made it: kept", path, dest.uri)
     for marker in record.markers:
         dest.delete(marker)
+    dest_files.drop_claims(dest, record, store)
     dest.release(plan.dest_folders)
     dest.remove_empty(plan.new_folders)
     source = source_domain(ctx, record.uuid)
@@ -181,10 +189,11 @@ def finish(ctx: Context, dest: RemoteNode, record: MigrationRecord,
     if source is not None:
         source.undefine_moved()
     retired, deleted = retire_source(ctx, plan, req.delete_source)
+    dest_files.drop_claims(dest, record, store)  # its domain there holds them now
     dest.release(plan.dest_folders)
     store.drop(record)
-    return report(plan, req, dest, dry_run=False, reused=[], retired=retired, deleted=deleted,
-                  record=record)
+    return report(plan, req, dest, dry_run=False, reused=record.reused, retired=retired,
+                  deleted=deleted, record=record)
 
 
 def _redefine_checkpoints(remote: libvirt.virDomain, checkpoints: list[str]) -> None:

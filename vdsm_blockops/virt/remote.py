@@ -60,10 +60,8 @@ class RemoteNode:
             self.host_uuid = host_uuid_of(self.conn)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
-        except libvirt.libvirtError:
-            pass
 
     # -- folders
     def _pool(self, folder: str, create: bool,
@@ -91,9 +89,12 @@ class RemoteNode:
         with libvirt_errors(f"{self.uri}: storage pools"):
             for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
                 if parse_xml(pool.XMLDesc(0)).findtext("target/path") == folder:
-                    if refresh:
-                        pool.refresh(0)
-                    return pool
+                    try:
+                        if refresh:
+                            pool.refresh(0)
+                    except libvirt.libvirtError as exc:  # another move's upload runs into it:
+                        log.debug("%s: %s not refreshed: %s", self.uri, folder, exc)  # its
+                    return pool  # volumes are listed (made through this pool)
         return None
 
     def release(self, folders: list[str]) -> None:
@@ -173,9 +174,10 @@ class RemoteNode:
                 raise errors.OperationFailed(f"{self.uri}: {path} is not there")
             yield volume
 
-    def exists(self, path: str) -> bool:
+    def size(self, path: str) -> int | None:
+        """The bytes ``path`` holds (its allocation); None when it is not there."""
         with self._volume(path, refresh=True) as volume:
-            return volume is not None
+            return None if volume is None else int(volume.info()[2])
 
     def remove_empty(self, folders: list[str]) -> None:
         """Remove each of ``folders`` (deepest first) that is empty, through
@@ -231,6 +233,8 @@ class RemoteNode:
         try:
             return pool.createXML(xml, 0)
         except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
+                raise FileExistsError(f"{self.uri}: {path} exists") from exc  # never written
             if _active(pool):
                 raise errors.OperationFailed(f"{self.uri}: cannot create {path}: {exc}") from exc
         # another move released the folder's pool meanwhile: start it again
@@ -318,20 +322,18 @@ class RemoteNode:
             raise errors.OperationFailed(f"{self.uri}: domain {uuid}: {exc}") from exc
 
     def domain_by_name(self, name: str) -> libvirt.virDomain | None:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             return self.conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return None
+        return None
 
     def has_secret(self, uuid: str | None, usage: tuple[int, str] | None) -> bool:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             if uuid:
                 self.conn.secretLookupByUUIDString(uuid)
             elif usage:
                 self.conn.secretLookupByUsage(*usage)
             return True
-        except libvirt.libvirtError:
-            return False
+        return False
 
 
 def _active(pool: libvirt.virStoragePool) -> bool:
@@ -353,7 +355,5 @@ def _escape(text: str) -> str:
 
 
 def _abort(stream: libvirt.virStream) -> None:
-    try:
+    with contextlib.suppress(libvirt.libvirtError):
         stream.abort()
-    except libvirt.libvirtError:
-        pass

@@ -1,0 +1,86 @@
+"""Moves of VMs built on one template onto one destination folder: the
+template crosses the wire once, a move that finds it being uploaded by
+another waits for that upload to be proven and reuses it, and a roll-back
+never deletes a file another domain on the destination runs on (asked
+there, through node B's libvirt)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import nodes
+import rig
+from rig import LayerSpec, Write
+from test_migrate import (
+    assert_b_holds,
+    finish,
+    migrate,
+    one_running_copy,
+    record_of,
+    wait_for_phase,
+)
+
+
+def template_vms(make_vm, workdir, tops: list[list[LayerSpec]], base_mib: int = 8):
+    """One VM per entry of ``tops``, each a chain of those layers on the
+    same template ``workdir``/tmpl/base.qcow2; started."""
+    base = os.path.join(workdir, "tmpl", "base.qcow2")
+    os.makedirs(os.path.dirname(base))
+    vms = []
+    for pos, layers in enumerate(tops):
+        vm = make_vm()
+        placed = [(base, None, LayerSpec("T", [] if pos else [Write(0x11, 0, base_mib)]))]
+        for layer in layers:
+            placed.append((os.path.join(vm.dir, f"{layer.name}.qcow2"), placed[-1][0], layer))
+        disk = vm.add_layers("vda", placed, reference_from=base if pos else None)
+        vms.append((vm.start(), disk))
+    return base, vms
+
+
+def test_a_template_in_upload_is_awaited_reused_and_kept_by_a_roll_back(make_vm, node_b,
+                                                                          config, workdir,
+                                                                          test_root):
+    """x1's move uploads the template slowly; x3's move to the same folder
+    waits for it to be proven and reuses it (reported so), and runs on node
+    B on it. x1's move is then aborted: its roll-back removes x1's own
+    layers there and keeps the template, which x3 runs on -- x3 starts
+    again there with every write. (Before: x3 was refused, or, once the
+    template was proven, reused it and lost it to x1's roll-back.)"""
+    conn_b, root = node_b
+    base, [(x1, disk1), (x3, disk3)] = template_vms(make_vm, workdir, [
+        [LayerSpec("mid", [Write(0x21, 8, 40)]), LayerSpec("top", [Write(0x31, 50, 1)])],
+        [LayerSpec("top", [Write(0x32, 50, 1)])]])
+    dest_dir = os.path.join(workdir, "drained")
+    base_on_b = nodes.on_b(root, test_root, os.path.join(dest_dir, "tmpl", "base.qcow2"))
+    first = migrate(x1, config, dest_dir, "--bandwidth", "2")
+    wait_for_phase(workdir, x1.dom.UUIDString(), ["copying"], first)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(base_on_b):  # the template's upload has begun
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.02)
+    rc, out, err = finish(migrate(x3, config, dest_dir))
+    assert rc == 0, (out, err)
+    x3.created = False
+    assert [(c["dest"], c["reused"]) for c in out["copied"]] == [
+        (os.path.join(dest_dir, "tmpl", "base.qcow2"), True)], out
+    assert out["bytes_to_copy"] == 0
+    # x1 still uploads its own layer: aborted, its move rolls back
+    assert first.poll() is None, finish(first)
+    rc, aborted, err = rig.cli("abort", x1.name, "all", config=config)
+    assert rc == 0 and [o["result"] for o in aborted["recover"]] == ["rolled-back"], (aborted, err)
+    assert finish(first)[0] == 1
+    assert one_running_copy(x1, conn_b) == "a"
+    assert record_of(workdir, x1.dom.UUIDString()) is None
+    assert not os.path.exists(nodes.on_b(root, test_root, os.path.join(dest_dir, x1.name)))
+    assert os.path.exists(base_on_b)  # x3 runs on it
+    disk1.assert_guest_data()
+    assert rig.cli("verify", x1.name, config=config)[0] == 0
+    # x3 restarts on node B, on the template it shares, with its data
+    moved = conn_b.lookupByName(x3.name)
+    moved.destroy()
+    moved.create()
+    moved.destroy()
+    assert_b_holds(disk3, os.path.join(dest_dir, x3.name, "top.qcow2"))
+    notes = [n for n in os.listdir(os.path.dirname(base_on_b)) if n.startswith(".vdsm")]
+    assert notes == []  # no claim or marker left behind
