@@ -6,7 +6,9 @@ there, through node B's libvirt)."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 
 import nodes
@@ -84,3 +86,41 @@ def test_a_template_in_upload_is_awaited_reused_and_kept_by_a_roll_back(make_vm,
     assert_b_holds(disk3, os.path.join(dest_dir, x3.name, "top.qcow2"))
     notes = [n for n in os.listdir(os.path.dirname(base_on_b)) if n.startswith(".vdsm")]
     assert notes == []  # no claim or marker left behind
+
+
+def test_the_drain_role_copies_a_shared_template_once(make_vm, node_b, config, workdir,
+                                                       test_root):
+    """Three running VMs on one template drained by the role with
+    ``source_root``, all three at once: the template is uploaded by one
+    move (the others wait for it and reuse it), every VM runs on node B on
+    it and starts again there with its data."""
+    from test_ansible import PLAYBOOKS, play
+
+    conn_b, root = node_b
+    base, vms = template_vms(make_vm, workdir, [[LayerSpec("top", [Write(0x40 + i, 20, 1)])]
+                                                for i in range(3)], base_mib=24)
+    inventory = os.path.join(workdir, "nodes.ini")
+    with open(inventory, "w") as handle:
+        handle.write(f"[nodes]\nnode1 ansible_connection=local ansible_python_interpreter="
+                     f"{sys.executable} blockops_uri={rig.TEST_URI} blockops_config={config}\n")
+    dest_dir = os.path.join(workdir, "drained")
+    extra = json.dumps({"target_hosts": "node1", "destinations": [nodes.URI],
+                        "dest_dir": dest_dir, "source_root": workdir, "per_node_limit": 3,
+                        "migrate_uris": {nodes.URI: "tcp://127.0.0.1"}})
+    rc, recap, out = play(inventory, os.path.join(PLAYBOOKS, "drain.yml"), "-e", extra)
+    assert rc == 0 and recap["node1"]["failed"] == 0, out
+    moves = [e for e in rig.cli("history", config=config)[1]["entries"]
+             if e["operation"] == "migrate"]
+    assert len(moves) == 3 and all(e["outcome"] == "ok" for e in moves), moves
+    template = os.path.getsize(base)
+    assert sorted(e["bytes"] >= template for e in moves) == [False, False, True], moves
+    base_on_b = nodes.on_b(root, test_root, os.path.join(dest_dir, "tmpl", "base.qcow2"))
+    assert os.listdir(os.path.dirname(base_on_b)) == ["base.qcow2"]  # no note left
+    for vm, disk in vms:
+        vm.created = False
+        moved = conn_b.lookupByName(vm.name)
+        assert moved.isActive()
+        moved.destroy()
+        moved.create()
+        moved.destroy()
+        assert_b_holds(disk, os.path.join(dest_dir, vm.name, "top.qcow2"))

@@ -65,3 +65,27 @@ def test_evacuate_and_drain_report_moved_only_on_the_modules_word():
     assert noted["moved"] is True
     (noted,) = outcome("drain", "drain_results", [job(msg="Timeout exceeded", failed=True)])
     assert noted["moved"] is False
+
+
+def test_a_disk_all_report_has_a_diff_of_every_disk():
+    """Diff mode for disk=all (a report per disk) shows each disk's chains;
+    it showed nothing."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROLES, "..", "..", "..", ".."))
+    try:
+        from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
+            _chains,
+            chain_diff,
+        )
+    finally:
+        sys.path.pop(0)
+    report = {"disk": "all", "results": [
+        {"disk": "vdb", "chain_before": ["/a/vdb-top", "/a/vdb-base"], "chain_after": ["/b/vdb"]},
+        {"disk": "vda", "chain_before": ["/a/vda"], "chain_after": ["/b/vda"]}]}
+    diff = chain_diff(*_chains(report))
+    assert diff["before"] == "vda:\n  /a/vda\nvdb:\n  /a/vdb-base\n  /a/vdb-top\n"
+    assert diff["after"] == "vda:\n  /b/vda\nvdb:\n  /b/vdb\n"
+    assert chain_diff(*_chains({"chain_before": ["/t", "/b"], "chain_after": ["/t"]}))[
+        "before"] == "/b\n/t\n"
+    assert _chains({"disk": "all", "results": []}) is None

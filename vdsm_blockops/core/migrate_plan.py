@@ -42,6 +42,9 @@ class MigrateRequest:
     timeout_s: float | None = None
     dry_run: bool = False
     delete_source: bool = False  # remove the source's files once the move is verified
+    # the folder the layers are laid out from (default: the one they share):
+    # VMs moved from one such root to one dest_dir share their templates there
+    source_root: str | None = None
 
 
 @dataclass
@@ -142,15 +145,24 @@ class SourceImage:
     backing_format: str | None
 
 
-def plan_layout(chains: dict[str, list[SourceImage]], dest_dir: str) -> tuple[
-        list[DiskMove], list[LayerMove]]:
+def plan_layout(chains: dict[str, list[SourceImage]], dest_dir: str,
+                source_root: str | None = None) -> tuple[list[DiskMove], list[LayerMove]]:
     """Where each disk's layers go under ``dest_dir`` (``chains``: each
-    disk's images, active first)."""
-    if not os.path.isabs(dest_dir):
-        raise BadRequest(f"the destination folder must be an absolute path, not {dest_dir!r}")
+    disk's images, active first): as they lie under ``source_root``, by
+    default under the folder they share."""
+    for what, folder in (("destination folder", dest_dir), ("source root", source_root)):
+        if folder is not None and not os.path.isabs(folder):
+            raise BadRequest(f"the {what} must be an absolute path, not {folder!r}")
     dest_dir = clean_path(dest_dir)
     paths = [image.path for chain in chains.values() for image in chain]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    if source_root is not None:
+        outside = [p for p in paths if os.path.commonpath([p, clean_path(source_root)])
+                   != clean_path(source_root)]
+        if outside:
+            raise BadRequest(f"{outside[0]} is not under the source root {source_root}: "
+                             "choose a source root that holds every layer of the VM")
+        root = clean_path(source_root)
 
     def dest_of(path: str) -> str:
         return os.path.join(dest_dir, os.path.relpath(path, root))

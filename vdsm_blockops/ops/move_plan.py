@@ -93,7 +93,7 @@ def make_plan(ctx: Context, domain: Domain, dest: RemoteNode,
     if not chains:
         raise errors.BadRequest(f"domain {domain.name} has no disk with an image chain to move")
     _refuse_missing_secrets(xml, dest)
-    disks, layers = plan_layout(chains, req.dest_dir)
+    disks, layers = plan_layout(chains, req.dest_dir, req.source_root)
     parents = {name: parent for name, (parent, _) in domain.checkpoint_definitions().items()}
     plan = MigratePlan(domain=domain.name, uuid=domain.uuid, dest_uri=req.dest_uri,
                        dest_dir=req.dest_dir, disks=disks, layers=layers,

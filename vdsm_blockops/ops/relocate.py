@@ -30,7 +30,7 @@ from ..core.model import ImageFormat, Method, Mode, Operation
 from ..core.relocate_plan import RelocateFacts, RelocatePlan, plan_relocation
 from ..core.relocate_plan import RelocateRequest as RelocateRequest  # the entry point's request
 from ..core.reports import RelocateReport, Report, Retired
-from ..engine import prepared, volumes
+from ..engine import copies, prepared, volumes
 from ..engine.context import (
     Context,
     check_bandwidth,
@@ -39,6 +39,7 @@ from ..engine.context import (
     operation_domain,
     refuse_unsupported_images,
 )
+from ..engine.history import utc
 from ..engine.images import ImageInfo
 from ..engine.jobs import Outcome
 from ..engine.node import current_chain, planned_disk
@@ -54,9 +55,14 @@ if TYPE_CHECKING:
 
 def already_done(ctx: Context, req: RelocateRequest) -> str | None:
     """Why a re-run has nothing to do (the disk, or every disk for ``all``,
-    already runs on DEST -- decided by identity), or None."""
+    already runs on DEST; without a pivot: DEST is the copy an earlier run
+    made, unchanged -- decided by identity), or None."""
     if not req.pivot:
-        return None
+        made = None if req.disk == "all" else copies.made_earlier(ctx.state, req.domain,
+                                                                  req.disk, req.dest)
+        return None if made is None else (
+            f"{req.dest} is the copy of {req.domain} {req.disk} an earlier run made at "
+            f"{utc(made)}, unchanged since")
     disks = ctx.conn.domain(req.domain).spec().select(req.disk)
     if req.disk == "all":
         folder = image_key(req.dest)
@@ -67,7 +73,12 @@ def already_done(ctx: Context, req: RelocateRequest) -> str | None:
 
 
 def relocate(ctx: Context, req: RelocateRequest) -> Report:
-    return run_operation(ctx, Relocate(req), req.disk, req.dry_run)
+    report = run_operation(ctx, Relocate(req), req.disk, req.dry_run)
+    if not req.pivot and not req.dry_run:  # a standalone copy: known again on a re-run
+        for one in getattr(report, "results", [report]):
+            if isinstance(one, RelocateReport) and one.verified and os.path.isfile(one.dest):
+                copies.remember(ctx.state, one.domain, one.disk, one.dest)
+    return report
 
 
 def _enum(kind: type[Mode] | type[Method] | type[ImageFormat], value: str, what: str) -> Any:

@@ -112,6 +112,11 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest-dir", required=True, metavar="DIR",
                    help="where the images go, as the destination sees it (each chain keeps "
                         "its layout under it)")
+    p.add_argument("--source-root", metavar="DIR",
+                   help="lay the layers out under --dest-dir as they lie under "
+                        "DIR here (the node's image folder), so that VMs moved to one "
+                        "--dest-dir share their templates there (default: the folder the VM's "
+                        "layers share)")
     p.add_argument("--migrate-uri", metavar="URI",
                    help="where the destination's QEMU listens for the migration data "
                         "(tcp://ADDRESS; default: the destination's host name)")

@@ -121,15 +121,36 @@ def traced(module, ctx, operation, action):
 def exit_with_report(module, report, changed):
     """exit_json with the library's report, and the chains as a diff."""
     result = dict(report, changed=changed)
-    if module._diff and "chain_before" in report:
-        result["diff"] = chain_diff(report["chain_before"], report["chain_after"])
+    chains = _chains(report)
+    if module._diff and chains is not None:
+        result["diff"] = chain_diff(*chains)
     module.exit_json(**result)
 
 
+def _chains(report):
+    """(before, after) of a report: a disk's chains, or for disk=all (a
+    report per disk) every disk's, by name; None when it has none."""
+    if "results" in report:
+        per_disk = [r for r in report["results"] if "chain_before" in r]
+        if not per_disk:
+            return None
+        return ({r["disk"]: r["chain_before"] for r in per_disk},
+                {r["disk"]: r["chain_after"] for r in per_disk})
+    if "chain_before" in report:
+        return report["chain_before"], report["chain_after"]
+    return None
+
+
 def chain_diff(before, after):
-    return {"before": "\n".join(reversed(before)) + "\n",
-            "after": "\n".join(reversed(after)) + "\n",
+    return {"before": _chain_text(before), "after": _chain_text(after),
             "before_header": "chain (base first)", "after_header": "chain (base first)"}
+
+
+def _chain_text(chain):
+    if isinstance(chain, dict):  # per disk
+        return "".join(f"{disk}:\n" + "".join(f"  {path}\n" for path in reversed(paths))
+                       for disk, paths in sorted(chain.items()))
+    return "\n".join(reversed(chain)) + "\n"
 
 
 def chains_now(ctx, domain, disk):

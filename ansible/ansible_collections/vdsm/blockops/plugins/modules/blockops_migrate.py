@@ -34,6 +34,13 @@ options:
     description: Where the images go, as the destination node sees it.
     type: path
     required: true
+  source_root:
+    description:
+      - Lay the layers out under I(dest_dir) as they lie under this folder on the source node
+        (its image folder), so that VMs moved to one I(dest_dir) share their templates there:
+        a template is copied once per destination and reused by the next moves.
+      - Default - the folder the VM's layers share.
+    type: path
   migrate_uri:
     description: Where the destination's QEMU listens for the migration data (C(tcp://ADDRESS)).
     type: str
@@ -109,6 +116,7 @@ def main():
             domain=dict(type="str", required=True),
             dest_uri=dict(type="str", required=True),
             dest_dir=dict(type="path", required=True),
+            source_root=dict(type="path"),
             migrate_uri=dict(type="str"),
             bandwidth=dict(type="int", default=0),
             timeout=dict(type="float"),
@@ -126,7 +134,7 @@ def main():
     req = MigrateRequest(domain=p["domain"], dest_uri=p["dest_uri"], dest_dir=p["dest_dir"],
                          migrate_uri=p["migrate_uri"], bandwidth_mib_s=p["bandwidth"],
                          timeout_s=p["timeout"], dry_run=module.check_mode,
-                         delete_source=p["delete_source"])
+                         delete_source=p["delete_source"], source_root=p["source_root"])
     if module.check_mode:  # say what settling would do; change nothing
         pending = run(module, lambda: unfinished(ctx, p["domain"]))
         if pending:

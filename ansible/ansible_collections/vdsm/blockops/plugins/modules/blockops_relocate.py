@@ -12,8 +12,9 @@ description:
     it. C(chain) mode moves every layer into I(dest)'s folder and keeps the
     snapshots; C(full) makes one standalone image; C(shallow) moves only the
     active layer.
-  - Idempotent (a disk already at I(dest) is left alone); check mode returns
-    the plan; diff mode shows the chains.
+  - Idempotent - a disk already at I(dest) is left alone, and with I(pivot=false) so is the copy an
+    earlier run made at I(dest) while it is unchanged; check mode returns the plan; diff mode
+    shows the chains.
 version_added: "0.1.0"
 author: vdsm-blockops developers (@vdsm-blockops)
 extends_documentation_fragment:
@@ -128,6 +129,14 @@ relocated:
   description:
     - Whether the disk runs on I(dest) now, verified (relocated now, or by an earlier run) -
       what a play decides success by. False in check mode and with I(pivot=false).
+  returned: success
+  type: bool
+  sample: true
+copied:
+  description:
+    - With I(pivot=false) - whether I(dest) holds the verified copy of the disk, made now or by an
+      earlier run (then unchanged since, known by its identity) - what a play decides success by.
+      False in check mode and with a pivot.
   returned: success
   type: bool
   sample: true
@@ -248,18 +257,20 @@ def main():
                                                else os.path.dirname(p["dest"])):
         # An earlier task of the play (a folder to make) did not run in
         # check mode: predict, say what could not be checked.
-        module.exit_json(changed=True, would_relocate=True, relocated=False,
+        module.exit_json(changed=True, would_relocate=True, relocated=False, copied=False,
                          msg=f"check mode: the destination folder of {p['dest']} does not exist "
                              "yet; the rest of the plan is checked when it does")
     done = run(module, lambda: already_done(ctx, req))
     if done:
         now = run(module, lambda: chains_now(ctx, p["domain"], p["disk"]))
-        module.exit_json(changed=False, msg=done, relocated=True, **now)
+        module.exit_json(changed=False, msg=done, relocated=p["pivot"], copied=not p["pivot"],
+                         **now)
     report = run(module, lambda: traced(module, ctx, "relocate",
                                         lambda: relocate(ctx, req).to_json()))
     # the positive word a role decides by: the disk runs on DEST, verified
     verified = all(r.get("verified") for r in report.get("results") or [report])
     report["relocated"] = verified and p["pivot"] and not module.check_mode
+    report["copied"] = verified and not p["pivot"] and not module.check_mode
     report["would_relocate"] = module.check_mode
     exit_with_report(module, report, changed=True)
 
