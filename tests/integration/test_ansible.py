@@ -328,3 +328,55 @@ def test_roles_in_check_mode_change_nothing_and_predict(make_vm, inventory, work
         assert _snapshot_of(workdir, vms) == before, book
     for vm in vms:
         vm.disks["vda"].assert_guest_data()
+
+
+def test_a_copy_without_pivot_runs_again_as_ok_until_it_changes(make_vm, inventory, workdir):
+    """The module's own second EXAMPLE (pivot: false) run twice: the second
+    run finds the copy the first one made and reports ok (it failed, naming
+    a CLI flag); once the copy is written to, it is not ours any more and
+    is refused in the module's words. disk=all shows a diff per disk."""
+    vm = make_vm()
+    disk = vm.add_chain("vda", rig.four_layers())
+    vm.add_chain("vdb", [rig.LayerSpec("A", [rig.Write(0x41, 0, 1)]),
+                         rig.LayerSpec("B", [rig.Write(0x42, 1, 1)])])
+    vm.start()
+    copy = f"{workdir}/backup/vda.raw"
+    os.makedirs(os.path.dirname(copy), mode=0o755)
+    book = task_playbook(workdir, "copy", [f"""
+vdsm.blockops.blockops_relocate:
+  domain: {vm.name}
+  disk: vda
+  dest: {copy}
+  mode: full
+  format: raw
+  pivot: false
+  config: "{{{{ blockops_config }}}}"
+register: copied
+""", """
+assert:
+  that: [copied.copied, not copied.relocated]
+"""])
+    rc, recap, out = play(inventory, book)
+    assert rc == 0 and recap["node1"]["changed"] == 1, out
+    rig.run("qemu-img", "compare", "-f", "raw", "-F", "raw", copy, disk.reference)
+    assert disk.live_chain()[0] == disk.layers[-1]  # no pivot
+    rc, recap, out = play(inventory, book)
+    assert rc == 0 and recap["node1"]["changed"] == 0 and recap["node1"]["failed"] == 0, out
+    assert "an earlier run made" in out or recap["node1"]["ok"] == 2, out
+    with open(copy, "r+b") as handle:  # written to since: not the copy we made
+        handle.write(b"\0" * 512)
+    rc, recap, out = play(inventory, book)
+    assert rc != 0 and recap["node1"]["failed"] == 1, out
+    assert "--reuse-external" not in out and "--no-pivot" not in out, out
+    disk.assert_guest_data()
+    all_disks = task_playbook(workdir, "all", [f"""
+vdsm.blockops.blockops_relocate:
+  domain: {vm.name}
+  disk: all
+  dest: {workdir}/moved
+  config: "{{{{ blockops_config }}}}"
+"""])
+    os.makedirs(f"{workdir}/moved", mode=0o755)
+    rc, recap, out = play(inventory, all_disks, "--check", "--diff")
+    assert rc == 0 and recap["node1"]["changed"] == 1, out
+    assert "vda:" in out and "vdb:" in out and "+++ after: chain (base first)" in out, out
