@@ -380,3 +380,35 @@ vdsm.blockops.blockops_relocate:
     rc, recap, out = play(inventory, all_disks, "--check", "--diff")
     assert rc == 0 and recap["node1"]["changed"] == 1, out
     assert "vda:" in out and "vdb:" in out and "+++ after: chain (base first)" in out, out
+
+
+def test_an_evacuation_stopped_by_ansible_fails_the_host_and_settles_on_a_run_again(
+        make_vm, inventory, workdir, config):
+    """The relocation outlives the job time Ansible gives it (async): the
+    job is killed -- the role reports that disk NOT moved and fails the
+    host (an async timeout carries none of the keys it once looked for).
+    The play run again settles what the killed relocation left and moves
+    the disk, every write kept."""
+    old, new = f"{workdir}/old", f"{workdir}/new"
+    os.makedirs(new, mode=0o755)
+    vm = make_vm()
+    disk = vm.add_chain("vda", [rig.LayerSpec("A", [rig.Write(0x11, 0, 24)]),
+                                rig.LayerSpec("B", [rig.Write(0x22, 30, 1)])],
+                        directory=f"{old}/{vm.name}")
+    vm.start()
+    evacuate = os.path.join(PLAYBOOKS, "evacuate.yml")
+    common = ("-e", "target_hosts=node1", "-e", f"source_path={old}", "-e", f"dest_path={new}")
+    rc, recap, out = play(inventory, evacuate, *common, "-e", "job_timeout=3",
+                          "-e", "relocate_bandwidth=1")
+    assert rc != 0 and recap["node1"]["failed"] == 1, out
+    assert f"{vm.name} vda: NOT moved" in out and f"{vm.name} vda: moved" not in out, out
+    assert all(p.startswith(old) for p in disk.live_chain()), disk.live_chain()
+    disk.assert_guest_data()
+    rc, recap, out = play(inventory, evacuate, *common)
+    assert rc == 0 and recap["node1"]["failed"] == 0, out
+    assert f"{vm.name} vda: moved to {new}/{vm.name}/vda/" in out, out
+    assert all(p.startswith(f"{new}/{vm.name}/vda/") for p in disk.live_chain())
+    rc, jobs, err = rig.cli("jobs", vm.name, config=config)
+    assert not jobs["operations"], jobs  # nothing left unsettled
+    disk.assert_guest_data()
+    assert rig.cli("verify", vm.name, config=config)[0] == 0
