@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, real libvirt included: sets the node up first, runs
-# the static checks (mypy --strict, ruff, ansible-test sanity, ansible-lint), then pytest
+# the static checks (mypy --strict, ruff, ansible-test sanity, ansible-lint), the
+# collection's integration targets, then pytest
 # (whose summary closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ collection_check() {  # NAME SCRIPT
 }
 collection_check "ansible-test sanity" ansible/tests/sanity.sh
 collection_check "ansible-lint --profile production" ansible/tests/lint.sh
+collection_check "ansible-test integration (real libvirt)" ansible/tests/integration.sh
 set +e
 .venv/bin/python -m pytest tests "$@"
 rc=$?

@@ -37,7 +37,7 @@ options:
   source_root:
     description:
       - Lay the layers out under I(dest_dir) as they lie under this folder on the source node
-        (its image folder), so that VMs moved to one I(dest_dir) share their templates there:
+        (its image folder), so that VMs moved to one I(dest_dir) share their templates there -
         a template is copied once per destination and reused by the next moves.
       - Default - the folder the VM's layers share.
     type: path
