@@ -124,3 +124,40 @@ def test_the_drain_role_copies_a_shared_template_once(make_vm, node_b, config, w
         moved.create()
         moved.destroy()
         assert_b_holds(disk, os.path.join(dest_dir, vm.name, "top.qcow2"))
+
+
+def test_delete_source_waits_for_the_destination_and_keeps_layers_if_it_restarted(
+        make_vm, node_b, config, workdir, test_root):
+    """--delete-source unlinks the source layers only after the destination
+    had time to write its copies to disk (libvirt's upload does not fsync)
+    and ran on meanwhile: the layers of a VM whose domain on node B was
+    restarted in that window are kept (retired), those of one that ran on
+    are deleted. Before, both were unlinked at once."""
+    from test_migrate import big_vm
+
+    conn_b, root = node_b
+    with open(config, "a") as handle:
+        handle.write("dest_writeback_s: 25\n")  # past the migration itself
+    for restart in (True, False):
+        vm, disk = big_vm(make_vm, base_mib=4, top_mib=1)
+        layers = list(disk.layers)
+        proc = migrate(vm, config, vm.dir, "--delete-source")
+        wait_for_phase(workdir, vm.dom.UUIDString(), ["deleting"], proc)
+        assert all(os.path.exists(p) for p in layers)  # not before the wait
+        moved = conn_b.lookupByName(vm.name)
+        if restart:  # a crash of node B in the window, as far as the move can tell
+            moved.destroy()
+            moved.create()
+        rc, out, err = finish(proc)
+        assert rc == 0, (out, err)
+        vm.created = False
+        if restart:
+            assert out.get("deleted") is None, out
+            assert sorted(k["path"] for k in out.get("kept", [])) == sorted(layers), out
+            assert all(os.path.exists(p) for p in layers)
+        else:
+            assert sorted(out["deleted"]) == sorted(layers) and "kept" not in out, out
+            assert not any(os.path.exists(p) for p in layers)
+        assert record_of(workdir, vm.name) is None
+        conn_b.lookupByName(vm.name).destroy()
+        assert_b_holds(disk, disk.layers[-1])

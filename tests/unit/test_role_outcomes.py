@@ -18,7 +18,7 @@ def outcome(role, variable, results, check_mode=False):
 
     with open(os.path.join(ROLES, role, "tasks", "batch.yml")) as handle:
         tasks = yaml.safe_load(handle)
-    (noting,) = [t for t in tasks if "ansible.builtin.set_fact" in t]
+    (noting,) = [t for t in tasks if variable in t.get("ansible.builtin.set_fact", {})]
     expression = noting["ansible.builtin.set_fact"][variable]
     prefix = variable.split("_")[0]
     variables = {variable: [], f"{prefix}_finished": {"results": results},

@@ -7,6 +7,7 @@ Keys (all optional)::
     storage_roots: [/var/lib/libvirt/images, /srv/vm]   # relocate targets
     poll_interval_s: 0.5
     pivot_retries: 10
+    dest_writeback_s: 60   # migrate --delete-source waits this for the destination's disk
     # block volumes (qcow2 or raw on a device, e.g. an LV): how to grow one
     # before a job writes past its end, and how much room to leave for the
     # guest's writes during a job (also the step of each extension)
@@ -40,6 +41,10 @@ class Config:
     volume_create_command: tuple[str, ...] = ()
     volume_remove_command: tuple[str, ...] = ()
     volume_margin_mib: int = 1024
+    # migrate --delete-source: how long a destination needs to write what
+    # was uploaded to it onto its disk (its vm.dirty_expire_centisecs plus
+    # dirty_writeback_centisecs, 35 s by default, with margin)
+    dest_writeback_s: float = 60.0
 
 
 def load_config(path: str | None = None) -> Config:
@@ -151,6 +156,10 @@ def _check(path: str, key: str, value: object) -> object:
         if any(os.path.normpath(v) == "/" for v in value):
             raise bad("folders other than / (a root of / allows every destination)")
         return tuple(os.path.normpath(v) for v in value)
+    if key == "dest_writeback_s":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+            raise bad("a number of seconds between 0 and 3600")
+        return float(value)
     if key == "poll_interval_s":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.01 <= value <= 60:
             raise bad("a number of seconds between 0.01 and 60")

@@ -113,7 +113,7 @@ class MigrateReport(Report):
     """A move to another node: each disk's chain there, what was copied."""
 
     OPERATION = "migrate"
-    OPTIONAL = ("deleted", "record", "duration_s")
+    OPTIONAL = ("deleted", "kept", "record", "duration_s")
     domain: str
     dest_uri: str
     dest_host: str
@@ -129,6 +129,8 @@ class MigrateReport(Report):
     verified: bool
     finished: bool
     deleted: list[str] | None = None
+    # --delete-source: source layers not deleted (yet), {"path", "why"}
+    kept: list[dict[str, str]] | None = None
     record: str | None = None
     duration_s: float | None = None
 

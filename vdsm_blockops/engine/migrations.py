@@ -31,6 +31,9 @@ class MovePhase(StrEnum):
     COPIED = "copied"  # every file there and proven
     MIGRATING = "migrating"  # migrateToURI3 called
     MOVED = "moved"  # runs on the destination, not yet verified and retired
+    # verified there, the source retired; its layers deleted (--delete-source)
+    # once the destination's copies can no longer be lost to a crash there
+    DELETING = "deleting"
     ROLLING_BACK = "rolling-back"
 
 
@@ -50,6 +53,12 @@ class MigrationRecord:
     # and the layers it found there with its bytes and did not upload
     claims: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    copied_at: float = 0.0  # when the last copy was proven (time.time())
+    # --delete-source: when deleting may start, and how the domain ran on
+    # the destination then ([domain id, cpu time]): still so after the wait
+    # means the destination did not restart meanwhile
+    delete_after: float = 0.0
+    dest_run: list[int] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)  # XML, parents first
     id: str = field(default_factory=lambda: os.urandom(6).hex())
     started_at: float = field(default_factory=time.time)

@@ -162,6 +162,7 @@ def copy_layers(ctx: Context, dest: RemoteNode, plan: MigratePlan, record: Migra
                 except FileExistsError as exc:  # another move made it since we looked
                     if move.active:
                         raise errors.OperationFailed(f"{exc}: made by another meanwhile") from None
+    record.copied_at = time.time()
     store.advance(record, MovePhase.COPIED)
 
 

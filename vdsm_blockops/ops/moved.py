@@ -33,10 +33,9 @@ from ..core.migrate_plan import MigratePlan, MigrateReport, MigrateRequest
 from ..core.reports import RecordOutcome, Retired
 from ..engine.context import Context
 from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
-from ..engine.storage import unlink_images
-from ..engine.users import chain_users
 from ..virt.remote import RemoteNode
 from . import dest_files
+from .retire import delete_when_durable, retire_source
 
 if TYPE_CHECKING:
     from ..virt import Domain
@@ -77,6 +76,8 @@ def settle(ctx: Context, dest: RemoteNode, record: MigrationRecord, store: Migra
            wait_s: float | None = 0) -> tuple[str, MigrateReport | None]:
     """("finished", report) or ("rolled-back", None); JobTimeout while the
     migration job still runs after ``wait_s`` (None: as long as it runs)."""
+    if record.phase is MovePhase.DELETING:  # finished but for --delete-source
+        return "finished", finish(ctx, dest, record, store)
     deadline = None if wait_s is None else time.monotonic() + wait_s
     while (now := where(ctx, record, dest)) is Where.MOVING:
         if deadline is not None and time.monotonic() >= deadline:
@@ -174,26 +175,38 @@ def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
 # ------------------------------------------------------------ finish
 def finish(ctx: Context, dest: RemoteNode, record: MigrationRecord,
            store: MigrationStore) -> MigrateReport:
+    """Checkpoints redefined and the move verified there, the source
+    definition dropped and its layers retired -- and, with --delete-source,
+    deleted once the destination's copies are on its disk (``retire.py``)."""
     plan = MigratePlan.from_json(record.plan)
     req = MigrateRequest(**record.request)
     remote = dest.domain(record.uuid)
-    if remote is None:
-        raise errors.VerificationFailed(f"{record.domain} is not on {dest.uri}")
-    _redefine_checkpoints(remote, record.checkpoints)
-    problems = verify_on_destination(dest, remote, plan)
-    if problems:
-        raise errors.VerificationFailed(
-            f"the move of {record.domain} does not check out on {dest.uri}: "
-            + "; ".join(problems), problems=problems)
-    source = source_domain(ctx, record.uuid)
-    if source is not None:
-        source.undefine_moved()
-    retired, deleted = retire_source(ctx, plan, req.delete_source)
+    if record.phase is not MovePhase.DELETING:  # else all but the deletion was done
+        if remote is None:
+            raise errors.VerificationFailed(f"{record.domain} is not on {dest.uri}")
+        _redefine_checkpoints(remote, record.checkpoints)
+        problems = verify_on_destination(dest, remote, plan)
+        if problems:
+            raise errors.VerificationFailed(
+                f"the move of {record.domain} does not check out on {dest.uri}: "
+                + "; ".join(problems), problems=problems)
+        source = source_domain(ctx, record.uuid)
+        if source is not None:
+            source.undefine_moved()
+    retired = retire_source(ctx, plan)
     dest_files.drop_claims(dest, record, store)  # its domain there holds them now
     dest.release(plan.dest_folders)
+    deleted, kept = None, None
+    if req.delete_source:
+        deleted, kept, stay = delete_when_durable(ctx, lambda: dest.domain(record.uuid),
+                                                  record, store,
+                                                  [r.path for r in retired if not r.valid])
+        if stay:  # the record stays: recover deletes them
+            return report(plan, req, dest, dry_run=False, reused=record.reused,
+                          retired=retired, kept=kept, record=record)
     store.drop(record)
     return report(plan, req, dest, dry_run=False, reused=record.reused, retired=retired,
-                  deleted=deleted, record=record)
+                  deleted=deleted, kept=kept or None, record=record)
 
 
 def _redefine_checkpoints(remote: libvirt.virDomain, checkpoints: list[str]) -> None:
@@ -260,25 +273,10 @@ def _header(dest: RemoteNode, path: str) -> Qcow2Header | None:
     return parse_qcow2_header(lambda size, offset: head[offset:offset + size])
 
 
-def retire_source(ctx: Context, plan: MigratePlan,
-                  delete: bool) -> tuple[list[Retired], list[str] | None]:
-    """The source layers no other chain on this node uses are entered as
-    invalid (the hook refuses a VM on them) and, when asked, deleted;
-    those another chain uses (a shared template) stay valid."""
-    paths = list(dict.fromkeys(p for move in plan.disks for p in move.chain_before))
-    users = chain_users(ctx.conn, paths, exclude=(plan.uuid, ""), cache_dir=ctx.state.path)
-    unused = [p for p in paths if not users.get(p)]
-    ctx.state.invalidate(unused, domain=plan.domain, disk="all", operation="migrate")
-    retired = [Retired(path=p, valid=p not in unused) for p in paths]
-    if not delete:
-        return retired, None
-    return retired, unlink_images(ctx, unused)[0]  # the plan refused block layers
-
-
 # ------------------------------------------------------------ report
 def report(plan: MigratePlan, req: MigrateRequest, dest: RemoteNode, *, dry_run: bool,
            reused: list[str], retired: list[Retired] | None = None,
-           deleted: list[str] | None = None,
+           deleted: list[str] | None = None, kept: list[dict[str, str]] | None = None,
            record: MigrationRecord | None = None) -> MigrateReport:
     digests = {e["path"]: e["digest"] for e in record.created} if record is not None else {}
     copied = [{"source": m.source, "dest": m.dest, "bytes": m.size,
@@ -291,7 +289,7 @@ def report(plan: MigratePlan, req: MigrateRequest, dest: RemoteNode, *, dry_run:
         chain_after={d.disk: d.chain_after for d in plan.disks},
         copied=copied, bytes_to_copy=sum(m.size for m in plan.uploads if m.dest not in reused),
         checkpoints=plan.checkpoints, retired=retired or [], verified=not dry_run,
-        finished=not dry_run, deleted=deleted, record=record.id if record else None)
+        finished=not dry_run, deleted=deleted, kept=kept, record=record.id if record else None)
 
 
 def recover_moves(ctx: Context, name: str | None, timeout_s: float | None) -> list[RecordOutcome]:
