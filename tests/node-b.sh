@@ -1,15 +1,15 @@
 #!/bin/bash
 # A second libvirt node on this machine (how and why: docs/libvirt-notes.rst,
 # "Moving a VM to another node"): run as `unshare --mount --uts --fork bash tests/node-b.sh ROOT
-# IMAGES PORT`. In its own mount and UTS namespace it gets its own
+# IMAGES PORT [NAME]` (NAME, its host name, node-b by default: node C is one more). In its own mount and UTS namespace it gets its own
 # /etc/libvirt (no hooks, no autostart, its own host UUID, TCP on
 # 127.0.0.1:PORT without auth -- loopback, tests only), its own
 # /var/lib|log|cache/libvirt, a private /run and its own IMAGES folder
 # (ROOT/images bound over IMAGES: the same path shows other files than on
 # node A). The daemons stay in the namespace after this script ends.
 set -euo pipefail
-ROOT=$1 IMAGES=$2 PORT=$3
-hostname node-b
+ROOT=$1 IMAGES=$2 PORT=$3 NAME=${4:-node-b}
+hostname "$NAME"
 mount --make-rprivate /
 mkdir -p "$ROOT"/{lib,log,cache,images,run} "$IMAGES"
 rm -rf "$ROOT/etc"
@@ -42,5 +42,5 @@ for _ in $(seq 100); do
     [ -S /run/libvirt/libvirt-sock ] && exit 0
     sleep 0.1
 done
-echo "node B's libvirtd did not start" >&2
+echo "$NAME's libvirtd did not start" >&2
 exit 1

@@ -135,3 +135,34 @@ def node_b(node_b_root):
         conn.close()
     except libvirt.libvirtError:
         pass
+
+
+@pytest.fixture(scope="module")
+def node_c_root(test_root):
+    """Node C, a third node, as node B (its own port, host name node-c)."""
+    nodes.stop(port=nodes.C_PORT)
+    root = os.path.join(os.path.dirname(test_root), "node-c-" + os.path.basename(test_root))
+    nodes.start(root, test_root, nodes.C_PORT, "node-c").close()
+    try:
+        yield root
+    finally:
+        try:
+            conn = libvirt.open(nodes.C_URI)
+            for dom in conn.listAllDomains():
+                rig.remove_domain(dom)
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+        nodes.stop(port=nodes.C_PORT)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def node_c(node_c_root):
+    """(a connection to node C, its root folder)."""
+    conn = libvirt.open(nodes.C_URI)
+    yield conn, node_c_root
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass

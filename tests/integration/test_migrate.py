@@ -331,6 +331,36 @@ def test_the_drain_role_moves_every_running_vm_and_runs_again(make_vm, node_b, c
         assert_b_holds(disk, top)
 
 
+def test_the_drain_role_in_check_mode_predicts_and_changes_nothing(make_vm, node_b, config,
+                                                                  workdir):
+    """``drain --check`` against node B: every running VM predicted to move
+    (changed), the host passes, and nothing changed on either node: the VMs
+    run here on their chains, node B holds no file and no domain, no record
+    or history line was written."""
+    from test_ansible import PLAYBOOKS, play
+
+    conn_b, root = node_b
+    vm, disk = big_vm(make_vm, base_mib=4, top_mib=1)
+    inventory = os.path.join(workdir, "nodes.ini")
+    with open(inventory, "w") as handle:
+        handle.write(f"[nodes]\nnode1 ansible_connection=local ansible_python_interpreter="
+                     f"{sys.executable} blockops_uri={rig.TEST_URI} blockops_config={config}\n")
+    extra = json.dumps({"target_hosts": "node1", "destinations": [nodes.URI],
+                        "dest_dir": os.path.join(workdir, "drained"), "source_root": workdir,
+                        "migrate_uris": {nodes.URI: MIGRATE_URI}})
+    chain = disk.live_chain()
+    rc, recap, out = play(inventory, os.path.join(PLAYBOOKS, "drain.yml"), "--check", "-e", extra)
+    assert rc == 0 and recap["node1"]["failed"] == 0 and recap["node1"]["changed"] >= 1, out
+    assert f"{vm.name}: moved to {nodes.URI}" in out, out  # predicted
+    assert one_running_copy(vm, conn_b) == "a" and disk.live_chain() == chain
+    assert not os.path.exists(nodes.on_b(root, os.path.dirname(os.path.dirname(vm.dir)),
+                                         os.path.join(workdir, "drained")))
+    assert vm.name not in [d.name() for d in conn_b.listAllDomains()]
+    assert not os.path.exists(os.path.join(workdir, "state", "migrations")) or \
+        not os.listdir(os.path.join(workdir, "state", "migrations"))
+    disk.assert_guest_data()
+
+
 def test_a_move_past_its_timeout_is_rolled_back(make_vm, node_b, config, workdir):
     """--timeout bounds the whole move (here the paced upload): exit 3,
     nothing left on node B, the VM runs on here as it was."""
@@ -485,3 +515,61 @@ def test_a_layer_that_changes_during_its_upload_is_not_taken_as_proven(make_vm, 
     assert "rolled back" in out["error"]["message"]
     assert one_running_copy(vm, conn_b) == "a" and b_files(root, vm) == []
     disk.assert_guest_data()
+
+
+def test_an_encrypted_or_pool_volume_disk_is_refused_before_any_byte(make_vm, node_b, config,
+                                                                     workdir, conn):
+    """Exit 2, nothing on node B: a LUKS disk (the secret defined on both
+    nodes -- the move got as far as uploading everything before QEMU there
+    refused the plaintext active layer), and a disk named as a volume of a
+    storage pool (parsed as a file and rewritten wrongly before)."""
+    from test_disk_kinds import create_luks
+
+    conn_b, root = node_b
+    passphrase = "vbo-test-passphrase"
+    secret_xml = ("<secret ephemeral='no' private='yes'><usage type='volume'>"
+                  f"<volume>{workdir}/luks</volume></usage></secret>")
+    secret = conn.secretDefineXML(secret_xml)
+    secret.setValue(passphrase.encode())
+    there = conn_b.secretDefineXML(secret_xml.replace(
+        "<usage", f"<uuid>{secret.UUIDString()}</uuid><usage"))
+    there.setValue(passphrase.encode())
+    pool = vm = other = None
+    try:
+        vm = make_vm()
+        image = os.path.join(vm.dir, "vda-luks.qcow2")
+        create_luks(image, passphrase)
+        vm.add_layers("vda", [(image, None, LayerSpec("luks", fmt="qcow2"))])
+        conn.defineXML(vm.xml().replace(
+            f"<source file='{image}'/>",
+            f"<source file='{image}'><encryption format='luks'>"
+            f"<secret type='passphrase' uuid='{secret.UUIDString()}'/></encryption></source>"))
+        vm.created = True
+        vm.dom.create()
+        other = make_vm()
+        other.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 1)])])
+        pool = conn.storagePoolCreateXML(
+            f"<pool type='dir'><name>vbo-test-{os.path.basename(other.dir)}</name><target>"
+            f"<path>{other.dir}</path></target></pool>", 0)
+        conn.defineXML(other.xml().replace(
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file='{other.disks['vda'].layers[0]}'/>",
+            f"<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source pool='{pool.name()}' volume='vda-A.qcow2'/>"))
+        other.created = True
+        other.dom.create()
+        for moving, words in ((vm, "encrypted"), (other, "volume")):
+            rc, out, err = rig.cli("migrate", moving.name, nodes.URI, "--dest-dir", moving.dir,
+                                   "--migrate-uri", MIGRATE_URI, config=config)
+            assert rc == 2 and words in out["error"]["message"], (out, err)
+            assert b_files(root, moving) == [] and one_running_copy(moving, conn_b) == "a"
+            assert record_of(workdir, moving.dom.UUIDString()) is None
+    finally:
+        for dom_vm in (vm, other):
+            if dom_vm is not None and dom_vm.created:
+                rig.remove_domain(dom_vm.dom)
+                dom_vm.created = False
+        if pool is not None:
+            pool.destroy()
+        secret.undefine()
+        there.undefine()

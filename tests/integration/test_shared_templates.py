@@ -24,7 +24,8 @@ from test_migrate import (
 )
 
 
-def template_vms(make_vm, workdir, tops: list[list[LayerSpec]], base_mib: int = 8):
+def template_vms(make_vm, workdir, tops: list[list[LayerSpec]], base_mib: int = 8,
+                 size_mib: int = 64):
     """One VM per entry of ``tops``, each a chain of those layers on the
     same template ``workdir``/tmpl/base.qcow2; started."""
     base = os.path.join(workdir, "tmpl", "base.qcow2")
@@ -35,7 +36,8 @@ def template_vms(make_vm, workdir, tops: list[list[LayerSpec]], base_mib: int = 
         placed = [(base, None, LayerSpec("T", [] if pos else [Write(0x11, 0, base_mib)]))]
         for layer in layers:
             placed.append((os.path.join(vm.dir, f"{layer.name}.qcow2"), placed[-1][0], layer))
-        disk = vm.add_layers("vda", placed, reference_from=base if pos else None)
+        disk = vm.add_layers("vda", placed, size_mib=size_mib,
+                             reference_from=base if pos else None)
         vms.append((vm.start(), disk))
     return base, vms
 
@@ -51,8 +53,8 @@ def test_a_template_in_upload_is_awaited_reused_and_kept_by_a_roll_back(make_vm,
     template was proven, reused it and lost it to x1's roll-back.)"""
     conn_b, root = node_b
     base, [(x1, disk1), (x3, disk3)] = template_vms(make_vm, workdir, [
-        [LayerSpec("mid", [Write(0x21, 8, 40)]), LayerSpec("top", [Write(0x31, 50, 1)])],
-        [LayerSpec("top", [Write(0x32, 50, 1)])]])
+        [LayerSpec("mid", [Write(0x21, 8, 100)]), LayerSpec("top", [Write(0x31, 120, 1)])],
+        [LayerSpec("top", [Write(0x32, 120, 1)])]], size_mib=128)
     dest_dir = os.path.join(workdir, "drained")
     base_on_b = nodes.on_b(root, test_root, os.path.join(dest_dir, "tmpl", "base.qcow2"))
     first = migrate(x1, config, dest_dir, "--bandwidth", "2")
@@ -67,8 +69,8 @@ def test_a_template_in_upload_is_awaited_reused_and_kept_by_a_roll_back(make_vm,
     assert [(c["dest"], c["reused"]) for c in out["copied"]] == [
         (os.path.join(dest_dir, "tmpl", "base.qcow2"), True)], out
     assert out["bytes_to_copy"] == 0
-    # x1 still uploads its own layer: aborted, its move rolls back
-    assert first.poll() is None, finish(first)
+    # x1 still uploads its own layer (100 MiB at 2 MiB/s): aborted, it rolls back
+    assert record_of(workdir, x1.dom.UUIDString())["phase"] == "copying"
     rc, aborted, err = rig.cli("abort", x1.name, "all", config=config)
     assert rc == 0 and [o["result"] for o in aborted["recover"]] == ["rolled-back"], (aborted, err)
     assert finish(first)[0] == 1

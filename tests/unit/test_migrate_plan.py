@@ -71,3 +71,59 @@ def test_checkpoints_come_parents_first():
     with pytest.raises(BadRequest):
         checkpoint_order({"a": "b", "b": "a"})
     assert os.path.sep == "/"
+
+
+def test_a_source_root_lays_every_vm_out_as_the_node_s_folder(tmp_path):
+    """--source-root: two VMs on one template, each moved on its own, name
+    the template by one destination path (shared there); a layer outside
+    the root is refused."""
+    vm1 = {"vda": [image("/s/vm1/top", "../tmpl/base"), image("/s/tmpl/base")]}
+    vm2 = {"vda": [image("/s/vm2/disk/top", "/s/tmpl/base"), image("/s/tmpl/base")]}
+    (d1,), _ = plan_layout(vm1, "/d", "/s")
+    (d2,), layers2 = plan_layout(vm2, "/d", "/s")
+    assert d1.chain_after == ["/d/vm1/top", "/d/tmpl/base"]
+    assert d2.chain_after == ["/d/vm2/disk/top", "/d/tmpl/base"]
+    assert plan_layout(vm1, "/d")[0][0].chain_after == ["/d/vm1/top", "/d/tmpl/base"]
+    assert plan_layout({"vda": [image("/s/vm1/a", "/s/vm1/b"), image("/s/vm1/b")]}, "/d")[0][0] \
+        .chain_after == ["/d/a", "/d/b"]  # without a root: the folder the layers share
+    with pytest.raises(BadRequest, match="not under the source root"):
+        plan_layout(vm2, "/d", "/s/vm2")
+    with pytest.raises(BadRequest, match="source root must be an absolute"):
+        plan_layout(vm1, "/d", "s")
+
+
+def test_a_chain_changed_while_the_move_was_planned_is_refused_under_the_locks(tmp_path):
+    """A merge or snapshot that ended while the plan was made: the chains
+    read again under the disk locks no longer match it by identity -- exit
+    4, nothing changed (a layer become active would be uploaded while
+    written)."""
+    from vdsm_blockops.core.chain import parse_domain
+    from vdsm_blockops.core.errors import Conflict
+    from vdsm_blockops.ops.migrate import _plan_still_holds
+
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    for path in (a, b, c):
+        open(path, "w").close()
+
+    class Dom:
+        chain = [c, b, a]
+
+        def spec(self):
+            xml = "<backingStore/>"
+            for path in reversed(self.chain[1:]):
+                xml = (f"<backingStore type='file'><format type='qcow2'/><source file='{path}'/>"
+                       f"{xml}</backingStore>")
+            return parse_domain(f"<domain><devices><disk type='file' device='disk'><driver "
+                                f"type='qcow2'/><source file='{self.chain[0]}'/>{xml}<target "
+                                "dev='vda'/></disk></devices></domain>")
+
+    disks, layers = plan_layout({"vda": [image(c, b), image(b, a), image(a)]}, "/d")
+    from vdsm_blockops.core.migrate_plan import MigratePlan
+
+    plan = MigratePlan(domain="vm", uuid="u", dest_uri="x", dest_dir="/d", disks=disks,
+                       layers=layers, checkpoints=[])
+    dom = Dom()
+    _plan_still_holds(dom, plan)  # as planned
+    dom.chain = [c, a]  # b merged meanwhile
+    with pytest.raises(Conflict, match="changed while the move was planned"):
+        _plan_still_holds(dom, plan)

@@ -89,3 +89,49 @@ def test_a_disk_all_report_has_a_diff_of_every_disk():
     assert chain_diff(*_chains({"chain_before": ["/t", "/b"], "chain_after": ["/t"]}))[
         "before"] == "/b\n/t\n"
     assert _chains({"disk": "all", "results": []}) is None
+
+
+def _drain_waves():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROLES, "..", "..", "..", ".."))
+    try:
+        from ansible_collections.vdsm.blockops.plugins.filter.drain_waves import drain_waves
+    finally:
+        sys.path.pop(0)
+    return drain_waves
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_drain_waves_hold_the_limit_per_node_and_per_destination_across_nodes(seed):
+    """Nodes drained side by side (serial above 1): in every wave each node
+    starts at most N moves and each destination takes at most N from all
+    of them; every VM moves once. (Each node began at its own destination
+    and took N per wave: a destination took up to N per node.)"""
+    import random
+
+    drain_waves = _drain_waves()
+    rng = random.Random(seed)
+    limit = rng.randint(1, 3)
+    dests = [f"qemu+tls://d{i}/system" for i in range(rng.randint(1, 3))]
+    vms = {f"node{n}": [f"n{n}-vm{i}" for i in range(rng.randint(0, 7))]
+           for n in range(rng.randint(1, 4))}
+    plan = drain_waves(vms, dests, limit)
+    assert set(plan) == set(vms) and len({len(w) for w in plan.values()}) <= 1
+    moved = [m["domain"] for waves in plan.values() for wave in waves for m in wave]
+    assert sorted(moved) == sorted(v for node in vms.values() for v in node)
+    for step in range(max((len(w) for w in plan.values()), default=0)):
+        wave = [m for waves in plan.values() for m in waves[step]]
+        assert wave, "an empty wave"
+        assert all(len(waves[step]) <= limit for waves in plan.values())
+        assert all(sum(m["dest"] == d for m in wave) <= limit for d in dests)
+
+
+def test_drain_waves_refuse_a_limit_of_zero_and_no_destination():
+    from ansible.errors import AnsibleFilterError
+
+    drain_waves = _drain_waves()
+    with pytest.raises(AnsibleFilterError, match="1 or more"):
+        drain_waves({"n": ["a"]}, ["d"], 0)
+    with pytest.raises(AnsibleFilterError, match="no destination"):
+        drain_waves({"n": ["a"]}, [], 1)

@@ -45,6 +45,7 @@ class MigrateRequest:
     # the folder the layers are laid out from (default: the one they share):
     # VMs moved from one such root to one dest_dir share their templates there
     source_root: str | None = None
+    proof: str = "full"  # of each copy: "full" (read back whole) or "sample" (ops/proofs.py)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class MigrateReport(Report):
     changed: bool
     chain_before: dict[str, list[str]]
     chain_after: dict[str, list[str]]  # paths on the destination node
-    copied: list[JSON]  # {source, dest, bytes, sha256, reused}: the read-only layers
+    copied: list[JSON]  # {source, dest, bytes, sha256, reused, proof}: the read-only layers
     bytes_to_copy: int
     checkpoints: list[str]
     retired: list[Retired]

@@ -32,6 +32,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..core.errors import UnknownDomain
 from ..core.headers import is_protocol, read_backing
 from ..core.identity import ImageKey, clean_path, image_key, key_of_stat
 from .state import write_json_atomic
@@ -200,9 +201,12 @@ class NodeCache:
                     or entry.get("name") != domain.name:
                 # Stamp first, then read: a define in between leaves a stamp
                 # older than the content, so the next look reads again.
+                try:
+                    spec = domain.spec(inactive=True)
+                except UnknownDomain:  # undefined meanwhile (moved away): no user now
+                    continue
                 disks = [[d.target, d.chain[0].path, d.chain[0].format]
-                         for d in domain.spec(inactive=True).disks
-                         if d.chain and d.chain[0].is_local and d.chain[0].path]
+                         for d in spec.disks if d.chain and d.chain[0].is_local and d.chain[0].path]
                 entry = {"name": domain.name, "stamp": stamp, "disks": disks}
             if stamp is not None:
                 self.fresh["definitions"][domain.uuid] = entry

@@ -148,9 +148,16 @@ def other_users(dest: RemoteNode, paths: list[str], uuid: str) -> dict[str, list
     try:
         domains = dest.conn.listAllDomains(0)
         for dom in domains:
-            if dom.UUIDString() != uuid:
-                for path in _chain_files(dest, dom) & users.keys():
-                    users[path].append(f"domain {dom.name()}")
+            if dom.UUIDString() == uuid:
+                continue
+            try:
+                files = _chain_files(dest, dom)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined meanwhile: it uses nothing now
+                raise
+            for path in files & users.keys():
+                users[path].append(f"domain {dom.name()}")
     except libvirt.libvirtError as exc:
         raise errors.OperationFailed(f"{dest.uri}: cannot tell which domains use the files of "
                                      f"the move ({exc}): nothing deleted there") from exc

@@ -9,6 +9,7 @@ copy), room in each destination folder. And how a layer is made there."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -34,6 +35,7 @@ from ..engine.images import ImageInfo, read_chain, run_command
 from ..engine.records import RecordStore
 from ..engine.storage import filesystem_type
 from ..virt.remote import RemoteNode
+from ..virt.streams import Chunk, hash_zeros
 from .dest_files import uploading
 
 if TYPE_CHECKING:
@@ -187,21 +189,51 @@ def local_digest(move: LayerMove) -> str:
     digest = hashlib.sha256()
     with open(move.source, "rb") as handle:
         for chunk in layer_chunks(move, handle):
-            digest.update(chunk)
+            if isinstance(chunk, int):
+                hash_zeros(digest, chunk)
+            else:
+                digest.update(chunk)
     return digest.hexdigest()
 
 
-def layer_chunks(move: LayerMove, handle: IO[bytes]) -> Iterator[bytes]:
+def layer_chunks(move: LayerMove, handle: IO[bytes]) -> Iterator[Chunk]:
     """What the destination gets for ``move`` (``handle``: its file), in
     chunks: the header with the backing name rewritten where the
     destination names it otherwise (an active layer is made with its name),
-    then the rest of the file."""
+    then the rest of the file -- its holes as their lengths."""
+    start = 0
     if not move.active and move.rewrite and move.backing_name is not None:
         head = with_backing_name(handle.read(HEAD_BYTES), move.backing_name)
         yield head
-        handle.seek(len(head))
-    while chunk := handle.read(READ_CHUNK):
-        yield chunk
+        start = len(head)
+    yield from file_chunks(handle.fileno(), start)
+
+
+def file_chunks(fd: int, pos: int) -> Iterator[Chunk]:
+    """The file ``fd`` from ``pos`` on: data in chunks, each hole as its
+    length (SEEK_DATA/SEEK_HOLE; a file system without them has no holes)."""
+    end = os.fstat(fd).st_size
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from here to the end
+                data = hole = end
+            elif exc.errno == errno.EINVAL:  # no hole support: all data
+                data, hole = pos, end
+            else:
+                raise
+        if data > pos:
+            yield min(data, end) - pos
+            pos = data
+            continue
+        while pos < hole:
+            chunk = os.pread(fd, min(READ_CHUNK, hole - pos), pos)
+            if not chunk:
+                return  # shorter than it was: the fingerprint check after says so
+            yield chunk
+            pos += len(chunk)
 
 
 def checkpoint_xmls(domain: Domain) -> list[str]:

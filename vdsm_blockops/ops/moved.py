@@ -278,9 +278,12 @@ def report(plan: MigratePlan, req: MigrateRequest, dest: RemoteNode, *, dry_run:
            reused: list[str], retired: list[Retired] | None = None,
            deleted: list[str] | None = None, kept: list[dict[str, str]] | None = None,
            record: MigrationRecord | None = None) -> MigrateReport:
-    digests = {e["path"]: e["digest"] for e in record.created} if record is not None else {}
+    made = {e["path"]: e for e in record.created} if record is not None else {}
+    # "proof": how the copy was proven (full, sample; earlier versions: full)
     copied = [{"source": m.source, "dest": m.dest, "bytes": m.size,
-               "sha256": digests.get(m.dest) or None, "reused": m.dest in reused}
+               "sha256": made.get(m.dest, {}).get("digest") or None, "reused": m.dest in reused,
+               "proof": made[m.dest].get("proof", "full") if made.get(m.dest, {}).get("digest")
+               else None}
               for m in plan.uploads]
     return MigrateReport(
         domain=plan.domain, dest_uri=plan.dest_uri, dest_host=dest.hostname,

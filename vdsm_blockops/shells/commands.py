@@ -71,7 +71,8 @@ def cmd_migrate(args: argparse.Namespace, env: Env) -> Report:
     req = MigrateRequest(domain=args.domain, dest_uri=args.dest_uri, dest_dir=args.dest_dir,
                          migrate_uri=args.migrate_uri, bandwidth_mib_s=args.bandwidth,
                          timeout_s=args.timeout, dry_run=args.dry_run,
-                         delete_source=args.delete_source, source_root=args.source_root)
+                         delete_source=args.delete_source, source_root=args.source_root,
+                         proof=args.proof)
     return migrate(env.context(progress=not args.dry_run), req)
 
 

@@ -117,6 +117,12 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
                         "DIR here (the node's image folder), so that VMs moved to one "
                         "--dest-dir share their templates there (default: the folder the VM's "
                         "layers share)")
+    p.add_argument("--proof", choices=("full", "sample"), default="full",
+                   help="how each copy is proven on the destination: full (read back whole "
+                        "and its SHA-256 compared with what was sent: every byte) or sample "
+                        "(its size, its header and 16 random 1 MiB pieces compared with this "
+                        "node's file: NOT every byte -- for transports that authenticate every "
+                        "byte themselves, TLS or SSH)")
     p.add_argument("--migrate-uri", metavar="URI",
                    help="where the destination's QEMU listens for the migration data "
                         "(tcp://ADDRESS; default: the destination's host name)")

@@ -14,39 +14,28 @@ file; a pool lists a file made meanwhile by others only after ``refresh``.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 
 import libvirt
 
 from ..core import errors
 from ..core.chain import parse_xml
-from ..core.migrate_plan import MARKER_PREFIX
+from ..core.migrate_plan import CLAIM_PREFIX, MARKER_PREFIX
 from .connection import host_uuid_of
 from .errors import libvirt_errors
+from .streams import VolumeStreams
+from .streams import xml_escape as _escape
 
 log = logging.getLogger(__name__)
-# What one stream send or receive moves. Measured on libvirt 9.0 over TCP:
-# 600 MiB uploaded in 0.46 s with 256 KiB sends, 2.0 s with 4 MiB ones
-# (one RPC message carries at most 256 KiB); downloads 0.69 s vs 0.92 s.
-STREAM_CHUNK = 256 * 1024
-# A read back (the proof of a copy) downloads pieces on several streams at
-# once: one stream ran at ~390 MiB/s here, held by the destination
-# libvirtd's event loop, which handles a stream's 256 KiB messages one at a
-# time; 700 MiB took 1.81 s on one stream, 1.50 s on two, 1.17 s on four
-# (medians of 5, libvirt 9.0 over TCP on loopback, 2 cores).
-PROOF_STREAMS = 4
-PROOF_PIECE = 8 * 1024 * 1024
 POOL_PREFIX = "vdsm-blockops-"
 
 
-class RemoteNode:
+class RemoteNode(VolumeStreams):
     """The libvirt calls a move needs on the destination node."""
 
     def __init__(self, uri: str) -> None:
@@ -86,23 +75,32 @@ class RemoteNode:
             return pool
 
     def _active_pool(self, folder: str, refresh: bool) -> libvirt.virStoragePool | None:
+        """The active pool on ``folder`` -- never a moment's pool of another
+        move (its look, its folder removal): that one may go any time."""
         with libvirt_errors(f"{self.uri}: storage pools"):
-            for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-                if parse_xml(pool.XMLDesc(0)).findtext("target/path") == folder:
-                    try:
-                        if refresh:
-                            pool.refresh(0)
-                    except libvirt.libvirtError as exc:  # another move's upload runs into it:
-                        log.debug("%s: %s not refreshed: %s", self.uri, folder, exc)  # its
-                    return pool  # volumes are listed (made through this pool)
+            pools = self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+        for pool in pools:
+            if pool.name().startswith((f"{POOL_PREFIX}look-", f"{POOL_PREFIX}rm-")):
+                continue
+            try:
+                if parse_xml(pool.XMLDesc(0)).findtext("target/path") != folder:
+                    continue
+            except libvirt.libvirtError:  # stopped meanwhile by its owner
+                continue
+            try:
+                if refresh:
+                    pool.refresh(0)
+            except libvirt.libvirtError as exc:  # another move's upload runs into it: its
+                log.debug("%s: %s not refreshed: %s", self.uri, folder, exc)  # volumes are
+            return pool  # listed all the same (made through this pool)
         return None
 
     def release(self, folders: list[str]) -> None:
         """Stop the transient pools a move started for ``folders`` (their
-        files stay): those of ours that no other move's unfinished upload
-        uses (no marker in the folder; an upload running into it makes
-        libvirt refuse the refresh, and the pool stays). Best effort: a pool
-        left running is only listed, never in the way."""
+        files stay): those of ours no other move uses (no claim or marker
+        of a move in the folder; an upload running into it makes libvirt
+        refuse the refresh, and the pool stays). Best effort: a pool left
+        running is only listed, never in the way."""
         for folder in folders:
             try:
                 for pool in self.conn.listAllStoragePools(
@@ -111,7 +109,8 @@ class RemoteNode:
                     if pool.name() != _pool_name(folder):
                         continue
                     pool.refresh(0)
-                    if not any(n.startswith(MARKER_PREFIX) for n in pool.listVolumes()):
+                    if not any(n.startswith((MARKER_PREFIX, CLAIM_PREFIX))
+                               for n in pool.listVolumes()):
                         pool.destroy()
             except libvirt.libvirtError as exc:
                 log.debug("%s: pool of %s left running: %s", self.uri, folder, exc)
@@ -201,32 +200,7 @@ class RemoteNode:
                 with contextlib.suppress(libvirt.libvirtError):
                     pool.undefine()
 
-    # -- files
-    def upload(self, path: str, data: Iterator[bytes], size: int) -> str:
-        """Create ``path`` (it must not exist) and write ``data`` into it;
-        the SHA-256 of what was sent."""
-        xml = (f"<volume><name>{_escape(os.path.basename(path))}</name>"
-               f"<capacity unit='bytes'>{size}</capacity><allocation>0</allocation>"
-               "<target><format type='raw'/><permissions><mode>0644</mode></permissions>"
-               "</target></volume>")
-        volume = self._create(path, xml)
-        digest = hashlib.sha256()
-        stream = self.conn.newStream(0)
-        try:
-            with libvirt_errors(f"{self.uri}: upload of {path}"):
-                volume.upload(stream, 0, size, 0)
-                for chunk in data:
-                    digest.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        sent = stream.send(bytes(view[:STREAM_CHUNK]))
-                        view = view[sent:]
-                stream.finish()
-        except BaseException:
-            _abort(stream)
-            raise
-        return digest.hexdigest()
-
+    # -- files (upload, digest, pieces, head: ``streams.py``)
     def _create(self, path: str, xml: str) -> libvirt.virStorageVol:
         pool = self._pool(os.path.dirname(path), create=True)
         assert pool is not None
@@ -243,74 +217,21 @@ class RemoteNode:
         with libvirt_errors(f"{self.uri}: cannot create {path}"):
             return pool.createXML(xml, 0)
 
-    def digest(self, path: str, check: Callable[[], None] = lambda: None) -> str:
-        """SHA-256 of ``path`` as the destination reads it back: pieces
-        downloaded on PROOF_STREAMS streams side by side, hashed in order
-        (at most PROOF_STREAMS + 2 pieces held here); ``check`` before each
-        piece is hashed (a deadline)."""
-        with self._existing(path) as volume:
-            with libvirt_errors(f"{self.uri}: {path}"):
-                size = int(volume.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
-            digest = hashlib.sha256()
-            pieces: collections.deque[Future[bytes]] = collections.deque()
-            with ThreadPoolExecutor(PROOF_STREAMS, thread_name_prefix="proof") as workers:
-                try:
-                    for offset in range(0, size, PROOF_PIECE):
-                        pieces.append(workers.submit(self._piece, volume, path, offset,
-                                                     min(PROOF_PIECE, size - offset)))
-                        if len(pieces) == PROOF_STREAMS + 2:
-                            check()
-                            digest.update(pieces.popleft().result())
-                    while pieces:
-                        check()
-                        digest.update(pieces.popleft().result())
-                except BaseException:
-                    for piece in pieces:
-                        piece.cancel()
-                    raise
-        return digest.hexdigest()
-
-    def _piece(self, volume: libvirt.virStorageVol, path: str, offset: int, length: int) -> bytes:
-        parts: list[bytes] = []
-        self._download(volume, path, offset, length, parts.append)
-        piece = b"".join(parts)
-        if len(piece) != length:
-            raise errors.OperationFailed(f"{self.uri}: {path} reads back {len(piece)} bytes at "
-                                         f"{offset}, {length} expected")
-        return piece
-
-    def head(self, path: str, length: int) -> bytes:
-        """The first ``length`` bytes of ``path`` (a header)."""
-        parts: list[bytes] = []
-        with self._existing(path) as volume:
-            self._download(volume, path, 0, length, parts.append)
-        return b"".join(parts)
-
-    def _download(self, volume: libvirt.virStorageVol, path: str, offset: int, length: int,
-                  sink: Callable[[bytes], object]) -> None:
-        stream = self.conn.newStream(0)
-        try:
-            with libvirt_errors(f"{self.uri}: download of {path}"):
-                volume.download(stream, offset, length, 0)
-                while True:
-                    chunk = stream.recv(STREAM_CHUNK)
-                    if isinstance(chunk, int):  # -2: would block (not on a blocking stream)
-                        continue
-                    if not chunk:
-                        break
-                    sink(chunk)
-                stream.finish()
-        except BaseException:
-            _abort(stream)
-            raise
-
     def delete(self, path: str) -> bool:
-        with self._volume(path) as volume:
-            if volume is None:
-                return False
-            with libvirt_errors(f"{self.uri}: cannot delete {path}"):
-                volume.delete(0)
-            return True
+        for attempt in range(2):
+            with self._volume(path) as volume:
+                if volume is None:
+                    return False
+                try:
+                    volume.delete(0)
+                    return True
+                except libvirt.libvirtError as exc:
+                    # the folder's pool stopped by another move meanwhile:
+                    # found again (or looked at through a pool of our own)
+                    if attempt or exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                        raise errors.OperationFailed(
+                            f"{self.uri}: cannot delete {path}: {exc}") from exc
+        return False
 
     # -- the moved domain
     def domain(self, uuid: str) -> libvirt.virDomain | None:
@@ -348,12 +269,3 @@ def _pool_name(folder: str, kind: str = "") -> str:
     every move, so that the next one finds it, and releases it); ``kind``
     sets apart the pool defined for a moment to remove the folder."""
     return POOL_PREFIX + kind + hashlib.sha1(folder.encode()).hexdigest()[:12]
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;")
-
-
-def _abort(stream: libvirt.virStream) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        stream.abort()

@@ -41,6 +41,15 @@ options:
         a template is copied once per destination and reused by the next moves.
       - Default - the folder the VM's layers share.
     type: path
+  proof:
+    description:
+      - How each copy is proven on the destination. C(full) reads it back whole and compares its
+        SHA-256 with what was sent (every byte). C(sample) compares its size, its header and 16
+        random 1 MiB pieces with the source file - it does NOT prove every byte, use it only when
+        the transport authenticates every byte itself (TLS, SSH).
+    type: str
+    choices: [full, sample]
+    default: full
   migrate_uri:
     description: Where the destination's QEMU listens for the migration data (C(tcp://ADDRESS)).
     type: str
@@ -77,10 +86,16 @@ chain_after:
   type: dict
   sample: {vda: [/var/lib/libvirt/images/web01-s1.qcow2, /var/lib/libvirt/images/web01.qcow2]}
 copied:
-  description: The read-only layers copied, each with its bytes and the SHA-256 proven there.
+  description:
+    - The read-only layers, each with its source, its path there, its bytes, the SHA-256 of what
+      was sent, whether it was found there already (C(reused) - a template) and how its copy was
+      proven (C(proof) - C(full) or C(sample), none when reused).
   returned: success
   type: list
   elements: dict
+  sample: [{source: /var/lib/libvirt/images/tmpl/base.qcow2, dest: /var/lib/libvirt/images/tmpl/base.qcow2,
+            bytes: 1073741824, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08,
+            reused: false, proof: full}]
 checkpoints:
   description: The checkpoints kept on the destination, parents first.
   returned: success
@@ -117,6 +132,7 @@ def main():
             dest_uri=dict(type="str", required=True),
             dest_dir=dict(type="path", required=True),
             source_root=dict(type="path"),
+            proof=dict(type="str", choices=["full", "sample"], default="full"),
             migrate_uri=dict(type="str"),
             bandwidth=dict(type="int", default=0),
             timeout=dict(type="float"),
@@ -134,7 +150,8 @@ def main():
     req = MigrateRequest(domain=p["domain"], dest_uri=p["dest_uri"], dest_dir=p["dest_dir"],
                          migrate_uri=p["migrate_uri"], bandwidth_mib_s=p["bandwidth"],
                          timeout_s=p["timeout"], dry_run=module.check_mode,
-                         delete_source=p["delete_source"], source_root=p["source_root"])
+                         delete_source=p["delete_source"], source_root=p["source_root"],
+                         proof=p["proof"])
     if module.check_mode:  # say what settling would do; change nothing
         pending = run(module, lambda: unfinished(ctx, p["domain"]))
         if pending:
