@@ -20,7 +20,8 @@ def test_a_raw_layer_keeps_its_holes_and_its_proof_is_reported(make_vm, node_b, 
     conn_b, root = node_b
     vm = make_vm()
     disk = vm.add_chain("vda", [LayerSpec("A", [Write(0x11, 0, 2), Write(0x12, 300, 2)], "raw"),
-                                LayerSpec("B", [Write(0x22, 100, 1)])], size_mib=512)
+                                LayerSpec("B", [Write(0x21, 40, 24)]),  # a qcow2 one too
+                                LayerSpec("C", [Write(0x22, 100, 1)])], size_mib=512)
     vm.start()
     base = disk.layers[0]
     assert os.stat(base).st_blocks * 512 < 16 * MIB  # sparse here
@@ -28,7 +29,7 @@ def test_a_raw_layer_keeps_its_holes_and_its_proof_is_reported(make_vm, node_b, 
     assert rc == 0, (out, err)
     vm.created = False
     assert [(c["source"], c["proof"], c["reused"]) for c in out["copied"]] == [
-        (base, proof, False)], out
+        (base, proof, False), (disk.layers[1], proof, False)], out
     there = os.stat(nodes.on_b(root, test_root, base))
     assert there.st_size == 512 * MIB and there.st_blocks * 512 < 16 * MIB  # and sparse there
     conn_b.lookupByName(vm.name).destroy()

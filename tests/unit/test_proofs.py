@@ -34,7 +34,7 @@ class Dest:
         self.path = path
         self.asked = []
 
-    def capacity(self, path):
+    def file_size(self, path):
         return os.path.getsize(self.path)
 
     def pieces(self, path, spans):

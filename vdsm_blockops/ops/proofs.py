@@ -109,7 +109,7 @@ class Proofs:
         fd = os.open(move.source, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            there = self.dest.capacity(move.dest)
+            there = self.dest.file_size(move.dest)
             if there != size:
                 raise errors.OperationFailed(f"the copy of {move.source} on {self.dest.uri} "
                                              f"({move.dest}) holds {there} bytes, not {size}")

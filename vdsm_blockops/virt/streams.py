@@ -86,9 +86,11 @@ class VolumeStreams:
             raise
         return digest.hexdigest()
 
-    def capacity(self, path: str) -> int:
+    def file_size(self, path: str) -> int:
+        """The size of the file ``path`` (libvirt's capacity of a volume
+        holding a qcow2 image is the image's virtual size: not this)."""
         with self._existing(path) as volume, libvirt_errors(f"{self.uri}: {path}"):
-            return int(volume.info()[1])
+            return int(volume.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
 
     def digest(self, path: str, check: Callable[[], None] = lambda: None) -> str:
         """SHA-256 of ``path`` as the destination reads it back: pieces
