@@ -158,7 +158,9 @@ def main():
     text = "\n".join(lines)
     print(text)
     with open(args.output, "a" if args.append else "w") as handle:
-        handle.write(text if not args.append else "\n" + "\n".join(lines[6:]))
+        handle.write(text if not args.append else
+                     f"\nAnother run of the bench ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}):"
+                     "\n" + "\n".join(lines[7:]))
 
 
 if __name__ == "__main__":
