@@ -21,7 +21,6 @@ a file is kept when in doubt, never deleted.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import posixpath
@@ -33,7 +32,7 @@ import libvirt
 
 from ..core import errors
 from ..core.chain import parse_domain
-from ..core.headers import parse_qcow2_header
+from ..core.headers import Qcow2Header, parse_qcow2_header
 from ..core.migrate_plan import CLAIM_PREFIX, MARKER_PREFIX, MigratePlan, claim_name
 from ..engine.context import Context
 from ..engine.migrations import MigrationRecord, MigrationStore
@@ -41,7 +40,7 @@ from ..virt.remote import RemoteNode
 
 log = logging.getLogger(__name__)
 NOTE_MAX_BYTES = 1 << 20  # a claim or marker names a chain's files: a few KiB
-HEADER_BYTES = 64 * 1024
+HEADER_BYTES = 64 * 1024  # the header and the backing name QEMU writes after it
 CHAIN_DEPTH = 64  # a backing chain longer than this is not followed further
 # An upload another move runs whose file has not grown for this long is
 # taken as stalled (its command died: recover settles it on its node).
@@ -189,10 +188,9 @@ def _backing_files(dest: RemoteNode, path: str) -> list[str]:
     found = [path]
     while len(found) < CHAIN_DEPTH:
         try:
-            head = dest.head(found[-1], HEADER_BYTES)
+            header = remote_header(dest, found[-1])
         except errors.BlockOpsError:
             break  # not there (or not readable): nothing below it to find
-        header = parse_qcow2_header(functools.partial(_slice, head))
         if header is None or not header.backing_name:
             break
         below = posixpath.normpath(posixpath.join(posixpath.dirname(found[-1]),
@@ -203,8 +201,11 @@ def _backing_files(dest: RemoteNode, path: str) -> list[str]:
     return found
 
 
-def _slice(data: bytes, size: int, offset: int) -> bytes:
-    return data[offset:offset + size]
+def remote_header(dest: RemoteNode, path: str) -> Qcow2Header | None:
+    """The qcow2 header of ``path`` as the destination reads it (None: not
+    a qcow2 image)."""
+    head = dest.head(path, HEADER_BYTES)
+    return parse_qcow2_header(lambda size, offset: head[offset:offset + size])
 
 
 def kept_by_others(dest: RemoteNode, paths: list[str], uuid: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ import libvirt
 
 from ..core import errors
 from ..core.chain import parse_domain
-from ..core.headers import Qcow2Header, parse_qcow2_header, resolve_backing
+from ..core.headers import resolve_backing
 from ..core.identity import clean_path, same_images
 from ..core.migrate_plan import MigratePlan, MigrateReport, MigrateRequest
 from ..core.reports import RecordOutcome, Retired
@@ -35,6 +35,7 @@ from ..engine.context import Context
 from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
 from ..virt.remote import RemoteNode
 from . import dest_files
+from .dest_files import remote_header
 from .retire import delete_when_durable, retire_source
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MOVE_LOCK = "move"  # the lock (beside the disks') of a domain being moved
-HEADER_BYTES = 64 * 1024  # the header and the backing name QEMU writes after it
 
 
 class Where(enum.Enum):
@@ -145,7 +145,7 @@ def roll_back(ctx: Context, dest: RemoteNode, record: MigrationRecord,
         if entry["digest"] and not entry.get("active"):
             ours = dest.digest(path) == entry["digest"]
         elif entry.get("active"):
-            header = _header(dest, path)
+            header = remote_header(dest, path)
             ours = header is not None and header.backing_name == names.get(path)
         else:
             ours = True  # its upload was cut: nothing else could have made it since
@@ -254,7 +254,7 @@ def verify_on_destination(dest: RemoteNode, remote: libvirt.virDomain,
         for pos, path in enumerate(move.chain_after):
             if formats.get(path) != "qcow2":
                 continue
-            header = _header(dest, path)
+            header = remote_header(dest, path)
             below = move.chain_after[pos + 1] if pos + 1 < len(move.chain_after) else None
             found = resolve_backing(path, header.backing_name) \
                 if header is not None and header.backing_name else None
@@ -266,11 +266,6 @@ def verify_on_destination(dest: RemoteNode, remote: libvirt.virDomain,
     if missing:
         problems.append(f"checkpoints {missing} are missing on the destination")
     return problems
-
-
-def _header(dest: RemoteNode, path: str) -> Qcow2Header | None:
-    head = dest.head(path, HEADER_BYTES)
-    return parse_qcow2_header(lambda size, offset: head[offset:offset + size])
 
 
 # ------------------------------------------------------------ report
