@@ -36,7 +36,7 @@ class Remote:
 
 
 @pytest.fixture
-def setting(tmp_path):
+def setting(tmp_path, monkeypatch):
     state = tmp_path / "state"
     os.makedirs(state)
     layers = []
@@ -44,6 +44,12 @@ def setting(tmp_path):
         path = tmp_path / name
         path.write_bytes(b"layer")
         layers.append(str(path))
+
+    users = {}  # path -> the chains on this node that use it (none unless a test says)
+    monkeypatch.setattr("vdsm_blockops.ops.retire.chain_users",
+                        lambda conn, paths, exclude, cache_dir=None: {p: users.get(p, [])
+                                                                      for p in paths})
+    make_users = users
 
     def make(writeback_s, timeout_s=None):
         ctx = Context(conn=None, config=Config(state_dir=str(state), dest_writeback_s=writeback_s),
@@ -54,6 +60,7 @@ def setting(tmp_path):
                                  copied_at=time.time())
         store.save(record)
         return ctx, store, record
+    make.users = make_users
     return make, layers
 
 
@@ -98,3 +105,15 @@ def test_a_wait_past_the_timeout_leaves_the_deletion_to_recover(setting):
     again = store.load("u1")
     assert again.phase is MovePhase.DELETING and again.dest_run[0] == 7
     assert again.delete_after == pytest.approx(record.copied_at + 30)
+
+
+def test_a_layer_a_domain_here_uses_since_it_was_retired_is_kept(setting):
+    """The wait leaves room for a domain defined on a retired layer: asked
+    again before the deletion, that layer stays."""
+    make, layers = setting
+    ctx, store, record = make(writeback_s=0.1)
+    make.users[layers[0]] = ["vm2 vda (persistent)"]
+    deleted, kept, stay = delete_when_durable(ctx, Remote, record, store, layers)
+    assert deleted == layers[1:] and not stay
+    assert kept == [{"path": layers[0], "why": "kept: used since by vm2 vda (persistent)"}]
+    assert os.path.exists(layers[0]) and not os.path.exists(layers[1])

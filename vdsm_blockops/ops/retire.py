@@ -75,8 +75,13 @@ def delete_when_durable(ctx: Context, remote: Callable[[], libvirt.virDomain | N
                "restart or crash there?); check its copies, then delete these by hand")
         log.warning("%s: source layers %s", record.domain, why)
         return None, [{"path": p, "why": why} for p in paths], False
-    deleted, kept = unlink_images(ctx, paths)
-    return deleted, kept, False
+    # Found unused when they were retired; the wait (or a recover days
+    # later) leaves room for a domain defined here on one since: asked again.
+    users = chain_users(ctx.conn, paths, exclude=(record.uuid, ""), cache_dir=ctx.state.path)
+    used = [{"path": p, "why": f"kept: used since by {', '.join(users[p])}"}
+            for p in paths if users.get(p)]
+    deleted, kept = unlink_images(ctx, [p for p in paths if not users.get(p)])
+    return deleted, used + kept, False
 
 
 def _run_of(remote: libvirt.virDomain | None) -> list[int]:
