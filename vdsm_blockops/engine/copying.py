@@ -128,7 +128,7 @@ def copy_image_file(src: str, dst: str, workers: int = 2, reserved: bool = False
             os.fsync(target.fileno())
             return
         os.ftruncate(target.fileno(), size)
-        _copy_extents(source.fileno(), target.fileno(), list(_data_extents(source.fileno(), size)),
+        _copy_extents(source.fileno(), target.fileno(), list(data_extents(source.fileno(), size)),
                       workers, src, dst, pace or Pace())
         os.fsync(target.fileno())
         after = os.fstat(source.fileno())
@@ -218,9 +218,9 @@ def _reflink(src_fd: int, dst_fd: int) -> bool:
         return False
 
 
-def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of each data extent; the whole file if SEEK_DATA is unknown."""
-    offset = 0
+def data_extents(fd: int, size: int, offset: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, end) of each data extent from ``offset`` on; the whole rest
+    if SEEK_DATA is unknown."""
     while offset < size:
         try:
             start = os.lseek(fd, offset, os.SEEK_DATA)

@@ -9,7 +9,6 @@ copy), room in each destination folder. And how a layer is made there."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import tempfile
@@ -31,6 +30,7 @@ from ..core.migrate_plan import (
     with_backing_name,
 )
 from ..engine.context import Context
+from ..engine.copying import data_extents
 from ..engine.images import ImageInfo, read_chain, run_command
 from ..engine.records import RecordStore
 from ..engine.storage import filesystem_type
@@ -211,29 +211,20 @@ def layer_chunks(move: LayerMove, handle: IO[bytes]) -> Iterator[Chunk]:
 
 def file_chunks(fd: int, pos: int) -> Iterator[Chunk]:
     """The file ``fd`` from ``pos`` on: data in chunks, each hole as its
-    length (SEEK_DATA/SEEK_HOLE; a file system without them has no holes)."""
+    length (``data_extents``: a file system without SEEK_DATA has none)."""
     end = os.fstat(fd).st_size
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole from here to the end
-                data = hole = end
-            elif exc.errno == errno.EINVAL:  # no hole support: all data
-                data, hole = pos, end
-            else:
-                raise
-        if data > pos:
-            yield min(data, end) - pos
-            pos = data
-            continue
-        while pos < hole:
-            chunk = os.pread(fd, min(READ_CHUNK, hole - pos), pos)
+    for start, stop in data_extents(fd, end, pos):
+        if start > pos:
+            yield start - pos
+            pos = start
+        while pos < stop:
+            chunk = os.pread(fd, min(READ_CHUNK, stop - pos), pos)
             if not chunk:
                 return  # shorter than it was: the fingerprint check after says so
             yield chunk
             pos += len(chunk)
+    if pos < end:
+        yield end - pos  # a hole to the end
 
 
 def checkpoint_xmls(domain: Domain) -> list[str]:
