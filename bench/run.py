@@ -500,7 +500,7 @@ def pure_parts(b: Bench) -> None:
 
 
 def hook_time(b: Bench) -> None:
-    from vdsm_blockops.shells import hookctl
+    from vdsm_blockops.engine import hookctl
 
     vm_dir = tempfile.mkdtemp(dir=b.root)
     hooks = os.path.join(vm_dir, "hooks")

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" - <<'PYEOF'
 import os
-from vdsm_blockops.shells.manual import SHIPPED, readme_with_verbs, shipped_hook
+from vdsm_blockops.engine.hookctl import shipped_hook
+from vdsm_blockops.shells.manual import SHIPPED, readme_with_verbs
 from vdsm_blockops.shells.parser import shipped_text
 
 for path, kind in SHIPPED.items():

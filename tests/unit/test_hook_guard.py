@@ -14,7 +14,7 @@ from vdsm_blockops.core.errors import BadRequest
 from vdsm_blockops.core.identity import image_key
 from vdsm_blockops.engine.records import OperationRecord, render_records
 from vdsm_blockops.engine.state import StateDir
-from vdsm_blockops.shells.hook import run
+from vdsm_blockops.engine.guard import run
 
 
 def make_chain(folder):
@@ -112,7 +112,7 @@ def test_hostile_xml_is_not_expanded_and_does_not_hang(state, xml):
 
 
 def test_oversized_xml_is_not_parsed(state, caplog):
-    with caplog.at_level(logging.ERROR, logger="vdsm_blockops.shells.hook"):
+    with caplog.at_level(logging.ERROR, logger="vdsm_blockops.guard"):
         rc, err = hook(state, "prepare", "begin", b"<domain>" + b" " * (5 * 1024 * 1024))
     assert rc == 1 and "larger than" in err and "not parsed" in err
 
@@ -129,7 +129,7 @@ def test_other_operations_pass(state, chain):
 
 
 def test_installed_hook_answers_fast(tmp_path, chain):
-    from vdsm_blockops.shells import hookctl
+    from vdsm_blockops.engine import hookctl
 
     config = tmp_path / "config.yaml"
     config.write_text(f"state_dir: {tmp_path}/state\n")
@@ -232,7 +232,7 @@ def test_missing_cdrom_follows_libvirts_startup_policy(state, tmp_path, policy, 
 
 
 def test_image_checks_have_a_hard_deadline(state):
-    from vdsm_blockops.shells.hook import within_deadline
+    from vdsm_blockops.engine.guard import within_deadline
 
     started = time.monotonic()
     refusal = within_deadline(lambda: time.sleep(30), 0.5)
@@ -243,7 +243,7 @@ def test_image_checks_have_a_hard_deadline(state):
 def test_a_broken_package_refuses_guarded_starts_unless_disabled(tmp_path, chain):
     """Fail closed, loudly (stderr and syslog); an explicit file in the
     state folder turns it off; lifecycle notices pass."""
-    from vdsm_blockops.shells import hookctl
+    from vdsm_blockops.engine import hookctl
 
     config = tmp_path / "odd name.yaml"
     config.write_text(f"state_dir: {tmp_path}/state\n")
@@ -345,7 +345,7 @@ def test_a_half_copied_chain_does_not_start_on_the_destination(state, chain):
 
 
 def installed(tmp_path, config_text):
-    from vdsm_blockops.shells import hookctl
+    from vdsm_blockops.engine import hookctl
 
     config = tmp_path / "config.yaml"
     config.write_text(config_text)

@@ -13,7 +13,8 @@ import zipfile
 
 import pytest
 
-from vdsm_blockops.shells.manual import SHIPPED, readme_with_verbs, shipped_hook
+from vdsm_blockops.engine.hookctl import shipped_hook
+from vdsm_blockops.shells.manual import SHIPPED, readme_with_verbs
 from vdsm_blockops.shells.parser import shipped_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -225,7 +225,7 @@ def test_history_is_in_the_order_operations_started(tmp_path):
 
 def test_units_uninstall_enable_without_systemd_removes_the_units(tmp_path, monkeypatch):
     from vdsm_blockops.core.config import Config
-    from vdsm_blockops.shells import units
+    from vdsm_blockops.engine import units
 
     units.install(Config(state_dir=str(tmp_path / "state")), None, unit_dir=str(tmp_path))
     monkeypatch.setattr(units, "_systemd_running", lambda: False)

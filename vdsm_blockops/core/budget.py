@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 INTERRUPTED = ("Whatever it ran itself (qemu-img, its own copies) stopped with it; a block "
                "job it started runs on under its record ('jobs' lists both): 'recover' "
                "finishes or rolls back what it left, 'abort' rolls it back")
+STOPPED = f"the command was interrupted. {INTERRUPTED}"
 
 
 @dataclass
@@ -40,13 +41,17 @@ class Budget:
 
     @classmethod
     def starting_now(cls, timeout_s: float | None,
-                     clock: Callable[[], float] = time.monotonic) -> Budget:
-        return cls(timeout_s, clock, None if timeout_s is None else clock() + timeout_s)
+                     clock: Callable[[], float] = time.monotonic,
+                     interrupted: threading.Event | None = None) -> Budget:
+        """A budget whose timeout starts now; ``interrupted``: the event a
+        caller sets to stop the operation (the API's cancellation token)."""
+        return cls(timeout_s, clock, None if timeout_s is None else clock() + timeout_s,
+                   interrupted if interrupted is not None else threading.Event())
 
     def check(self, doing: str = "the operation") -> None:
         """Raise Interrupted or JobTimeout when the operation must stop."""
         if self.interrupted.is_set():
-            raise Interrupted(f"the command was interrupted. {INTERRUPTED}")
+            raise Interrupted(STOPPED)
         if self.at is not None and self.clock() >= self.at:
             raise JobTimeout(f"{doing} did not finish within the timeout of "
                              f"{self.timeout_s:g} s")

@@ -33,7 +33,12 @@ class BlockOpsError(Exception):
     The optional fields say more where there is more to say; they appear
     under ``details`` in the JSON error: ``record`` (the operation record
     that holds a disk), ``holder`` (who holds its lock), ``problems`` (what
-    a verification found), ``results`` (each disk's report, for ``all``).
+    a verification found), ``results`` (each disk's report, for ``all``),
+    ``settled`` (what became of a failed operation's change: ``"rolled-back"``
+    -- the chain is as before --, ``"finished"``, or None: left as it stands
+    for ``recover`` under its ``record``). ``domain`` and ``disk`` name what
+    the request was about (set by the public API; not in the JSON, whose
+    report names them already).
     """
 
     exit_code = 1
@@ -42,13 +47,17 @@ class BlockOpsError(Exception):
 
     def __init__(self, message: str, *, record: str | None = None, holder: str | None = None,
                  problems: list[str] | None = None,
-                 results: list[dict[str, Any]] | None = None) -> None:
+                 results: list[dict[str, Any]] | None = None, settled: str | None = None,
+                 domain: str | None = None, disk: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.record = record
         self.holder = holder
         self.problems = problems
         self.results = results
+        self.settled = settled
+        self.domain = domain
+        self.disk = disk
 
     def __str__(self) -> str:
         return self.message
@@ -56,7 +65,7 @@ class BlockOpsError(Exception):
     @property
     def details(self) -> dict[str, Any]:
         fields = {"record": self.record, "holder": self.holder, "problems": self.problems,
-                  "results": self.results}
+                  "results": self.results, "settled": self.settled}
         return {k: v for k, v in fields.items() if v is not None}
 
     def to_json(self) -> dict[str, Any]:
@@ -65,12 +74,16 @@ class BlockOpsError(Exception):
             body["details"] = self.details
         return body
 
+    _FIELDS = ("record", "holder", "problems", "results", "settled", "domain", "disk")
+
     def with_message(self, message: str, **fields: Any) -> BlockOpsError:
         """The same kind of error with another message (and fields)."""
-        return type(self)(message, record=fields.get("record", self.record),
-                          holder=fields.get("holder", self.holder),
-                          problems=fields.get("problems", self.problems),
-                          results=fields.get("results", self.results))
+        unknown = set(fields) - set(self._FIELDS)
+        if unknown:
+            raise TypeError(f"unknown error fields {sorted(unknown)}")
+        copy = type(self)(message, **{k: fields.get(k, getattr(self, k)) for k in self._FIELDS})
+        copy.usage = self.usage
+        return copy
 
 
 class BadRequest(BlockOpsError):
@@ -81,22 +94,33 @@ class BadRequest(BlockOpsError):
 
 
 class UnknownDomain(BadRequest):
+    """No domain of that name or UUID on the node (exit 2)."""
+
     code = "unknown-domain"
 
 
 class UnknownDisk(BadRequest):
+    """The domain has no disk of that target name (exit 2)."""
+
     code = "unknown-disk"
 
 
 class UnknownImage(BadRequest):
+    """No image of the disk's chain answers to that name (exit 2)."""
+
     code = "unknown-image"
 
 
 class UnsafeRequest(BadRequest):
+    """Refused as unsafe, e.g. a commit into a layer another VM uses (exit 2)."""
+
     code = "unsafe-request"
 
 
 class OperationFailed(BlockOpsError):
+    """libvirt, QEMU or qemu-img failed mid-way (exit 1); ``settled`` says what became of the
+    change."""
+
     code = "operation-failed"
 
 
@@ -114,10 +138,15 @@ class Aborted(OperationFailed):
 
 
 class JobFailed(OperationFailed):
+    """A block job ended FAILED or CANCELED (exit 1)."""
+
     code = "job-failed"
 
 
 class VerificationFailed(OperationFailed):
+    """The result does not match the plan or the images' metadata (exit 1); ``problems``
+    lists each."""
+
     code = "verification-failed"
 
 
@@ -136,15 +165,22 @@ class StateError(OperationFailed):
 
 
 class ConnectionLost(BlockOpsError):
+    """libvirtd went away for good (exit 1)."""
+
     code = "connection-lost"
 
 
 class JobTimeout(BlockOpsError):
+    """The operation did not finish within its ``timeout`` (exit 3); rolled back as ``abort``
+    would."""
+
     exit_code = 3
     code = "timeout"
 
 
 class Conflict(BlockOpsError):
+    """Another job or operation holds the disk, or the chain changed meanwhile (exit 4)."""
+
     exit_code = 4
     code = "conflict"
 

@@ -40,12 +40,17 @@ class Strategy(StrEnum):
 
 
 class Mode(StrEnum):
+    """What a relocation copies: the whole chain, only the top (shallow), or all flattened
+    (full)."""
+
     CHAIN = "chain"
     FULL = "full"
     SHALLOW = "shallow"
 
 
 class Method(StrEnum):
+    """How a relocation copies: a block-copy mirror, flatten, or snapshot then stream."""
+
     AUTO = "auto"  # resolved by the planner: flatten where it copies faster, else mirror
     MIRROR = "mirror"
     SNAPSHOT_STREAM = "snapshot-stream"
@@ -56,6 +61,8 @@ class Method(StrEnum):
 
 
 class ImageFormat(StrEnum):
+    """The format of a relocation's destination."""
+
     QCOW2 = "qcow2"
     RAW = "raw"
 

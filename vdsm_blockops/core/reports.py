@@ -5,12 +5,13 @@ Optional fields are left out of the JSON while they are None."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import FrozenInstanceError, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 from .model import ImageFormat, Method, Mode, Strategy
 
 JSON = dict[str, Any]
+V = TypeVar("V", bound="View")
 
 
 def _plain(value: Any) -> Any:
@@ -30,6 +31,23 @@ class View:
     """A part of a report: its fields as a JSON object."""
 
     OPTIONAL: ClassVar[tuple[str, ...]] = ()  # fields left out of the JSON while None
+
+    # Built up field by field inside the package; frozen when handed out
+    # by the public API (``freeze``): assigning a field then raises.
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise FrozenInstanceError(f"cannot assign to field {name!r}: the result is frozen")
+        object.__setattr__(self, name, value)
+
+    def freeze(self: V) -> V:
+        """This result, and the results in its fields, made read-only."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for part in value if isinstance(value, list) else [value]:
+                if isinstance(part, View):
+                    part.freeze()
+        object.__setattr__(self, "_frozen", True)
+        return self
 
     def to_json(self) -> JSON:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
@@ -61,12 +79,17 @@ class Report(View):
 
 @dataclass
 class Retired(View):
+    """A layer an operation took out of the chain; ``valid``: its data still whole."""
+
     path: str
     valid: bool
 
 
 @dataclass
 class MergeReport(Report):
+    """What a merge did (or, with ``dry_run``, would do) to one disk: the chain before and
+    after, the layers it retired."""
+
     OPERATION = "merge"
     OPTIONAL = ("deleted", "kept", "record", "duration_s", "volume")
     domain: str
@@ -98,6 +121,8 @@ class MergeReport(Report):
 
 @dataclass
 class RelocateReport(Report):
+    """What a relocation did to one disk: what was copied where, the chain before and after."""
+
     OPERATION = "relocate"
     OPTIONAL = ("persistent_definition_fixed", "deleted", "kept", "record", "duration_s", "phases_s",
                 "volume")
@@ -129,6 +154,8 @@ class RelocateReport(Report):
 
 @dataclass
 class SnapshotReport(Report):
+    """The overlay a snapshot put on one disk, and its chain before and after."""
+
     OPERATION = "snapshot"
     OPTIONAL = ("duration_s", "volume")
     domain: str
@@ -169,6 +196,8 @@ class MultiReport(Report):
 
 @dataclass
 class LayerView(View):
+    """One layer of a chain: its path, format, sizes and backing name."""
+
     OPTIONAL = ("volume",)
     path: str
     format: str | None
@@ -189,6 +218,8 @@ class LayerView(View):
 
 @dataclass
 class DiskView(View):
+    """One disk in a chain report: its target, device and layers (active first)."""
+
     disk: str
     device: str
     chain: list[LayerView]
@@ -200,6 +231,8 @@ class DiskView(View):
 
 @dataclass
 class ChainReport(Report):
+    """Each disk of a domain with its backing chain (``chain``)."""
+
     OPERATION = "chain"
     domain: str
     uuid: str
@@ -209,6 +242,8 @@ class ChainReport(Report):
 
 @dataclass
 class JobRow(View):
+    """One running block job or migration."""
+
     domain: str
     disk: str
     type: str
@@ -242,6 +277,8 @@ class OperationRow(View):
 
 @dataclass
 class JobsReport(Report):
+    """The block jobs running and the operations under way (``jobs``)."""
+
     OPERATION = "jobs"
     jobs: list[JobRow]
     operations: list[OperationRow] = field(default_factory=list)
@@ -249,6 +286,8 @@ class JobsReport(Report):
 
 @dataclass
 class VerifyReport(Report):
+    """What ``verify`` found: ``ok`` while ``problems`` is empty."""
+
     OPERATION = "verify"
     domain: str
     disk: str
@@ -271,61 +310,9 @@ class VerifyReport(Report):
 
 
 @dataclass
-class RecordOutcome(View):
-    """What recover did with one operation record."""
-
-    OPTIONAL = ("message",)
-    domain: str
-    disk: str
-    record: str
-    operation: str
-    phase: str
-    result: str  # finished | rolled-back | failed | busy
-    message: str | None = None
-
-    @property
-    def settled(self) -> bool:
-        return self.result not in ("failed", "busy", "unreadable", "waiting")
-
-
-class _Settles:
-    """A report on settling records: failed while ``error`` says some were not."""
-
-    error: JSON | None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def exit_code(self) -> int:  # 3: it only stopped waiting on a job that still runs
-        return 0 if self.error is None else 3 if self.error.get("code") == "timeout" else 1
-
-
-@dataclass
-class RecoverReport(_Settles, Report):
-    OPERATION = "recover"
-    OPTIONAL = ("queued", "error")
-    domain: str
-    records: list[RecordOutcome]
-    queued: list[str] | None = None
-    error: JSON | None = None
-
-
-@dataclass
-class AbortReport(_Settles, Report):
-    OPERATION = "abort"
-    OPTIONAL = ("recover", "error")
-    domain: str
-    disk: str
-    pivot: bool
-    chain_after: list[str]
-    recover: list[RecordOutcome] | None = None
-    error: JSON | None = None
-
-
-@dataclass
 class SpeedReport(Report):
+    """The bandwidth a running job was set to."""
+
     OPERATION = "speed"
     domain: str
     disk: str

@@ -41,8 +41,10 @@ class Context:
         return StateDir(self.config.state_dir, self.budget)
 
     def timed(self, timeout_s: float | None) -> Context:
-        """This context for one operation whose timeout starts now."""
-        return replace(self, budget=Budget.starting_now(timeout_s, self.clock))
+        """This context for one operation whose timeout starts now (its
+        interrupt stays the caller's: a cancellation reaches every step)."""
+        return replace(self, budget=Budget.starting_now(timeout_s, self.clock,
+                                                        self.budget.interrupted))
 
 
 def check_bandwidth(bandwidth_mib_s: int | None) -> int:

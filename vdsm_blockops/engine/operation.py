@@ -127,13 +127,16 @@ def _run_disk(ctx: Context, op: DiskOperation[PlanT], domain: Domain, plan: Plan
             # interrupted (handed over as it stands): the record stays for recover.
             raise
         except (errors.BlockOpsError, OSError) as exc:
+            settled = None
             try:
-                settle(domain, store, record,
-                       finish=lambda: op.finish(ctx, domain, plan, store, record),
-                       remove_volume=ctx.config.volume_remove_command)
+                settled = settle(domain, store, record,
+                                 finish=lambda: op.finish(ctx, domain, plan, store, record),
+                                 remove_volume=ctx.config.volume_remove_command).value
             except (errors.BlockOpsError, OSError) as why:
                 log.warning("%s %s left for recover: %s", domain.name, plan.disk, why)
-            raise as_failure(exc) from exc
+            failure = as_failure(exc)
+            raise failure.with_message(failure.message, settled=settled,
+                                       record=failure.record or record.id) from exc
 
 
 class Settlement(enum.Enum):

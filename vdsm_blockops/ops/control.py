@@ -8,7 +8,8 @@ import signal
 from typing import TYPE_CHECKING
 
 from ..core import errors
-from ..core.reports import AbortReport, RecordOutcome, SpeedReport
+from ..core.reports import SpeedReport
+from ..core.settled import AbortReport, RecordOutcome
 from ..engine import aborts
 from ..engine.context import Context, check_bandwidth, refuse_vdsm_managed
 from ..engine.migrations import MigrationRecord, MigrationStore

@@ -103,19 +103,22 @@ def migrate(ctx: Context, req: MigrateRequest) -> MigrateReport:
                          ctx.clock() - finishing)
             except (errors.BlockOpsError, OSError) as exc:
                 failure = as_failure(exc)
-                outcome = moved.after_failure(ctx, domain, dest, record, store)
-                raise failure.with_message(f"{failure}; {outcome}") from exc
+                settled, outcome = moved.after_failure(ctx, domain, dest, record, store)
+                raise failure.with_message(f"{failure}; {outcome}", record=record.id,
+                                           settled=settled) from exc
             except KeyboardInterrupt:
-                outcome = moved.after_failure(ctx, domain, dest, record, store)
+                settled, outcome = moved.after_failure(ctx, domain, dest, record, store)
                 from ..engine.aborts import find
 
                 note = find(ctx.state, record.id)
                 if note is not None:
                     raise errors.Aborted(f"the move of {domain.name} was stopped by "
                                          f"'vdsm-blockops abort' (pid {note.get('by_pid')}) "
-                                         f"from another process: {outcome}") from None
+                                         f"from another process: {outcome}", record=record.id,
+                                         settled=settled) from None
                 raise errors.Interrupted(f"the move of {domain.name} was interrupted: "
-                                         f"{outcome}") from None
+                                         f"{outcome}", record=record.id,
+                                         settled=settled) from None
     finally:
         dest.close()
     report.duration_s = round(ctx.clock() - started, 3)

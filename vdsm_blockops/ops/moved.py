@@ -30,7 +30,8 @@ from ..core.chain import parse_domain
 from ..core.headers import resolve_backing
 from ..core.identity import clean_path, same_images
 from ..core.migrate_plan import MigratePlan, MigrateReport, MigrateRequest
-from ..core.reports import RecordOutcome, Retired
+from ..core.reports import Retired
+from ..core.settled import RecordOutcome
 from ..engine.context import Context
 from ..engine.migrations import MigrationRecord, MigrationStore, MovePhase
 from ..virt.remote import RemoteNode
@@ -100,19 +101,20 @@ def settle(ctx: Context, dest: RemoteNode, record: MigrationRecord, store: Migra
 
 
 def after_failure(ctx: Context, domain: Domain, dest: RemoteNode, record: MigrationRecord,
-                  store: MigrationStore) -> str:
+                  store: MigrationStore) -> tuple[str | None, str]:
     """Settle right away what a failed move left; what cannot be (the
     destination unreachable, a chain that does not check out) stays
-    recorded for recover. What became of it, for the error message."""
+    recorded for recover. What became of it ("finished", "rolled-back" or
+    None: left for recover), and in words for the error message."""
     try:
         done = settle(ctx, dest, record, store, wait_s=30)[0]
     except (errors.BlockOpsError, OSError) as why:
         log.warning("the move of %s to %s is left for recover: %s", domain.name,
                     record.dest_uri, why)
-        return (f"the move is left for 'vdsm-blockops recover {domain.name}' ({why})")
+        return None, f"the move is left for 'vdsm-blockops recover {domain.name}' ({why})"
     if done == "finished":
-        return f"yet the move completed: {domain.name} runs on {dest.hostname}"
-    return f"the move was rolled back: {domain.name} runs on this node"
+        return "finished", f"yet the move completed: {domain.name} runs on {dest.hostname}"
+    return "rolled-back", f"the move was rolled back: {domain.name} runs on this node"
 
 
 def source_domain(ctx: Context, uuid: str) -> Domain | None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ..core import errors
 from ..core.planner import MergePlan
 from ..core.relocate_plan import RelocatePlan, RelocateRequest
-from ..core.reports import RecordOutcome, RecoverReport
+from ..core.settled import RecordOutcome, RecoverReport
 from ..engine import aborts
 from ..engine.context import Context, check_timeout
 from ..engine.jobs import Guard, JobRunner, Outcome

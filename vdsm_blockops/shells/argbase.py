@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, NoReturn
 
-from ..core import errors
+from ..api import BadRequest
 
 EXIT_CODES = """exit codes:
   0  done
@@ -42,7 +42,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse would print usage and exit 2
         # One program name per error line: main() prefixes "vdsm-blockops:".
         verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
-        error = errors.BadRequest(f"{verb}: {message}" if verb else message)
+        error = BadRequest(f"{verb}: {message}" if verb else message)
         error.usage = self.format_usage()  # shown above the error, as argparse does
         raise error
 

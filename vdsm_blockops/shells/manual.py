@@ -181,11 +181,3 @@ def completion(parser: argparse.ArgumentParser, shell: str) -> str:
 
     return str(shtab.complete(parser, shell=shell,
                               preamble=COMPLETION_PREAMBLE.get(shell, "")))
-
-
-def shipped_hook() -> str:
-    """The guard as ``hooks/vdsm-blockops-guard`` ships it: what ``hook
-    install`` writes, for a package installed into the system's python3."""
-    from .hookctl import hook_script
-
-    return hook_script(None, "/var/lib/vdsm-blockops", python="/usr/bin/python3")

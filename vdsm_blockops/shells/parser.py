@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .. import __version__
-from ..core import errors
-from ..core.model import ImageFormat, Method, Mode, Strategy, choices
-from ..core.reports import Report, TextReport
+from ..api import BadRequest, BlockOpsError, ImageFormat, Method, Mode, Strategy
+
+if TYPE_CHECKING:
+    from ..api import Report, TextReport
 from . import commands
 from .argbase import EXIT_CODES, Formatter, Parser, add_common, seconds
+
+
+def choices(kind: type[enum.Enum], exclude: tuple[str, ...] = ()) -> list[str]:
+    return [str(member.value) for member in kind if member.value not in exclude]
 
 
 def _alias(parser: argparse.ArgumentParser, option: str, dest: str) -> None:
@@ -203,7 +209,8 @@ class Verb(NamedTuple):
 
 
 # The two verbs that print the parser itself (shells/manual.py).
-def _cmd_completion(args: argparse.Namespace, env: commands.Env) -> Report:
+def _cmd_completion(args: argparse.Namespace, env: commands.Env) -> TextReport:
+    from ..api import TextReport
     from .manual import completion
 
     return TextReport(operation="completion", text=completion(build_parser(), args.shell))
@@ -215,25 +222,28 @@ def _names_args(p: argparse.ArgumentParser) -> None:
                    help="disks: the command line so far (its domain is the word after the verb)")
 
 
-def _cmd_names(args: argparse.Namespace, env: commands.Env) -> Report:
+def _cmd_names(args: argparse.Namespace, env: commands.Env) -> TextReport:
     """Names for the shell's completion, one per line: asked of libvirt by
     the tool itself (the shell runs no virsh), one call each. ``disks``:
     of the domain the command line so far names (read by that verb's own
     parser, so an option's value is never taken for it)."""
+    from ..api import TextReport
+
     if args.kind == "domains":
-        return TextReport(operation="names", text="\n".join(d.name for d in env.conn.domains()))
+        return TextReport(operation="names", text="\n".join(env.node.domains()))
     names = {verb.name for verb in VERBS}
     at = next((i for i, word in enumerate(args.words) if word in names), None)
     domain = None
     if at is not None:
-        with contextlib.suppress(errors.BlockOpsError, SystemExit):  # "-": not typed yet
+        with contextlib.suppress(BlockOpsError, SystemExit):  # "-": not typed yet
             so_far = build_parser(only=args.words[at]).parse_known_args(
                 args.words[at:] + ["-"] * 3)[0]
             domain = getattr(so_far, "domain", None)
     return TextReport(operation="names", text="\n".join(commands.disk_names(env, domain)))
 
 
-def _cmd_manpage(args: argparse.Namespace, env: commands.Env) -> Report:
+def _cmd_manpage(args: argparse.Namespace, env: commands.Env) -> TextReport:
+    from ..api import TextReport
     from .manual import manual_page
 
     return TextReport(operation="manpage", text=manual_page(build_parser()))
@@ -316,7 +326,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args = build_parser(only=guess).parse_args(argv)
             if args.verb == guess:
                 return args
-        except errors.BadRequest:
+        except BadRequest:
             pass
     return build_parser().parse_args(argv)
 

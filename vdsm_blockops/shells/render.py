@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from functools import singledispatch
 
-from ..core.migrate_plan import MigrateReport
-from ..core.model import Strategy
-from ..core.reports import (
+from ..api import (
     AbortReport,
     ChainReport,
     DiskFailure,
@@ -14,16 +12,18 @@ from ..core.reports import (
     InstallReport,
     JobsReport,
     MergeReport,
+    MigrateReport,
     MultiReport,
     RecoverReport,
     RelocateReport,
     Report,
     SnapshotReport,
     SpeedReport,
+    Strategy,
     TextReport,
     VerifyReport,
+    printable,
 )
-from ..core.text import printable
 
 MIB = 1024 * 1024
 

@@ -7,12 +7,10 @@ its errors onto fail_json. The modules stay thin shells."""
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 
 try:
-    from vdsm_blockops.core import errors as _errors
-    from vdsm_blockops.core.config import load_config, require_local_uri
+    from vdsm_blockops import api as _api
     HAS_LIBRARY = True
     IMPORT_ERROR = None
 except ImportError:  # pragma: no cover - reported through fail_json
@@ -49,24 +47,22 @@ class _WarnHandler(logging.Handler):
 def _log_like_the_cli(module):
     """INFO and up to the system log, as the CLI logs (tag
     vdsm-blockops-ansible); warnings to module.warn too."""
-    from vdsm_blockops.shells.logs import add_syslog
-
     root = logging.getLogger("vdsm_blockops")
     root.setLevel(logging.INFO)
     root.addHandler(_WarnHandler(module))
-    add_syslog(root, "vdsm-blockops-ansible")
+    _api.log_to_syslog(root, "vdsm-blockops-ansible")
 
 
-def context(module):
-    from vdsm_blockops.engine.context import Context
-    from vdsm_blockops.virt import open_connection
-
+def open_node(module):
+    """The library's node (vdsm_blockops.api, its public API only): the
+    module runs on the node whose files it touches, so a URI naming
+    another host is refused; its operations go to the node's history."""
     _log_like_the_cli(module)
-    config = load_config(module.params.get("config"))
-    uri = module.params.get("uri") or config.connect
-    require_local_uri(uri)  # the module runs on the node whose files it touches
-    return Context(conn=open_connection(uri), config=config,
-                   allow_vdsm_managed=bool(module.params.get("allow_vdsm_managed")))
+    node = _api.Node(module.params.get("uri"), config=module.params.get("config"),
+                     allow_vdsm_managed=bool(module.params.get("allow_vdsm_managed")),
+                     source="ansible")
+    node.require_local()
+    return node
 
 
 def in_module_words(module, message):
@@ -81,7 +77,7 @@ def run(module, action):
     """Call ``action()``; a library error becomes fail_json with its one line."""
     try:
         return action()
-    except _errors.BlockOpsError as exc:
+    except _api.BlockOpsError as exc:
         module.fail_json(msg=in_module_words(module, str(exc)),
                          error={"code": exc.code, "exit_code": exc.exit_code},
                          **({"details": exc.details} if exc.details else {}))
@@ -89,33 +85,6 @@ def run(module, action):
         module.fail_json(msg=f"{type(exc).__name__}: {exc}",
                          error={"code": "operation-failed", "exit_code": 1},
                          exception=traceback.format_exc())
-
-
-def traced(module, ctx, operation, action):
-    """``action()`` (an operation returning its JSON report), with a line
-    in the node's history whatever its outcome (not in check mode)."""
-    from vdsm_blockops.engine import history
-
-    started = time.time()
-    params = module.params
-
-    def trail(exit_code, outcome, body=None, message=None):
-        if not module.check_mode:
-            history.append(ctx.state, history.entry(
-                source="ansible", operation=operation, domain=params.get("domain"),
-                disk=params.get("disk"), started=started, exit_code=exit_code, outcome=outcome,
-                body=body, message=message))
-
-    try:
-        report = action()
-    except _errors.BlockOpsError as exc:
-        trail(exc.exit_code, exc.code, message=str(exc))
-        raise
-    except Exception as exc:
-        trail(1, "operation-failed", message=f"{type(exc).__name__}: {exc}")
-        raise
-    trail(0, "ok", body=report)
-    return report
 
 
 def exit_with_report(module, report, changed):
@@ -153,14 +122,9 @@ def _chain_text(chain):
     return "\n".join(reversed(chain)) + "\n"
 
 
-def chains_now(ctx, domain, disk):
+def chains_now(node, domain, disk):
     """chain_before and chain_after of an operation found already done: the
     chain the disk runs on (for every disk with disk=all), and verified."""
-    from vdsm_blockops.engine.node import current_chain
-
-    dom = ctx.conn.domain(domain)
-    if disk == "all":
-        chains = {d.target: current_chain(dom, d.target) for d in dom.spec().select("all")}
-        return {"chain_before": chains, "chain_after": chains, "verified": True}
-    chain = current_chain(dom, disk)
+    chains = node.chains(domain, disk)
+    chain = chains if disk == "all" else chains[disk]
     return {"chain_before": chain, "chain_after": chain, "verified": True}

@@ -90,7 +90,7 @@ under:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, require_library, run)
+    COMMON_ARGS, open_node, require_library, run)
 
 
 def main():
@@ -99,17 +99,15 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.engine.node import describe_chains, list_jobs
 
-    ctx = run(module, lambda: context(module))
+    node = run(module, lambda: open_node(module))
     name = module.params["domain"]
 
     def gather():
-        domains = [ctx.conn.domain(name)] if name else ctx.conn.domains()
-        chains = [describe_chains(d).to_json() for d in domains]
+        chains = [node.chain(d).to_json() for d in ([name] if name else node.domains())]
         for chain in chains:  # one entry per domain, not a verb's answer
             del chain["ok"], chain["operation"]
-        return chains, list_jobs(ctx.conn, name).to_json()["jobs"]
+        return chains, node.jobs(name).to_json()["jobs"]
 
     domains, jobs = run(module, gather)
     result = dict(changed=False, domains=domains, jobs=jobs)
@@ -119,7 +117,7 @@ def main():
 
 
 def disks_under(domains, folder):
-    from vdsm_blockops.core.identity import inside_folder
+    from vdsm_blockops.api import inside_folder
 
     found = []
     for dom in domains:

@@ -164,7 +164,7 @@ top: {description: The highest image of the merged segment., returned: success, 
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, chains_now, context, exit_with_report, require_library, run, traced)
+    COMMON_ARGS, chains_now, exit_with_report, open_node, require_library, run)
 
 
 def main():
@@ -184,21 +184,19 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.ops.merge import MergeRequest, already_done, merge
-
     p = module.params
     if p["disk"] == "all" and (p["base"] is not None or p["top"] is not None):
         module.fail_json(msg="base and top name images of one chain; they cannot go with disk=all")
-    ctx = run(module, lambda: context(module))
-    req = MergeRequest(domain=p["domain"], disk=p["disk"], base=p["base"], top=p["top"],
-                       strategy=p["strategy"], bandwidth_mib_s=p["bandwidth"],
-                       timeout_s=p["timeout"], dry_run=module.check_mode,
-                       keep_relative=p["keep_relative"], delete_retired=p["delete_retired"])
-    done = run(module, lambda: already_done(ctx, req))
+    node = run(module, lambda: open_node(module))
+    done = run(module, lambda: node.already_done("merge", p["domain"], p["disk"], base=p["base"],
+                                                 top=p["top"]))
     if done:
-        now = run(module, lambda: chains_now(ctx, p["domain"], p["disk"]))
+        now = run(module, lambda: chains_now(node, p["domain"], p["disk"]))
         module.exit_json(changed=False, msg=done, **now)
-    report = run(module, lambda: traced(module, ctx, "merge", lambda: merge(ctx, req).to_json()))
+    report = run(module, lambda: node.merge(
+        p["domain"], p["disk"], base=p["base"], top=p["top"], strategy=p["strategy"],
+        bandwidth=p["bandwidth"], timeout=p["timeout"], dry_run=module.check_mode,
+        keep_relative=p["keep_relative"], delete_retired=p["delete_retired"]).to_json())
     reports = report.get("results", [report])
     changed = any(r.get("strategy") != "noop" for r in reports)
     exit_with_report(module, report, changed)

@@ -122,7 +122,7 @@ would_move:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, require_library, run, traced)
+    COMMON_ARGS, open_node, require_library, run)
 
 
 def main():
@@ -142,26 +142,24 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.core.migrate_plan import MigrateRequest
-    from vdsm_blockops.ops.migrate import migrate, settle_unfinished, unfinished
 
     p = module.params
-    ctx = run(module, lambda: context(module))
-    req = MigrateRequest(domain=p["domain"], dest_uri=p["dest_uri"], dest_dir=p["dest_dir"],
-                         migrate_uri=p["migrate_uri"], bandwidth_mib_s=p["bandwidth"],
-                         timeout_s=p["timeout"], dry_run=module.check_mode,
-                         delete_source=p["delete_source"], source_root=p["source_root"],
-                         proof=p["proof"])
+    node = run(module, lambda: open_node(module))
     if module.check_mode:  # say what settling would do; change nothing
-        pending = run(module, lambda: unfinished(ctx, p["domain"]))
+        pending = run(module, lambda: node.unfinished_move(p["domain"]))
         if pending:
             module.exit_json(changed=True, msg=f"check mode: {pending}", moved=False,
                              would_move=True)
     else:
-        done = run(module, lambda: settle_unfinished(ctx, req))
+        done = run(module, lambda: node.settle_move(p["domain"], p["dest_uri"],
+                                                    dest_dir=p["dest_dir"], timeout=p["timeout"]))
         if done:
             module.exit_json(changed=done.startswith("finished"), msg=done, moved=True)
-    report = run(module, lambda: traced(module, ctx, "migrate", lambda: migrate(ctx, req).to_json()))
+    report = run(module, lambda: node.migrate(
+        p["domain"], p["dest_uri"], dest_dir=p["dest_dir"], migrate_uri=p["migrate_uri"],
+        bandwidth=p["bandwidth"], timeout=p["timeout"], dry_run=module.check_mode,
+        delete_source=p["delete_source"], source_root=p["source_root"],
+        proof=p["proof"]).to_json())
     module.exit_json(**dict(report, changed=True, moved=not module.check_mode,
                             would_move=module.check_mode))
 

@@ -68,7 +68,7 @@ settled:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, require_library, run, traced)
+    COMMON_ARGS, open_node, require_library, run)
 
 
 def main():
@@ -77,18 +77,15 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.engine.node import list_jobs
-    from vdsm_blockops.ops.recover import recover
 
     p = module.params
-    ctx = run(module, lambda: context(module))
+    node = run(module, lambda: open_node(module))
     if module.check_mode:
-        jobs = run(module, lambda: list_jobs(ctx.conn, p["domain"], ctx.state).to_json())
+        jobs = run(module, lambda: node.jobs(p["domain"]).to_json())
         pending = [{k: op[k] for k in ("domain", "disk", "operation", "record", "phase")}
                    for op in jobs["operations"]]
         module.exit_json(changed=bool(pending), records=pending, settled=0)
-    report = run(module, lambda: traced(module, ctx, "recover",
-                                        lambda: recover(ctx, p["domain"], p["timeout"]).to_json()))
+    report = run(module, lambda: node.recover(p["domain"], timeout=p["timeout"]).to_json())
     records = report.get("records", [])
     settled = sum(1 for r in records if r.get("result") in ("finished", "rolled-back"))
     # An operation whose owner still runs (busy) or whose job runs on past

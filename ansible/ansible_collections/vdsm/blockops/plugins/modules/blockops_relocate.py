@@ -212,7 +212,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, chains_now, context, exit_with_report, require_library, run, traced)
+    COMMON_ARGS, chains_now, exit_with_report, open_node, require_library, run)
 
 
 def main():
@@ -236,8 +236,6 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.ops.relocate import RelocateRequest, already_done, relocate
-
     p = module.params
     # Checked by value: mode and both flags have defaults, so Ansible's
     # required_if and mutually_exclusive would never (or always) fire.
@@ -246,13 +244,7 @@ def main():
     if p["delete_source"] and p["reuse_external"]:
         module.fail_json(msg="delete_source=true and reuse_external=true cannot be combined "
                              "(the prepared destination is not the source)")
-    ctx = run(module, lambda: context(module))
-    req = RelocateRequest(domain=p["domain"], disk=p["disk"], dest=p["dest"], mode=p["mode"],
-                          method=p["method"], format=p["format"],
-                          reuse_external=p["reuse_external"], sync_writes=p["sync_writes"],
-                          pivot=p["pivot"], delete_source=p["delete_source"],
-                          bandwidth_mib_s=p["bandwidth"], timeout_s=p["timeout"],
-                          dry_run=module.check_mode)
+    node = run(module, lambda: open_node(module))
     if module.check_mode and not os.path.isdir(p["dest"] if p["disk"] == "all"
                                                else os.path.dirname(p["dest"])):
         # An earlier task of the play (a folder to make) did not run in
@@ -260,13 +252,18 @@ def main():
         module.exit_json(changed=True, would_relocate=True, relocated=False, copied=False,
                          msg=f"check mode: the destination folder of {p['dest']} does not exist "
                              "yet; the rest of the plan is checked when it does")
-    done = run(module, lambda: already_done(ctx, req))
+    done = run(module, lambda: node.already_done("relocate", p["domain"], p["disk"],
+                                                 dest=p["dest"], mode=p["mode"],
+                                                 pivot=p["pivot"], format=p["format"]))
     if done:
-        now = run(module, lambda: chains_now(ctx, p["domain"], p["disk"]))
+        now = run(module, lambda: chains_now(node, p["domain"], p["disk"]))
         module.exit_json(changed=False, msg=done, relocated=p["pivot"], copied=not p["pivot"],
                          **now)
-    report = run(module, lambda: traced(module, ctx, "relocate",
-                                        lambda: relocate(ctx, req).to_json()))
+    report = run(module, lambda: node.relocate(
+        p["domain"], p["disk"], p["dest"], mode=p["mode"], method=p["method"],
+        format=p["format"], reuse_external=p["reuse_external"], sync_writes=p["sync_writes"],
+        pivot=p["pivot"], delete_source=p["delete_source"], bandwidth=p["bandwidth"],
+        timeout=p["timeout"], dry_run=module.check_mode).to_json())
     # the positive word a role decides by: the disk runs on DEST, verified
     verified = all(r.get("verified") for r in report.get("results") or [report])
     report["relocated"] = verified and p["pivot"] and not module.check_mode

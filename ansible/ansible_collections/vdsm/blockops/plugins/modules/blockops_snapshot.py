@@ -92,7 +92,7 @@ verified: {description: Whether the result was checked against libvirt and the i
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, context, exit_with_report, require_library, run, traced)
+    COMMON_ARGS, exit_with_report, open_node, require_library, run)
 
 
 def main():
@@ -107,17 +107,19 @@ def main():
         supports_check_mode=True,
     )
     require_library(module)
-    from vdsm_blockops.ops.snapshot import SnapshotRequest, already_done, snapshot
 
     p = module.params
-    ctx = run(module, lambda: context(module))
-    done = run(module, lambda: already_done(ctx, p["domain"], p["disk"], p["overlay"]))
+    node = run(module, lambda: open_node(module))
+    done = run(module, lambda: node.already_done("snapshot", p["domain"], p["disk"],
+                                                 overlay=p["overlay"]))
     if done is not None:
-        exit_with_report(module, done.to_json(), changed=False)
-    req = SnapshotRequest(domain=p["domain"], disk=p["disk"], overlay=p["overlay"],
-                          reuse_external=p["reuse_external"], dry_run=module.check_mode)
-    report = run(module, lambda: traced(module, ctx, "snapshot",
-                                        lambda: snapshot(ctx, req).to_json()))
+        now = run(module, lambda: chains_now(node, p["domain"], p["disk"]))
+        exit_with_report(module, dict(now, ok=True, operation="snapshot", domain=p["domain"],
+                                      disk=p["disk"], overlay=p["overlay"], msg=done),
+                         changed=False)
+    report = run(module, lambda: node.snapshot(p["domain"], p["disk"], p["overlay"],
+                                               reuse_external=p["reuse_external"],
+                                               dry_run=module.check_mode).to_json())
     exit_with_report(module, report, changed=True)
 
 

@@ -11,7 +11,7 @@ import sys
 from ..core.config import guard_state_dir
 from ..core.errors import BadRequest, OperationFailed
 from ..core.reports import InstallReport
-from ..engine.state import StateDir
+from .state import StateDir
 
 HOOKS_DIR = "/etc/libvirt/hooks/qemu.d"
 HOOK_NAME = "vdsm-blockops"
@@ -157,3 +157,9 @@ def set_guard(state_dir: str, off: bool, reason: str | None) -> InstallReport:
             if off else "the guard checks every start again")
     return InstallReport(operation="hook-disable" if off else "hook-enable",
                          path=state.guard_off_path, note=note)
+
+
+def shipped_hook() -> str:
+    """The guard as ``hooks/vdsm-blockops-guard`` ships it: what ``hook
+    install`` writes, for a package installed into the system's python3."""
+    return hook_script(None, "/var/lib/vdsm-blockops", python="/usr/bin/python3")

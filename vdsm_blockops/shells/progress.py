@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ..core.model import JobInfo
+if TYPE_CHECKING:
+    from ..api import JobInfo
 
 
 class Speed:
