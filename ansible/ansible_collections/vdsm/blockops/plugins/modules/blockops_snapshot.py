@@ -92,7 +92,7 @@ verified: {description: Whether the result was checked against libvirt and the i
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vdsm.blockops.plugins.module_utils.blockops import (
-    COMMON_ARGS, exit_with_report, open_node, require_library, run)
+    COMMON_ARGS, chains_now, exit_with_report, open_node, require_library, run)
 
 
 def main():
