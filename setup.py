@@ -49,6 +49,7 @@ setup(
         "test": ["pytest>=7", "mock>=5", "ansible-core>=2.17,<2.20", "mypy>=1.10", "ruff>=0.5",
                  "lxml-stubs", "types-PyYAML",
                  "vermin",  # the static check of the oldest Python supported
+                 "sphinx>=7,<9",  # the site under docs/, built with -W in CI
                  "wheel"],  # wheel: the packaging test builds one without build isolation
         "bench": ["matplotlib>=3.7"],
     },

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, real libvirt included: sets the node up first, runs
 # the static checks (mypy --strict, ruff, ansible-test sanity, ansible-lint), the
+# API examples' types and the Sphinx site (warnings as errors), the
 # collection's integration targets, then pytest
 # (whose summary closes the output).
 set -euo pipefail
@@ -10,6 +11,9 @@ echo "== mypy --strict, ruff, vermin (Python 3.9 is the oldest supported)"
 .venv/bin/mypy vdsm_blockops
 .venv/bin/ruff check vdsm_blockops tests
 .venv/bin/vermin -q -t=3.9- --violations --no-tips vdsm_blockops ansible/ansible_collections/vdsm/blockops/plugins
+echo "== mypy --strict on the API's example programs; the site (sphinx -W)"
+.venv/bin/mypy --strict docs/examples
+.venv/bin/python -m sphinx -W -q -b html docs docs/_build/html
 # A check of the collection: its long output goes to a log, shown on failure.
 collection_check() {  # NAME SCRIPT
     echo "== $1 (vdsm.blockops collection)"

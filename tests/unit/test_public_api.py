@@ -3,6 +3,7 @@ collection) import nothing else of the package, every public name
 resolves and is documented, results are frozen, errors say exit codes."""
 
 import ast
+import re
 import dataclasses
 import glob
 import os
@@ -149,3 +150,11 @@ def test_importing_the_api_loads_no_operation_until_used():
     loaded = set(ast.literal_eval(out))
     assert loaded == {"vdsm_blockops.api", "vdsm_blockops.core", "vdsm_blockops.core.errors",
                       "vdsm_blockops.core.model"}
+
+
+def test_the_reference_lists_every_public_name():
+    reference = open(os.path.join(ROOT, "docs", "api.rst"), encoding="utf-8").read()
+    listed = set(re.findall(r"vdsm_blockops\.api\.(\w+)", reference))
+    listed |= {name.strip() for block in re.findall(r":members: ([\w,\s]+?)\n\s*:", reference)
+               for name in block.split(",")}
+    assert set(api.__all__) - {"__version__"} - listed == set()
