@@ -12,9 +12,9 @@ import pytest
 from vdsm_blockops.core.chain import METADATA_NS, parse_domain
 from vdsm_blockops.core.errors import BadRequest
 from vdsm_blockops.core.identity import image_key
+from vdsm_blockops.engine.guard import run
 from vdsm_blockops.engine.records import OperationRecord, render_records
 from vdsm_blockops.engine.state import StateDir
-from vdsm_blockops.engine.guard import run
 
 
 def make_chain(folder):

@@ -3,10 +3,10 @@ collection) import nothing else of the package, every public name
 resolves and is documented, results are frozen, errors say exit codes."""
 
 import ast
-import re
 import dataclasses
 import glob
 import os
+import re
 
 import pytest
 
@@ -158,3 +158,21 @@ def test_the_reference_lists_every_public_name():
     listed |= {name.strip() for block in re.findall(r":members: ([\w,\s]+?)\n\s*:", reference)
                for name in block.split(",")}
     assert set(api.__all__) - {"__version__"} - listed == set()
+
+
+def test_a_renamed_argument_keeps_working_with_a_deprecation_warning():
+    from vdsm_blockops.api._calls import renamed
+
+    @renamed(bandwidth_mib_s="bandwidth")
+    def speed(domain, *, bandwidth=0):
+        return domain, bandwidth
+
+    with pytest.warns(DeprecationWarning, match="'bandwidth_mib_s' is deprecated, use 'bandwidth'"):
+        assert speed("vm", bandwidth_mib_s=5) == ("vm", 5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert speed("vm", bandwidth=6) == ("vm", 6)
+    with pytest.raises(TypeError):
+        speed("vm", bandwidth=1, bandwidth_mib_s=2)

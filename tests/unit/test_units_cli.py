@@ -11,9 +11,9 @@ import pytest
 
 from vdsm_blockops.core import errors
 from vdsm_blockops.core.config import Config, require_local_uri
+from vdsm_blockops.engine import units
 from vdsm_blockops.engine.context import Context
 from vdsm_blockops.ops.recover import recover_queued
-from vdsm_blockops.engine import units
 
 
 def test_units_are_written_for_this_installation_and_verify(tmp_path):

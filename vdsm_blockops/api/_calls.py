@@ -5,9 +5,11 @@ into the error that says what it left and who settles it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,6 +21,26 @@ if TYPE_CHECKING:
     from ..virt import Connection
 
 R = TypeVar("R", bound=Report)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def renamed(**old_to_new: str) -> Callable[[F], F]:
+    """The deprecation policy for a renamed keyword argument (see
+    docs/versioning.rst): the old name keeps working for at least one minor
+    release, with a DeprecationWarning naming the new one."""
+    def wrap(function: F) -> F:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{function.__name__}() got both {old!r} and {new!r}")
+                    warnings.warn(f"{function.__name__}(): {old!r} is deprecated, use {new!r}",
+                                  DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+        return call  # type: ignore[return-value]
+    return wrap
 
 # The verbs that change a node: each call leaves a line in its history.
 CHANGES = ("merge", "relocate", "migrate", "snapshot", "abort", "speed", "recover")
