@@ -4,4 +4,4 @@ The pure parts (chain model, planner) import nothing from libvirt; the
 adapter ``virt`` is the only module that does.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -25,7 +25,7 @@ SHIPPED = {
 }
 
 # Of the release, not of the build: the shipped page must not change daily.
-RELEASE_DATE = "2026-11-30"
+RELEASE_DATE = "2026-12-07"
 
 NAME = "live block operations (merge, relocate, jobs) on libvirt/QEMU VMs"
 
