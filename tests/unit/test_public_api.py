@@ -153,6 +153,8 @@ def test_importing_the_api_loads_no_operation_until_used():
 
 
 def test_the_reference_lists_every_public_name():
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        return  # the packaging test's copy of the unit tests: no docs beside it
     reference = open(os.path.join(ROOT, "docs", "api.rst"), encoding="utf-8").read()
     listed = set(re.findall(r"vdsm_blockops\.api\.(\w+)", reference))
     listed |= {name.strip() for block in re.findall(r":members: ([\w,\s]+?)\n\s*:", reference)
