@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from ..core.errors import BlockOpsError
-from ..core.reports import InstallReport
+if TYPE_CHECKING:  # loaded by the helpers that return one: the hook's path stays light
+    from ..core.reports import InstallReport
 
 
 def inside_folder(path: str, folder: str) -> bool:
@@ -53,6 +53,8 @@ def _set_guard(off: bool, reason: str | None, config: str | None, source: str) -
     from ..engine import history
     from ..engine.hookctl import set_guard
     from ..engine.state import StateDir
+
+    from ..core.errors import BlockOpsError
 
     state_dir = load_config(config).state_dir
     operation = "hook-disable" if off else "hook-enable"

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,7 +39,7 @@ def entry(*, source: str, operation: str, domain: str | None, disk: str | None,
     record id, method and bytes are taken from it)."""
     body = body or {}
     return {
-        "id": body.get("record") or uuid.uuid4().hex[:12],
+        "id": body.get("record") or os.urandom(6).hex(),  # (uuid costs 4 ms to import)
         "source": source,
         "operation": operation,
         "domain": domain,
