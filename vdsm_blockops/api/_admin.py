@@ -50,11 +50,10 @@ def enable_guard(*, config: str | None = None, source: str = "api") -> InstallRe
 
 def _set_guard(off: bool, reason: str | None, config: str | None, source: str) -> InstallReport:
     from ..core.config import load_config
+    from ..core.errors import BlockOpsError
     from ..engine import history
     from ..engine.hookctl import set_guard
     from ..engine.state import StateDir
-
-    from ..core.errors import BlockOpsError
 
     state_dir = load_config(config).state_dir
     operation = "hook-disable" if off else "hook-enable"
