@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 
 if TYPE_CHECKING:
+    from ..core.choices import ImageFormat, Method, Mode, Strategy
     from ..core.errors import (
         Aborted,
         BadRequest,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
         VolumeNotExtended,
     )
     from ..core.migrate_plan import MigrateReport
-    from ..core.model import ImageFormat, JobInfo, Method, Mode, Strategy
+    from ..core.model import JobInfo
     from ..core.reports import (
         ChainReport,
         DiskFailure,
@@ -98,8 +99,11 @@ _HOMES = {name: home for home, names in {
     "..core.migrate_plan": (
         'MigrateReport',
     ),
+    "..core.choices": (
+        'ImageFormat', 'Method', 'Mode', 'Strategy',
+    ),
     "..core.model": (
-        'ImageFormat', 'JobInfo', 'Method', 'Mode', 'Strategy'
+        'JobInfo',
     ),
     "..core.reports": (
         'ChainReport', 'DiskFailure', 'DiskView', 'HistoryReport', 'InstallReport', 'JobRow',

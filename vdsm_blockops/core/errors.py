@@ -24,7 +24,10 @@ which reads as one sentence::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the CLI's start loads no typing
+    from typing import Any
 
 
 class BlockOpsError(Exception):
