@@ -153,3 +153,31 @@ def test_importing_the_api_loads_no_operation_until_used():
     assert set(modules) == {"vdsm_blockops.api", "vdsm_blockops.core", "vdsm_blockops.core.errors",
                             "vdsm_blockops.core.choices"}
     assert not dataclasses_loaded  # what the CLI's --help needs: the choices, enums only
+
+
+def test_the_reference_lists_every_public_name():
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        return  # the packaging test's copy of the unit tests: no docs beside it
+    reference = open(os.path.join(ROOT, "docs", "api.rst"), encoding="utf-8").read()
+    listed = set(re.findall(r"vdsm_blockops\.api\.(\w+)", reference))
+    listed |= {name.strip() for block in re.findall(r":members: ([\w,\s]+?)\n\s*:", reference)
+               for name in block.split(",")}
+    assert set(api.__all__) - {"__version__"} - listed == set()
+
+
+def test_a_renamed_argument_keeps_working_with_a_deprecation_warning():
+    from vdsm_blockops.api._calls import renamed
+
+    @renamed(bandwidth_mib_s="bandwidth")
+    def speed(domain, *, bandwidth=0):
+        return domain, bandwidth
+
+    with pytest.warns(DeprecationWarning, match="'bandwidth_mib_s' is deprecated, use 'bandwidth'"):
+        assert speed("vm", bandwidth_mib_s=5) == ("vm", 5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert speed("vm", bandwidth=6) == ("vm", 6)
+    with pytest.raises(TypeError):
+        speed("vm", bandwidth=1, bandwidth_mib_s=2)
