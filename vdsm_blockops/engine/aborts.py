@@ -29,6 +29,9 @@ def noted(state: StateDir, record_id: str, owner_pid: int,
     """While ``abort`` stops the operation of record ``record_id``; the note
     stays for the owner to read while ``owner_running()``."""
     path = os.path.join(_folder(state), f"{record_id}.json")
+    if owner_pid == os.getpid():  # a library caller aborting its own call: no one to tell
+        yield
+        return
     try:
         state.ensure()
         os.makedirs(_folder(state), mode=0o700, exist_ok=True)
