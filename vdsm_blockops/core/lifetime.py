@@ -7,6 +7,7 @@ through ctypes and sysfs: no process is run, so the hook can afford it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -332,3 +333,20 @@ def process_alive(identity: str) -> bool | None:
         return False  # another boot: every process of that one is gone
     now = proc_start(number)
     return now is not None and now[1] == started and now[0] != "Z"
+
+
+def process_exiting(pid: int) -> bool:
+    """Whether process ``pid`` is gone or on its way out: a zombie, or
+    SIGKILL pending. A process killed inside a system call that waits on
+    the disk (an fsync under heavy writeback) keeps its files -- and its
+    locks -- until that call returns: seconds, on a busy disk."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:
+        return True
+    pending = 0
+    for key in ("SigPnd", "ShdPnd"):
+        with contextlib.suppress(ValueError):
+            pending |= int(fields.get(key, "0").strip() or "0", 16)
+    return fields.get("State", "").strip()[:1] in ("Z", "X") or bool(pending & 1 << 8)

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +63,20 @@ def write_json_atomic(path: str, data: object, durable: bool = True) -> None:
 # locks are held for milliseconds (the registry, a domain's records, the
 # history) or not waited for (disks); only a stuck process holds one longer.
 LOCK_WAIT_S = 60.0
+
+
+# A holder killed in the middle of disk I/O lets its lock go when that
+# I/O returns: a lock it holds is waited for that long, not refused.
+DYING_HOLDER_WAIT_S = 30.0
+
+
+def _holder_dying(holder: str) -> bool:
+    """Whether the lock's holder (``... (pid N)``, as ``disk_lock`` writes
+    it) is a process on its way out."""
+    from ..core.lifetime import process_exiting
+
+    found = re.search(r"\(pid (\d+)\)$", holder)
+    return found is not None and process_exiting(int(found.group(1)))
 
 
 class StateDir:
@@ -315,11 +330,21 @@ class StateDir:
     def disk_lock(self, domain_uuid: str, disk: str, holder: str) -> Iterator[None]:
         """Hold the node-wide lock of one disk, or raise Conflict at once."""
         with contextlib.ExitStack() as stack:
-            try:
-                handle = stack.enter_context(self._lock_file(f"{domain_uuid}-{disk}.lock", wait=False))
-            except BlockingIOError as exc:
-                other = exc.strerror or "another process"
-                raise Conflict(f"disk {disk} is busy: {other} holds its lock", holder=other) from None
+            until = time.monotonic() + DYING_HOLDER_WAIT_S
+            while True:
+                try:
+                    handle = stack.enter_context(self._lock_file(f"{domain_uuid}-{disk}.lock",
+                                                                 wait=False))
+                    break
+                except BlockingIOError as exc:
+                    other = exc.strerror or "another process"
+                    if not (_holder_dying(other) and time.monotonic() < until):
+                        raise Conflict(f"disk {disk} is busy: {other} holds its lock",
+                                       holder=other) from None
+                if self.budget is not None:  # a killed holder lets go once its I/O returns
+                    self.budget.sleep(0.1, doing=f"the wait for the lock of disk {disk}")
+                else:
+                    time.sleep(0.1)
             handle.seek(0)
             handle.truncate()
             handle.write(f"{holder} (pid {os.getpid()})")
