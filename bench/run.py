@@ -689,7 +689,10 @@ def write_report(b: Bench, path: str, plot: str | None) -> None:
               "  immutable layers runs at the disk's speed, which is why chain mode copies",
               "  read-only layers as files and mirrors only the active layer.",
               "- virsh notices the end of a job on a 500 ms poll; vdsm-blockops waits on the",
-              "  BLOCK_JOB_2 event, so tiny jobs end in well under that.", ""]
+              "  BLOCK_JOB_2 event, so tiny jobs end in well under that.",
+              "- Moves to another node (``migrate`` against ``virsh migrate",
+              "  --copy-storage-all``) are measured by ``bench/migrate.py``: see",
+              "  :doc:`benchmarks-migrate`.", ""]
     if plot:
         lines += [f".. image:: {os.path.basename(plot)}", ""]
     if os.path.exists(os.path.join(os.path.dirname(path), "scaling.png")):
