@@ -7,8 +7,6 @@ JSON object, on success and on failure.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -19,30 +17,26 @@ from .parser import parse_args
 if TYPE_CHECKING:
     from ..api import BlockOpsError, Report
 
-log = logging.getLogger("vdsm_blockops")
-
-
-class _ConsoleFormatter(logging.Formatter):
-    """Tracebacks go to the log (syslog); on the terminal only with --debug."""
-
-    def __init__(self, debug: bool) -> None:
-        super().__init__("%(levelname)s %(message)s")
-        self.debug = debug
-
-    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
-        return super().formatException(ei) if self.debug else ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).rstrip("\n")
-
-
 def _setup_logging(verbose: int, debug: bool) -> None:
+    # logging (and json) load with the first verb that runs: --help and
+    # --version answer without them.
+    import logging
+
+    class ConsoleFormatter(logging.Formatter):
+        """Tracebacks go to the log (syslog); on the terminal only with --debug."""
+
+        def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+            return super().formatException(ei) if debug else ""
+
+        def format(self, record: logging.LogRecord) -> str:
+            return super().format(record).rstrip("\n")
+
     root = logging.getLogger("vdsm_blockops")
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose > 1 or debug else
                      logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(_ConsoleFormatter(debug))
+    console.setFormatter(ConsoleFormatter("%(levelname)s %(message)s"))
     if not debug:
         console.addFilter(lambda record: not getattr(record, "log_only", False))
     root.addHandler(console)
@@ -53,6 +47,8 @@ def _setup_logging(verbose: int, debug: bool) -> None:
 
 def _emit(result: Report | dict[str, Any], as_json: bool) -> None:
     if as_json:
+        import json
+
         body = result if isinstance(result, dict) else result.to_json()
         sys.stdout.write(json.dumps(body, sort_keys=True, default=str) + "\n")
     elif not isinstance(result, dict):
@@ -118,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(Interrupted(f"stopped by {stopped_by[0]}"), as_json)
     except Exception as exc:  # one error contract: exit 1 and one JSON object, whatever broke
         # The traceback goes to the log; on stderr only with --debug.
-        log.error("unexpected error: %s", exc, exc_info=True, extra={"log_only": True})
+        import logging
+
+        logging.getLogger("vdsm_blockops").error("unexpected error: %s", exc, exc_info=True,
+                                                 extra={"log_only": True})
         return _fail(OperationFailed(f"{type(exc).__name__}: {exc}"), as_json)
     finally:
         if env is not None:
@@ -131,7 +130,8 @@ def run() -> NoReturn:
     Nothing is left to tear down: the connection and its event thread are
     closed, worker pools joined, and the streams are flushed here."""
     code = main()
-    logging.shutdown()
+    if "logging" in sys.modules:  # handlers flushed and closed (syslog)
+        sys.modules["logging"].shutdown()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
