@@ -636,9 +636,9 @@ def machine() -> str:
             f"{qemu}, Python {platform.python_version()}")
 
 
-def write_report(b: Bench, path: str, plot: str | None) -> None:
+def write_report(b: Bench, path: str, plot: str | None, measured_on: str | None = None) -> None:
     lines = ["==========", "Benchmarks", "==========", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on {measured_on or machine()}.", "",
              "Each contender runs on a freshly built, identical chain; contenders alternate",
              "run by run; the figure is the median of the runs. Whole-command wall time",
              "(process start to exit, verification included for vdsm-blockops). Every run's",
@@ -747,6 +747,18 @@ def make_plot(b: Bench, path: str) -> str | None:
     return path
 
 
+def _report_again() -> None:
+    """The report and plot from the last run's rows (e.g. once matplotlib
+    is installed), without running anything."""
+    docs = os.path.join(REPO, "docs")
+    with open(os.path.join(docs, "benchmarks.json")) as handle:
+        saved = json.load(handle)
+    b = Bench.__new__(Bench)
+    b.rows = saved["rows"]
+    plot = make_plot(b, os.path.join(docs, "benchmarks.png"))
+    write_report(b, os.path.join(docs, "benchmarks.rst"), plot, saved.get("machine"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer runs and cases")
@@ -755,7 +767,12 @@ def main() -> None:
                         choices=["tiny", "scaling", "jobs", "offline", "strategies", "relocation",
                                  "concurrency", "memory", "pure", "hook", "volume", "startup"],
                         help="run only these cases; the other rows are kept from the last report")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report and the plot again from docs/benchmarks.json")
     args = parser.parse_args()
+    if args.report_only:
+        _report_again()
+        return
     # An installed package has its bytecode compiled by pip; an editable
     # checkout may not (PYTHONDONTWRITEBYTECODE), which would bill the
     # compiler to every command. Compile once, as an install would.
