@@ -13,7 +13,9 @@ echo "== mypy --strict, ruff, vermin (Python 3.9 is the oldest supported)"
 .venv/bin/vermin -q -t=3.9- --violations --no-tips vdsm_blockops ansible/ansible_collections/vdsm/blockops/plugins
 echo "== mypy --strict on the API's example programs; the site (sphinx -W)"
 .venv/bin/mypy --strict docs/examples
-.venv/bin/python -m sphinx -W -q -b html docs docs/_build/html
+docs_out=$(mktemp -d)  # outside the checkout: the sdist test walks docs/
+.venv/bin/python -m sphinx -W -q -b html docs "$docs_out"
+rm -rf "$docs_out"
 # A check of the collection: its long output goes to a log, shown on failure.
 collection_check() {  # NAME SCRIPT
     echo "== $1 (vdsm.blockops collection)"

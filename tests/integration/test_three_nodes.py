@@ -169,18 +169,26 @@ def test_a_drain_with_a_move_aborted_and_a_command_killed_settles_when_run_again
         [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", inventory,
          os.path.join(PLAYBOOKS, "drain.yml"), "-e", drain_vars(workdir, migrate_bandwidth=2)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    aborted, killed = vms[0][0], vms[4][0]
+    # the identities up front: a VM that moved off is no domain here any more
+    uuids = {vm.name: vm.dom.UUIDString() for vm, _, _ in vms}
+
+    def in_flight(candidates):
+        """The first of ``candidates`` whose move has made files (waited for)."""
+        deadline = time.monotonic() + 120
+        while True:
+            for vm in candidates:
+                if (record_of(workdir, uuids[vm.name]) or {}).get("created"):
+                    return vm
+            assert time.monotonic() < deadline and slow.poll() is None, slow.communicate()
+            time.sleep(0.05)
+
     try:
-        for vm, how in ((aborted, "abort"), (killed, "kill")):
-            deadline = time.monotonic() + 120
-            while not (record_of(workdir, vm.dom.UUIDString()) or {}).get("created"):
-                assert time.monotonic() < deadline and slow.poll() is None, slow.communicate()
-                time.sleep(0.05)
-            if how == "abort":
-                rc, out, err = rig.cli("abort", vm.name, "all", config=config)
-                assert rc == 0, (out, err)
-            else:
-                os.kill(record_of(workdir, vm.dom.UUIDString())["pid"], signal.SIGKILL)
+        aborted = in_flight([vms[0][0]])
+        rc, out, err = rig.cli("abort", aborted.name, "all", config=config)
+        assert rc == 0, (out, err)
+        # whichever other move is still under way (the abort took its time)
+        killed = in_flight([vm for vm, _, _ in vms[1:]])
+        os.kill(record_of(workdir, uuids[killed.name])["pid"], signal.SIGKILL)
         first, _ = slow.communicate(timeout=900)
     finally:
         if slow.poll() is None:
