@@ -51,9 +51,9 @@ def enable_guard(*, config: str | None = None, source: str = "api") -> InstallRe
 def _set_guard(off: bool, reason: str | None, config: str | None, source: str) -> InstallReport:
     from ..core.config import load_config
     from ..core.errors import BlockOpsError
-    from ..engine import history
     from ..engine.hookctl import set_guard
     from ..engine.state import StateDir
+    from ._calls import trail
 
     state_dir = load_config(config).state_dir
     operation = "hook-disable" if off else "hook-enable"
@@ -61,14 +61,9 @@ def _set_guard(off: bool, reason: str | None, config: str | None, source: str) -
     try:
         report = set_guard(state_dir, off, reason)
     except BlockOpsError as exc:
-        history.append(StateDir(state_dir), history.entry(
-            source=source, operation=operation, domain=None, disk=None, started=started,
-            exit_code=exc.exit_code, outcome=exc.code, body={"error": exc.to_json()},
-            message=exc.message))
+        trail(StateDir(state_dir), source, operation, None, None, started, exc)
         raise
-    history.append(StateDir(state_dir), history.entry(
-        source=source, operation=operation, domain=None, disk=None, started=started,
-        exit_code=0, outcome="ok", body=report.to_json(), message=reason))
+    trail(StateDir(state_dir), source, operation, None, None, started, report, message=reason)
     return report.freeze()
 
 

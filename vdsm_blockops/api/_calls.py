@@ -42,6 +42,24 @@ def renamed(**old_to_new: str) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
     return wrap
 
+
+def trail(state: Any, source: str, operation: str, domain: str | None, disk: str | None,
+          started: float, outcome: Report | BlockOpsError, message: str | None = None) -> None:
+    """The node's history line of a call that changed (or tried to change)
+    the node: its report, or its error and exit code."""
+    from ..engine.history import append, entry
+
+    if isinstance(outcome, BlockOpsError):
+        exit_code, code = outcome.exit_code, outcome.code
+        body, message = {"error": outcome.to_json()}, outcome.message
+    else:
+        exit_code, body = outcome.exit_code, outcome.to_json()
+        code = "ok" if exit_code == 0 else "failed"
+    append(state, entry(source=source, operation=operation, domain=domain, disk=disk,
+                        started=started, exit_code=exit_code, outcome=code, body=body,
+                        message=message))
+
+
 # The verbs that change a node: each call leaves a line in its history.
 CHANGES = ("merge", "relocate", "migrate", "snapshot", "abort", "speed", "recover")
 
@@ -101,19 +119,8 @@ class Calls:
 
     def _trail(self, trailed: bool, verb: str, domain: str | None, disk: str | None,
                started: float, outcome: Report | BlockOpsError) -> None:
-        if not trailed:
-            return
-        from ..engine.history import append, entry
-
-        if isinstance(outcome, BlockOpsError):
-            exit_code, code = outcome.exit_code, outcome.code
-            body, message = {"error": outcome.to_json()}, outcome.message
-        else:
-            exit_code, body, message = outcome.exit_code, outcome.to_json(), None
-            code = "ok" if exit_code == 0 else "failed"
-        append(self._state, entry(source=self.source, operation=verb, domain=domain, disk=disk,
-                                  started=started, exit_code=exit_code, outcome=code, body=body,
-                                  message=message))
+        if trailed:
+            trail(self._state, self.source, verb, domain, disk, started, outcome)
 
     def _interrupted(self, verb: str, domain: str | None, disk: str | None,
                      by: str) -> BlockOpsError:

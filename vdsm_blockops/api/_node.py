@@ -136,7 +136,7 @@ class Node(Calls):
             from ..engine.verification import verify
 
             self.require_local()
-            return verify(self._connection().domain(domain), disk, self._context().state,
+            return verify(self._connection().domain(domain), disk, self._state,
                           checkpoints=checkpoints)
         return self._call("verify", domain, disk, action)
 

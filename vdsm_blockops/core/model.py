@@ -34,10 +34,6 @@ from .choices import (
 )
 
 
-def choices(kind: type[enum.Enum], exclude: tuple[str, ...] = ()) -> list[str]:
-    return [str(member.value) for member in kind if member.value not in exclude]
-
-
 class JobStatus(enum.IntEnum):
     """virDomainBlockJobStatus, as libvirt numbers it (a stable ABI)."""
 

@@ -131,10 +131,6 @@ class Env:
         if self._node is not None:
             self._node.interrupt_name = name
 
-    @property
-    def state_dir(self) -> str:
-        return self.node.config.state_dir
-
     def progress(self, wanted: bool) -> Progress | None:
         """A bar per disk on a terminal, lines otherwise; None under --json
         or --quiet."""
